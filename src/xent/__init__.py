@@ -1,0 +1,21 @@
+"""xent: the cross-entropy family for PyTorch.
+
+Exact losses (values and gradients equal PyTorch's where PyTorch has the loss), memory-lean kernels behind the same
+functions, a trainer and a bench.
+"""
+
+from xent import nn
+from xent._config import set_value_checks, value_checks
+from xent.losses import binary_cross_entropy, binary_cross_entropy_with_logits, cross_entropy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "nn",
+    "set_value_checks",
+    "value_checks",
+]

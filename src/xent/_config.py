@@ -1,0 +1,42 @@
+"""Run-time switches shared by every loss.
+
+Value checks look at tensor *contents* (is every class index in range, is every probability in [0, 1]). On a GPU
+they force a device-to-host synchronisation, which stalls the launch queue, so by default they run only for CPU
+tensors. Shape, dtype and option checks cost nothing and are always on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+_value_checks: bool | None = None  # None: "auto", on for CPU tensors only
+
+
+def set_value_checks(enabled: bool | None) -> None:
+    """Switch the value checks that need a device-to-host sync on (``True``), off (``False``), or back to the
+    default (``None``: on for CPU tensors, off for CUDA and other accelerators)."""
+    global _value_checks
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True, False or None, got {enabled!r}")
+    _value_checks = enabled
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool | None) -> Iterator[None]:
+    """Context manager form of :func:`set_value_checks`; restores the previous setting on exit."""
+    previous = _value_checks
+    set_value_checks(enabled)
+    try:
+        yield
+    finally:
+        set_value_checks(previous)
+
+
+def value_checks_enabled(tensor: torch.Tensor) -> bool:
+    """Whether value checks should run for ``tensor`` under the current setting."""
+    if _value_checks is None:
+        return tensor.device.type == "cpu"
+    return _value_checks

@@ -1,0 +1,118 @@
+"""Argument validation shared by every loss.
+
+Each check raises ``ValueError`` or ``TypeError`` with a sentence that names the argument and shows the bad value
+or shape, so a user can act on it without reading our code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from xent._config import value_checks_enabled
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def shape_str(shape: torch.Size | Sequence[int]) -> str:
+    """``(8, 3)`` for a shape, ``(5,)`` for one dimension, ``()`` for a scalar."""
+    dims = tuple(shape)
+    return f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(map(str, dims))})"
+
+
+def check_reduction(reduction: str, allowed: Sequence[str] = REDUCTIONS) -> None:
+    if reduction not in allowed:
+        options = ", ".join(repr(r) for r in allowed)
+        raise ValueError(f"reduction must be one of {options}, got {reduction!r}")
+
+
+def check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_floating(name: str, tensor: object) -> torch.Tensor:
+    tensor = check_tensor(name, tensor)
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+    return tensor
+
+
+def check_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    return value
+
+
+def check_in_range(
+    name: str,
+    value: object,
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> float:
+    """``value`` as a float, or a ``ValueError`` that shows the interval it must lie in."""
+    value = check_number(name, value)
+    above_low = value >= low if low_inclusive else value > low
+    below_high = value <= high if high_inclusive else value < high
+    if not (above_low and below_high):
+        interval = f"{'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}"
+        raise ValueError(f"{name} must be in {interval}, got {value:g}")
+    return value
+
+
+def check_class_weight(name: str, weight: torch.Tensor | None, num_classes: int) -> torch.Tensor | None:
+    """A per-class weight: floating, shape (C,)."""
+    if weight is None:
+        return None
+    weight = check_floating(name, weight)
+    if weight.shape != (num_classes,):
+        raise ValueError(
+            f"{name} must have shape ({num_classes},), one entry per class, got shape {shape_str(weight.shape)}"
+        )
+    return weight
+
+
+def check_broadcasts_to(name: str, tensor: torch.Tensor | None, shape: torch.Size, what: str) -> torch.Tensor | None:
+    """A tensor that must broadcast to ``shape`` without growing it."""
+    if tensor is None:
+        return None
+    tensor = check_floating(name, tensor)
+    try:
+        broadcast = torch.broadcast_shapes(tensor.shape, shape)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != shape:
+        raise ValueError(f"{name} of shape {shape_str(tensor.shape)} does not broadcast to {what} {shape_str(shape)}")
+    return tensor
+
+
+def check_class_indices(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Every index in [0, C) or equal to ``ignore_index``. Needs a host sync, so it obeys the value-check switch."""
+    if not value_checks_enabled(target) or target.numel() == 0:
+        return
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise ValueError(
+            f"target holds class index {value}, outside [0, {num_classes}) for input with {num_classes} classes "
+            f"(and not ignore_index={ignore_index})"
+        )
+
+
+def check_probabilities(name: str, tensor: torch.Tensor) -> None:
+    """Every entry in [0, 1]. Needs a host sync, so it obeys the value-check switch."""
+    if not value_checks_enabled(tensor) or tensor.numel() == 0:
+        return
+    bad = ~((tensor >= 0) & (tensor <= 1))  # also catches NaN
+    if bool(bad.any()):
+        value = float(tensor[bad][0])
+        raise ValueError(f"{name} must hold probabilities in [0, 1], found {value:g}")

@@ -1,0 +1,224 @@
+"""Softmax cross-entropy: the reference math every kernel is tested against, and the public entry point.
+
+The public function validates its arguments, brings every layout to a canonical one — logits ``(M, C)`` and either
+class indices ``(M,)`` or probabilities ``(M, C)`` — computes one loss per row, and reduces. Kernels (see
+:mod:`xent.kernels`) replace only the middle step, so validation and reduction semantics are shared by all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from xent.losses import _checks
+from xent.losses._reduce import accumulation_dtype, reduce_loss
+
+
+@dataclass(frozen=True)
+class SoftmaxOptions:
+    """The per-row options of softmax cross-entropy, bundled so kernels take one argument, not a dozen."""
+
+    weight: torch.Tensor | None = None
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+
+
+def check_softmax_options(
+    *, reduction: str, label_smoothing: float, z_loss: float, softcap: float | None, ignore_index: int
+) -> tuple[float, float, float | None]:
+    """Validate the scalar options of :func:`cross_entropy`; shared by the functional and the module."""
+    _checks.check_reduction(reduction)
+    label_smoothing = _checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
+    z_loss = _checks.check_in_range("z_loss", z_loss, 0.0)
+    if softcap is not None:
+        softcap = _checks.check_in_range("softcap", softcap, 0.0, low_inclusive=False)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
+    return label_smoothing, z_loss, softcap
+
+
+def canonicalize(input: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
+    """Logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)`` → ``(M, C)``; targets → ``(M,)`` or ``(M, C)``.
+
+    Returns the canonical logits, the canonical target and the batch shape (the input's shape without the class
+    dimension), which is the shape of ``reduction="none"``'s result.
+    """
+    input = _checks.check_floating("input", input)
+    target = _checks.check_tensor("target", target)
+    if input.dim() == 0:
+        raise ValueError("input must have a class dimension: shape (C), (N, C) or (N, C, d1, ..., dK), got shape ()")
+    class_dim = 0 if input.dim() == 1 else 1
+    num_classes = input.shape[class_dim]
+    if num_classes == 0:
+        raise ValueError(f"input has shape {_checks.shape_str(input.shape)}: there must be at least one class")
+    batch_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
+    expected = (
+        f"expected {_checks.shape_str(batch_shape)} class indices or {_checks.shape_str(input.shape)} probabilities"
+    )
+    if target.shape == input.shape and target.is_floating_point():
+        probs = target.movedim(class_dim, -1).reshape(-1, num_classes)
+        return input.movedim(class_dim, -1).reshape(-1, num_classes), probs, batch_shape
+    if target.shape != batch_shape:
+        raise ValueError(
+            f"target has shape {_checks.shape_str(target.shape)} but input has shape "
+            f"{_checks.shape_str(input.shape)}; {expected}"
+        )
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"target of shape {_checks.shape_str(target.shape)} holds class indices and must have an integer dtype, "
+            f"got {target.dtype} (use target.long()); probabilities need shape {_checks.shape_str(input.shape)}"
+        )
+    return input.movedim(class_dim, -1).reshape(-1, num_classes), target.reshape(-1), batch_shape
+
+
+def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, options: SoftmaxOptions) -> torch.Tensor:
+    """The reference: one loss per row of canonical logits, in the accumulation dtype.
+
+    Args:
+        logits: ``(M, C)``, any floating dtype; half precision is computed in float32.
+        target: ``(M,)`` class indices or ``(M, C)`` probabilities.
+        options: see :class:`SoftmaxOptions`.
+
+    Returns:
+        ``(M,)`` losses, already multiplied by the target's class weight; ignored rows are 0.
+    """
+    x = logits.to(accumulation_dtype(logits.dtype))
+    num_classes = x.shape[-1]
+    if options.softcap is not None:
+        x = options.softcap * torch.tanh(x / options.softcap)
+    lse = torch.logsumexp(x, dim=-1)  # (M,)
+    log_probs = x - lse.unsqueeze(-1)  # (M, C)
+    weight = None if options.weight is None else options.weight.to(x.dtype)
+    weighted_log_probs = log_probs if weight is None else log_probs * weight
+    smoothing = options.label_smoothing
+
+    if target.is_floating_point():
+        probs = target.to(x.dtype)
+        if smoothing:
+            probs = probs * (1.0 - smoothing) + smoothing / num_classes
+        loss = -(probs * weighted_log_probs).sum(-1)
+        return loss + options.z_loss * lse.square() if options.z_loss else loss
+
+    valid = target != options.ignore_index
+    safe_target = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(-1)  # (M, 1)
+    loss = -weighted_log_probs.gather(-1, safe_target).squeeze(-1)
+    if smoothing:
+        # PyTorch's convention: the uniform part is weighted class by class, not by the target's weight.
+        loss = (1.0 - smoothing) * loss - (smoothing / num_classes) * weighted_log_probs.sum(-1)
+    if options.z_loss:
+        z_term = options.z_loss * lse.square()
+        loss = loss + (z_term if weight is None else z_term * weight[safe_target.squeeze(-1)])
+    return torch.where(valid, loss, torch.zeros_like(loss))
+
+
+def mean_denominator(target: torch.Tensor, options: SoftmaxOptions, dtype: torch.dtype) -> torch.Tensor:
+    """What ``reduction="mean"`` divides by: Σ w_y over non-ignored targets, or the row count for probabilities."""
+    if target.is_floating_point():
+        return torch.tensor(target.shape[0], dtype=dtype, device=target.device)
+    valid = target != options.ignore_index
+    if options.weight is None:
+        return valid.sum().to(dtype)
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    return torch.where(valid, options.weight.to(dtype)[safe_target], 0).sum()
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    impl: str | None = None,
+) -> torch.Tensor:
+    r"""Cross-entropy between logits and class indices or class probabilities.
+
+    With class indices :math:`y_n`, class weights :math:`w` and label smoothing :math:`\varepsilon` over
+    :math:`C` classes, the loss of element :math:`n` is
+
+    .. math::
+        \ell_n = (1 - \varepsilon)\, w_{y_n} \bigl(-\log p_{n,y_n}\bigr)
+                 + \frac{\varepsilon}{C} \sum_c w_c \bigl(-\log p_{n,c}\bigr)
+                 + z\, w_{y_n} \operatorname{lse}(x_n)^2,
+        \qquad p_n = \operatorname{softmax}(x_n),
+
+    and with probabilities :math:`t_n` it is :math:`-\sum_c w_c\, t'_{n,c} \log p_{n,c} + z \operatorname{lse}(x_n)^2`
+    with :math:`t' = (1 - \varepsilon) t + \varepsilon / C`. Targets equal to ``ignore_index`` contribute 0.
+
+    .. math::
+        \text{reduction} = \begin{cases}
+            \sum_n \ell_n / \sum_n w_{y_n} [y_n \ne \text{ignore}] & \text{"mean", class indices} \\
+            \sum_n \ell_n / (N d_1 \cdots d_K) & \text{"mean", probabilities} \\
+            \sum_n \ell_n & \text{"sum"} \\
+            (\ell_n)_n & \text{"none"}
+        \end{cases}
+
+    Values and gradients equal :func:`torch.nn.functional.cross_entropy` for every input it accepts, with three
+    deliberate differences:
+
+    1. ``reduction="mean"`` with no non-ignored target (or an empty batch) returns 0 with a zero gradient, where
+       PyTorch returns NaN.
+    2. ``z_loss=z`` adds the auxiliary loss :math:`z \cdot \operatorname{lse}(x)^2` of PaLM (Chowdhery et al., 2022),
+       which keeps the log-partition near 0; it is weighted by :math:`w_{y_n}` and reduced like the main term,
+       ignored targets excluded.
+    3. ``softcap=c`` replaces the logits by :math:`c \tanh(x / c)` before the softmax, as Gemma 2
+       (Gemma Team, 2024); the gradient flows through the cap.
+
+    float16/bfloat16 logits are accumulated in float32 and the result is cast back to the input's dtype, so logits
+    up to ±1e4 give finite, correct losses and gradients in every dtype.
+
+    Args:
+        input: logits of shape ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``.
+        target: class indices of shape ``()``, ``(N)`` or ``(N, d1, ..., dK)`` with an integer dtype, each in
+            ``[0, C)`` or equal to ``ignore_index``; or probabilities with the input's shape and a floating dtype.
+        weight: per-class weight of shape ``(C,)``.
+        ignore_index: a class-index target value that contributes neither loss nor gradient.
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
+        label_smoothing: :math:`\varepsilon \in [0, 1]`, mixes the target with the uniform distribution.
+        z_loss: :math:`z \ge 0`, weight of the squared log-partition term.
+        softcap: :math:`c > 0`, soft cap of the logits; ``None`` for none.
+        impl: ``None`` picks the fastest implementation for the device; ``"reference"`` forces the plain PyTorch
+            math of this module.
+
+    Returns:
+        The loss, of shape ``()`` or, with ``reduction="none"``, the batch shape; in the input's dtype.
+
+    Raises:
+        ValueError: a bad option value or a target whose shape fits neither class indices nor probabilities; a
+            class index out of range (checked for CPU tensors by default, see :func:`xent.set_value_checks`).
+        TypeError: a non-floating input, floating class indices.
+
+    Example:
+        >>> logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.0, 3.0]])
+        >>> xent.cross_entropy(logits, torch.tensor([0, 2]), label_smoothing=0.1)
+    """
+    label_smoothing, z_loss, softcap = check_softmax_options(
+        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, ignore_index=ignore_index
+    )
+    logits, target, batch_shape = canonicalize(input, target)
+    num_classes = logits.shape[-1]
+    options = SoftmaxOptions(
+        weight=_checks.check_class_weight("weight", weight, num_classes),
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+    )
+    if not target.is_floating_point():
+        _checks.check_class_indices(target, num_classes, ignore_index)
+    rows = _dispatch(impl, logits, target, options)
+    denominator = mean_denominator(target, options, rows.dtype) if reduction == "mean" else None
+    return reduce_loss(rows.view(batch_shape), reduction, denominator).to(input.dtype)
+
+
+def _dispatch(impl: str | None, logits: torch.Tensor, target: torch.Tensor, options: SoftmaxOptions) -> torch.Tensor:
+    # Kernels are tested against this module and import it, so the dispatcher is imported at call time.
+    from xent.kernels.dispatch import cross_entropy_rows_dispatch
+
+    return cross_entropy_rows_dispatch(impl, logits, target, options)
