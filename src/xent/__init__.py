@@ -6,16 +6,9 @@ functions, a trainer and a bench.
 
 from xent import nn
 from xent._config import set_value_checks, value_checks
-from xent.losses import binary_cross_entropy, binary_cross_entropy_with_logits, cross_entropy
+from xent.losses import *  # noqa: F403  (the losses are the public surface)
+from xent.losses import __all__ as _losses
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "__version__",
-    "binary_cross_entropy",
-    "binary_cross_entropy_with_logits",
-    "cross_entropy",
-    "nn",
-    "set_value_checks",
-    "value_checks",
-]
+__all__ = ["__version__", "nn", "set_value_checks", "value_checks", *_losses]

@@ -1,24 +1,43 @@
-"""One :class:`torch.nn.Module` per functional loss: the constructor stores the options, ``forward`` is one call."""
+"""One :class:`torch.nn.Module` per functional loss: the constructor stores the options, ``forward`` is one call.
+
+Tensor options (``weight``, ``pos_weight``, ``alpha``, ``class_counts``) are registered as buffers, so they follow
+``module.to(device)`` and are saved in ``state_dict``; the others are plain attributes shown in ``repr``.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from xent import losses
-from xent.losses import sigmoid, softmax
+from xent.losses import combine, sigmoid, softmax
 
 
 class _Loss(torch.nn.Module):
-    """Stores ``reduction`` and renders the options in ``repr``."""
+    """Stores options and forwards every call to :attr:`function` with them."""
 
-    _repr_fields: tuple[str, ...] = ()
+    function: Callable[..., torch.Tensor]
+    tensor_options: tuple[str, ...] = ("weight",)
 
-    def __init__(self, reduction: str) -> None:
+    def __init__(self, **options: object) -> None:
         super().__init__()
-        self.reduction = reduction
+        self._option_names = tuple(options)
+        for name, value in options.items():
+            if name in self.tensor_options and (value is None or isinstance(value, torch.Tensor)):
+                self.register_buffer(name, value)
+            elif name in self.tensor_options and isinstance(value, Sequence):
+                self.register_buffer(name, torch.as_tensor(value, dtype=torch.float64))
+            else:
+                setattr(self, name, value)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        options = {name: getattr(self, name) for name in self._option_names}
+        return type(self).function(*inputs, **options)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{name}={getattr(self, name)!r}" for name in ("reduction", *self._repr_fields))
+        shown = (name for name in self._option_names if name not in self.tensor_options)
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in shown)
 
 
 class CrossEntropyLoss(_Loss):
@@ -35,7 +54,7 @@ class CrossEntropyLoss(_Loss):
         >>> loss.backward()
     """
 
-    _repr_fields = ("ignore_index", "label_smoothing", "z_loss", "softcap")
+    function = staticmethod(losses.cross_entropy)
 
     def __init__(
         self,
@@ -46,27 +65,20 @@ class CrossEntropyLoss(_Loss):
         z_loss: float = 0.0,
         softcap: float | None = None,
     ) -> None:
-        super().__init__(reduction)
-        self.label_smoothing, self.z_loss, self.softcap = softmax.check_softmax_options(
+        label_smoothing, z_loss, softcap = softmax.check_softmax_options(
             reduction=reduction,
             label_smoothing=label_smoothing,
             z_loss=z_loss,
             softcap=softcap,
             ignore_index=ignore_index,
         )
-        self.ignore_index = ignore_index
-        self.register_buffer("weight", weight)
-
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return losses.cross_entropy(
-            input,
-            target,
-            weight=self.weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
-            softcap=self.softcap,
+        super().__init__(
+            weight=weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
         )
 
 
@@ -77,7 +89,8 @@ class BCEWithLogitsLoss(_Loss):
         - Input: any shape. Target: the input's shape. Output: ``()``, or the input's shape with ``"none"``.
     """
 
-    _repr_fields = ("label_smoothing",)
+    function = staticmethod(losses.binary_cross_entropy_with_logits)
+    tensor_options = ("weight", "pos_weight")
 
     def __init__(
         self,
@@ -86,20 +99,8 @@ class BCEWithLogitsLoss(_Loss):
         pos_weight: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__(reduction)
-        self.label_smoothing = sigmoid.check_binary_options(reduction=reduction, label_smoothing=label_smoothing)
-        self.register_buffer("weight", weight)
-        self.register_buffer("pos_weight", pos_weight)
-
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return losses.binary_cross_entropy_with_logits(
-            input,
-            target,
-            weight=self.weight,
-            pos_weight=self.pos_weight,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
-        )
+        label_smoothing = sigmoid.check_binary_options(reduction=reduction, label_smoothing=label_smoothing)
+        super().__init__(weight=weight, pos_weight=pos_weight, reduction=reduction, label_smoothing=label_smoothing)
 
 
 class BCELoss(_Loss):
@@ -109,14 +110,233 @@ class BCELoss(_Loss):
         - Input: any shape. Target: the input's shape. Output: ``()``, or the input's shape with ``"none"``.
     """
 
-    _repr_fields = ("label_smoothing",)
+    function = staticmethod(losses.binary_cross_entropy)
 
     def __init__(self, weight: torch.Tensor | None = None, reduction: str = "mean", label_smoothing: float = 0.0):
-        super().__init__(reduction)
-        self.label_smoothing = sigmoid.check_binary_options(reduction=reduction, label_smoothing=label_smoothing)
-        self.register_buffer("weight", weight)
+        label_smoothing = sigmoid.check_binary_options(reduction=reduction, label_smoothing=label_smoothing)
+        super().__init__(weight=weight, reduction=reduction, label_smoothing=label_smoothing)
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return losses.binary_cross_entropy(
-            input, target, weight=self.weight, reduction=self.reduction, label_smoothing=self.label_smoothing
+
+class FocalLoss(_Loss):
+    """Module form of :func:`xent.focal_loss` (softmax focal loss, Lin et al., 2017)."""
+
+    function = staticmethod(losses.focal_loss)
+    tensor_options = ("weight", "alpha")
+
+    def __init__(
+        self,
+        gamma: float = 2.0,
+        alpha: float | torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(gamma=gamma, alpha=alpha, weight=weight, ignore_index=ignore_index, reduction=reduction)
+
+
+class SigmoidFocalLoss(_Loss):
+    """Module form of :func:`xent.sigmoid_focal_loss` (binary / multi-label focal loss, Lin et al., 2017)."""
+
+    function = staticmethod(losses.sigmoid_focal_loss)
+
+    def __init__(self, gamma: float = 2.0, alpha: float | None = 0.25, reduction: str = "mean") -> None:
+        super().__init__(gamma=gamma, alpha=alpha, reduction=reduction)
+
+
+class Poly1CrossEntropyLoss(_Loss):
+    """Module form of :func:`xent.poly1_cross_entropy` (Leng et al., 2022)."""
+
+    function = staticmethod(losses.poly1_cross_entropy)
+
+    def __init__(
+        self,
+        epsilon: float = 1.0,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(
+            epsilon=epsilon,
+            weight=weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
         )
+
+
+class LogitAdjustedCrossEntropyLoss(_Loss):
+    """Module form of :func:`xent.logit_adjusted_cross_entropy` (Menon et al., 2021)."""
+
+    function = staticmethod(losses.logit_adjusted_cross_entropy)
+    tensor_options = ("weight", "class_counts")
+
+    def __init__(
+        self,
+        class_counts: torch.Tensor | Sequence[float],
+        tau: float = 1.0,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(
+            class_counts=class_counts,
+            tau=tau,
+            weight=weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+        )
+
+
+class BalancedSoftmaxCrossEntropyLoss(_Loss):
+    """Module form of :func:`xent.balanced_softmax_cross_entropy` (Ren et al., 2020)."""
+
+    function = staticmethod(losses.balanced_softmax_cross_entropy)
+    tensor_options = ("weight", "class_counts")
+
+    def __init__(
+        self,
+        class_counts: torch.Tensor | Sequence[float],
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(
+            class_counts=class_counts,
+            weight=weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+        )
+
+
+class LDAMLoss(_Loss):
+    """Module form of :func:`xent.ldam_loss` (Cao et al., 2019). For LDAM-DRW, assign ``module.weight`` from
+    :func:`xent.deferred_reweighting` at the start of each epoch."""
+
+    function = staticmethod(losses.ldam_loss)
+    tensor_options = ("weight", "class_counts")
+
+    def __init__(
+        self,
+        class_counts: torch.Tensor | Sequence[float],
+        max_margin: float = 0.5,
+        scale: float = 30.0,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(
+            class_counts=class_counts,
+            max_margin=max_margin,
+            scale=scale,
+            weight=weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+        )
+
+
+class GeneralizedCrossEntropyLoss(_Loss):
+    """Module form of :func:`xent.generalized_cross_entropy` (Zhang & Sabuncu, 2018)."""
+
+    function = staticmethod(losses.generalized_cross_entropy)
+
+    def __init__(
+        self, q: float = 0.7, weight: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean"
+    ) -> None:
+        super().__init__(q=q, weight=weight, ignore_index=ignore_index, reduction=reduction)
+
+
+class SymmetricCrossEntropyLoss(_Loss):
+    """Module form of :func:`xent.symmetric_cross_entropy` (Wang et al., 2019)."""
+
+    function = staticmethod(losses.symmetric_cross_entropy)
+
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        beta: float = 1.0,
+        log_zero: float = -4.0,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(
+            alpha=alpha, beta=beta, log_zero=log_zero, weight=weight, ignore_index=ignore_index, reduction=reduction
+        )
+
+
+class DistillationLoss(_Loss):
+    """Module form of :func:`xent.distillation_loss` (Hinton et al., 2015): ``forward(student_logits, teacher)``."""
+
+    function = staticmethod(losses.distillation_loss)
+
+    def __init__(self, temperature: float = 1.0, reduction: str = "batchmean", teacher_is_probs: bool = False):
+        super().__init__(temperature=temperature, reduction=reduction, teacher_is_probs=teacher_is_probs)
+
+
+class GANDiscriminatorLoss(_Loss):
+    """Module form of :func:`xent.gan_discriminator_loss`: ``forward(real_logits, fake_logits)``."""
+
+    function = staticmethod(losses.gan_discriminator_loss)
+
+    def __init__(self, label_smoothing: float = 0.0, reduction: str = "mean") -> None:
+        super().__init__(label_smoothing=label_smoothing, reduction=reduction)
+
+
+class GANGeneratorLoss(_Loss):
+    """Module form of :func:`xent.gan_generator_loss` (non-saturating): ``forward(fake_logits)``."""
+
+    function = staticmethod(losses.gan_generator_loss)
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__(reduction=reduction)
+
+
+class VAELoss(_Loss):
+    """Module form of :func:`xent.vae_loss`: ``forward(recon_logits, x, mu, logvar)``."""
+
+    function = staticmethod(losses.vae_loss)
+
+    def __init__(self, beta: float = 1.0, reduction: str = "sum") -> None:
+        super().__init__(beta=beta, reduction=reduction)
+
+
+class WeightedSum(torch.nn.Module):
+    r"""A weighted sum :math:`\sum_k \lambda_k \mathcal{L}_k` of named losses that take the same inputs.
+
+    Every call computes each term on the same arguments and keeps their values (detached) in :attr:`last_terms`
+    for logging. For terms with different inputs use :func:`xent.weighted_sum`.
+
+    Example:
+        >>> criterion = xent.nn.WeightedSum({"ce": (1.0, xent.nn.CrossEntropyLoss()),
+        ...                                  "focal": (0.5, xent.nn.FocalLoss(gamma=2.0))})
+        >>> loss = criterion(logits, target)
+        >>> criterion.last_terms        # {"ce": tensor(...), "focal": tensor(...)}
+
+    Args:
+        terms: by name, a pair (weight, loss); losses that are Modules are registered as sub-modules, so their
+            buffers follow ``.to(device)``.
+    """
+
+    def __init__(self, terms: Mapping[str, tuple[float, Callable[..., torch.Tensor]]]) -> None:
+        super().__init__()
+        if not terms:
+            raise ValueError("terms must name at least one loss")
+        self.weights = combine.check_term_weights({name: weight for name, (weight, _) in terms.items()})
+        self.losses = torch.nn.ModuleDict(
+            {name: fn for name, (_, fn) in terms.items() if isinstance(fn, torch.nn.Module)}
+        )
+        self._functions = {name: fn for name, (_, fn) in terms.items() if not isinstance(fn, torch.nn.Module)}
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        terms = {name: fn(*inputs) for name, fn in (*self.losses.items(), *self._functions.items())}
+        self.last_terms = {name: value.detach() for name, value in terms.items()}
+        return combine.weighted_sum(terms, self.weights)
+
+    def extra_repr(self) -> str:
+        return f"weights={self.weights!r}"

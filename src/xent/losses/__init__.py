@@ -1,6 +1,43 @@
 """The loss functions: pure math, one module per family."""
 
+from xent.losses.calibration import fit_temperature
+from xent.losses.combine import weighted_sum
+from xent.losses.distill import distillation_loss
+from xent.losses.focal import focal_loss, poly1_cross_entropy, sigmoid_focal_loss
+from xent.losses.generative import gan_discriminator_loss, gan_generator_loss, vae_loss
+from xent.losses.imbalance import (
+    balanced_softmax_cross_entropy,
+    class_balanced_weights,
+    deferred_reweighting,
+    ldam_loss,
+    ldam_margins,
+    logit_adjust,
+    logit_adjusted_cross_entropy,
+)
+from xent.losses.robust import generalized_cross_entropy, symmetric_cross_entropy
 from xent.losses.sigmoid import binary_cross_entropy, binary_cross_entropy_with_logits
 from xent.losses.softmax import cross_entropy
 
-__all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits", "cross_entropy"]
+__all__ = [
+    "balanced_softmax_cross_entropy",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "class_balanced_weights",
+    "cross_entropy",
+    "deferred_reweighting",
+    "distillation_loss",
+    "fit_temperature",
+    "focal_loss",
+    "gan_discriminator_loss",
+    "gan_generator_loss",
+    "generalized_cross_entropy",
+    "ldam_loss",
+    "ldam_margins",
+    "logit_adjust",
+    "logit_adjusted_cross_entropy",
+    "poly1_cross_entropy",
+    "sigmoid_focal_loss",
+    "symmetric_cross_entropy",
+    "vae_loss",
+    "weighted_sum",
+]

@@ -15,7 +15,7 @@ def check_binary_options(*, reduction: str, label_smoothing: float) -> float:
     return _checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
 
 
-def _check_binary_pair(input: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def check_binary_pair(input: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     input = _checks.check_floating("input", input)
     target = _checks.check_floating("target", target)
     if target.shape != input.shape:
@@ -73,7 +73,7 @@ def binary_cross_entropy_with_logits(
         >>> xent.binary_cross_entropy_with_logits(torch.tensor([3.0, -1.0]), torch.tensor([1.0, 0.0]))
     """
     label_smoothing = check_binary_options(reduction=reduction, label_smoothing=label_smoothing)
-    input, target = _check_binary_pair(input, target)
+    input, target = check_binary_pair(input, target)
     weight = _checks.check_broadcasts_to("weight", weight, input.shape, "input of shape")
     pos_weight = _checks.check_broadcasts_to("pos_weight", pos_weight, input.shape, "input of shape")
 
@@ -154,7 +154,7 @@ def binary_cross_entropy(
         >>> xent.binary_cross_entropy(torch.tensor([0.9, 0.2]), torch.tensor([1.0, 0.0]))
     """
     label_smoothing = check_binary_options(reduction=reduction, label_smoothing=label_smoothing)
-    input, target = _check_binary_pair(input, target)
+    input, target = check_binary_pair(input, target)
     _checks.check_probabilities("input", input)
     weight = _checks.check_broadcasts_to("weight", weight, input.shape, "input of shape")
 

@@ -7,6 +7,7 @@ class indices ``(M,)`` or probabilities ``(M, C)`` — computes one loss per row
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,20 +41,26 @@ def check_softmax_options(
     return label_smoothing, z_loss, softcap
 
 
+def class_dimension(input: torch.Tensor) -> int:
+    """The class dimension of logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``, after checking them."""
+    input = _checks.check_floating("input", input)
+    if input.dim() == 0:
+        raise ValueError("input must have a class dimension: shape (C), (N, C) or (N, C, d1, ..., dK), got shape ()")
+    class_dim = 0 if input.dim() == 1 else 1
+    if input.shape[class_dim] == 0:
+        raise ValueError(f"input has shape {_checks.shape_str(input.shape)}: there must be at least one class")
+    return class_dim
+
+
 def canonicalize(input: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
     """Logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)`` → ``(M, C)``; targets → ``(M,)`` or ``(M, C)``.
 
     Returns the canonical logits, the canonical target and the batch shape (the input's shape without the class
     dimension), which is the shape of ``reduction="none"``'s result.
     """
-    input = _checks.check_floating("input", input)
+    class_dim = class_dimension(input)
     target = _checks.check_tensor("target", target)
-    if input.dim() == 0:
-        raise ValueError("input must have a class dimension: shape (C), (N, C) or (N, C, d1, ..., dK), got shape ()")
-    class_dim = 0 if input.dim() == 1 else 1
     num_classes = input.shape[class_dim]
-    if num_classes == 0:
-        raise ValueError(f"input has shape {_checks.shape_str(input.shape)}: there must be at least one class")
     batch_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
     expected = (
         f"expected {_checks.shape_str(batch_shape)} class indices or {_checks.shape_str(input.shape)} probabilities"
@@ -123,6 +130,47 @@ def mean_denominator(target: torch.Tensor, options: SoftmaxOptions, dtype: torch
         return valid.sum().to(dtype)
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     return torch.where(valid, options.weight.to(dtype)[safe_target], 0).sum()
+
+
+def class_index_loss(
+    loss_name: str,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    row_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+) -> torch.Tensor:
+    """The shared frame of every softmax loss on class indices: validation, layout, ignore, weights, reduction.
+
+    ``row_loss(log_probs, target)`` gets the log-softmax ``(M, C)`` in the accumulation dtype and class indices
+    ``(M,)`` (ignored ones replaced by 0) and returns unweighted per-row losses ``(M,)``. The frame multiplies them by
+    the target's class weight, zeroes ignored rows and reduces exactly as :func:`cross_entropy` does.
+    """
+    check_softmax_options(reduction=reduction, label_smoothing=0.0, z_loss=0.0, softcap=None, ignore_index=ignore_index)
+    logits, target, batch_shape = canonicalize(input, target)
+    if target.is_floating_point():
+        raise TypeError(f"{loss_name} takes class indices of shape {_checks.shape_str(batch_shape)}, not probabilities")
+    num_classes = logits.shape[-1]
+    options = SoftmaxOptions(
+        weight=_checks.check_class_weight("weight", weight, num_classes), ignore_index=ignore_index
+    )
+    _checks.check_class_indices(target, num_classes, ignore_index)
+    log_probs = torch.log_softmax(logits.to(accumulation_dtype(logits.dtype)), dim=-1)
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    loss = row_loss(log_probs, safe_target)
+    if options.weight is not None:
+        loss = loss * options.weight.to(loss.dtype)[safe_target]
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    denominator = mean_denominator(target, options, loss.dtype) if reduction == "mean" else None
+    return reduce_loss(loss.view(batch_shape), reduction, denominator).to(input.dtype)
+
+
+def target_log_prob(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """log p_y per row: ``(M, C)``, ``(M,)`` → ``(M,)``."""
+    return log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
 
 def cross_entropy(

@@ -1,0 +1,175 @@
+"""Losses that reshape cross-entropy by the predicted probability of the target: focal and Poly-1."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from xent.losses import _checks
+from xent.losses._reduce import accumulation_dtype, reduce_loss
+from xent.losses.sigmoid import binary_cross_entropy_with_logits, check_binary_pair
+from xent.losses.softmax import class_index_loss, cross_entropy, target_log_prob
+
+
+def _modulating_factor(log_one_minus_p: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(1 - p)^γ from log(1 - p): exact for p → 1, where ``1 - p`` formed directly would round to 0."""
+    return torch.exp(gamma * log_one_minus_p) if gamma else torch.ones_like(log_one_minus_p)
+
+
+def _log_one_minus_exp(log_p: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(a)) for a ≤ 0, finite at a = 0 (clamped to the dtype's tiny) so its gradient stays finite."""
+    return torch.log((-torch.expm1(log_p)).clamp_min(torch.finfo(log_p.dtype).tiny))
+
+
+def focal_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    gamma: float = 2.0,
+    alpha: float | torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    r"""Softmax focal loss: cross-entropy that down-weights examples the model already gets right.
+
+    .. math::
+        \ell_n = -\alpha_{y_n} w_{y_n} (1 - p_{n,y_n})^\gamma \log p_{n,y_n}, \qquad p_n = \operatorname{softmax}(x_n)
+
+    With :math:`\gamma = 0` and no :math:`\alpha` it is :func:`xent.cross_entropy`. ``weight``, ``ignore_index`` and
+    the reductions behave as in :func:`xent.cross_entropy` ("mean" divides by :math:`\sum w_{y_n}`; α does not enter
+    the denominator). :math:`(1 - p)^\gamma` is computed from :math:`\log p` with ``expm1``, so confident predictions
+    do not round it to 0 prematurely.
+
+    Args:
+        input: logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``.
+        target: class indices ``()``, ``(N)`` or ``(N, d1, ..., dK)``.
+        gamma: focusing parameter :math:`\gamma \ge 0`; default 2 (the paper's best).
+        alpha: balancing factor: a scalar for every class, a ``(C,)`` tensor per class, or ``None`` (1).
+        weight, ignore_index, reduction: as in :func:`xent.cross_entropy`.
+
+    References:
+        Lin, Goyal, Girshick, He, Dollár. Focal Loss for Dense Object Detection. ICCV 2017.
+    """
+    gamma = _checks.check_in_range("gamma", gamma, 0.0)
+    alpha = _check_alpha(alpha)
+
+    def row_loss(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        log_p = target_log_prob(log_probs, target)
+        loss = -_modulating_factor(_log_one_minus_exp(log_p), gamma) * log_p
+        if isinstance(alpha, torch.Tensor):
+            if alpha.shape != (log_probs.shape[-1],):
+                raise ValueError(
+                    f"alpha must be a scalar or have shape ({log_probs.shape[-1]},), one entry per class, "
+                    f"got shape {_checks.shape_str(alpha.shape)}"
+                )
+            return loss * alpha.to(loss.dtype)[target]
+        return loss if alpha is None else loss * alpha
+
+    return class_index_loss(
+        "focal_loss", input, target, row_loss, weight=weight, ignore_index=ignore_index, reduction=reduction
+    )
+
+
+def _check_alpha(alpha: float | torch.Tensor | None) -> float | torch.Tensor | None:
+    if alpha is None or isinstance(alpha, torch.Tensor):
+        return None if alpha is None else _checks.check_floating("alpha", alpha)
+    return _checks.check_in_range("alpha", alpha, 0.0)
+
+
+def sigmoid_focal_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    gamma: float = 2.0,
+    alpha: float | None = 0.25,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    r"""Sigmoid focal loss for binary and multi-label classification (dense detection's loss).
+
+    .. math::
+        \ell = \alpha_t (1 - p_t)^\gamma \operatorname{BCE}(x, t), \qquad
+        p_t = p\,t + (1 - p)(1 - t), \quad \alpha_t = \alpha\,t + (1 - \alpha)(1 - t), \quad p = \sigma(x).
+
+    The same formula as torchvision's ``sigmoid_focal_loss``, computed in log space:
+    :math:`1 - p_t = t\,\sigma(-x) + (1 - t)\,\sigma(x)`, so :math:`\log(1 - p_t)` is a ``logaddexp`` of
+    log-sigmoids and logits of ±1e4 give finite losses and gradients. With :math:`\gamma = 0` and ``alpha=None``
+    it is :func:`xent.binary_cross_entropy_with_logits`.
+
+    Args:
+        input: logits, any shape.
+        target: targets in [0, 1] with the input's shape.
+        gamma: focusing parameter :math:`\gamma \ge 0`; default 2.
+        alpha: weight of the positive class in [0, 1]; default 0.25 (the paper's); ``None`` disables it.
+        reduction: ``"none"`` | ``"mean"`` (over all elements) | ``"sum"``.
+
+    References:
+        Lin, Goyal, Girshick, He, Dollár. Focal Loss for Dense Object Detection. ICCV 2017.
+    """
+    _checks.check_reduction(reduction)
+    gamma = _checks.check_in_range("gamma", gamma, 0.0)
+    if alpha is not None:
+        alpha = _checks.check_in_range("alpha", alpha, 0.0, 1.0)
+    input, target = check_binary_pair(input, target)
+    dtype = accumulation_dtype(input.dtype)
+    x, t = input.to(dtype), target.to(dtype)
+    loss = binary_cross_entropy_with_logits(x, t, reduction="none")
+    if gamma:
+        log_one_minus_p_t = torch.logaddexp(torch.log(t) + F.logsigmoid(-x), torch.log1p(-t) + F.logsigmoid(x))
+        loss = loss * _modulating_factor(log_one_minus_p_t, gamma)
+    if alpha is not None:
+        loss = loss * (alpha * t + (1.0 - alpha) * (1.0 - t))
+    return reduce_loss(loss, reduction).to(input.dtype)
+
+
+def poly1_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    epsilon: float = 1.0,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    r"""Poly-1 cross-entropy: cross-entropy plus a first-order term that adjusts its leading polynomial coefficient.
+
+    .. math::
+        \ell_n = w_{y_n} \bigl[\operatorname{CE}_n + \varepsilon\,(1 - p_{t,n})\bigr], \qquad
+        p_{t,n} = \sum_c t'_{n,c}\, p_{n,c}
+
+    where :math:`t'` is the (label-smoothed) one-hot target, so without smoothing :math:`p_t = p_{y}`, and
+    :math:`w_{y_n}\operatorname{CE}_n` is :func:`xent.cross_entropy`'s term (with PyTorch's weighting of the
+    smoothing part).
+    With :math:`\varepsilon = 0` it is cross-entropy; :math:`\varepsilon = -1` removes the first-order term.
+
+    Args:
+        epsilon: :math:`\varepsilon \ge -1`; default 1 (the paper's recommended starting point).
+        weight, ignore_index, reduction, label_smoothing: as in :func:`xent.cross_entropy`.
+
+    References:
+        Leng, Xu, Tan, et al. PolyLoss: A Polynomial Expansion Perspective of Classification Loss Functions.
+        ICLR 2022.
+    """
+    epsilon = _checks.check_in_range("epsilon", epsilon, -1.0)
+    # Both terms share the denominator of "mean" (Σ w_y over kept targets), so the loss is the sum of the reduced terms.
+    ce = cross_entropy(
+        input, target, weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+    )
+
+    def first_order_term(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        p_t = torch.exp(target_log_prob(log_probs, target))
+        if label_smoothing:
+            p_t = (1.0 - label_smoothing) * p_t + label_smoothing / log_probs.shape[-1]  # Σ_c p_c = 1
+        return epsilon * (1.0 - p_t)
+
+    poly = class_index_loss(
+        "poly1_cross_entropy",
+        input,
+        target,
+        first_order_term,
+        weight=weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )
+    return ce + poly

@@ -1,0 +1,257 @@
+"""Losses for long-tailed (class-imbalanced) data: class-balanced weights, logit adjustment, balanced softmax, LDAM.
+
+All of them take the training split's per-class sample counts ``class_counts`` (shape ``(C,)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from xent.losses import _checks
+from xent.losses.softmax import canonicalize, class_dimension, cross_entropy
+
+
+def check_class_counts(
+    class_counts: torch.Tensor | Sequence[float], *, positive: bool, num_classes: int | None = None
+) -> torch.Tensor:
+    """Per-class sample counts as a float64 tensor ``(C,)``; negative counts (and zeros when ``positive``) rejected."""
+    counts = torch.as_tensor(class_counts, dtype=torch.float64)
+    if counts.dim() != 1 or counts.numel() == 0:
+        raise ValueError(
+            f"class_counts must have shape (C,), one count per class, got shape {_checks.shape_str(counts.shape)}"
+        )
+    if num_classes is not None and counts.numel() != num_classes:
+        raise ValueError(
+            f"class_counts has {counts.numel()} entries but input has {num_classes} classes; expected shape "
+            f"({num_classes},)"
+        )
+    bad = (counts <= 0) if positive else (counts < 0)
+    bad = bad | ~torch.isfinite(counts)
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0])
+        requirement = "positive" if positive else "non-negative"
+        raise ValueError(
+            f"class_counts must be {requirement} and finite, got {counts[index].item():g} for class {index}"
+        )
+    return counts
+
+
+def class_balanced_weights(class_counts: torch.Tensor | Sequence[float], beta: float = 0.9999) -> torch.Tensor:
+    r"""Per-class weights from the effective number of samples.
+
+    .. math::
+        w_c \propto \frac{1 - \beta}{1 - \beta^{n_c}}, \qquad \sum_c w_c = C
+
+    :math:`\beta = 0` gives all ones (no re-weighting); :math:`\beta \to 1` approaches inverse class frequency.
+    Classes with no sample get weight 0 (they never occur as a target). Pass the result as ``weight=`` to any loss.
+
+    Args:
+        class_counts: samples per class ``(C,)``, non-negative.
+        beta: :math:`\beta \in [0, 1)`; default 0.9999 (the paper's choice for long-tailed CIFAR).
+
+    Returns:
+        ``(C,)`` float32 weights summing to C.
+
+    References:
+        Cui, Jia, Lin, Song, Belongie. Class-Balanced Loss Based on Effective Number of Samples. CVPR 2019.
+    """
+    beta = _checks.check_in_range("beta", beta, 0.0, 1.0, high_inclusive=False)
+    counts = check_class_counts(class_counts, positive=False)
+    present = counts > 0
+    # 1 - β^n = -expm1(n log β): exact for β close to 1, where 1 - β^n suffers cancellation.
+    effective_number = -torch.expm1(counts * torch.log(torch.tensor(beta, dtype=torch.float64))) if beta else 1.0
+    weights = torch.where(present, (1.0 - beta) / torch.as_tensor(effective_number).clamp_min(1e-300), 0.0)
+    weights = weights * counts.numel() / weights.sum()
+    return weights.float()
+
+
+def deferred_reweighting(
+    class_counts: torch.Tensor | Sequence[float], epoch: int, *, start_epoch: int, beta: float = 0.9999
+) -> torch.Tensor:
+    """Deferred re-weighting (DRW): all-ones weights before ``start_epoch``, class-balanced weights from it on.
+
+    Train with plain (or LDAM) loss first to learn features, then re-weight to fix the classifier's bias. The paper
+    switches at 80% of training (epoch 160 of 200).
+
+    Args:
+        class_counts: samples per class ``(C,)``.
+        epoch: the current epoch (0-based).
+        start_epoch: first epoch with class-balanced weights.
+        beta: see :func:`class_balanced_weights`; the paper uses 0.9999.
+
+    Returns:
+        ``(C,)`` float32 weights for ``weight=``.
+
+    References:
+        Cao, Wei, Gaidon, Arechiga, Ma. Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss.
+        NeurIPS 2019.
+    """
+    counts = check_class_counts(class_counts, positive=False)
+    if epoch < start_epoch:
+        return torch.ones(counts.numel())
+    return class_balanced_weights(counts, beta)
+
+
+def _log_prior_offset(input: torch.Tensor, class_counts, tau: float) -> torch.Tensor:
+    """τ · log π_c shaped to broadcast along the input's class dimension."""
+    class_dim = class_dimension(input)
+    counts = check_class_counts(class_counts, positive=True, num_classes=input.shape[class_dim])
+    log_prior = torch.log(counts / counts.sum())
+    return (tau * log_prior).to(device=input.device).view((-1,) + (1,) * (input.dim() - class_dim - 1))
+
+
+def logit_adjust(logits: torch.Tensor, class_counts: torch.Tensor | Sequence[float], tau: float = 1.0) -> torch.Tensor:
+    r"""Post-hoc logit adjustment: :math:`x - \tau \log \pi`, with :math:`\pi` the training label distribution.
+
+    Apply it to a model trained with plain cross-entropy to predict well on balanced test data.
+
+    Args:
+        logits: ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``.
+        class_counts: training samples per class ``(C,)``, positive.
+        tau: :math:`\tau \ge 0`; default 1 (Bayes-optimal for the balanced error).
+
+    Returns:
+        Adjusted logits, same shape and dtype.
+
+    References:
+        Menon, Jayasumana, Rawat, Jain, Veit, Kumar. Long-tail learning via logit adjustment. ICLR 2021.
+    """
+    tau = _checks.check_in_range("tau", tau, 0.0)
+    return logits - _log_prior_offset(logits, class_counts, tau).to(logits.dtype)
+
+
+def logit_adjusted_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    class_counts: torch.Tensor | Sequence[float],
+    tau: float = 1.0,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    r"""Logit-adjusted cross-entropy: cross-entropy on :math:`x + \tau \log \pi`.
+
+    .. math::
+        \ell_n = -\log \frac{e^{x_{n,y_n} + \tau \log \pi_{y_n}}}{\sum_c e^{x_{n,c} + \tau \log \pi_c}}
+
+    Training with the prior added makes the raw logits :math:`x` calibrated for a balanced label distribution; no
+    post-hoc correction is needed at test time. :math:`\tau = 0` is plain cross-entropy.
+
+    Args:
+        class_counts: training samples per class ``(C,)``, positive; :math:`\pi = n / \sum n`.
+        tau: :math:`\tau \ge 0`; default 1.
+        weight, ignore_index, reduction, label_smoothing: as in :func:`xent.cross_entropy`.
+
+    References:
+        Menon, Jayasumana, Rawat, Jain, Veit, Kumar. Long-tail learning via logit adjustment. ICLR 2021.
+    """
+    tau = _checks.check_in_range("tau", tau, 0.0)
+    adjusted = input + _log_prior_offset(input, class_counts, tau).to(input.dtype)
+    return cross_entropy(
+        adjusted, target, weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+    )
+
+
+def balanced_softmax_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    class_counts: torch.Tensor | Sequence[float],
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    r"""Balanced softmax cross-entropy: cross-entropy on :math:`x + \log n`.
+
+    .. math::
+        \ell_n = -\log \frac{n_{y_n} e^{x_{n,y_n}}}{\sum_c n_c e^{x_{n,c}}}
+
+    The softmax is re-weighted by the class counts during training, compensating the label-distribution shift
+    between a long-tailed training set and a balanced test set. Equal to
+    :func:`logit_adjusted_cross_entropy` with :math:`\tau = 1` (:math:`\log n` and :math:`\log \pi` differ by a
+    constant, which the softmax ignores).
+
+    Args:
+        class_counts: training samples per class ``(C,)``, positive.
+        weight, ignore_index, reduction, label_smoothing: as in :func:`xent.cross_entropy`.
+
+    References:
+        Ren, Yu, Sheng, Ma, Zhao, Yi, Li. Balanced Meta-Softmax for Long-Tailed Visual Recognition. NeurIPS 2020.
+    """
+    return logit_adjusted_cross_entropy(
+        input,
+        target,
+        class_counts=class_counts,
+        tau=1.0,
+        weight=weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+
+
+def ldam_margins(class_counts: torch.Tensor | Sequence[float], max_margin: float = 0.5) -> torch.Tensor:
+    r"""LDAM's per-class margins :math:`m_c \propto n_c^{-1/4}`, scaled so that the largest is ``max_margin``.
+
+    Returns:
+        ``(C,)`` float64 margins; :func:`ldam_loss` casts them to the logits' dtype.
+    """
+    max_margin = _checks.check_in_range("max_margin", max_margin, 0.0)
+    counts = check_class_counts(class_counts, positive=True)
+    margins = counts.pow(-0.25)
+    return margins * (max_margin / margins.max())
+
+
+def ldam_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    class_counts: torch.Tensor | Sequence[float],
+    max_margin: float = 0.5,
+    scale: float = 30.0,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    r"""Label-distribution-aware margin (LDAM) loss: cross-entropy with a larger margin for rarer classes.
+
+    .. math::
+        \ell_n = \operatorname{CE}\bigl(s\,(x_n - m_{y_n} \mathbb{1}_{y_n}),\ y_n\bigr), \qquad
+        m_c = \frac{M}{\max_k n_k^{-1/4}}\, n_c^{-1/4}
+
+    The target's logit is lowered by its class margin before the softmax, so rare classes must win by more. The
+    logits are meant to be cosine similarities (a normalised linear head), hence the scale :math:`s`. Combine it
+    with :func:`deferred_reweighting` for the paper's LDAM-DRW.
+
+    Args:
+        class_counts: training samples per class ``(C,)``, positive.
+        max_margin: :math:`M \ge 0`, the largest margin; default 0.5 (the paper's).
+        scale: :math:`s > 0`; default 30 (the paper's).
+        weight, ignore_index, reduction: as in :func:`xent.cross_entropy`.
+
+    References:
+        Cao, Wei, Gaidon, Arechiga, Ma. Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss.
+        NeurIPS 2019.
+    """
+    scale = _checks.check_in_range("scale", scale, 0.0, low_inclusive=False)
+    _, indices, _ = canonicalize(input, target)
+    if indices.is_floating_point():
+        raise TypeError("ldam_loss takes class indices, not probabilities")
+    class_dim = class_dimension(input)
+    margins = ldam_margins(
+        check_class_counts(class_counts, positive=True, num_classes=input.shape[class_dim]), max_margin
+    )
+    _checks.check_class_indices(target, margins.numel(), ignore_index)
+    # Out-of-range indices only reach here with value checks off; clamping keeps the scatter in bounds and
+    # cross_entropy below reports them as PyTorch would.
+    safe_target = torch.where(target == ignore_index, torch.zeros_like(target), target).clamp(0, margins.numel() - 1)
+    margin_of_target = margins.to(device=input.device, dtype=input.dtype)[safe_target].unsqueeze(class_dim)
+    offset = torch.zeros_like(input).scatter(class_dim, safe_target.unsqueeze(class_dim), margin_of_target)
+    return cross_entropy(
+        scale * (input - offset), target, weight=weight, ignore_index=ignore_index, reduction=reduction
+    )
