@@ -184,6 +184,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     impl: str | None = None,
+    inplace_backward: bool = False,
 ) -> torch.Tensor:
     r"""Cross-entropy between logits and class indices or class probabilities.
 
@@ -231,8 +232,11 @@ def cross_entropy(
         label_smoothing: :math:`\varepsilon \in [0, 1]`, mixes the target with the uniform distribution.
         z_loss: :math:`z \ge 0`, weight of the squared log-partition term.
         softcap: :math:`c > 0`, soft cap of the logits; ``None`` for none.
-        impl: ``None`` picks the fastest implementation for the device; ``"reference"`` forces the plain PyTorch
-            math of this module.
+        impl: ``None`` picks the fastest implementation for the device and problem; ``"reference"`` forces the
+            plain PyTorch math of this module, ``"chunked"`` the memory-lean kernel that forms the gradient during
+            the forward pass (:mod:`xent.kernels.chunked`); ``"triton"`` the GPU kernel where available.
+        inplace_backward: write the gradient into the logits' own storage (chunked and Triton kernels), saving a
+            logits-sized buffer; the logits are overwritten, so use it only when nothing else needs them.
 
     Returns:
         The loss, of shape ``()`` or, with ``reduction="none"``, the batch shape; in the input's dtype.
@@ -260,13 +264,17 @@ def cross_entropy(
     )
     if not target.is_floating_point():
         _checks.check_class_indices(target, num_classes, ignore_index)
-    rows = _dispatch(impl, logits, target, options)
-    denominator = mean_denominator(target, options, rows.dtype) if reduction == "mean" else None
-    return reduce_loss(rows.view(batch_shape), reduction, denominator).to(input.dtype)
-
-
-def _dispatch(impl: str | None, logits: torch.Tensor, target: torch.Tensor, options: SoftmaxOptions) -> torch.Tensor:
     # Kernels are tested against this module and import it, so the dispatcher is imported at call time.
-    from xent.kernels.dispatch import cross_entropy_rows_dispatch
+    from xent.kernels.dispatch import dispatch_cross_entropy
 
-    return cross_entropy_rows_dispatch(impl, logits, target, options)
+    loss = dispatch_cross_entropy(impl, logits, target, options, reduction, inplace_backward=inplace_backward)
+    return (loss.view(batch_shape) if reduction == "none" else loss).to(input.dtype)
+
+
+def reference_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, options: SoftmaxOptions, reduction: str
+) -> torch.Tensor:
+    """The reference implementation on canonical tensors: :func:`cross_entropy_rows`, then the reduction."""
+    rows = cross_entropy_rows(logits, target, options)
+    denominator = mean_denominator(target, options, rows.dtype) if reduction == "mean" else None
+    return reduce_loss(rows, reduction, denominator)

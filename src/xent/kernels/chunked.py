@@ -1,0 +1,249 @@
+"""Memory-lean cross-entropy in pure PyTorch, for any device.
+
+Data flow of :class:`ChunkedCrossEntropy` (logits ``(M, C)``, gradient buffer ``G`` of the same shape)::
+
+    for each block of rows (sized to stay in cache):
+        x  = logits[block]                         (upcast to float32 for half precision)
+        x  = c · tanh(x / c)                       (softcap only)
+        G[block] = exp(x - max x)                   row max, one exp pass, written straight into G
+        lse = max x + log Σ G[block]               row statistics: O(block) memory
+        loss[block] from lse, x_y, Σ w·x
+        G[block] = scale · (softmax · a - b)        the gradient of the loss, formed in place
+    backward: G · grad_output                       one pass, skipped when grad_output is exactly 1
+
+so the forward reads the logits once and writes the gradient once; extra memory is O(M) plus one block. With
+``inplace_backward=True``, ``G`` *is* the logits' storage.
+
+:class:`ChunkedLinearCrossEntropy` does the same one level up: blocks of tokens → logits block ``X_b Wᵀ`` → the
+block loop above on it, in place → ``dX_b = G_b W``, ``dW += G_bᵀ X_b`` (float32), ``db += Σ G_b``. The ``N × V``
+logits never exist; peak extra memory is one logits block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from xent.kernels import _memory
+from xent.losses._reduce import accumulation_dtype, safe_divide
+from xent.losses.softmax import SoftmaxOptions, mean_denominator
+
+# Rows per block are chosen so that one float32 block is about this size: it stays in L2 while ~6 passes run over it.
+BLOCK_BYTES = 1 << 19
+
+
+def rows_per_block(num_classes: int, block_bytes: int = BLOCK_BYTES) -> int:
+    return max(1, block_bytes // (4 * num_classes))
+
+
+def loss_and_grad_(
+    logits: torch.Tensor,
+    grad: torch.Tensor | None,
+    target: torch.Tensor,
+    options: SoftmaxOptions,
+    grad_scale: torch.Tensor,
+    *,
+    block_rows: int | None = None,
+) -> torch.Tensor:
+    """Per-row losses of ``logits`` ``(M, C)``, writing ``grad_scale[m] · ∂loss_m/∂logits[m]`` into ``grad``.
+
+    Args:
+        logits: ``(M, C)``, read only — unless it is ``grad`` itself.
+        grad: ``(M, C)``, overwritten with the scaled gradient; may be ``logits`` (in place); ``None`` computes
+            the losses only (the gradient goes to a scratch block).
+        target: ``(M,)`` class indices or ``(M, C)`` probabilities.
+        options: the loss options.
+        grad_scale: ``(M,)`` per-row factor of the gradient, e.g. ``1 / denominator`` for "mean"; rows whose
+            target is ``options.ignore_index`` get loss and gradient 0 whatever their scale.
+        block_rows: rows per block; by default about :data:`BLOCK_BYTES` of float32.
+
+    Returns:
+        ``(M,)`` losses in the accumulation dtype, ignored rows 0.
+    """
+    num_rows, num_classes = logits.shape
+    dtype = accumulation_dtype(logits.dtype)
+    block_rows = block_rows or rows_per_block(num_classes)
+    rows = _RowTerms(logits, target, options, grad_scale.to(dtype))
+    for start in range(0, num_rows, block_rows):
+        block = slice(start, min(start + block_rows, num_rows))
+        rows.block_(logits[block], None if grad is None else grad[block], block)
+    return rows.losses()
+
+
+class _RowTerms:
+    r"""The per-row side of the loss: everything that does not need the softmax is computed for all rows at once,
+    so that the block loop runs only the passes over ``(B, C)`` data (about eight operations a block).
+
+    With class indices :math:`y`, weights :math:`w` (:math:`W = \sum_c w_c`), smoothing ε and z-loss z, the
+    gradient of a row is ``scale · (p · a − b)`` with ``a = (1−ε) w_y + ε W / C + 2 z w_y lse`` and
+    ``b = (1−ε) w_y δ_y + (ε / C) w``; with probabilities :math:`t'`, ``a = Σ w t' + 2 z lse`` and ``b = w ⊙ t'``.
+    """
+
+    def __init__(self, logits: torch.Tensor, target: torch.Tensor, options: SoftmaxOptions, scale: torch.Tensor):
+        num_rows, num_classes = logits.shape
+        self.dtype = dtype = scale.dtype
+        self.options, self.target, self.scale = options, target, scale
+        self.num_classes = num_classes
+        self.weight = None if options.weight is None else options.weight.to(device=logits.device, dtype=dtype)
+        self.soft = target.is_floating_point()
+        self.row_max = logits.new_empty(num_rows, dtype=dtype)
+        self.max_prob = logits.new_empty(num_rows, dtype=dtype)
+        smoothing = options.label_smoothing
+        if self.soft:
+            self.target_term = logits.new_empty(num_rows, dtype=dtype)  # Σ_c w_c t'_c x_c
+            self.mass = logits.new_empty(num_rows, dtype=dtype)  # Σ_c w_c t'_c
+            return
+        valid = target != options.ignore_index
+        self.safe_target = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)  # (M, 1)
+        self.valid = valid.to(dtype)
+        # w_y, zero for ignored rows
+        self.target_weight = (
+            self.valid if self.weight is None else self.weight[self.safe_target.squeeze(1)] * self.valid
+        )
+        self.target_logit = self._cap(logits.gather(1, self.safe_target).squeeze(1).to(dtype))
+        total_weight = float(num_classes) if self.weight is None else self.weight.sum()
+        self.coefficient = (1.0 - smoothing) * self.target_weight + self.valid * (
+            smoothing / num_classes * total_weight
+        )
+        self.hard = (-(1.0 - smoothing) * self.target_weight * scale).unsqueeze(1)  # -b at y, scaled
+        if smoothing:
+            self.smooth_logit = logits.new_empty(num_rows, dtype=dtype)  # Σ_c w_c x_c
+            self.uniform = (self.valid * scale * (smoothing / num_classes)).unsqueeze(1)
+        self.total_weight = total_weight
+
+    def _cap(self, x: torch.Tensor) -> torch.Tensor:
+        cap = self.options.softcap
+        return x if cap is None else cap * torch.tanh(x / cap)
+
+    def block_(self, logits: torch.Tensor, grad: torch.Tensor | None, rows: slice) -> None:
+        """Statistics of one block of rows, and its scaled gradient written into ``grad`` (when given)."""
+        dtype, options, weight = self.dtype, self.options, self.weight
+        # The gradient is formed in `work`: the output itself when it has the accumulation dtype, else a block.
+        work = grad if grad is not None and grad.dtype == dtype else logits.new_empty(logits.shape, dtype=dtype)
+        x = logits if logits.dtype == dtype else logits.to(dtype)
+        capped = None
+        if options.softcap is not None:
+            capped = torch.tanh(x / options.softcap)  # kept for the chain rule: d(c·tanh(x/c))/dx = 1 - tanh²
+            x = capped * options.softcap
+        # Everything that reads the logits runs before `work`, which may alias them, is overwritten.
+        self.row_max[rows] = x.amax(dim=1)
+        if self.soft:
+            probs = self.target[rows].to(dtype)
+            if options.label_smoothing:
+                probs = probs * (1.0 - options.label_smoothing) + options.label_smoothing / self.num_classes
+            weighted_probs = probs if weight is None else probs * weight  # (B, C)
+            self.target_term[rows] = (weighted_probs * x).sum(1)
+            self.mass[rows] = weighted_probs.sum(1)
+        elif options.label_smoothing:
+            self.smooth_logit[rows] = x.sum(1) if weight is None else x @ weight
+
+        # One fused pass (max, Σ exp, normalise) writes the softmax; the log-sum-exp follows later from the largest
+        # probability, that of the largest logit: exp(max - lse) ≥ 1/C, which never underflows.
+        torch._softmax(x, 1, False, out=work)
+        self.max_prob[rows] = work.amax(dim=1)
+
+        scale = self.scale[rows]
+        coefficient = self.mass[rows] if self.soft else self.coefficient[rows]
+        if options.z_loss:
+            lse = self.row_max[rows] - torch.log(self.max_prob[rows])
+            z_weight = 1.0 if self.soft else self.target_weight[rows]
+            coefficient = coefficient + 2.0 * options.z_loss * z_weight * lse
+        work.mul_((coefficient * scale).unsqueeze(1))
+        if self.soft:
+            work.sub_(weighted_probs * scale.unsqueeze(1))
+        else:
+            work.scatter_add_(1, self.safe_target[rows], self.hard[rows])
+            if options.label_smoothing:
+                work.sub_(self.uniform[rows] if weight is None else self.uniform[rows] * weight)
+        if capped is not None:
+            work.mul_(capped.square_().neg_().add_(1.0))
+        if grad is not None and work is not grad:
+            grad.copy_(work)
+
+    def losses(self) -> torch.Tensor:
+        """``(M,)`` losses, once every block has run."""
+        lse = self.row_max - torch.log(self.max_prob)
+        options = self.options
+        if self.soft:
+            loss = self.mass * lse - self.target_term
+            z_weight = 1.0
+        else:
+            smoothing = options.label_smoothing
+            loss = (1.0 - smoothing) * self.target_weight * (lse - self.target_logit)
+            if smoothing:
+                # PyTorch's uniform part: (ε/C) Σ_c w_c (lse - x_c), weighted class by class.
+                loss = loss + self.valid * (smoothing / self.num_classes) * (
+                    self.total_weight * lse - self.smooth_logit
+                )
+            z_weight = self.target_weight
+        if options.z_loss:
+            loss = loss + options.z_loss * z_weight * lse.square()
+        return loss
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Cross-entropy on canonical logits with the gradient formed in the forward pass (see the module docstring)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        options: SoftmaxOptions,
+        reduction: str,
+        inplace_backward: bool,
+        allow_retain_graph: bool,
+    ) -> torch.Tensor:
+        dtype = accumulation_dtype(logits.dtype)
+        scale = torch.ones((), dtype=dtype, device=logits.device)
+        if reduction == "mean":
+            scale = safe_divide(scale, mean_denominator(target, options, dtype))
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = logits if inplace_backward else _memory.empty_like(logits)
+        losses = loss_and_grad_(logits, grad, target, options, scale.expand(logits.shape[0]))
+        ctx.reduction, ctx.allow_retain_graph = reduction, allow_retain_graph
+        ctx.grad = grad  # kept on ctx, not saved: with inplace_backward it is the logits, changed on purpose
+        if reduction == "none":
+            return losses
+        return losses.sum() * scale
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError(
+                "the chunked cross_entropy scales its stored gradient in place, so it can be backpropagated once; "
+                "use impl='reference' to backpropagate through the graph twice"
+            )
+        scale = grad_output.unsqueeze(1) if ctx.reduction == "none" else grad_output
+        if ctx.allow_retain_graph:  # keep the stored gradient intact: one more logits-sized buffer
+            return grad * scale.to(grad.dtype), None, None, None, None, None
+        ctx.grad = None
+        if ctx.reduction == "none" or not is_one(grad_output):
+            grad.mul_(scale.to(grad.dtype))
+        return grad, None, None, None, None, None
+
+
+def is_one(value: torch.Tensor) -> bool:
+    """Whether a scalar is exactly 1 — checked only on the CPU, where reading it costs no device sync."""
+    return value.device.type == "cpu" and value.numel() == 1 and value.item() == 1.0
+
+
+def chunked_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    options: SoftmaxOptions,
+    reduction: str,
+    *,
+    inplace_backward: bool = False,
+    allow_retain_graph: bool = False,
+) -> torch.Tensor:
+    """Cross-entropy of canonical logits ``(M, C)`` by :class:`ChunkedCrossEntropy`, already reduced.
+
+    By default backward scales the stored gradient in place and returns it — no second logits-sized buffer — so
+    the graph can be backpropagated once. ``allow_retain_graph=True`` keeps it intact for repeated backward
+    passes (``retain_graph=True``, ``gradcheck``) at the cost of that buffer.
+    """
+    if not logits.is_contiguous():
+        logits = logits.contiguous()
+    return ChunkedCrossEntropy.apply(logits, target, options, reduction, inplace_backward, allow_retain_graph)

@@ -1,0 +1,207 @@
+"""Fused linear cross-entropy in pure PyTorch: the ``N × V`` logits are never materialised.
+
+Data flow of :class:`ChunkedLinearCrossEntropy` for ``reduction="mean"``/``"sum"`` (the gradient of a scalar loss
+is known up to one factor in the forward pass)::
+
+    for each chunk of tokens X_c (c × D):
+        L_c  = X_c Wᵀ + b                       GEMM 1, a (c × V) buffer reused by every chunk
+        G_c  = ∂loss/∂L_c, in place over L_c     the cache-blocked softmax pass of xent.kernels.chunked
+        dX_c = G_c W                            GEMM 2, written into its rows of dX
+        dW  += G_cᵀ X_c                         GEMM 3, accumulated in float32 (no atomics: deterministic)
+        db  += Σ_rows G_c
+    backward: dX, dW, db · grad_output          skipped when grad_output is exactly 1
+
+so the work is the floor — three GEMMs — plus one pass over each logits chunk. ``reduction="none"`` cannot be done
+that way: each token's gradient is scaled by its own ``grad_output[n]`` *before* the sum over tokens that forms
+``dW``, so its forward computes only the losses and its backward recomputes the logits chunk by chunk with the
+scale applied (four GEMMs in all, the same memory).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from xent.kernels import _memory, chunked
+from xent.losses._reduce import accumulation_dtype, safe_divide
+from xent.losses.softmax import SoftmaxOptions, mean_denominator
+
+# Bytes of one logits chunk (c × V). The chunk is the only memory beyond the inputs and their gradients; larger
+# chunks change little once every GEMM is big enough to run at full rate.
+CPU_CHUNK_BYTES = 128 << 20
+MAX_ACCELERATOR_CHUNK_BYTES = 1 << 30
+
+
+def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device) -> int:
+    """Tokens per chunk: a logits chunk of :data:`CPU_CHUNK_BYTES` on the CPU; on CUDA up to an eighth of the free
+    memory (at most :data:`MAX_ACCELERATOR_CHUNK_BYTES`)."""
+    budget = CPU_CHUNK_BYTES
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = max(CPU_CHUNK_BYTES, min(MAX_ACCELERATOR_CHUNK_BYTES, free // 8))
+    return max(1, min(num_tokens, budget // (4 * vocab_size)))
+
+
+def _accumulate_product_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out += a @ b`` with ``out`` in float32 (or float64) whatever the dtype of ``a`` and ``b``."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    elif a.device.type == "cuda":
+        out.add_(torch.mm(a, b, out_dtype=out.dtype))  # the GEMM writes float32 directly
+    else:
+        out.add_(torch.mm(a, b))  # the CPU has no mixed-dtype GEMM: round the chunk's product, sum in float32
+
+
+def _chunks(num_tokens: int, chunk_size: int):
+    for start in range(0, num_tokens, chunk_size):
+        yield slice(start, min(start + chunk_size, num_tokens))
+
+
+def _fused_pass(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    target: torch.Tensor,
+    options: SoftmaxOptions,
+    grad_scale: torch.Tensor,
+    chunk_size: int,
+    grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+) -> torch.Tensor:
+    """Per-token losses ``(N,)``; the gradients, each scaled per token by ``grad_scale``, into ``grads``.
+
+    Args:
+        input: ``(N, D)``, read only.
+        linear_weight: ``(V, D)``, read only.
+        linear_bias: ``(V,)`` or ``None``, read only.
+        target: ``(N,)`` class indices or ``(N, V)`` probabilities.
+        grad_scale: ``(N,)`` factor of each token's gradient.
+        grads: ``dX (N, D)`` overwritten, ``dW (V, D)`` and ``db (V,)`` (float32 or float64) accumulated into;
+            each ``None`` when not needed.
+    """
+    grad_input, grad_weight, grad_bias = grads
+    needs_grad = any(g is not None for g in grads)
+    losses = torch.empty(input.shape[0], dtype=accumulation_dtype(input.dtype), device=input.device)
+    logits_buffer = None
+    for rows in _chunks(input.shape[0], chunk_size):
+        x = input[rows]  # (c, D)
+        if logits_buffer is None or logits_buffer.shape[0] < x.shape[0]:
+            logits_buffer = _memory.empty((x.shape[0], linear_weight.shape[0]), dtype=input.dtype, device=input.device)
+        logits = logits_buffer[: x.shape[0]]  # (c, V)
+        if linear_bias is None:
+            torch.mm(x, linear_weight.t(), out=logits)
+        else:
+            torch.addmm(linear_bias, x, linear_weight.t(), out=logits)
+        losses[rows] = chunked.loss_and_grad_(
+            logits, logits if needs_grad else None, target[rows], options, grad_scale[rows]
+        )
+        if grad_input is not None:
+            torch.mm(logits, linear_weight, out=grad_input[rows])
+        if grad_weight is not None:
+            _accumulate_product_(grad_weight, logits.t(), x)
+        if grad_bias is not None:
+            grad_bias.add_(logits.sum(0, dtype=grad_bias.dtype))
+    return losses
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of ``input @ linear_weight.T + linear_bias`` without the logits (see the module docstring)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        input: torch.Tensor,
+        linear_weight: torch.Tensor,
+        linear_bias: torch.Tensor | None,
+        target: torch.Tensor,
+        options: SoftmaxOptions,
+        reduction: str,
+        chunk_size: int,
+        allow_retain_graph: bool,
+    ) -> torch.Tensor:
+        dtype = accumulation_dtype(input.dtype)
+        needs = ctx.needs_input_grad[:3]
+        ctx.reduction, ctx.options, ctx.chunk_size = reduction, options, chunk_size
+        ctx.allow_retain_graph = allow_retain_graph
+        ones = torch.ones(input.shape[0], dtype=dtype, device=input.device)
+        if reduction == "none":
+            # Gradients wait for the per-token grad_output: recompute in backward.
+            losses = _fused_pass(input, linear_weight, linear_bias, target, options, ones, chunk_size, (None,) * 3)
+            ctx.save_for_backward(input, linear_weight, linear_bias, target)
+            return losses
+        scale = torch.ones((), dtype=dtype, device=input.device)
+        if reduction == "mean":
+            scale = safe_divide(scale, mean_denominator(target, options, dtype))
+        grads = _new_grads(input, linear_weight, linear_bias, needs)
+        losses = _fused_pass(
+            input, linear_weight, linear_bias, target, options, scale.expand_as(ones), chunk_size, grads
+        )
+        ctx.grads = _cast_grads(grads, input, linear_weight, linear_bias)
+        return losses.sum() * scale
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        if ctx.reduction == "none":
+            input, linear_weight, linear_bias, target = ctx.saved_tensors
+            grads = _new_grads(input, linear_weight, linear_bias, ctx.needs_input_grad[:3])
+            scale = grad_output.to(accumulation_dtype(input.dtype))
+            _fused_pass(input, linear_weight, linear_bias, target, ctx.options, scale, ctx.chunk_size, grads)
+            return (*_cast_grads(grads, input, linear_weight, linear_bias), None, None, None, None, None)
+        grads = ctx.grads
+        if grads is None:
+            raise RuntimeError(
+                "linear_cross_entropy scales its stored gradients in place, so it can be backpropagated once; "
+                "use impl='reference' to backpropagate through the graph twice"
+            )
+        if ctx.allow_retain_graph:
+            grads = tuple(None if grad is None else grad * grad_output.to(grad.dtype) for grad in grads)
+        else:
+            ctx.grads = None
+            if not chunked.is_one(grad_output):
+                for grad in grads:
+                    if grad is not None:
+                        grad.mul_(grad_output.to(grad.dtype))
+        return (*grads, None, None, None, None, None)
+
+
+def _new_grads(input, linear_weight, linear_bias, needs):
+    """Gradient buffers: dX in the input's dtype; dW and db in float32 (float64 for float64 weights)."""
+    needs_input, needs_weight, needs_bias = needs
+    accumulate = accumulation_dtype(linear_weight.dtype)
+    return (
+        _memory.empty_like(input) if needs_input else None,
+        _memory.empty(linear_weight.shape, dtype=accumulate, device=linear_weight.device).zero_()
+        if needs_weight
+        else None,
+        torch.zeros(linear_weight.shape[0], dtype=accumulate, device=linear_weight.device)
+        if needs_bias and linear_bias is not None
+        else None,
+    )
+
+
+def _cast_grads(grads, input, linear_weight, linear_bias):
+    grad_input, grad_weight, grad_bias = grads
+    return (
+        grad_input,
+        None if grad_weight is None else grad_weight.to(linear_weight.dtype),
+        None if grad_bias is None else grad_bias.to(linear_bias.dtype),
+    )
+
+
+def chunked_linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    target: torch.Tensor,
+    options: SoftmaxOptions,
+    reduction: str,
+    chunk_size: int | None = None,
+    *,
+    allow_retain_graph: bool = False,
+) -> torch.Tensor:
+    """Linear cross-entropy of canonical tensors (``input (N, D)``) by :class:`ChunkedLinearCrossEntropy`.
+
+    ``allow_retain_graph`` as in :func:`xent.kernels.chunked.chunked_cross_entropy`.
+    """
+    chunk_size = chunk_size or default_chunk_size(input.shape[0], linear_weight.shape[0], input.device)
+    return ChunkedLinearCrossEntropy.apply(
+        input.contiguous(), linear_weight, linear_bias, target, options, reduction, chunk_size, allow_retain_graph
+    )

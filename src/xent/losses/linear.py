@@ -1,0 +1,142 @@
+"""Linear cross-entropy: the loss of a linear classification head, computed without its logits."""
+
+from __future__ import annotations
+
+import torch
+
+from xent.losses import _checks
+from xent.losses.softmax import SoftmaxOptions, check_softmax_options, reference_cross_entropy
+
+
+def canonicalize_linear(
+    input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: torch.Tensor | None, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
+    """Check the head's tensors; ``input (..., D)`` → ``(N, D)``, ``target (...)`` → ``(N,)`` (or probabilities
+    ``(..., V)`` → ``(N, V)``). Returns them and the batch shape ``(...)``."""
+    input = _checks.check_floating("input", input)
+    linear_weight = _checks.check_floating("linear_weight", linear_weight)
+    target = _checks.check_tensor("target", target)
+    if input.dim() == 0:
+        raise ValueError("input must have shape (..., D) with D features, got shape ()")
+    if linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[-1]:
+        raise ValueError(
+            f"linear_weight has shape {_checks.shape_str(linear_weight.shape)} but input has shape "
+            f"{_checks.shape_str(input.shape)}; expected (V, {input.shape[-1]})"
+        )
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(f"linear_weight has dtype {linear_weight.dtype} but input has dtype {input.dtype}")
+    vocab = linear_weight.shape[0]
+    if vocab == 0:
+        raise ValueError("linear_weight has shape (0, D): there must be at least one class")
+    if linear_bias is not None:
+        linear_bias = _checks.check_floating("linear_bias", linear_bias)
+        if linear_bias.shape != (vocab,):
+            raise ValueError(
+                f"linear_bias must have shape ({vocab},), got shape {_checks.shape_str(linear_bias.shape)}"
+            )
+        if linear_bias.dtype != input.dtype:
+            raise TypeError(f"linear_bias has dtype {linear_bias.dtype} but input has dtype {input.dtype}")
+    batch_shape = input.shape[:-1]
+    if target.is_floating_point() and target.shape == (*batch_shape, vocab):
+        return input.reshape(-1, input.shape[-1]), target.reshape(-1, vocab), batch_shape
+    if target.shape != batch_shape:
+        raise ValueError(
+            f"target has shape {_checks.shape_str(target.shape)} but input has shape {_checks.shape_str(input.shape)}; "
+            f"expected {_checks.shape_str(batch_shape)} class indices or {_checks.shape_str((*batch_shape, vocab))} "
+            "probabilities"
+        )
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"target of shape {_checks.shape_str(target.shape)} holds class indices and must have an integer dtype, "
+            f"got {target.dtype} (use target.long())"
+        )
+    return input.reshape(-1, input.shape[-1]), target.reshape(-1), batch_shape
+
+
+def reference_linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    target: torch.Tensor,
+    options: SoftmaxOptions,
+    reduction: str,
+) -> torch.Tensor:
+    """The reference on canonical tensors: the logits in full, then :func:`reference_cross_entropy`."""
+    logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
+    return reference_cross_entropy(logits, target, options, reduction)
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    impl: str | None = None,
+) -> torch.Tensor:
+    r"""Cross-entropy of a linear head, :math:`\operatorname{cross\_entropy}(x W^\top + b,\ y)`, without the logits.
+
+    For a language model's head (N tokens, hidden size D, vocabulary V) the logits are an ``N × V`` tensor — 8 GB in
+    float32 for 8,192 tokens and a 256k vocabulary — and eager PyTorch keeps several. Here tokens are processed in
+    chunks: a chunk's logits, its loss and gradient, then its share of ``d(input)``, ``d(linear_weight)`` and
+    ``d(linear_bias)``; the only extra memory is one chunk of logits (:mod:`xent.kernels.linear`). The weight and bias
+    gradients are accumulated in float32 for half-precision heads, and the result is deterministic.
+
+    Every option of :func:`xent.cross_entropy` is supported with the same semantics (weighted mean, 0 when every
+    target is ignored, ``z_loss``, ``softcap``). Argument names follow PyTorch 2.13's
+    ``torch.nn.functional.linear_cross_entropy``; unlike it, the class dimension is always the last dimension of
+    the logits, so ``input`` of shape ``(..., D)`` goes with ``target`` of shape ``(...)``, like a language-model
+    head on ``(batch, sequence, D)`` hidden states.
+
+    The gradient is formed during the forward pass for ``"mean"`` and ``"sum"`` and can be backpropagated once;
+    ``"none"`` recomputes the logits in backward so that each token's ``grad_output`` scales its own gradient.
+
+    Args:
+        input: hidden states ``(..., D)``.
+        linear_weight: the head's weight ``(V, D)``, same dtype.
+        target: class indices ``(...)`` in ``[0, V)`` or ``ignore_index``; or probabilities ``(..., V)``.
+        linear_bias: the head's bias ``(V,)`` or ``None``.
+        weight, ignore_index, reduction, label_smoothing, z_loss, softcap: as in :func:`xent.cross_entropy`.
+        chunk_size: tokens per chunk; by default chosen from N, V and the device's memory (a 128 MB logits chunk on
+            the CPU, up to 1 GB or an eighth of free memory on CUDA).
+        impl: ``None`` or ``"chunked"`` for the fused chunked implementation, ``"reference"`` for the plain
+            ``cross_entropy(linear(input, W, b), target)``.
+
+    Returns:
+        The loss: ``()`` or, for ``"none"``, the batch shape ``(...)``; in the input's dtype.
+
+    Example:
+        >>> hidden = torch.randn(4, 128, 512, requires_grad=True)             # (batch, sequence, D)
+        >>> head = torch.randn(32000, 512, requires_grad=True)                # (V, D)
+        >>> tokens = torch.randint(32000, (4, 128))
+        >>> xent.linear_cross_entropy(hidden, head, tokens, z_loss=1e-4).backward()
+    """
+    label_smoothing, z_loss, softcap = check_softmax_options(
+        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, ignore_index=ignore_index
+    )
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    flat_input, flat_target, batch_shape = canonicalize_linear(input, linear_weight, linear_bias, target)
+    vocab = linear_weight.shape[0]
+    options = SoftmaxOptions(
+        weight=_checks.check_class_weight("weight", weight, vocab),
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+    )
+    if not flat_target.is_floating_point():
+        _checks.check_class_indices(flat_target, vocab, ignore_index)
+    from xent.kernels.dispatch import dispatch_linear_cross_entropy  # kernels import this module
+
+    loss = dispatch_linear_cross_entropy(
+        impl, flat_input, linear_weight, linear_bias, flat_target, options, reduction, chunk_size=chunk_size
+    )
+    return (loss.view(batch_shape) if reduction == "none" else loss).to(input.dtype)

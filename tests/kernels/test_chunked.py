@@ -1,0 +1,156 @@
+"""The chunked cross-entropy kernel against the reference, for every option, and its memory contract."""
+
+import itertools
+
+import pytest
+import torch
+
+import xent
+from tests.conftest import assert_close
+from xent.kernels import chunked, dispatch
+from xent.losses.softmax import SoftmaxOptions
+
+OPTIONS = list(
+    itertools.product(
+        [False, True],  # class weights
+        [0.0, 0.2],  # label smoothing
+        [0.0, 1e-2],  # z-loss
+        [None, 3.0],  # softcap
+    )
+)
+
+
+def _run(logits, target, impl, reduction, grad_output_seed=1, **options):
+    logits = logits.detach().clone().requires_grad_()
+    loss = xent.cross_entropy(logits, target, impl=impl, reduction=reduction, **options)
+    generator = torch.Generator().manual_seed(grad_output_seed)
+    grad_output = torch.randn(loss.shape, generator=generator, dtype=loss.dtype) if reduction == "none" else None
+    loss.backward(grad_output)
+    return loss.detach(), logits.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("probabilities", [False, True])
+@pytest.mark.parametrize(("use_weight", "smoothing", "z_loss", "softcap"), OPTIONS)
+def test_chunked_equals_reference(dtype, reduction, probabilities, use_weight, smoothing, z_loss, softcap):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 37, 11, generator=generator, dtype=torch.float64).to(dtype) * 4  # (N, C, d)
+    logits = logits.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous canonical view
+    if probabilities:
+        target = torch.softmax(torch.randn(3, 37, 11, generator=generator, dtype=dtype), 1)
+    else:
+        target = torch.randint(37, (3, 11), generator=generator)
+        target[:, ::3] = -100
+    weight = torch.rand(37, generator=generator, dtype=dtype) + 0.1 if use_weight else None
+    options = {"weight": weight, "label_smoothing": smoothing, "z_loss": z_loss, "softcap": softcap}
+    expected = _run(logits, target, "reference", reduction, **options)
+    actual = _run(logits, target, "chunked", reduction, **options)
+    for got, want in zip(actual, expected, strict=True):
+        assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("block_rows", [1, 5, 64])
+def test_block_sizes_that_do_not_divide_the_rows(block_rows, monkeypatch):
+    monkeypatch.setattr(chunked, "rows_per_block", lambda num_classes: block_rows)
+    logits = torch.randn(33, 17, dtype=torch.float64)
+    target = torch.randint(17, (33,))
+    target[4] = -100
+    for reduction in ("none", "mean"):
+        expected = _run(logits, target, "reference", reduction, label_smoothing=0.1, z_loss=1e-3)
+        actual = _run(logits, target, "chunked", reduction, label_smoothing=0.1, z_loss=1e-3)
+        for got, want in zip(actual, expected, strict=True):
+            assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_matches_the_float32_computation(dtype):
+    logits = (torch.randn(64, 1000) * 5).to(dtype)
+    target = torch.randint(1000, (64,))
+    loss, grad = _run(logits, target, "chunked", "mean", label_smoothing=0.1)
+    assert loss.dtype == dtype and grad.dtype == dtype
+    expected_loss, expected_grad = _run(logits.float(), target, "reference", "mean", label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected_loss.to(dtype))
+    torch.testing.assert_close(grad, expected_grad.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_extreme_logits(dtype):
+    logits = torch.tensor([[1e4, -1e4, 0.0, 5.0], [-1e4, -1e4, -1e4, 1e4], [1e4, 1e4, -1e4, -1e4]]).to(dtype)
+    target = torch.tensor([1, 3, 0])
+    loss, grad = _run(logits, target, "chunked", "none", z_loss=1e-4, label_smoothing=0.1)
+    expected_loss, expected_grad = _run(logits.double(), target, "reference", "none", z_loss=1e-4, label_smoothing=0.1)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), expected_loss, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-2, atol=1e-2)
+
+
+def test_all_ignored_is_zero_with_zero_gradient():
+    logits = torch.randn(8, 5)
+    loss, grad = _run(logits, torch.full((8,), -100), "chunked", "mean", label_smoothing=0.3, z_loss=1e-2)
+    assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_inplace_backward_writes_the_gradient_into_the_logits():
+    logits = torch.randn(16, 40, dtype=torch.float64)
+    target = torch.randint(40, (16,))
+    expected_loss, expected_grad = _run(logits, target, "reference", "mean", label_smoothing=0.1)
+    leaf = logits.clone().requires_grad_()
+    storage = leaf.data_ptr()
+    loss = xent.cross_entropy(leaf, target, label_smoothing=0.1, inplace_backward=True)
+    loss.backward()
+    assert_close(loss, expected_loss)
+    assert_close(leaf.grad, expected_grad)
+    assert leaf.grad.data_ptr() == storage  # no new logits-sized buffer
+    assert_close(leaf.detach(), expected_grad)  # the logits were overwritten, as documented
+
+
+def test_second_backward_is_refused_with_a_clear_message():
+    logits = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
+    loss = xent.cross_entropy(logits, torch.randint(6, (8,)), impl="chunked")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated once"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck(reduction):
+    logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 4, -100, 2, 2, 1])
+    options = SoftmaxOptions(
+        weight=torch.rand(5, dtype=torch.float64) + 0.5, label_smoothing=0.2, z_loss=0.05, softcap=2.0
+    )
+
+    def loss(x):
+        return chunked.chunked_cross_entropy(x, target, options, reduction, allow_retain_graph=True)
+
+    assert torch.autograd.gradcheck(loss, (logits,))
+    probs = torch.softmax(torch.randn(6, 5, dtype=torch.float64), 1)
+    assert torch.autograd.gradcheck(
+        lambda x: chunked.chunked_cross_entropy(x, probs, options, reduction, allow_retain_graph=True), (logits,)
+    )
+
+
+def test_dispatch_picks_chunked_for_large_training_problems_only():
+    small = torch.randn(4, 10, requires_grad=True)
+    large = torch.randn(256, 1024, requires_grad=True)
+    assert dispatch.choose_cross_entropy(None, small, inplace_backward=False) == "reference"
+    assert dispatch.choose_cross_entropy(None, large, inplace_backward=False) == "chunked"
+    assert dispatch.choose_cross_entropy(None, large.detach(), inplace_backward=False) == "reference"
+    assert dispatch.choose_cross_entropy(None, small, inplace_backward=True) == "chunked"
+    with pytest.raises(ValueError, match="inplace_backward=True needs impl='chunked'"):
+        xent.cross_entropy(small, torch.zeros(4, dtype=torch.long), impl="reference", inplace_backward=True)
+
+
+def test_extra_memory_is_one_block_not_the_logits():
+    """Beyond the logits and their gradient, the kernel allocates O(M) row statistics and one block."""
+    logits = torch.randn(512, 4096, requires_grad=True)
+    target = torch.randint(4096, (512,))
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        xent.cross_entropy(logits, target, impl="chunked", label_smoothing=0.1).backward()
+    logits_bytes = logits.numel() * 4
+    allocations = [event for event in prof.events() if event.name.startswith("aten::")]  # leaf ops only
+    big = [event for event in allocations if event.cpu_memory_usage >= logits_bytes // 8]
+    assert len(big) == 1 and big[0].cpu_memory_usage == logits_bytes  # the gradient, and nothing else that size

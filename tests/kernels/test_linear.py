@@ -1,0 +1,163 @@
+"""linear_cross_entropy: the chunked kernel against cross_entropy(input @ W.T + b) and against PyTorch."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xent
+from tests.conftest import assert_close
+from xent.kernels import linear
+from xent.losses.softmax import SoftmaxOptions
+
+N, D, V = 23, 6, 13
+
+
+def _problem(dtype=torch.float64, *, probabilities=False, bias=True, batch=(2, N), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(*batch, D, generator=generator, dtype=torch.float64).to(dtype)
+    w = (torch.randn(V, D, generator=generator, dtype=torch.float64) * 0.7).to(dtype)
+    b = torch.randn(V, generator=generator, dtype=torch.float64).to(dtype) if bias else None
+    if probabilities:
+        target = torch.softmax(torch.randn(*batch, V, generator=generator, dtype=torch.float64), -1).to(dtype)
+    else:
+        target = torch.randint(V, batch, generator=generator)
+        target.view(-1)[::4] = -100
+    return x, w, b, target
+
+
+def _value_and_grads(x, w, b, target, impl, reduction, **options):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
+    bias = leaves[2] if b is not None else None
+    loss = xent.linear_cross_entropy(
+        leaves[0], leaves[1], target, linear_bias=bias, impl=impl, reduction=reduction, **options
+    )
+    grad_output = torch.linspace(-1.0, 2.0, loss.numel(), dtype=loss.dtype).view_as(loss)  # per-token, arbitrary
+    loss.backward(grad_output if reduction == "none" else None)
+    return [loss.detach()] + [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("probabilities", [False, True])
+@pytest.mark.parametrize(
+    ("use_weight", "smoothing", "z_loss", "softcap"),
+    list(itertools.product([False, True], [0.0, 0.2], [0.0, 1e-2], [None, 3.0])),
+)
+def test_chunked_equals_reference(dtype, reduction, probabilities, use_weight, smoothing, z_loss, softcap):
+    x, w, b, target = _problem(dtype, probabilities=probabilities)
+    options = {
+        "weight": torch.rand(V, dtype=dtype) + 0.1 if use_weight else None,
+        "label_smoothing": smoothing,
+        "z_loss": z_loss,
+        "softcap": softcap,
+        "chunk_size": 7,  # 46 tokens: chunks of 7 do not divide them
+    }
+    expected = _value_and_grads(x, w, b, target, "reference", reduction, **options)
+    actual = _value_and_grads(x, w, b, target, None, reduction, **options)
+    for got, want in zip(actual, expected, strict=True):
+        assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 46, 1000, None])
+@pytest.mark.parametrize("bias", [False, True])
+def test_any_chunk_size_matches_torch(chunk_size, bias):
+    x, w, b, target = _problem(bias=bias, batch=(N * 2,))
+    expected = _value_and_grads(x, w, b, target, "reference", "mean")
+    torch_loss = F.cross_entropy(F.linear(x, w, b), target)
+    assert_close(expected[0], torch_loss)
+    actual = _value_and_grads(x, w, b, target, None, "mean", chunk_size=chunk_size)
+    for got, want in zip(actual, expected, strict=True):
+        assert_close(got, want)
+
+
+def test_matches_torch_linear_cross_entropy():
+    x, w, b, target = _problem(torch.float32, batch=(N,))
+    ours = xent.linear_cross_entropy(x, w, target, linear_bias=b, label_smoothing=0.1)
+    theirs = F.linear_cross_entropy(x, w, target, linear_bias=b, label_smoothing=0.1, ignore_index=-100)
+    assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_within_its_tolerance(dtype):
+    x, w, b, target = _problem(torch.float32, batch=(64,))
+    expected = _value_and_grads(x, w, b, target, "reference", "mean")
+    actual = _value_and_grads(x.to(dtype), w.to(dtype), b.to(dtype), target, None, "mean", chunk_size=16)
+    assert all(t.dtype == dtype for t in actual)
+    for got, want in zip(actual, expected, strict=True):
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_weight_gradient_is_accumulated_in_float32():
+    """Many chunks of bf16 products summed in bf16 lose the small ones; a float32 accumulator keeps them."""
+    torch.manual_seed(0)
+    x = torch.randn(4096, 8).to(torch.bfloat16)
+    w = (torch.randn(5, 8) * 0.1).to(torch.bfloat16).requires_grad_()
+    target = torch.randint(5, (4096,))
+    xent.linear_cross_entropy(x, w, target, reduction="sum", chunk_size=4).backward()
+    exact = w.detach().float().requires_grad_()
+    F.cross_entropy(x.float() @ exact.t(), target, reduction="sum").backward()
+    torch.testing.assert_close(w.grad.float(), exact.grad.to(torch.bfloat16).float(), rtol=2e-2, atol=1e-1)
+
+
+def test_deterministic():
+    x, w, b, target = _problem(torch.float32, batch=(200,))
+    first = _value_and_grads(x, w, b, target, None, "mean", chunk_size=16)
+    second = _value_and_grads(x, w, b, target, None, "mean", chunk_size=16)
+    for a, c in zip(first, second, strict=True):
+        assert torch.equal(a, c)
+
+
+def test_all_ignored_and_no_grad():
+    x, w, b, target = _problem(batch=(N,))
+    loss, grad_x, grad_w, grad_b = _value_and_grads(x, w, b, torch.full((N,), -100), None, "mean")
+    assert loss.item() == 0.0 and not grad_x.any() and not grad_w.any() and not grad_b.any()
+    with torch.no_grad():
+        assert_close(xent.linear_cross_entropy(x, w, target, linear_bias=b), F.cross_entropy(F.linear(x, w, b), target))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck(reduction):
+    x, w, b, target = _problem(batch=(9,))
+    options = SoftmaxOptions(
+        weight=torch.rand(V, dtype=torch.float64) + 0.5, label_smoothing=0.1, z_loss=0.05, softcap=2.5
+    )
+
+    def loss(x, w, b):
+        return linear.chunked_linear_cross_entropy(x, w, b, target, options, reduction, 4, allow_retain_graph=True)
+
+    inputs = tuple(t.clone().requires_grad_() for t in (x, w, b))
+    assert torch.autograd.gradcheck(loss, inputs)
+
+
+def test_default_chunk_size_bounds_the_logits_chunk():
+    assert linear.default_chunk_size(4096, 32768, torch.device("cpu")) * 32768 * 4 <= linear.CPU_CHUNK_BYTES
+    assert linear.default_chunk_size(10, 32768, torch.device("cpu")) == 10
+    assert linear.default_chunk_size(10**6, 10**9, torch.device("cpu")) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"linear_weight": torch.randn(V, D + 1)}, ValueError, r"linear_weight has shape \(13, 7\).*expected \(V, 6\)"),
+        ({"linear_weight": torch.randn(V, D).double()}, TypeError, r"linear_weight has dtype torch.float64"),
+        ({"linear_bias": torch.randn(V + 1)}, ValueError, r"linear_bias must have shape \(13,\), got shape \(14,\)"),
+        ({"target": torch.randint(V, (N, 2))}, ValueError, r"target has shape \(23, 2\).*expected \(23,\) class"),
+        ({"target": torch.rand(N)}, TypeError, r"must have an integer dtype"),
+        ({"target": torch.full((N,), V)}, ValueError, r"class index 13, outside \[0, 13\)"),
+        ({"chunk_size": 0}, ValueError, r"chunk_size must be a positive int or None, got 0"),
+        ({"reduction": "batchmean"}, ValueError, r"reduction must be one of"),
+        ({"impl": "triton!"}, ValueError, r"impl must be one of"),
+        ({"weight": torch.ones(V - 1)}, ValueError, r"weight must have shape \(13,\)"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    arguments = {
+        "input": torch.randn(N, D),
+        "linear_weight": torch.randn(V, D),
+        "target": torch.randint(V, (N,)),
+        **kwargs,
+    }
+    with pytest.raises(error, match=match):
+        xent.linear_cross_entropy(**arguments)
