@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import xent
 
@@ -32,6 +33,87 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_DEFAULTS = {"ce": {"n": 8192, "d": 0, "v": "32000"}, "linear-ce": {"n": 4096, "d": 1024, "v": "32768"}}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    return [_positive_int(part) for part in text.split(",") if part]
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from xent.bench.cases import DTYPES, OPERATIONS
+
+    parser.add_argument(
+        "operation", choices=OPERATIONS, help="ce: cross-entropy on given logits; linear-ce: fused head"
+    )
+    shape = parser.add_argument_group("problem")
+    shape.add_argument("--n", type=_positive_int, help="rows / tokens (default 8192 for ce, 4096 for linear-ce)")
+    shape.add_argument("--d", type=_positive_int, help="hidden size, linear-ce only (default 1024)")
+    shape.add_argument("--v", type=_int_list, help="classes; a comma list sweeps V (default 32000 / 32768)")
+    shape.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    shape.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    run = parser.add_argument_group("run")
+    run.add_argument("--impl", help="comma list of implementations to run (default: all that are available)")
+    run.add_argument("--repeat", type=_positive_int, default=3, help="interleaved timed runs, at least 3 (median)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--csv", type=Path, help="write every measurement to this CSV file")
+    output.add_argument("--plot", type=Path, help="write time and memory against V to this PNG file")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Time and measure every implementation of a loss side by side."""
+    import torch
+    from rich.console import Console
+
+    from xent.bench import Problem, run_bench
+    from xent.bench.report import plot, print_table, write_csv
+
+    defaults = BENCH_DEFAULTS[args.operation]
+    if args.repeat < 3:
+        raise CommandError(f"--repeat must be at least 3 for a median of interleaved runs, got {args.repeat}")
+    if args.d is not None and args.operation == "ce":
+        raise CommandError("--d applies to linear-ce only")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CommandError("--device cuda: no CUDA device is available")
+    vocab_sizes = args.v or _int_list(defaults["v"])
+    names = [name for name in args.impl.split(",") if name] if args.impl else None
+    console = Console()
+    if not console.is_terminal:  # a log file or a pipe: wide enough for the table
+        console = Console(width=150)
+    everything = []
+    for vocab in vocab_sizes:
+        problem = Problem(args.operation, args.n or defaults["n"], args.d or defaults["d"], vocab, args.dtype, device)
+        try:
+            with console.status("starting") as status:
+                measurements = run_bench(problem, names, repeat=args.repeat, progress=status.update)
+        except ValueError as error:
+            raise CommandError(str(error)) from None
+        print_table(measurements, console)
+        everything.extend(measurements)
+    if args.csv:
+        write_csv(args.csv, everything)
+        console.print(f"wrote {args.csv}")
+    if args.plot:
+        plot(args.plot, everything)
+        console.print(f"wrote {args.plot}")
+    return 0
+
+
+class CommandError(Exception):
+    """A bad flag or value: printed as one line naming the flag, exit status 2, no traceback."""
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 
@@ -41,6 +123,7 @@ def _no_arguments(parser: argparse.ArgumentParser) -> None:
 
 COMMANDS: list[Command] = [
     ("demo", _no_arguments, _demo),
+    ("bench", _bench_arguments, _bench),
 ]
 
 
@@ -60,7 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:  # `python -m xent` alone: the demo
         return _demo(args)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except CommandError as error:
+        print(f"xent {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

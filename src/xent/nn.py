@@ -117,6 +117,57 @@ class BCELoss(_Loss):
         super().__init__(weight=weight, reduction=reduction, label_smoothing=label_smoothing)
 
 
+class LinearCrossEntropyLoss(_Loss):
+    """Module form of :func:`xent.linear_cross_entropy`: ``forward(input, linear_weight, target, linear_bias=None)``.
+
+    The head's weight and bias are arguments of ``forward`` (they belong to the model); the module stores the loss
+    options.
+
+    Example:
+        >>> criterion = xent.nn.LinearCrossEntropyLoss(z_loss=1e-4)
+        >>> loss = criterion(hidden, model.lm_head.weight, tokens)
+    """
+
+    function = staticmethod(losses.linear_cross_entropy)
+
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        label_smoothing, z_loss, softcap = softmax.check_softmax_options(
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            ignore_index=ignore_index,
+        )
+        super().__init__(
+            weight=weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            chunk_size=chunk_size,
+        )
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        linear_weight: torch.Tensor,
+        target: torch.Tensor,
+        linear_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        options = {name: getattr(self, name) for name in self._option_names}
+        return losses.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, **options)
+
+
 class FocalLoss(_Loss):
     """Module form of :func:`xent.focal_loss` (softmax focal loss, Lin et al., 2017)."""
 

@@ -161,3 +161,11 @@ def test_bad_input(kwargs, error, match):
     }
     with pytest.raises(error, match=match):
         xent.linear_cross_entropy(**arguments)
+
+
+def test_module_equals_functional():
+    x, w, b, target = _problem(torch.float32, batch=(N,))
+    module = xent.nn.LinearCrossEntropyLoss(label_smoothing=0.1, z_loss=1e-3, chunk_size=5)
+    expected = xent.linear_cross_entropy(x, w, target, linear_bias=b, label_smoothing=0.1, z_loss=1e-3, chunk_size=5)
+    assert torch.equal(module(x, w, target, b), expected)
+    assert "z_loss=0.001" in repr(module)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from xent.kernels import _memory
 from xent.losses._reduce import accumulation_dtype, safe_divide
 from xent.losses.softmax import SoftmaxOptions, mean_denominator
 
@@ -199,7 +198,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             scale = safe_divide(scale, mean_denominator(target, options, dtype))
         grad = None
         if ctx.needs_input_grad[0]:
-            grad = logits if inplace_backward else _memory.empty_like(logits)
+            grad = logits if inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
         losses = loss_and_grad_(logits, grad, target, options, scale.expand(logits.shape[0]))
         ctx.reduction, ctx.allow_retain_graph = reduction, allow_retain_graph
         ctx.grad = grad  # kept on ctx, not saved: with inplace_backward it is the logits, changed on purpose

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from xent.kernels import _memory, chunked
+from xent.kernels import chunked
 from xent.losses._reduce import accumulation_dtype, safe_divide
 from xent.losses.softmax import SoftmaxOptions, mean_denominator
 
@@ -84,7 +84,7 @@ def _fused_pass(
     for rows in _chunks(input.shape[0], chunk_size):
         x = input[rows]  # (c, D)
         if logits_buffer is None or logits_buffer.shape[0] < x.shape[0]:
-            logits_buffer = _memory.empty((x.shape[0], linear_weight.shape[0]), dtype=input.dtype, device=input.device)
+            logits_buffer = input.new_empty(x.shape[0], linear_weight.shape[0])
         logits = logits_buffer[: x.shape[0]]  # (c, V)
         if linear_bias is None:
             torch.mm(x, linear_weight.t(), out=logits)
@@ -167,10 +167,8 @@ def _new_grads(input, linear_weight, linear_bias, needs):
     needs_input, needs_weight, needs_bias = needs
     accumulate = accumulation_dtype(linear_weight.dtype)
     return (
-        _memory.empty_like(input) if needs_input else None,
-        _memory.empty(linear_weight.shape, dtype=accumulate, device=linear_weight.device).zero_()
-        if needs_weight
-        else None,
+        torch.empty_like(input) if needs_input else None,
+        torch.zeros(linear_weight.shape, dtype=accumulate, device=linear_weight.device) if needs_weight else None,
         torch.zeros(linear_weight.shape[0], dtype=accumulate, device=linear_weight.device)
         if needs_bias and linear_bias is not None
         else None,

@@ -1,0 +1,233 @@
+"""What the bench runs: problems, the implementations of each operation, and the floors they are compared with.
+
+An implementation is prepared once (inputs allocated, compiled where it compiles) and then stepped: one step is a
+forward and a backward pass. A *floor* is not a loss: it is the least work any implementation must do — for linear
+cross-entropy the three GEMMs (logits, d(input), d(weight)); for cross-entropy on given logits one pass that reads
+two logits-sized tensors and writes a third, the traffic of "read the logits twice, write the gradient once".
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import xent
+
+OPERATIONS = ("ce", "linear-ce")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One benchmark problem. ``n`` rows (tokens), ``d`` features (linear-ce only), ``v`` classes."""
+
+    operation: str
+    n: int
+    d: int
+    v: int
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def floor_bytes(self) -> int:
+        """Memory no implementation can avoid beyond its inputs: the gradients it returns."""
+        size = torch.tensor([], dtype=self.torch_dtype).element_size()
+        if self.operation == "ce":
+            return self.n * self.v * size  # d(logits)
+        return (self.n * self.d + self.v * self.d) * size  # d(input) + d(weight)
+
+
+@dataclass
+class Prepared:
+    """A ready implementation: ``step`` runs forward + backward once; ``reset`` runs before each step, untimed."""
+
+    step: Callable[[], None]
+    reset: Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Implementation:
+    name: str
+    operation: str
+    prepare: Callable[[Problem], Prepared]
+    is_floor: bool = False
+    compiles: bool = False
+    needs: Callable[[Problem], str | None] = lambda problem: None  # why it cannot run, or None
+
+
+def _inputs(problem: Problem, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    dtype, device = problem.torch_dtype, problem.device
+    target = torch.randint(problem.v, (problem.n,), generator=generator).to(device)
+    if problem.operation == "ce":
+        logits = torch.randn(problem.n, problem.v, generator=generator).to(device=device, dtype=dtype)
+        return logits, target
+    hidden = (torch.randn(problem.n, problem.d, generator=generator) * 0.1).to(device=device, dtype=dtype)
+    weight = (torch.randn(problem.v, problem.d, generator=generator) * problem.d**-0.5).to(device=device, dtype=dtype)
+    return hidden, weight, target
+
+
+def _leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.requires_grad_() for t in tensors]
+
+
+def _clear(*tensors: torch.Tensor) -> Callable[[], None]:
+    def reset() -> None:
+        for t in tensors:
+            t.grad = None
+
+    return reset
+
+
+def _loss_step(loss_fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        loss_fn(*inputs).backward()
+
+    return step
+
+
+# --- cross-entropy on given logits -------------------------------------------------------------------------------
+
+
+def _ce(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[Problem], Prepared]:
+    def prepare(problem: Problem) -> Prepared:
+        logits, target = _inputs(problem)
+        (logits,) = _leaves(logits)
+        return Prepared(_loss_step(loss_fn, logits, target), _clear(logits))
+
+    return prepare
+
+
+def _ce_inplace(problem: Problem) -> Prepared:
+    source, target = _inputs(problem)
+    logits = source.clone().requires_grad_()
+
+    def reset() -> None:  # the previous step overwrote the logits with their gradient
+        logits.grad = None
+        with torch.no_grad():
+            logits.copy_(source)
+
+    return Prepared(_loss_step(lambda x, t: xent.cross_entropy(x, t, inplace_backward=True), logits, target), reset)
+
+
+def _ce_floor(problem: Problem) -> Prepared:
+    logits, _ = _inputs(problem)
+    other = logits.clone()
+    out: list[torch.Tensor] = []
+
+    def step() -> None:
+        out.append(torch.add(logits, other))  # read two logits-sized tensors, write a new one
+
+    return Prepared(step, out.clear)
+
+
+def _liger_ce(problem: Problem) -> Prepared:
+    from liger_kernel.transformers import LigerCrossEntropyLoss
+
+    return _ce(LigerCrossEntropyLoss())(problem)
+
+
+# --- linear cross-entropy ------------------------------------------------------------------------------------------
+
+
+def _linear(loss_fn: Callable[..., torch.Tensor]) -> Callable[[Problem], Prepared]:
+    def prepare(problem: Problem) -> Prepared:
+        hidden, weight, target = _inputs(problem)
+        hidden, weight = _leaves(hidden, weight)
+        return Prepared(_loss_step(loss_fn, hidden, weight, target), _clear(hidden, weight))
+
+    return prepare
+
+
+def _eager_linear(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden, weight), target)
+
+
+def _torch_chunked_linear(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.linear_cross_entropy(hidden, weight, target, options=torch.nn.LinearCrossEntropyOptions())
+
+
+def _linear_floor(problem: Problem) -> Prepared:
+    hidden, weight, _ = _inputs(problem)
+    out: list[torch.Tensor] = []
+
+    def step() -> None:
+        logits = hidden @ weight.t()  # (N, V)
+        out.extend((logits @ weight, logits.t() @ hidden))  # d(input), d(weight)
+
+    return Prepared(step, out.clear)
+
+
+def _liger_linear(problem: Problem) -> Prepared:
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss = LigerFusedLinearCrossEntropyLoss()
+    return _linear(lambda h, w, t: loss(w, h, t))(problem)
+
+
+def _cce_linear(problem: Problem) -> Prepared:
+    from cut_cross_entropy import linear_cross_entropy
+
+    return _linear(lambda h, w, t: linear_cross_entropy(h, w, t, impl="cce"))(problem)
+
+
+# --- availability ----------------------------------------------------------------------------------------------
+
+
+def _needs_package(module: str, *, cuda: bool = True) -> Callable[[Problem], str | None]:
+    def needs(problem: Problem) -> str | None:
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed"
+        if cuda and problem.device != "cuda":
+            return f"{module} runs on CUDA only"
+        return None
+
+    return needs
+
+
+def _needs_torch_linear_cross_entropy(problem: Problem) -> str | None:
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return f"torch {torch.__version__} has no F.linear_cross_entropy"
+    return None
+
+
+def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    compiled = torch.compile(fn)
+    return lambda *args: compiled(*args)
+
+
+IMPLEMENTATIONS: dict[str, list[Implementation]] = {
+    "ce": [
+        Implementation("xent", "ce", _ce(xent.cross_entropy)),
+        Implementation("xent-inplace", "ce", _ce_inplace),
+        Implementation("torch-eager", "ce", _ce(F.cross_entropy)),
+        Implementation("torch-compile", "ce", _ce(_compiled(F.cross_entropy)), compiles=True),
+        Implementation("liger", "ce", _liger_ce, needs=_needs_package("liger_kernel")),
+        Implementation("floor", "ce", _ce_floor, is_floor=True),
+    ],
+    "linear-ce": [
+        Implementation("xent", "linear-ce", _linear(xent.linear_cross_entropy)),
+        Implementation("torch-eager", "linear-ce", _linear(_eager_linear)),
+        Implementation("torch-compile", "linear-ce", _linear(_compiled(_eager_linear)), compiles=True),
+        Implementation(
+            "torch-chunked", "linear-ce", _linear(_torch_chunked_linear), needs=_needs_torch_linear_cross_entropy
+        ),
+        Implementation("liger", "linear-ce", _liger_linear, needs=_needs_package("liger_kernel")),
+        Implementation("cce", "linear-ce", _cce_linear, needs=_needs_package("cut_cross_entropy")),
+        Implementation("floor", "linear-ce", _linear_floor, is_floor=True),
+    ],
+}
+
+
+def find_implementation(operation: str, name: str) -> Implementation:
+    for implementation in IMPLEMENTATIONS[operation]:
+        if implementation.name == name:
+            return implementation
+    raise KeyError(name)
