@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_readme_python_blocks_run():
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
     assert blocks, "README has no python example"
+    namespace: dict = {}  # one namespace, as a reader runs the examples top to bottom
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+        exec(compile(block, "README.md", "exec"), namespace)
 
 
 def test_python_m_xent_prints_version_and_example():
