@@ -50,6 +50,14 @@ def _int_list(text: str) -> list[int]:
     return [_positive_int(part) for part in text.split(",") if part]
 
 
+def _console():
+    """A rich console; a log file or a pipe gets lines wide enough for our tables instead of 80 columns."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=150)
+
+
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     from xent.bench.cases import DTYPES, OPERATIONS
 
@@ -73,7 +81,6 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
 def _bench(args: argparse.Namespace) -> int:
     """Time and measure every implementation of a loss side by side."""
     import torch
-    from rich.console import Console
 
     from xent.bench import Problem, run_bench
     from xent.bench.report import plot, print_table, write_csv
@@ -88,9 +95,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise CommandError("--device cuda: no CUDA device is available")
     vocab_sizes = args.v or _int_list(defaults["v"])
     names = [name for name in args.impl.split(",") if name] if args.impl else None
-    console = Console()
-    if not console.is_terminal:  # a log file or a pipe: wide enough for the table
-        console = Console(width=150)
+    console = _console()
     everything = []
     for vocab in vocab_sizes:
         problem = Problem(args.operation, args.n or defaults["n"], args.d or defaults["d"], vocab, args.dtype, device)
@@ -114,6 +119,85 @@ class CommandError(Exception):
     """A bad flag or value: printed as one line naming the flag, exit status 2, no traceback."""
 
 
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of :class:`xent.train.TrainConfig`, grouped and documented by its metadata."""
+    import dataclasses
+    import typing
+
+    from xent.train.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for field in dataclasses.fields(TrainConfig):
+        group_name = field.metadata["group"]
+        group = groups.setdefault(group_name, parser.add_argument_group(group_name))
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        default = field.default
+        help_text = field.metadata["help"] + ("" if default in (None, False) else f" (default {default})")
+        if kind is bool:
+            group.add_argument(flag, action="store_true", help=help_text)
+            continue
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        group.add_argument(flag, type=base, default=default, metavar=field.name.upper(), help=help_text)
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Train a classifier (default: an MLP on the embedded digits data)."""
+    import dataclasses
+
+    from xent.train import ConfigError, TrainConfig, TrainingDiverged, train
+
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)}
+    try:
+        train(TrainConfig(**values), _console())
+    except ConfigError as error:
+        raise CommandError(str(error)) from None
+    except TrainingDiverged as error:
+        print(f"xent train: {error}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory written by xent train")
+    parser.add_argument("--data", help="evaluate on another data set of the same shape and classes")
+    parser.add_argument("--data-dir", help="directory of the data files, if --data needs them")
+    parser.add_argument(
+        "--temperature-scale",
+        action="store_true",
+        help="fit a temperature on the validation split; report NLL and ECE before and after",
+    )
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """Reload a run's best checkpoint and print its test metrics."""
+    from rich.table import Table
+
+    from xent.train import ConfigError
+    from xent.train.evaluate import evaluate_run
+
+    try:
+        result = evaluate_run(args.run_dir, data=args.data, data_dir=args.data_dir,
+                              temperature_scale=args.temperature_scale)  # fmt: skip
+    except ConfigError as error:
+        raise CommandError(str(error)) from None
+    table = Table(title=f"{result['run_dir']} — best epoch {result['epoch']}, test split of {result['data']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "nll", "ece", "brier", "loss"):
+        value = result[key]
+        table.add_row(key, f"{100 * value:.2f}%" if "accuracy" in key else f"{value:.4f}")
+    for name, value in result["per_class_accuracy"].items():
+        table.add_row(f"accuracy of class {name}", f"{100 * value:.2f}%")
+    if "temperature" in result:
+        table.add_row("fitted temperature", f"{result['temperature']:.4f}")
+        table.add_row("NLL before → after", f"{result['nll_before']:.4f} → {result['nll_after']:.4f}")
+        table.add_row("ECE before → after", f"{result['ece_before']:.4f} → {result['ece_after']:.4f}")
+    _console().print(table)
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 
@@ -122,8 +206,10 @@ def _no_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 COMMANDS: list[Command] = [
-    ("demo", _no_arguments, _demo),
+    ("train", _train_arguments, _train),
+    ("eval", _eval_arguments, _eval),
     ("bench", _bench_arguments, _bench),
+    ("demo", _no_arguments, _demo),
 ]
 
 

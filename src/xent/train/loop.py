@@ -1,0 +1,329 @@
+"""``xent train``: the training loop, its run directory, checkpoints and exact resume.
+
+A run directory holds ``config.json`` (the resolved configuration), ``metrics.csv`` (one row per completed epoch),
+``last.pt`` and ``best.pt`` (atomic checkpoints), ``summary.json`` and ``plots/``. The best checkpoint is chosen on
+the validation split — highest accuracy, then lowest loss — never on the test set; ``summary.json`` reports the
+test metrics of that model (of the last epoch when there is no validation split).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from xent.train import checkpoint, plots
+from xent.train.config import ConfigError, TrainConfig, parse_augment, resolve
+from xent.train.data import DataBundle, Split, as_float, load_data
+from xent.train.metrics import Metrics, MetricSet
+from xent.train.models import build_model
+from xent.train.objective import Criterion, build_criterion
+from xent.train.runtime import (
+    Runtime,
+    batches,
+    build_optimizer,
+    build_scheduler,
+    epoch_order,
+    setup_runtime,
+    shutdown,
+)
+
+CSV_FIELDS = ["epoch", "lr", "train_loss", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
+              "test_balanced_accuracy", "test_macro_f1", "test_nll", "test_ece", "seconds"]  # fmt: skip
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the epoch and the batch."""
+
+
+@dataclass
+class Run:
+    """Everything a training run holds; built by :func:`prepare`, advanced by :func:`train_epoch`."""
+
+    config: TrainConfig
+    runtime: Runtime
+    directory: Path
+    data: DataBundle
+    model: nn.Module  # the plain module: what checkpoints hold and evaluation runs
+    trainer: nn.Module  # what training calls: compiled and/or DistributedDataParallel around `model`
+    criterion: Criterion
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    augment: nn.Module | None
+    history: list[dict]
+    epoch: int = 0  # completed epochs
+    best_val: tuple[float, float] = (-math.inf, -math.inf)  # (accuracy, -loss) of the best epoch so far
+    train_seconds: float = 0.0
+
+
+def _augmentation(names: list[str], input_shape: tuple[int, ...]) -> nn.Module | None:
+    if not names:
+        return None
+    if len(input_shape) != 3:
+        raise ConfigError(f"--augment {','.join(names)} needs image data; this data set holds 1-D signals")
+    import kornia.augmentation as K
+
+    size = input_shape[1:]
+    padding = max(1, size[0] // 8)  # 4 pixels for 32×32, 1 for 8×8
+    layers = {"flip": K.RandomHorizontalFlip(p=0.5), "rotate": K.RandomRotation(degrees=10.0, p=0.5),
+              "crop": K.RandomCrop(size, padding=padding)}  # fmt: skip
+    return nn.Sequential(*(layers[name] for name in names))
+
+
+def _new_directory(config: TrainConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    return Path("runs") / f"{stamp}-{config.data.replace(':', '-').replace('/', '_')}-{config.model}"
+
+
+def prepare(config: TrainConfig) -> Run:
+    """Resolve the configuration, build data, model and optimizer; on ``--resume`` restore the last checkpoint."""
+    if config.resume is not None:
+        directory = Path(config.resume)
+        if not (directory / checkpoint.LAST).is_file():
+            raise ConfigError(f"--resume {directory}: no checkpoint {directory / checkpoint.LAST} to continue from")
+        saved = json.loads((directory / "config.json").read_text())
+        overrides = {
+            "quiet": config.quiet,
+            "device": config.device,
+            "resume": str(directory),
+            "workers": config.workers,
+        }
+        config = TrainConfig.from_dict({**saved, **overrides})
+    config = resolve(config)
+    runtime = setup_runtime(config)
+    torch.manual_seed(config.seed)
+    data = load_data(config)
+    augment = _augmentation(parse_augment(config.augment), data.input_shape)
+    directory = Path(config.resume or config.out or _new_directory(config))
+    model = build_model(config.model, data.input_shape, data.num_classes, cosine_head=config.loss == "ldam-drw")
+    model = model.to(runtime.device)
+    trainer: nn.Module = model
+    if config.compile:
+        trainer = torch.compile(trainer)
+    if runtime.distributed:
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        trainer = nn.parallel.DistributedDataParallel(trainer, device_ids=device_ids)
+    optimizer = build_optimizer(config, model.parameters())
+    steps = math.ceil(math.ceil(len(data.train) / runtime.world_size) / config.batch_size)
+    scheduler = build_scheduler(config, optimizer, steps)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.amp and runtime.device.type == "cuda")
+    run = Run(config, runtime, directory, data, model, trainer, build_criterion(config, data.class_counts()),
+              optimizer, scheduler, scaler, augment, history=[])  # fmt: skip
+    if config.resume is not None:
+        _restore(run, checkpoint.load(directory / checkpoint.LAST))
+    elif runtime.is_main:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    return run
+
+
+def _state(run: Run) -> dict:
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "epoch": run.epoch,
+        "best_val": list(run.best_val),
+        "train_seconds": run.train_seconds,
+        "history": run.history,
+        "rng": checkpoint.rng_state(),
+    }
+
+
+def _restore(run: Run, state: dict) -> None:
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.epoch, run.best_val = state["epoch"], tuple(state["best_val"])
+    run.train_seconds, run.history = state["train_seconds"], list(state["history"])
+    checkpoint.set_rng_state(state["rng"])
+
+
+def _autocast(run: Run):
+    dtype = torch.bfloat16 if run.runtime.device.type == "cpu" else torch.float16
+    return torch.autocast(run.runtime.device.type, dtype=dtype, enabled=run.config.amp)
+
+
+def train_epoch(run: Run, progress=None) -> float:
+    """One pass over the training split; returns the training loss averaged over examples."""
+    config, runtime = run.config, run.runtime
+    run.trainer.train()
+    order = epoch_order(len(run.data.train), config.seed, run.epoch, runtime)
+    total = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    seen = 0
+    started = time.perf_counter()
+    for batch_index, (x, y) in enumerate(batches(run.data.train, order, config.batch_size, config.workers)):
+        x, y = as_float(x.to(runtime.device, non_blocking=True)), y.to(runtime.device, non_blocking=True)
+        if run.augment is not None:
+            x = run.augment(x)
+        with _autocast(run):
+            logits = run.trainer(x)  # (B, C)
+        loss = run.criterion(logits.float(), y, run.epoch, "mean")
+        if not torch.isfinite(loss):  # sync point: one scalar per batch
+            raise TrainingDiverged(
+                f"the training loss is {loss.item()} at epoch {run.epoch + 1}, batch {batch_index + 1}; stopping. "
+                f"The last good checkpoint is {run.directory / checkpoint.LAST}"
+            )
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        if config.grad_clip is not None:
+            run.scaler.unscale_(run.optimizer)
+            nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.scheduler.step()
+        total += loss.detach().double() * len(y)
+        seen += len(y)
+        if progress is not None and ((batch_index + 1) % config.log_interval == 0 or seen == len(order)):
+            rate = seen * runtime.world_size / (time.perf_counter() - started)
+            progress(batch_index + 1, float(total) / seen, rate)
+    if runtime.distributed:
+        totals = torch.tensor([float(total), seen], dtype=torch.float64, device=runtime.device)
+        torch.distributed.all_reduce(totals)
+        return float(totals[0] / totals[1])
+    return float(total) / max(seen, 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, criterion: Criterion, epoch: int, runtime: Runtime,
+             batch_size: int, num_classes: int) -> Metrics | None:  # fmt: skip
+    """Metrics of ``model`` on ``split`` (sharded across processes, gathered); ``None`` for an empty split.
+
+    Runs the plain module, not the DistributedDataParallel wrapper, so that processes with different numbers of
+    batches never wait on each other; restores training mode afterwards.
+    """
+    if len(split) == 0:
+        return None
+    was_training = model.training
+    model.eval()
+    metrics = MetricSet(num_classes, runtime.device)
+    order = torch.arange(len(split))[runtime.rank :: runtime.world_size]
+    for x, y in batches(split, order, max(batch_size, 256), 0):
+        x, y = as_float(x.to(runtime.device)), y.to(runtime.device)
+        logits = model(x).float()
+        metrics.update(logits, y, criterion(logits, y, epoch, "sum"))
+    model.train(was_training)
+    return metrics.compute()
+
+
+def _write_csv(run: Run) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(run.history)
+    temporary = run.directory / ".metrics.csv.tmp"
+    temporary.write_text(buffer.getvalue())
+    os.replace(temporary, run.directory / "metrics.csv")
+
+
+def _epoch_line(run: Run, row: dict) -> str:
+    parts = [f"epoch {row['epoch']:>3}/{run.config.epochs}", f"train {row['train_loss']:.4f}"]
+    if row["val_loss"] is not None:
+        parts.append(f"val {row['val_loss']:.4f}")
+    parts += [f"test {row['test_loss']:.4f}", f"acc {100 * row['test_accuracy']:.2f}%",
+              f"bal {100 * row['test_balanced_accuracy']:.2f}%", f"{row['seconds']:.1f} s"]  # fmt: skip
+    return "  ".join(parts)
+
+
+def fit(run: Run, console=None) -> dict:
+    """Train the remaining epochs, checkpointing after each, then write the summary and plots (main process)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console()
+    config, runtime = run.config, run.runtime
+    show_progress = runtime.is_main and not config.quiet and console.is_terminal
+    steps = math.ceil(math.ceil(len(run.data.train) / runtime.world_size) / config.batch_size)
+    if runtime.is_main and run.epoch:
+        console.print(f"resuming {run.directory} after epoch {run.epoch}")
+    while run.epoch < config.epochs:
+        started = time.perf_counter()
+        lr = run.optimizer.param_groups[0]["lr"]
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
+                      transient=True, disable=not show_progress) as bar:  # fmt: skip
+            task = bar.add_task(f"epoch {run.epoch + 1}/{config.epochs}", total=steps, status="")
+
+            def progress(done: int, loss: float, rate: float, task=task) -> None:
+                bar.update(task, completed=done, status=f"loss {loss:.4f}  {rate:,.0f} samples/s")
+
+            train_loss = train_epoch(run, progress)
+        run.train_seconds += time.perf_counter() - started
+        val = evaluate(run.model, run.data.val, run.criterion, run.epoch, runtime, config.batch_size,
+                       run.data.num_classes)  # fmt: skip
+        test = evaluate(run.model, run.data.test, run.criterion, run.epoch, runtime, config.batch_size,
+                        run.data.num_classes)  # fmt: skip
+        run.epoch += 1
+        row = {"epoch": run.epoch, "lr": lr, "train_loss": train_loss,
+               "val_loss": val.loss if val else None, "val_accuracy": val.accuracy if val else None,
+               "test_loss": test.loss, "test_accuracy": test.accuracy,
+               "test_balanced_accuracy": test.balanced_accuracy, "test_macro_f1": test.macro_f1,
+               "test_nll": test.nll, "test_ece": test.ece, "seconds": time.perf_counter() - started}  # fmt: skip
+        run.history.append(row)
+        score = (val.accuracy, -val.loss) if val is not None else None
+        improved = score is None or score > run.best_val
+        if score is not None and improved:
+            run.best_val = score
+        if runtime.is_main:
+            state = _state(run)
+            if improved:
+                checkpoint.save_atomic(state, run.directory / checkpoint.BEST)
+            checkpoint.save_atomic(state, run.directory / checkpoint.LAST)
+            _write_csv(run)
+            console.print(_epoch_line(run, row))
+    return finish(run, console)
+
+
+def finish(run: Run, console) -> dict:
+    """Evaluate the best checkpoint on the test split; write ``summary.json`` and the plots."""
+    runtime = run.runtime
+    best = checkpoint.load(run.directory / checkpoint.BEST) if runtime.is_main else None
+    if runtime.distributed:
+        payload = [best]
+        torch.distributed.broadcast_object_list(payload, src=0)
+        best = payload[0]
+    run.model.load_state_dict(best["model"])
+    test = evaluate(run.model, run.data.test, run.criterion, best["epoch"], runtime, run.config.batch_size,
+                    run.data.num_classes)  # fmt: skip
+    summary = {
+        **{f"test_{key}": value for key, value in test.headline().items()},
+        "test_per_class_accuracy": dict(zip(run.data.class_names, test.per_class_accuracy, strict=True)),
+        "best_epoch": best["epoch"],
+        "epochs_completed": run.epoch,
+        "train_seconds": run.train_seconds,
+        "train_examples": len(run.data.train),
+        "class_counts": run.data.class_counts().tolist(),
+        "run_dir": str(run.directory),
+    }
+    if runtime.is_main:
+        (run.directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plots.curves(run.history, run.directory / "plots" / "curves.png")
+        plots.confusion_matrix(test.confusion_matrix, run.data.class_names, run.directory / "plots" / "confusion.png")
+        plots.reliability_diagram(test.reliability, test.ece, run.directory / "plots" / "reliability.png")
+        console.print(
+            f"best epoch {best['epoch']}: test accuracy {100 * test.accuracy:.2f}%, balanced "
+            f"{100 * test.balanced_accuracy:.2f}%, macro-F1 {test.macro_f1:.4f}, NLL {test.nll:.4f}, "
+            f"ECE {test.ece:.4f} — {run.train_seconds:.1f} s of training. Run directory: {run.directory}"
+        )
+    return summary
+
+
+def train(config: TrainConfig, console=None) -> dict:
+    """Run ``xent train`` with this configuration; returns the summary."""
+    run = prepare(config)
+    try:
+        return fit(run, console)
+    finally:
+        shutdown(run.runtime)

@@ -1,0 +1,82 @@
+"""The run's pictures: loss and accuracy curves, the confusion matrix and the reliability diagram."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def curves(history: Sequence[dict], path: Path) -> None:
+    plt = _pyplot()
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "validation"), ("test_loss", "test")):
+        values = [row.get(key) for row in history]
+        if all(v is not None for v in values):
+            loss_axis.plot(epochs, values, label=label)
+    for key, label in (("val_accuracy", "validation"), ("test_accuracy", "test"),
+                       ("test_balanced_accuracy", "test, balanced")):  # fmt: skip
+        values = [row.get(key) for row in history]
+        if all(v is not None for v in values):
+            accuracy_axis.plot(epochs, values, label=label)
+    loss_axis.set(xlabel="epoch", ylabel="loss (mean over examples)", title="Loss")
+    accuracy_axis.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    for axis in (loss_axis, accuracy_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    _save(plt, figure, path)
+
+
+def confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: Path) -> None:
+    plt = _pyplot()
+    counts = np.asarray(matrix)
+    size = max(4.0, 0.5 * len(class_names) + 2)
+    figure, axis = plt.subplots(figsize=(size, size))
+    axis.imshow(counts, cmap="Blues")
+    ticks = range(len(class_names))
+    axis.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="true", title="Confusion matrix (test)")
+    axis.set_xticklabels(class_names, rotation=45, ha="right")
+    axis.set_yticklabels(class_names)
+    threshold = counts.max() / 2 if counts.size else 0
+    for (row, column), value in np.ndenumerate(counts):
+        axis.text(column, row, str(value), ha="center", va="center", fontsize=8,
+                  color="white" if value > threshold else "black")  # fmt: skip
+    _save(plt, figure, path)
+
+
+def reliability_diagram(bins: Sequence[Sequence[float]], ece: float, path: Path) -> None:
+    """``bins``: per confidence bin, (count, Σ confidence, Σ correct)."""
+    plt = _pyplot()
+    counts, confidence, correct = (np.asarray(column, dtype=float) for column in zip(*bins, strict=True))
+    edges = np.linspace(0, 1, len(counts) + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = np.where(counts > 0, correct / counts, 0.0)
+        mean_confidence = np.where(counts > 0, confidence / counts, centers)
+    figure, axis = plt.subplots(figsize=(5, 5))
+    width = edges[1] - edges[0]
+    axis.bar(centers, accuracy, width=width, edgecolor="black", label="accuracy")
+    axis.bar(centers, mean_confidence - accuracy, bottom=accuracy, width=width, color="red", alpha=0.3, label="gap")
+    axis.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    axis.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+             title=f"Reliability (test), ECE = {ece:.3f}")  # fmt: skip
+    axis.legend(loc="upper left")
+    _save(plt, figure, path)
+
+
+def _save(plt, figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)

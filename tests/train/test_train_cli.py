@@ -1,0 +1,209 @@
+"""xent train / xent eval end to end, as a user runs them: tiny settings, seconds each."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.train.conftest import run_xent
+from tests.train.test_data import make_cifar, make_mnist
+from xent.train import checkpoint
+
+SUMMARY_KEYS = {"test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_nll", "test_ece",
+                "epochs_completed", "train_seconds"}  # fmt: skip
+QUICK = ("--epochs", "3", "--quiet")
+
+
+def test_default_run_writes_the_whole_run_directory(tmp_path):
+    out = tmp_path / "run"
+    result = run_xent("train", "--out", str(out), *QUICK)
+    assert "epoch   3/3" in result.stdout and "best epoch" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) >= SUMMARY_KEYS and summary["epochs_completed"] == 3
+    assert summary["test_accuracy"] > 0.8  # three epochs of the default MLP on digits
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == "mlp" and config["optimizer"] == "adam"  # digits' resolved defaults
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [row["epoch"] for row in rows] == ["1", "2", "3"]
+    assert {"train_loss", "val_loss", "test_loss", "test_accuracy", "test_balanced_accuracy", "seconds"} <= set(rows[0])
+    for picture in ("curves.png", "confusion.png", "reliability.png"):
+        assert (out / "plots" / picture).read_bytes()[:4] == b"\x89PNG"
+    state = torch.load(out / checkpoint.LAST, weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "rng"} <= set(state) and state["epoch"] == 3
+    assert (out / checkpoint.BEST).is_file()
+
+
+def test_test_loss_is_averaged_over_examples_not_batches(tmp_path):
+    """With a batch size that leaves a small last batch, the mean of batch means would differ."""
+    from xent.train.config import TrainConfig, resolve
+    from xent.train.data import as_float, load_data
+    from xent.train.loop import evaluate
+    from xent.train.models import build_model
+    from xent.train.objective import build_criterion
+    from xent.train.runtime import Runtime
+
+    config = resolve(TrainConfig())
+    bundle = load_data(config)
+    torch.manual_seed(0)
+    model = build_model("mlp", bundle.input_shape, bundle.num_classes)
+    criterion = build_criterion(config, bundle.class_counts())
+    metrics = evaluate(model, bundle.test, criterion, 0, Runtime(torch.device("cpu")), 100, bundle.num_classes)
+    with torch.no_grad():
+        logits = model(as_float(bundle.test.x))
+    expected = torch.nn.functional.cross_entropy(logits, bundle.test.y).item()
+    assert metrics.loss == pytest.approx(expected, rel=1e-5)
+    assert metrics.nll == pytest.approx(expected, rel=1e-5)
+    assert metrics.accuracy == pytest.approx((logits.argmax(1) == bundle.test.y).float().mean().item())
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ("--classes", "0,1", "--loss", "bce", "--optimizer", "sgd", "--nesterov", "--schedule", "step"),
+        ("--imbalance-ratio", "10", "--loss", "cb", "--optimizer", "nadam", "--warmup-epochs", "1"),
+        ("--imbalance-ratio", "10", "--loss", "ldam-drw", "--drw-epoch", "1", "--schedule", "onecycle"),
+        ("--imbalance-ratio", "5", "--loss", "la", "--model", "linear", "--grad-clip", "1.0"),
+        ("--label-noise", "0.3", "--loss", "gce", "--model", "cnn", "--augment", "flip,rotate,crop"),
+        ("--loss", "sce", "--amp", "--optimizer", "adamw"),
+        ("--loss", "focal", "--gamma", "1.0", "--model", "resnet20", "--batch-size", "256"),
+        ("--loss", "poly1", "--label-smoothing", "0.1", "--workers", "1"),
+        ("--loss", "balanced-softmax", "--val-fraction", "0"),
+    ],
+)
+def test_options_train_end_to_end(tmp_path, arguments):
+    out = tmp_path / "run"
+    run_xent("train", "--out", str(out), "--epochs", "2", "--quiet", *arguments)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_completed"] == 2 and 0.0 <= summary["test_accuracy"] <= 1.0
+    assert summary["test_nll"] == summary["test_nll"]  # finite, not NaN
+
+
+@pytest.mark.parametrize("data_set", ["mnist", "fashion-mnist", "cifar10", "folder"])
+def test_every_data_format_trains(tmp_path, data_set):
+    directory = tmp_path / "data"
+    if data_set == "cifar10":
+        make_cifar(directory)
+    elif data_set == "folder":
+        from PIL import Image
+
+        for label in ("a", "b", "c"):
+            (directory / label).mkdir(parents=True)
+            for i in range(6):
+                Image.new("RGB", (16, 16), (40 * i, 80 * "abc".index(label), 20)).save(directory / label / f"{i}.png")
+    else:
+        make_mnist(directory, compress=data_set == "mnist")
+    source = (
+        ("--data", f"folder:{directory}")
+        if data_set == "folder"
+        else ("--data", data_set, "--data-dir", str(directory))
+    )
+    out = tmp_path / "run"
+    run_xent("train", *source, "--out", str(out), "--epochs", "1", "--batch-size", "16", "--quiet", "--model", "cnn")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_completed"] == 1
+    assert sum(summary["class_counts"]) == summary["train_examples"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (("--warmup-epochs", "30", "--epochs", "20"), "--warmup-epochs 30 must be smaller than --epochs 20"),
+        (("--loss", "hinge"), "--loss hinge unknown; choose from ce, bce"),
+        (("--model", "vit"), "--model vit unknown; choose from linear, mlp, cnn, resnet20"),
+        (("--optimizer", "lion"), "--optimizer lion unknown; choose from sgd, adam"),
+        (("--data", "imagenet"), "--data imagenet unknown; choose from digits"),
+        (("--classes", "0,10"), "--classes 10 out of range: --data digits has classes 0-9"),
+        (("--imbalance-ratio", "0.5"), "--imbalance-ratio must be at least 1, got 0.5"),
+        (("--label-noise", "1.0"), "--label-noise must be in [0, 1), got 1.0"),
+        (("--data", "mnist", "--data-dir", "/nonexistent"), "not found: --data mnist needs the four IDX files"),
+        (("--resume", "/nonexistent-run"), "--resume /nonexistent-run: no checkpoint"),
+        (("--augment", "flip", "--data", "mnist1d"), "--augment flip needs image data"),
+        (("--lr", "abc"), "argument --lr: invalid float value: 'abc'"),
+    ],
+)
+def test_configuration_errors_are_one_line_naming_the_flag(arguments, message, tmp_path):
+    result = run_xent("train", "--out", str(tmp_path / "run"), *arguments, check=False)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / checkpoint.LAST).exists()  # no work started
+
+
+def test_diverging_loss_stops_with_epoch_and_batch(tmp_path):
+    out = tmp_path / "run"
+    result = run_xent("train", "--out", str(out), "--epochs", "3", "--lr", "1e30", "--optimizer", "sgd", "--quiet",
+                      check=False)  # fmt: skip
+    assert result.returncode == 3
+    assert "the training loss is" in result.stderr and "at epoch" in result.stderr and ", batch " in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _final_metrics(out: Path) -> list[dict]:
+    return list(csv.DictReader((out / "metrics.csv").open()))
+
+
+def test_resume_after_kill_ends_exactly_like_an_uninterrupted_run(tmp_path):
+    arguments = ("--epochs", "6", "--quiet", "--augment", "flip,crop", "--model", "cnn", "--batch-size", "32")
+    reference = tmp_path / "reference"
+    run_xent("train", "--out", str(reference), *arguments)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "xent", "train", "--out", str(killed), *arguments],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # kill -9 once two epochs are done, mid-way through the third
+        if (killed / "metrics.csv").exists() and len(_final_metrics(killed)) >= 2:
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    completed = torch.load(killed / checkpoint.LAST, weights_only=True)["epoch"]
+    assert 2 <= completed < 6
+
+    result = run_xent("train", "--resume", str(killed), "--quiet")
+    assert f"resuming {killed} after epoch {completed}" in result.stdout
+    resumed_rows, reference_rows = _final_metrics(killed), _final_metrics(reference)
+    drop = {"seconds"}
+    assert [{k: v for k, v in row.items() if k not in drop} for row in resumed_rows] == [
+        {k: v for k, v in row.items() if k not in drop} for row in reference_rows
+    ]
+    resumed, uninterrupted = (json.loads((d / "summary.json").read_text()) for d in (killed, reference))
+    for key in ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_nll", "test_ece", "best_epoch"):
+        assert resumed[key] == uninterrupted[key]
+
+
+def test_eval_with_temperature_scaling(tmp_path):
+    out = tmp_path / "run"
+    run_xent("train", "--out", str(out), "--epochs", "5", "--quiet")
+    result = run_xent("eval", str(out), "--temperature-scale")
+    summary = json.loads((out / "summary.json").read_text())
+    assert f"{100 * summary['test_accuracy']:.2f}%" in result.stdout  # the same best checkpoint
+    assert "fitted temperature" in result.stdout and "ECE before → after" in result.stdout
+    from xent.train.evaluate import evaluate_run
+
+    scaled = evaluate_run(out, temperature_scale=True)
+    assert scaled["temperature"] > 0
+    assert scaled["nll_after"] <= scaled["nll_before"] + 0.05  # fitted on validation, measured on test
+    missing = run_xent("eval", str(tmp_path / "nothing"), check=False)
+    assert missing.returncode == 2 and "no checkpoint" in missing.stderr
+
+
+def test_torchrun_two_processes(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "xent", "train",
+         "--out", str(out), "--epochs", "2", "--quiet"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("epoch   2/2") == 1  # only rank 0 reports and writes
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_completed"] == 2 and summary["test_accuracy"] > 0.5
