@@ -59,7 +59,7 @@ def _console():
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from xent.bench.cases import DTYPES, OPERATIONS
+    from xent.bench.cases import DTYPES, OPERATIONS, SHAPES
 
     parser.add_argument(
         "operation", choices=OPERATIONS, help="ce: cross-entropy on given logits; linear-ce: fused head"
@@ -68,7 +68,8 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     shape.add_argument("--n", type=_positive_int, help="rows / tokens (default 8192 for ce, 4096 for linear-ce)")
     shape.add_argument("--d", type=_positive_int, help="hidden size, linear-ce only (default 1024)")
     shape.add_argument("--v", type=_int_list, help="classes; a comma list sweeps V (default 32000 / 32768)")
-    shape.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    shape.add_argument("--dtype", choices=list(DTYPES), help="float32 by default (bfloat16 with --shape)")
+    shape.add_argument("--shape", choices=list(SHAPES), help="a language-model head: sets --n, --d, --v and bfloat16")
     shape.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     run = parser.add_argument_group("run")
     run.add_argument("--impl", help="comma list of implementations to run (default: all that are available)")
@@ -83,13 +84,17 @@ def _bench(args: argparse.Namespace) -> int:
     import torch
 
     from xent.bench import Problem, run_bench
+    from xent.bench.cases import SHAPES
     from xent.bench.report import plot, print_table, write_csv
 
-    defaults = BENCH_DEFAULTS[args.operation]
+    defaults = {**BENCH_DEFAULTS[args.operation], "dtype": "float32"}
+    if args.shape is not None:
+        preset = SHAPES[args.shape]
+        defaults = {**defaults, **preset, "v": str(preset["v"])}
     if args.repeat < 3:
         raise CommandError(f"--repeat must be at least 3 for a median of interleaved runs, got {args.repeat}")
-    if args.d is not None and args.operation == "ce":
-        raise CommandError("--d applies to linear-ce only")
+    if (args.d is not None or args.shape is not None) and args.operation == "ce":
+        raise CommandError(f"--{'d' if args.d is not None else 'shape'} applies to linear-ce only")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise CommandError("--device cuda: no CUDA device is available")
@@ -98,7 +103,8 @@ def _bench(args: argparse.Namespace) -> int:
     console = _console()
     everything = []
     for vocab in vocab_sizes:
-        problem = Problem(args.operation, args.n or defaults["n"], args.d or defaults["d"], vocab, args.dtype, device)
+        dtype = args.dtype or defaults["dtype"]
+        problem = Problem(args.operation, args.n or defaults["n"], args.d or defaults["d"], vocab, dtype, device)
         try:
             with console.status("starting") as status:
                 measurements = run_bench(problem, names, repeat=args.repeat, progress=status.update)

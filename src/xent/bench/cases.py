@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,11 @@ import torch.nn.functional as F
 import xent
 
 OPERATIONS = ("ce", "linear-ce")
+# Heads of real language models (tokens, hidden size, vocabulary), for `xent bench linear-ce --shape NAME`.
+SHAPES = {
+    "llama3-8b": {"n": 8192, "d": 4096, "v": 128256, "dtype": "bfloat16"},
+    "gemma2-2b": {"n": 8192, "d": 2304, "v": 256000, "dtype": "bfloat16"},
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -192,6 +198,10 @@ def _needs_package(module: str, *, cuda: bool = True) -> Callable[[Problem], str
     return needs
 
 
+def _needs_cuda(problem: Problem) -> str | None:
+    return None if problem.device == "cuda" else "a GPU-only comparison (on the CPU, xent is the chunked kernel)"
+
+
 def _needs_torch_linear_cross_entropy(problem: Problem) -> str | None:
     if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
         return f"torch {torch.__version__} has no F.linear_cross_entropy"
@@ -207,6 +217,7 @@ IMPLEMENTATIONS: dict[str, list[Implementation]] = {
     "ce": [
         Implementation("xent", "ce", _ce(xent.cross_entropy)),
         Implementation("xent-inplace", "ce", _ce_inplace),
+        Implementation("xent-chunked", "ce", _ce(partial(xent.cross_entropy, impl="chunked")), needs=_needs_cuda),
         Implementation("torch-eager", "ce", _ce(F.cross_entropy)),
         Implementation("torch-compile", "ce", _ce(_compiled(F.cross_entropy)), compiles=True),
         Implementation("liger", "ce", _liger_ce, needs=_needs_package("liger_kernel")),
@@ -214,6 +225,9 @@ IMPLEMENTATIONS: dict[str, list[Implementation]] = {
     ],
     "linear-ce": [
         Implementation("xent", "linear-ce", _linear(xent.linear_cross_entropy)),
+        Implementation(
+            "xent-chunked", "linear-ce", _linear(partial(xent.linear_cross_entropy, impl="chunked")), needs=_needs_cuda
+        ),
         Implementation("torch-eager", "linear-ce", _linear(_eager_linear)),
         Implementation("torch-compile", "linear-ce", _linear(_compiled(_eager_linear)), compiles=True),
         Implementation(

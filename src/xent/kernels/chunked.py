@@ -21,6 +21,8 @@ logits never exist; peak extra memory is one logits block.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from xent.losses._reduce import accumulation_dtype, safe_divide
@@ -179,8 +181,14 @@ class _RowTerms:
         return loss
 
 
+# A row kernel: `kernel(logits, grad, target, options, grad_scale) -> losses`, with the contract of
+# `loss_and_grad_` — per-row losses, and the scaled gradient written into `grad` (which may be `logits`, or None).
+RowKernel = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, SoftmaxOptions, torch.Tensor], torch.Tensor]
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """Cross-entropy on canonical logits with the gradient formed in the forward pass (see the module docstring)."""
+    """Cross-entropy on canonical logits with the gradient formed in the forward pass (see the module docstring)
+    by a row kernel: :func:`loss_and_grad_` on any device, or the Triton kernel on GPUs."""
 
     @staticmethod
     def forward(
@@ -191,6 +199,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         reduction: str,
         inplace_backward: bool,
         allow_retain_graph: bool,
+        kernel: RowKernel,
     ) -> torch.Tensor:
         dtype = accumulation_dtype(logits.dtype)
         scale = torch.ones((), dtype=dtype, device=logits.device)
@@ -199,7 +208,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad = None
         if ctx.needs_input_grad[0]:
             grad = logits if inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
-        losses = loss_and_grad_(logits, grad, target, options, scale.expand(logits.shape[0]))
+        losses = kernel(logits, grad, target, options, scale.expand(logits.shape[0]))
         ctx.reduction, ctx.allow_retain_graph = reduction, allow_retain_graph
         ctx.grad = grad  # kept on ctx, not saved: with inplace_backward it is the logits, changed on purpose
         if reduction == "none":
@@ -216,11 +225,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             )
         scale = grad_output.unsqueeze(1) if ctx.reduction == "none" else grad_output
         if ctx.allow_retain_graph:  # keep the stored gradient intact: one more logits-sized buffer
-            return grad * scale.to(grad.dtype), None, None, None, None, None
+            return grad * scale.to(grad.dtype), None, None, None, None, None, None
         ctx.grad = None
         if ctx.reduction == "none" or not is_one(grad_output):
             grad.mul_(scale.to(grad.dtype))
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def is_one(value: torch.Tensor) -> bool:
@@ -236,8 +245,10 @@ def chunked_cross_entropy(
     *,
     inplace_backward: bool = False,
     allow_retain_graph: bool = False,
+    kernel: RowKernel | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of canonical logits ``(M, C)`` by :class:`ChunkedCrossEntropy`, already reduced.
+    """Cross-entropy of canonical logits ``(M, C)`` by :class:`ChunkedCrossEntropy`, already reduced; ``kernel``
+    defaults to :func:`loss_and_grad_`.
 
     By default backward scales the stored gradient in place and returns it — no second logits-sized buffer — so
     the graph can be backpropagated once. ``allow_retain_graph=True`` keeps it intact for repeated backward
@@ -245,4 +256,6 @@ def chunked_cross_entropy(
     """
     if not logits.is_contiguous():
         logits = logits.contiguous()
-    return ChunkedCrossEntropy.apply(logits, target, options, reduction, inplace_backward, allow_retain_graph)
+    return ChunkedCrossEntropy.apply(
+        logits, target, options, reduction, inplace_backward, allow_retain_graph, kernel or loss_and_grad_
+    )

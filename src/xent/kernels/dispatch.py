@@ -6,17 +6,38 @@ Every implementation takes canonical tensors — logits ``(M, C)``, class indice
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 
 from xent.kernels import chunked
 from xent.kernels import linear as chunked_linear
 from xent.losses import linear, softmax
 
-CROSS_ENTROPY_IMPLS = ("reference", "chunked")
+CROSS_ENTROPY_IMPLS = ("reference", "chunked", "triton")
 
 # Below this many logits the reference is as fast and keeps double backward; above it the chunked kernel wins on
 # time and memory (measured with `xent bench ce`, see the README's Performance section).
 CHUNKED_MIN_ELEMENTS = 1 << 16
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton kernels run on CUDA tensors, or anywhere under the Triton interpreter, when triton is installed."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_kernel(device: torch.device):
+    if not triton_usable(device):
+        why = "the triton package is not installed (pip install 'xent[triton]')"
+        if importlib.util.find_spec("triton") is not None:
+            why = f"the tensors are on {device.type}; Triton needs CUDA (or TRITON_INTERPRET=1 to simulate it)"
+        raise ValueError(f"impl='triton' cannot run here: {why}")
+    from xent.kernels.triton import cross_entropy
+
+    return cross_entropy.loss_and_grad_
 
 
 def choose_cross_entropy(impl: str | None, logits: torch.Tensor, *, inplace_backward: bool) -> str:
@@ -27,10 +48,11 @@ def choose_cross_entropy(impl: str | None, logits: torch.Tensor, *, inplace_back
         if impl == "reference" and inplace_backward:
             raise ValueError("inplace_backward=True needs impl='chunked' (or None), got impl='reference'")
         return impl
+    fused = "triton" if logits.device.type == "cuda" and triton_usable(logits.device) else "chunked"
     if inplace_backward:
-        return "chunked"
+        return fused
     training = logits.requires_grad and torch.is_grad_enabled()
-    return "chunked" if training and logits.numel() >= CHUNKED_MIN_ELEMENTS else "reference"
+    return fused if training and logits.numel() >= CHUNKED_MIN_ELEMENTS else "reference"
 
 
 def dispatch_cross_entropy(
@@ -44,12 +66,15 @@ def dispatch_cross_entropy(
 ) -> torch.Tensor:
     """The reduced cross-entropy of canonical tensors by the chosen implementation."""
     chosen = choose_cross_entropy(impl, logits, inplace_backward=inplace_backward)
-    if chosen == "chunked":
-        return chunked.chunked_cross_entropy(logits, target, options, reduction, inplace_backward=inplace_backward)
-    return softmax.reference_cross_entropy(logits, target, options, reduction)
+    if chosen == "reference":
+        return softmax.reference_cross_entropy(logits, target, options, reduction)
+    kernel = _triton_kernel(logits.device) if chosen == "triton" else None
+    return chunked.chunked_cross_entropy(
+        logits, target, options, reduction, inplace_backward=inplace_backward, kernel=kernel
+    )
 
 
-LINEAR_CROSS_ENTROPY_IMPLS = ("reference", "chunked")
+LINEAR_CROSS_ENTROPY_IMPLS = ("reference", "chunked", "triton")
 
 
 def dispatch_linear_cross_entropy(
@@ -69,6 +94,9 @@ def dispatch_linear_cross_entropy(
         raise ValueError(f"impl must be one of {names}, got {impl!r}")
     if impl == "reference":
         return linear.reference_linear_cross_entropy(input, linear_weight, linear_bias, target, options, reduction)
+    if impl is None:
+        impl = "triton" if input.device.type == "cuda" and triton_usable(input.device) else "chunked"
+    kernel = _triton_kernel(input.device) if impl == "triton" else None
     return chunked_linear.chunked_linear_cross_entropy(
-        input, linear_weight, linear_bias, target, options, reduction, chunk_size
+        input, linear_weight, linear_bias, target, options, reduction, chunk_size, kernel=kernel
     )

@@ -65,6 +65,7 @@ def _fused_pass(
     grad_scale: torch.Tensor,
     chunk_size: int,
     grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    kernel: chunked.RowKernel,
 ) -> torch.Tensor:
     """Per-token losses ``(N,)``; the gradients, each scaled per token by ``grad_scale``, into ``grads``.
 
@@ -90,9 +91,7 @@ def _fused_pass(
             torch.mm(x, linear_weight.t(), out=logits)
         else:
             torch.addmm(linear_bias, x, linear_weight.t(), out=logits)
-        losses[rows] = chunked.loss_and_grad_(
-            logits, logits if needs_grad else None, target[rows], options, grad_scale[rows]
-        )
+        losses[rows] = kernel(logits, logits if needs_grad else None, target[rows], options, grad_scale[rows])
         if grad_input is not None:
             torch.mm(logits, linear_weight, out=grad_input[rows])
         if grad_weight is not None:
@@ -116,15 +115,18 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         reduction: str,
         chunk_size: int,
         allow_retain_graph: bool,
+        kernel: chunked.RowKernel,
     ) -> torch.Tensor:
         dtype = accumulation_dtype(input.dtype)
         needs = ctx.needs_input_grad[:3]
         ctx.reduction, ctx.options, ctx.chunk_size = reduction, options, chunk_size
-        ctx.allow_retain_graph = allow_retain_graph
+        ctx.allow_retain_graph, ctx.kernel = allow_retain_graph, kernel
         ones = torch.ones(input.shape[0], dtype=dtype, device=input.device)
         if reduction == "none":
             # Gradients wait for the per-token grad_output: recompute in backward.
-            losses = _fused_pass(input, linear_weight, linear_bias, target, options, ones, chunk_size, (None,) * 3)
+            losses = _fused_pass(
+                input, linear_weight, linear_bias, target, options, ones, chunk_size, (None,) * 3, kernel
+            )
             ctx.save_for_backward(input, linear_weight, linear_bias, target)
             return losses
         scale = torch.ones((), dtype=dtype, device=input.device)
@@ -132,7 +134,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             scale = safe_divide(scale, mean_denominator(target, options, dtype))
         grads = _new_grads(input, linear_weight, linear_bias, needs)
         losses = _fused_pass(
-            input, linear_weight, linear_bias, target, options, scale.expand_as(ones), chunk_size, grads
+            input, linear_weight, linear_bias, target, options, scale.expand_as(ones), chunk_size, grads, kernel
         )
         ctx.grads = _cast_grads(grads, input, linear_weight, linear_bias)
         return losses.sum() * scale
@@ -143,8 +145,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             input, linear_weight, linear_bias, target = ctx.saved_tensors
             grads = _new_grads(input, linear_weight, linear_bias, ctx.needs_input_grad[:3])
             scale = grad_output.to(accumulation_dtype(input.dtype))
-            _fused_pass(input, linear_weight, linear_bias, target, ctx.options, scale, ctx.chunk_size, grads)
-            return (*_cast_grads(grads, input, linear_weight, linear_bias), None, None, None, None, None)
+            _fused_pass(
+                input, linear_weight, linear_bias, target, ctx.options, scale, ctx.chunk_size, grads, ctx.kernel
+            )
+            return (*_cast_grads(grads, input, linear_weight, linear_bias), None, None, None, None, None, None)
         grads = ctx.grads
         if grads is None:
             raise RuntimeError(
@@ -159,7 +163,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 for grad in grads:
                     if grad is not None:
                         grad.mul_(grad_output.to(grad.dtype))
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def _new_grads(input, linear_weight, linear_bias, needs):
@@ -194,12 +198,22 @@ def chunked_linear_cross_entropy(
     chunk_size: int | None = None,
     *,
     allow_retain_graph: bool = False,
+    kernel: chunked.RowKernel | None = None,
 ) -> torch.Tensor:
     """Linear cross-entropy of canonical tensors (``input (N, D)``) by :class:`ChunkedLinearCrossEntropy`.
 
-    ``allow_retain_graph`` as in :func:`xent.kernels.chunked.chunked_cross_entropy`.
+    ``allow_retain_graph`` as in :func:`xent.kernels.chunked.chunked_cross_entropy`; ``kernel`` is the row kernel
+    run in place on each logits chunk (:func:`xent.kernels.chunked.loss_and_grad_` by default, Triton's on GPUs).
     """
     chunk_size = chunk_size or default_chunk_size(input.shape[0], linear_weight.shape[0], input.device)
     return ChunkedLinearCrossEntropy.apply(
-        input.contiguous(), linear_weight, linear_bias, target, options, reduction, chunk_size, allow_retain_graph
+        input.contiguous(),
+        linear_weight,
+        linear_bias,
+        target,
+        options,
+        reduction,
+        chunk_size,
+        allow_retain_graph,
+        kernel or chunked.loss_and_grad_,
     )
