@@ -117,11 +117,11 @@ class BCELoss(_Loss):
         super().__init__(weight=weight, reduction=reduction, label_smoothing=label_smoothing)
 
 
-class LinearCrossEntropyLoss(_Loss):
+class LinearCrossEntropyLoss(CrossEntropyLoss):
     """Module form of :func:`xent.linear_cross_entropy`: ``forward(input, linear_weight, target, linear_bias=None)``.
 
     The head's weight and bias are arguments of ``forward`` (they belong to the model); the module stores the loss
-    options.
+    options: those of :class:`CrossEntropyLoss` and ``chunk_size``.
 
     Example:
         >>> criterion = xent.nn.LinearCrossEntropyLoss(z_loss=1e-4)
@@ -130,32 +130,10 @@ class LinearCrossEntropyLoss(_Loss):
 
     function = staticmethod(losses.linear_cross_entropy)
 
-    def __init__(
-        self,
-        weight: torch.Tensor | None = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
-        z_loss: float = 0.0,
-        softcap: float | None = None,
-        chunk_size: int | None = None,
-    ) -> None:
-        label_smoothing, z_loss, softcap = softmax.check_softmax_options(
-            reduction=reduction,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-            ignore_index=ignore_index,
-        )
-        super().__init__(
-            weight=weight,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-            chunk_size=chunk_size,
-        )
+    def __init__(self, *args: object, chunk_size: int | None = None, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.chunk_size = chunk_size
+        self._option_names = (*self._option_names, "chunk_size")
 
     def forward(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from xent.losses import _checks
-from xent.losses.softmax import SoftmaxOptions, check_softmax_options, reference_cross_entropy
+from xent.losses.softmax import SoftmaxOptions, check_softmax_options, checked_options, reference_cross_entropy
 
 
 def canonicalize_linear(
@@ -106,7 +106,8 @@ def linear_cross_entropy(
         weight, ignore_index, reduction, label_smoothing, z_loss, softcap: as in :func:`xent.cross_entropy`.
         chunk_size: tokens per chunk; by default chosen from N, V and the device's memory (a 128 MB logits chunk on
             the CPU, up to 1 GB or an eighth of free memory on CUDA).
-        impl: ``None`` or ``"chunked"`` for the fused chunked implementation, ``"reference"`` for the plain
+        impl: ``None`` picks the fused implementation for the device — ``"triton"`` (the chunked GEMMs with the
+            Triton kernel) on CUDA when triton is installed, ``"chunked"`` otherwise; ``"reference"`` is the plain
             ``cross_entropy(linear(input, W, b), target)``.
 
     Returns:
@@ -124,16 +125,8 @@ def linear_cross_entropy(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     flat_input, flat_target, batch_shape = canonicalize_linear(input, linear_weight, linear_bias, target)
-    vocab = linear_weight.shape[0]
-    options = SoftmaxOptions(
-        weight=_checks.check_class_weight("weight", weight, vocab),
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-    )
-    if not flat_target.is_floating_point():
-        _checks.check_class_indices(flat_target, vocab, ignore_index)
+    options = SoftmaxOptions(None, ignore_index, label_smoothing, z_loss, softcap)
+    options = checked_options(options, weight, flat_target, linear_weight.shape[0])
     from xent.kernels.dispatch import dispatch_linear_cross_entropy  # kernels import this module
 
     loss = dispatch_linear_cross_entropy(

@@ -7,6 +7,7 @@ class indices ``(M,)`` or probabilities ``(M, C)`` — computes one loss per row
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -132,6 +133,16 @@ def mean_denominator(target: torch.Tensor, options: SoftmaxOptions, dtype: torch
     return torch.where(valid, options.weight.to(dtype)[safe_target], 0).sum()
 
 
+def checked_options(
+    options: SoftmaxOptions, weight: torch.Tensor | None, target: torch.Tensor, num_classes: int
+) -> SoftmaxOptions:
+    """``options`` with ``weight`` checked against ``num_classes``, after checking the class indices of ``target``
+    (canonical, ``(M,)``) — the tensor checks shared by every softmax loss."""
+    if not target.is_floating_point():
+        _checks.check_class_indices(target, num_classes, options.ignore_index)
+    return dataclasses.replace(options, weight=_checks.check_class_weight("weight", weight, num_classes))
+
+
 def class_index_loss(
     loss_name: str,
     input: torch.Tensor,
@@ -254,16 +265,8 @@ def cross_entropy(
         reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, ignore_index=ignore_index
     )
     logits, target, batch_shape = canonicalize(input, target)
-    num_classes = logits.shape[-1]
-    options = SoftmaxOptions(
-        weight=_checks.check_class_weight("weight", weight, num_classes),
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-    )
-    if not target.is_floating_point():
-        _checks.check_class_indices(target, num_classes, ignore_index)
+    options = SoftmaxOptions(None, ignore_index, label_smoothing, z_loss, softcap)
+    options = checked_options(options, weight, target, logits.shape[-1])
     # Kernels are tested against this module and import it, so the dispatcher is imported at call time.
     from xent.kernels.dispatch import dispatch_cross_entropy
 

@@ -53,6 +53,20 @@ def _expm1(u):
 
 
 @triton.jit
+def _block_weights(weight_ptr, t_row, offs, mask, smoothing, num_classes, HAS_WEIGHT: tl.constexpr,
+                   PROBS: tl.constexpr):  # fmt: skip
+    # w_c for class indices; w_c · t'_c, the smoothed target, for probabilities; 0 outside the row
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.where(mask, 1.0, 0.0)
+    if PROBS:
+        t = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32)
+        w = w * tl.where(mask, t * (1.0 - smoothing) + smoothing / num_classes, 0.0)
+    return w
+
+
+@triton.jit
 def cross_entropy_kernel(
     logits_ptr,  # (M, C) read only, any float dtype — unless it is grad_ptr
     logits_stride,  # elements between rows
@@ -101,13 +115,7 @@ def cross_entropy_kernel(
         s, compensation = _kahan_add(s, compensation, tl.sum(tl.where(at_max, 1.0, 0.0), 0))
         s, compensation = _kahan_add(s, compensation, tl.sum(tl.where(at_max, 0.0, tl.exp(x - m_new)), 0))
         m = m_new
-        if HAS_WEIGHT:
-            w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            w = tl.where(mask, 1.0, 0.0)
-        if PROBS:
-            t = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32)
-            w = w * tl.where(mask, t * (1.0 - smoothing) + smoothing / num_classes, 0.0)
+        w = _block_weights(weight_ptr, t_row, offs, mask, smoothing, num_classes, HAS_WEIGHT, PROBS)
         weighted_sum += tl.sum(w * tl.where(mask, x, 0.0), 0)
         total_weight += tl.sum(w, 0)
     log_s = tl.log(s) - compensation / s  # log(s - c) to first order
@@ -153,13 +161,9 @@ def cross_entropy_kernel(
             # (lse = m + 1e-7 rounds to m), and a rounded (bfloat16) probability would lose it too
             log_p = (x - m) - log_s
             grad = tl.exp(log_p) * coefficient
-            if HAS_WEIGHT:
-                w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            else:
-                w = tl.where(mask, 1.0, 0.0)
+            w = _block_weights(weight_ptr, t_row, offs, mask, smoothing, num_classes, HAS_WEIGHT, PROBS)
             if PROBS:
-                t = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32)
-                grad -= w * (t * (1.0 - smoothing) + smoothing / num_classes)
+                grad -= w
             else:
                 # at the target: a·p_y - (1-ε)w_y = (1-ε)w_y·(p_y - 1) + (a - (1-ε)w_y)·p_y; p_y - 1 = expm1(log p_y)
                 hard = (1.0 - smoothing) * target_weight
