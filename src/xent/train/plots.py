@@ -63,7 +63,7 @@ def reliability_diagram(bins: Sequence[Sequence[float]], ece: float, path: Path)
     centers = (edges[:-1] + edges[1:]) / 2
     with np.errstate(invalid="ignore", divide="ignore"):
         accuracy = np.where(counts > 0, correct / counts, 0.0)
-        mean_confidence = np.where(counts > 0, confidence / counts, centers)
+        mean_confidence = np.where(counts > 0, confidence / counts, 0.0)  # empty bins draw nothing
     figure, axis = plt.subplots(figsize=(5, 5))
     width = edges[1] - edges[0]
     axis.bar(centers, accuracy, width=width, edgecolor="black", label="accuracy")
