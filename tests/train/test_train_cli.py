@@ -220,3 +220,10 @@ def test_torchrun_two_processes(tmp_path):
     assert result.stdout.count("epoch   2/2") == 1  # only rank 0 reports and writes
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_completed"] == 2 and summary["test_accuracy"] > 0.5
+
+
+def test_log_interval_prints_the_running_loss_when_not_on_a_terminal(tmp_path):
+    result = run_xent("train", "--out", str(tmp_path / "run"), "--epochs", "1", "--log-interval", "5")
+    lines = [line for line in result.stdout.splitlines() if line.startswith("epoch 1 batch ")]
+    assert lines[0].startswith("epoch 1 batch 5/") and "loss " in lines[0] and "samples/s" in lines[0]
+    assert len(lines) >= 4  # every 5 batches, and the last one

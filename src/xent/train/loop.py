@@ -245,6 +245,7 @@ def fit(run: Run, console=None) -> dict:
     console = console or Console()
     config, runtime = run.config, run.runtime
     show_progress = runtime.is_main and not config.quiet and console.is_terminal
+    log_lines = runtime.is_main and not config.quiet and not console.is_terminal
     steps = math.ceil(math.ceil(len(run.data.train) / runtime.world_size) / config.batch_size)
     if runtime.is_main and run.epoch:
         console.print(f"resuming {run.directory} after epoch {run.epoch}")
@@ -257,7 +258,11 @@ def fit(run: Run, console=None) -> dict:
             task = bar.add_task(f"epoch {run.epoch + 1}/{config.epochs}", total=steps, status="")
 
             def progress(done: int, loss: float, rate: float, task=task) -> None:
-                bar.update(task, completed=done, status=f"loss {loss:.4f}  {rate:,.0f} samples/s")
+                status = f"loss {loss:.4f}  {rate:,.0f} samples/s"
+                if show_progress:
+                    bar.update(task, completed=done, status=status)
+                elif log_lines:  # a log file or a pipe: one line every --log-interval batches instead of a bar
+                    console.print(f"epoch {run.epoch + 1} batch {done}/{steps}  {status}")
 
             train_loss = train_epoch(run, progress)
         run.train_seconds += time.perf_counter() - started
