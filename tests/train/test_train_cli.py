@@ -214,7 +214,7 @@ def test_torchrun_two_processes(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "xent", "train",
          "--out", str(out), "--epochs", "2", "--quiet"],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True, text=True, timeout=180, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("epoch   2/2") == 1  # only rank 0 reports and writes

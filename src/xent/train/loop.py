@@ -9,6 +9,7 @@ test metrics of that model (of the last epoch when there is no validation split)
 from __future__ import annotations
 
 import csv
+import gc
 import io
 import json
 import math
@@ -331,4 +332,8 @@ def train(config: TrainConfig, console=None) -> dict:
     try:
         return fit(run, console)
     finally:
+        # DistributedDataParallel's reducer holds the process group; destroyed after the group is gone, its gloo
+        # threads wait for a peer that has left, so the wrapper goes first.
+        run.trainer = None
+        gc.collect()
         shutdown(run.runtime)

@@ -47,7 +47,10 @@ def setup_runtime(config: TrainConfig) -> Runtime:
 
 
 def shutdown(runtime: Runtime) -> None:
+    """Leave the process group together: rank 0 still writes plots when the others are done, and a process group
+    torn down while a peer is still using it can hang the peer."""
     if runtime.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
