@@ -14,6 +14,7 @@ from pathlib import Path
 
 from xent.bench.cases import Problem, find_implementation
 
+WARM_STEPS = 2
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -58,7 +59,8 @@ def main() -> None:
     prepared.reset()
     prepared.step()  # the first step compiles, where anything compiles
     warmup = time.perf_counter() - start
-    measure_once(prepared)  # and one more, so that caches and allocators are warm
+    for _ in range(WARM_STEPS):  # then a few more: the first large allocations of a process fault in slowly
+        measure_once(prepared)
     print(json.dumps({"warmup_s": warmup}), flush=True)
     for line in sys.stdin:
         if line.strip() != "run":
