@@ -116,3 +116,23 @@ def check_probabilities(name: str, tensor: torch.Tensor) -> None:
     if bool(bad.any()):
         value = float(tensor[bad][0])
         raise ValueError(f"{name} must hold probabilities in [0, 1], found {value:g}")
+
+
+def is_probability_target(
+    target: torch.Tensor, *, input_shape: torch.Size, batch_shape: torch.Size, probs_shape: torch.Size
+) -> bool:
+    """Whether ``target`` holds probabilities (floating, ``probs_shape``) rather than class indices (integer,
+    ``batch_shape``); anything else is an error that says which two shapes would do."""
+    if target.is_floating_point() and target.shape == probs_shape:
+        return True
+    if target.shape != batch_shape:
+        raise ValueError(
+            f"target has shape {shape_str(target.shape)} but input has shape {shape_str(input_shape)}; "
+            f"expected {shape_str(batch_shape)} class indices or {shape_str(probs_shape)} probabilities"
+        )
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"target of shape {shape_str(target.shape)} holds class indices and must have an integer dtype, "
+            f"got {target.dtype} (use target.long()); probabilities need shape {shape_str(probs_shape)}"
+        )
+    return False

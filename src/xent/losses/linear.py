@@ -37,20 +37,11 @@ def canonicalize_linear(
         if linear_bias.dtype != input.dtype:
             raise TypeError(f"linear_bias has dtype {linear_bias.dtype} but input has dtype {input.dtype}")
     batch_shape = input.shape[:-1]
-    if target.is_floating_point() and target.shape == (*batch_shape, vocab):
-        return input.reshape(-1, input.shape[-1]), target.reshape(-1, vocab), batch_shape
-    if target.shape != batch_shape:
-        raise ValueError(
-            f"target has shape {_checks.shape_str(target.shape)} but input has shape {_checks.shape_str(input.shape)}; "
-            f"expected {_checks.shape_str(batch_shape)} class indices or {_checks.shape_str((*batch_shape, vocab))} "
-            "probabilities"
-        )
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(
-            f"target of shape {_checks.shape_str(target.shape)} holds class indices and must have an integer dtype, "
-            f"got {target.dtype} (use target.long())"
-        )
-    return input.reshape(-1, input.shape[-1]), target.reshape(-1), batch_shape
+    flat_input = input.reshape(-1, input.shape[-1])
+    probs_shape = torch.Size((*batch_shape, vocab))
+    if _checks.is_probability_target(target, input_shape=input.shape, batch_shape=batch_shape, probs_shape=probs_shape):
+        return flat_input, target.reshape(-1, vocab), batch_shape
+    return flat_input, target.reshape(-1), batch_shape
 
 
 def reference_linear_cross_entropy(

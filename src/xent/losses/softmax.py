@@ -63,23 +63,10 @@ def canonicalize(input: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tenso
     target = _checks.check_tensor("target", target)
     num_classes = input.shape[class_dim]
     batch_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
-    expected = (
-        f"expected {_checks.shape_str(batch_shape)} class indices or {_checks.shape_str(input.shape)} probabilities"
-    )
-    if target.shape == input.shape and target.is_floating_point():
-        probs = target.movedim(class_dim, -1).reshape(-1, num_classes)
-        return input.movedim(class_dim, -1).reshape(-1, num_classes), probs, batch_shape
-    if target.shape != batch_shape:
-        raise ValueError(
-            f"target has shape {_checks.shape_str(target.shape)} but input has shape "
-            f"{_checks.shape_str(input.shape)}; {expected}"
-        )
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(
-            f"target of shape {_checks.shape_str(target.shape)} holds class indices and must have an integer dtype, "
-            f"got {target.dtype} (use target.long()); probabilities need shape {_checks.shape_str(input.shape)}"
-        )
-    return input.movedim(class_dim, -1).reshape(-1, num_classes), target.reshape(-1), batch_shape
+    logits = input.movedim(class_dim, -1).reshape(-1, num_classes)
+    if _checks.is_probability_target(target, input_shape=input.shape, batch_shape=batch_shape, probs_shape=input.shape):
+        return logits, target.movedim(class_dim, -1).reshape(-1, num_classes), batch_shape
+    return logits, target.reshape(-1), batch_shape
 
 
 def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, options: SoftmaxOptions) -> torch.Tensor:

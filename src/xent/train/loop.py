@@ -36,6 +36,7 @@ from xent.train.runtime import (
     epoch_order,
     setup_runtime,
     shutdown,
+    steps_per_epoch,
 )
 
 CSV_FIELDS = ["epoch", "lr", "train_loss", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
@@ -115,8 +116,7 @@ def prepare(config: TrainConfig) -> Run:
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         trainer = nn.parallel.DistributedDataParallel(trainer, device_ids=device_ids)
     optimizer = build_optimizer(config, model.parameters())
-    steps = math.ceil(math.ceil(len(data.train) / runtime.world_size) / config.batch_size)
-    scheduler = build_scheduler(config, optimizer, steps)
+    scheduler = build_scheduler(config, optimizer, steps_per_epoch(len(data.train), config.batch_size, runtime))
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.amp and runtime.device.type == "cuda")
     run = Run(config, runtime, directory, data, model, trainer, build_criterion(config, data.class_counts()),
               optimizer, scheduler, scaler, augment, history=[])  # fmt: skip
@@ -247,7 +247,7 @@ def fit(run: Run, console=None) -> dict:
     config, runtime = run.config, run.runtime
     show_progress = runtime.is_main and not config.quiet and console.is_terminal
     log_lines = runtime.is_main and not config.quiet and not console.is_terminal
-    steps = math.ceil(math.ceil(len(run.data.train) / runtime.world_size) / config.batch_size)
+    steps = steps_per_epoch(len(run.data.train), config.batch_size, runtime)
     if runtime.is_main and run.epoch:
         console.print(f"resuming {run.directory} after epoch {run.epoch}")
     while run.epoch < config.epochs:

@@ -92,6 +92,11 @@ def build_scheduler(config: TrainConfig, optimizer, steps_per_epoch: int) -> tor
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, config.schedule))
 
 
+def steps_per_epoch(size: int, batch_size: int, runtime: Runtime) -> int:
+    """Optimizer steps in one epoch for each process: its padded share of ``size`` examples, in batches."""
+    return math.ceil(math.ceil(size / runtime.world_size) / batch_size)
+
+
 def epoch_order(size: int, seed: int, epoch: int, runtime: Runtime) -> torch.Tensor:
     """This process's example order for ``epoch``: a permutation seeded by (seed, epoch) — so a resumed run sees
     the same order — split across processes like ``DistributedSampler`` (padded so each gets as many)."""
