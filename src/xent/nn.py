@@ -121,7 +121,7 @@ class LinearCrossEntropyLoss(CrossEntropyLoss):
     """Module form of :func:`xent.linear_cross_entropy`: ``forward(input, linear_weight, target, linear_bias=None)``.
 
     The head's weight and bias are arguments of ``forward`` (they belong to the model); the module stores the loss
-    options: those of :class:`CrossEntropyLoss` and ``chunk_size``.
+    options: those of :class:`CrossEntropyLoss`, ``chunk_size`` and ``weight_grad_dtype``.
 
     Example:
         >>> criterion = xent.nn.LinearCrossEntropyLoss(z_loss=1e-4)
@@ -130,10 +130,16 @@ class LinearCrossEntropyLoss(CrossEntropyLoss):
 
     function = staticmethod(losses.linear_cross_entropy)
 
-    def __init__(self, *args: object, chunk_size: int | None = None, **kwargs: object) -> None:
+    def __init__(
+        self,
+        *args: object,
+        chunk_size: int | None = None,
+        weight_grad_dtype: torch.dtype | None = None,
+        **kwargs: object,
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self.chunk_size = chunk_size
-        self._option_names = (*self._option_names, "chunk_size")
+        self.chunk_size, self.weight_grad_dtype = chunk_size, weight_grad_dtype
+        self._option_names = (*self._option_names, "chunk_size", "weight_grad_dtype")
 
     def forward(
         self,

@@ -72,6 +72,7 @@ def test_any_chunk_size_matches_torch(chunk_size, bias):
         assert_close(got, want)
 
 
+@pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason=f"torch {torch.__version__} has none")
 def test_matches_torch_linear_cross_entropy():
     x, w, b, target = _problem(torch.float32, batch=(N,))
     ours = xent.linear_cross_entropy(x, w, target, linear_bias=b, label_smoothing=0.1)
@@ -89,16 +90,43 @@ def test_half_precision_within_its_tolerance(dtype):
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
 
 
-def test_weight_gradient_is_accumulated_in_float32():
-    """Many chunks of bf16 products summed in bf16 lose the small ones; a float32 accumulator keeps them."""
-    torch.manual_seed(0)
-    x = torch.randn(4096, 8).to(torch.bfloat16)
-    w = (torch.randn(5, 8) * 0.1).to(torch.bfloat16).requires_grad_()
-    target = torch.randint(5, (4096,))
-    xent.linear_cross_entropy(x, w, target, reduction="sum", chunk_size=4).backward()
-    exact = w.detach().float().requires_grad_()
+def _bf16_head(tokens=4096):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, 8, generator=generator).to(torch.bfloat16)
+    w = (torch.randn(5, 8, generator=generator) * 0.1).to(torch.bfloat16)
+    target = torch.randint(5, (tokens,), generator=generator)
+    exact = w.float().requires_grad_()
     F.cross_entropy(x.float() @ exact.t(), target, reduction="sum").backward()
-    torch.testing.assert_close(w.grad.float(), exact.grad.to(torch.bfloat16).float(), rtol=2e-2, atol=1e-1)
+    return x, w, target, exact.grad
+
+
+def _weight_grad(x, w, target, **options):
+    w = w.clone().requires_grad_()
+    xent.linear_cross_entropy(x, w, target, reduction="sum", **options).backward()
+    assert w.grad.dtype == w.dtype
+    return w.grad.float()
+
+
+def test_weight_gradient_summed_in_float32_on_request():
+    """1024 chunks of bf16 products summed in bf16 lose the small ones; a float32 sum rounds once, at the end."""
+    x, w, target, exact = _bf16_head()
+    rounded_once = exact.to(torch.bfloat16).float()
+    summed_in_float32 = _weight_grad(x, w, target, chunk_size=4, weight_grad_dtype=torch.float32)
+    torch.testing.assert_close(summed_in_float32, rounded_once, rtol=2e-2, atol=1e-1)  # each G_c is bf16
+    summed_in_bf16 = _weight_grad(x, w, target, chunk_size=4)
+    assert (summed_in_bf16 - exact).abs().max() > 10 * (summed_in_float32 - exact).abs().max()
+
+
+def test_weight_gradient_in_the_weight_dtype_rounds_once_per_chunk():
+    """The default: each chunk's product is summed in float32 by its GEMM, then added to the bf16 gradient."""
+    x, w, target, _ = _bf16_head()
+    expected = torch.zeros(w.shape, dtype=torch.bfloat16)
+    for rows in torch.arange(len(target)).split(1024):  # the same sum, written out: one rounding per chunk
+        logits = x[rows].float() @ w.float().t()
+        grad = torch.softmax(logits, 1) - F.one_hot(target[rows], 5)
+        expected = (expected.float() + grad.t() @ x[rows].float()).to(torch.bfloat16)
+    got = _weight_grad(x, w, target, chunk_size=1024)
+    torch.testing.assert_close(got, expected.float(), rtol=1e-2, atol=1e-2)
 
 
 def test_deterministic():
@@ -137,6 +165,17 @@ def test_default_chunk_size_bounds_the_logits_chunk():
     assert linear.default_chunk_size(10**6, 10**9, torch.device("cpu")) == 1
 
 
+def test_default_chunk_size_on_gpus(monkeypatch):
+    free = 80 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, free))
+    cuda = torch.device("cuda")
+    assert linear.default_chunk_size(8192, 128256, cuda, 2) == linear.ACCELERATOR_CHUNK_TOKENS
+    assert linear.default_chunk_size(8192, 8192, cuda, 2) == 4096  # small V: 64 MB chunks
+    assert linear.default_chunk_size(100, 128256, cuda, 2) == 100
+    free = 8 * 128256 * 2 * 300  # an eighth of the free memory holds 300 rows
+    assert linear.default_chunk_size(8192, 128256, cuda, 2) == 300
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -147,6 +186,8 @@ def test_default_chunk_size_bounds_the_logits_chunk():
         ({"target": torch.rand(N)}, TypeError, r"must have an integer dtype"),
         ({"target": torch.full((N,), V)}, ValueError, r"class index 13, outside \[0, 13\)"),
         ({"chunk_size": 0}, ValueError, r"chunk_size must be a positive int or None, got 0"),
+        ({"weight_grad_dtype": "float32"}, TypeError, r"weight_grad_dtype must be a torch.dtype or None, got 'flo"),
+        ({"weight_grad_dtype": torch.int32}, ValueError, r"weight_grad_dtype must be a floating-point dtype, got"),
         ({"reduction": "batchmean"}, ValueError, r"reduction must be one of"),
         ({"impl": "triton!"}, ValueError, r"impl must be one of"),
         ({"weight": torch.ones(V - 1)}, ValueError, r"weight must have shape \(13,\)"),

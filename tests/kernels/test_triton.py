@@ -122,3 +122,46 @@ def test_offsets_beyond_int32():
     loss = xent.cross_entropy(logits, target, impl="triton", reduction="none")
     last = torch.nn.functional.cross_entropy(logits[-4:].float(), target[-4:], reduction="none")
     torch.testing.assert_close(loss[-4:].float(), last, rtol=1e-2, atol=1e-2)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_language_model_head_on_gpu(dtype):
+    """A head of realistic proportions in half precision, several default-size chunks: its error against float32 is
+    no worse than PyTorch's own in that dtype (float16 flushes the smallest gradients, ~p/N, to zero in both)."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4096, 512, device="cuda", generator=generator).to(dtype)
+    w = (torch.randn(32768, 512, device="cuda", generator=generator) * 512**-0.5).to(dtype)
+    target = torch.randint(32768, (4096,), device="cuda", generator=generator)
+    target[::7] = -100
+
+    def loss_and_grads(fn, cast):
+        leaves = [cast(t).requires_grad_() for t in (x, w)]
+        loss = fn(*leaves)
+        loss.backward()
+        return [loss.detach().float()] + [leaf.grad.float() for leaf in leaves]
+
+    def torch_loss(a, b):
+        return torch.nn.functional.cross_entropy(a @ b.t(), target, label_smoothing=0.1)
+
+    exact = loss_and_grads(torch_loss, lambda t: t.float())
+    torch_half = loss_and_grads(torch_loss, lambda t: t.clone())
+    ours = loss_and_grads(
+        lambda a, b: xent.linear_cross_entropy(a, b, target, label_smoothing=0.1, chunk_size=1000), lambda t: t.clone()
+    )
+    for got, baseline, want in zip(ours, torch_half, exact, strict=True):
+        error, baseline_error = ((t - want).norm() / want.norm() for t in (got, baseline))
+        assert error <= max(1e-2, 1.5 * baseline_error), (error, baseline_error)
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.5, -3.0])
+def test_scale_unless_one(factor):
+    from xent.kernels.triton.scale import scale_unless_one_
+
+    tensor = torch.randn(5000, device=DEVICE).to(torch.bfloat16)  # not a multiple of the block
+    expected = (tensor.float() * factor).to(torch.bfloat16)
+    scale_unless_one_(tensor, torch.tensor(factor, device=DEVICE))
+    # one bfloat16 ulp: the interpreter rounds float32 to bfloat16 toward zero, a GPU to nearest
+    torch.testing.assert_close(tensor.float(), expected.float(), rtol=2**-7, atol=0)
+    with pytest.raises(ValueError, match=r"contiguous tensor and a one-element factor"):
+        scale_unless_one_(tensor.view(50, 100).t(), torch.tensor(factor))

@@ -95,6 +95,7 @@ def dispatch_linear_cross_entropy(
     reduction: str,
     *,
     chunk_size: int | None = None,
+    weight_grad_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The reduced linear cross-entropy of canonical tensors (``input (N, D)``) by the chosen implementation."""
     _check_impl(impl)
@@ -103,5 +104,13 @@ def dispatch_linear_cross_entropy(
     impl = impl or fused_impl(input.device)
     kernel = _triton_kernel(input.device) if impl == "triton" else None
     return chunked_linear.chunked_linear_cross_entropy(
-        input, linear_weight, linear_bias, target, options, reduction, chunk_size, kernel=kernel
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        options,
+        reduction,
+        chunk_size,
+        kernel=kernel,
+        weight_grad_dtype=weight_grad_dtype,
     )

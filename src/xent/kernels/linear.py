@@ -7,14 +7,20 @@ is known up to one factor in the forward pass)::
         L_c  = X_c Wᵀ + b                       GEMM 1, a (c × V) buffer reused by every chunk
         G_c  = ∂loss/∂L_c, in place over L_c     the cache-blocked softmax pass of xent.kernels.chunked
         dX_c = G_c W                            GEMM 2, written into its rows of dX
-        dW  += G_cᵀ X_c                         GEMM 3, accumulated in float32 (no atomics: deterministic)
-        db  += Σ_rows G_c
+        dW  += G_cᵀ X_c                         GEMM 3, summed in float32 inside the GEMM, added to dW in its
+                                                dtype (no atomics: deterministic)
+        db  += Σ_rows G_c                       in float32
     backward: dX, dW, db · grad_output          skipped when grad_output is exactly 1
 
-so the work is the floor — three GEMMs — plus one pass over each logits chunk. ``reduction="none"`` cannot be done
-that way: each token's gradient is scaled by its own ``grad_output[n]`` *before* the sum over tokens that forms
-``dW``, so its forward computes only the losses and its backward recomputes the logits chunk by chunk with the
-scale applied (four GEMMs in all, the same memory).
+so the work is the floor — three GEMMs — plus one pass over each logits chunk, and the memory beyond the gradients
+is one logits chunk. The price of that memory is the update of ``dW``: it reads and writes all of ``dW`` once per
+chunk, which is bandwidth-bound below ~500 tokens a chunk on an H100 (3 TB/s against 740 TFLOP/s of bf16 GEMM),
+hence :data:`ACCELERATOR_CHUNK_TOKENS`; and a half-precision ``dW`` is rounded once per chunk (``weight_grad_dtype=
+torch.float32`` sums in a float32 buffer instead: exact, 2 bytes × V × D more memory and about twice that traffic).
+
+``reduction="none"`` cannot be done that way: each token's gradient is scaled by its own ``grad_output[n]``
+*before* the sum over tokens that forms ``dW``, so its forward computes only the losses and its backward recomputes
+the logits chunk by chunk with the scale applied (four GEMMs in all, the same memory).
 """
 
 from __future__ import annotations
@@ -25,24 +31,32 @@ from xent.kernels import chunked
 from xent.losses._reduce import accumulation_dtype, safe_divide
 from xent.losses.softmax import SoftmaxOptions, mean_denominator
 
-# Bytes of one logits chunk (c × V). The chunk is the only memory beyond the inputs and their gradients; larger
-# chunks change little once every GEMM is big enough to run at full rate.
+# Bytes of one float32 logits chunk (c × V) on the CPU, where the chunk is the only memory beyond the inputs and
+# their gradients, and larger chunks change little once every GEMM is big enough to run at full rate.
 CPU_CHUNK_BYTES = 128 << 20
-MAX_ACCELERATOR_CHUNK_BYTES = 1 << 30
+# Tokens per chunk on GPUs: the chunk's d(weight) GEMM turns from bandwidth- to compute-bound above ~500 tokens on an
+# H100. Measured there (benchmarks/gpu_roofline.py --part gemm, Llama-3-8B head, bf16): the three GEMMs of all
+# chunks take 1.76× the whole-matrix floor at 256 tokens, 1.22× at 512, 1.10× at 1024, 1.08× at 2048.
+ACCELERATOR_CHUNK_TOKENS = 1024
+# ...or more tokens where V is small, so that a chunk is at least this big (fewer, larger GEMMs)
+MIN_ACCELERATOR_CHUNK_BYTES = 64 << 20
 
 
-def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device) -> int:
-    """Tokens per chunk: a logits chunk of :data:`CPU_CHUNK_BYTES` on the CPU; on CUDA up to an eighth of the free
-    memory (at most :data:`MAX_ACCELERATOR_CHUNK_BYTES`)."""
-    budget = CPU_CHUNK_BYTES
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = max(CPU_CHUNK_BYTES, min(MAX_ACCELERATOR_CHUNK_BYTES, free // 8))
-    return max(1, min(num_tokens, budget // (4 * vocab_size)))
+def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device, itemsize: int = 4) -> int:
+    """Tokens per chunk: a float32 logits chunk of :data:`CPU_CHUNK_BYTES` on the CPU; on GPUs
+    :data:`ACCELERATOR_CHUNK_TOKENS` (more for a small V, fewer if the chunk would take over an eighth of the free
+    memory). ``itemsize``: bytes per logit."""
+    if device.type != "cuda":
+        return max(1, min(num_tokens, CPU_CHUNK_BYTES // (4 * vocab_size)))
+    row_bytes = itemsize * vocab_size
+    free, _ = torch.cuda.mem_get_info(device)
+    tokens = max(ACCELERATOR_CHUNK_TOKENS, MIN_ACCELERATOR_CHUNK_BYTES // row_bytes)
+    return max(1, min(num_tokens, tokens, free // 8 // row_bytes))
 
 
 def _accumulate_product_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``out += a @ b`` with ``out`` in float32 (or float64) whatever the dtype of ``a`` and ``b``."""
+    """``out += a @ b``: one GEMM with float32 accumulation when ``out`` has the dtype of ``a`` and ``b``; else
+    ``out`` is a float32 (or float64) buffer and the product is formed apart, then added."""
     if a.dtype == out.dtype:
         out.addmm_(a, b)
     elif a.device.type == "cuda":
@@ -116,11 +130,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         chunk_size: int,
         allow_retain_graph: bool,
         kernel: chunked.RowKernel,
+        weight_grad_dtype: torch.dtype,
     ) -> torch.Tensor:
         dtype = accumulation_dtype(input.dtype)
         needs = ctx.needs_input_grad[:3]
         ctx.reduction, ctx.options, ctx.chunk_size = reduction, options, chunk_size
-        ctx.allow_retain_graph, ctx.kernel = allow_retain_graph, kernel
+        ctx.allow_retain_graph, ctx.kernel, ctx.weight_grad_dtype = allow_retain_graph, kernel, weight_grad_dtype
         ones = torch.ones(input.shape[0], dtype=dtype, device=input.device)
         if reduction == "none":
             # Gradients wait for the per-token grad_output: recompute in backward.
@@ -132,7 +147,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         scale = torch.ones((), dtype=dtype, device=input.device)
         if reduction == "mean":
             scale = safe_divide(scale, mean_denominator(target, options, dtype))
-        grads = _new_grads(input, linear_weight, linear_bias, needs)
+        grads = _new_grads(input, linear_weight, linear_bias, needs, weight_grad_dtype)
         losses = _fused_pass(
             input, linear_weight, linear_bias, target, options, scale.expand_as(ones), chunk_size, grads, kernel
         )
@@ -143,12 +158,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         if ctx.reduction == "none":
             input, linear_weight, linear_bias, target = ctx.saved_tensors
-            grads = _new_grads(input, linear_weight, linear_bias, ctx.needs_input_grad[:3])
+            grads = _new_grads(input, linear_weight, linear_bias, ctx.needs_input_grad[:3], ctx.weight_grad_dtype)
             scale = grad_output.to(accumulation_dtype(input.dtype))
             _fused_pass(
                 input, linear_weight, linear_bias, target, ctx.options, scale, ctx.chunk_size, grads, ctx.kernel
             )
-            return (*_cast_grads(grads, input, linear_weight, linear_bias), None, None, None, None, None, None)
+            return (*_cast_grads(grads, input, linear_weight, linear_bias), None, None, None, None, None, None, None)
         grads = ctx.grads
         if grads is None:
             raise RuntimeError(
@@ -159,20 +174,22 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grads = tuple(None if grad is None else grad * grad_output.to(grad.dtype) for grad in grads)
         else:
             ctx.grads = None
-            if not chunked.is_one(grad_output):
-                for grad in grads:
-                    if grad is not None:
-                        grad.mul_(grad_output.to(grad.dtype))
-        return (*grads, None, None, None, None, None, None)
+            for grad in grads:
+                if grad is not None:
+                    chunked.scale_(grad, grad_output)
+        return (*grads, None, None, None, None, None, None, None)
 
 
-def _new_grads(input, linear_weight, linear_bias, needs):
-    """Gradient buffers: dX in the input's dtype; dW and db in float32 (float64 for float64 weights)."""
+def _new_grads(input, linear_weight, linear_bias, needs, weight_grad_dtype):
+    """Gradient buffers: dX in the input's dtype, dW in ``weight_grad_dtype``, db in float32 (float64 for float64
+    weights)."""
     needs_input, needs_weight, needs_bias = needs
     accumulate = accumulation_dtype(linear_weight.dtype)
     return (
         torch.empty_like(input) if needs_input else None,
-        torch.zeros(linear_weight.shape, dtype=accumulate, device=linear_weight.device) if needs_weight else None,
+        torch.zeros(linear_weight.shape, dtype=weight_grad_dtype, device=linear_weight.device)
+        if needs_weight
+        else None,
         torch.zeros(linear_weight.shape[0], dtype=accumulate, device=linear_weight.device)
         if needs_bias and linear_bias is not None
         else None,
@@ -199,13 +216,17 @@ def chunked_linear_cross_entropy(
     *,
     allow_retain_graph: bool = False,
     kernel: chunked.RowKernel | None = None,
+    weight_grad_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Linear cross-entropy of canonical tensors (``input (N, D)``) by :class:`ChunkedLinearCrossEntropy`.
 
     ``allow_retain_graph`` as in :func:`xent.kernels.chunked.chunked_cross_entropy`; ``kernel`` is the row kernel
-    run in place on each logits chunk (:func:`xent.kernels.chunked.loss_and_grad_` by default, Triton's on GPUs).
+    run in place on each logits chunk (:func:`xent.kernels.chunked.loss_and_grad_` by default, Triton's on GPUs);
+    ``weight_grad_dtype``: the dtype ``dW`` is summed in over chunks (the weight's by default).
     """
-    chunk_size = chunk_size or default_chunk_size(input.shape[0], linear_weight.shape[0], input.device)
+    chunk_size = chunk_size or default_chunk_size(
+        input.shape[0], linear_weight.shape[0], input.device, input.element_size()
+    )
     return ChunkedLinearCrossEntropy.apply(
         input.contiguous(),
         linear_weight,
@@ -216,4 +237,5 @@ def chunked_linear_cross_entropy(
         chunk_size,
         allow_retain_graph,
         kernel or chunked.loss_and_grad_,
+        weight_grad_dtype or linear_weight.dtype,
     )

@@ -70,6 +70,7 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    weight_grad_dtype: torch.dtype | None = None,
     impl: str | None = None,
 ) -> torch.Tensor:
     r"""Cross-entropy of a linear head, :math:`\operatorname{cross\_entropy}(x W^\top + b,\ y)`, without the logits.
@@ -77,8 +78,11 @@ def linear_cross_entropy(
     For a language model's head (N tokens, hidden size D, vocabulary V) the logits are an ``N × V`` tensor — 8 GB in
     float32 for 8,192 tokens and a 256k vocabulary — and eager PyTorch keeps several. Here tokens are processed in
     chunks: a chunk's logits, its loss and gradient, then its share of ``d(input)``, ``d(linear_weight)`` and
-    ``d(linear_bias)``; the only extra memory is one chunk of logits (:mod:`xent.kernels.linear`). The weight and bias
-    gradients are accumulated in float32 for half-precision heads, and the result is deterministic.
+    ``d(linear_bias)``; the only extra memory is one chunk of logits (:mod:`xent.kernels.linear`). Each chunk's
+    weight gradient is summed over its tokens in float32 inside one GEMM and added to ``d(linear_weight)`` in the
+    weight's dtype: a bfloat16 head's gradient is rounded once per chunk (8 times for 8,192 tokens on a GPU), not
+    once — ``weight_grad_dtype=torch.float32`` sums in float32 instead, at the price of a float32 copy of the
+    weight's gradient. The bias gradient is summed in float32; the result is deterministic (no atomics).
 
     Every option of :func:`xent.cross_entropy` is supported with the same semantics (weighted mean, 0 when every
     target is ignored, ``z_loss``, ``softcap``). Argument names follow PyTorch 2.13's
@@ -95,8 +99,11 @@ def linear_cross_entropy(
         target: class indices ``(...)`` in ``[0, V)`` or ``ignore_index``; or probabilities ``(..., V)``.
         linear_bias: the head's bias ``(V,)`` or ``None``.
         weight, ignore_index, reduction, label_smoothing, z_loss, softcap: as in :func:`xent.cross_entropy`.
-        chunk_size: tokens per chunk; by default chosen from N, V and the device's memory (a 128 MB logits chunk on
-            the CPU, up to 1 GB or an eighth of free memory on CUDA).
+        chunk_size: tokens per chunk; by default chosen from N, V and the device (a 128 MB float32 logits chunk on
+            the CPU; 1,024 tokens on CUDA, fewer if that would take over an eighth of the free memory). Smaller
+            chunks use less memory and, on GPUs below ~512 tokens, more time.
+        weight_grad_dtype: the dtype ``d(linear_weight)`` is summed in over chunks: ``None`` (the weight's own
+            dtype, no extra memory) or a wider floating dtype such as ``torch.float32``.
         impl: ``None`` picks the fused implementation for the device — ``"triton"`` (the chunked GEMMs with the
             Triton kernel) on CUDA when triton is installed, ``"chunked"`` otherwise; ``"reference"`` is the plain
             ``cross_entropy(linear(input, W, b), target)``.
@@ -115,12 +122,24 @@ def linear_cross_entropy(
     )
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if weight_grad_dtype is not None and not isinstance(weight_grad_dtype, torch.dtype):
+        raise TypeError(f"weight_grad_dtype must be a torch.dtype or None, got {weight_grad_dtype!r}")
+    if weight_grad_dtype is not None and not weight_grad_dtype.is_floating_point:
+        raise ValueError(f"weight_grad_dtype must be a floating-point dtype, got {weight_grad_dtype}")
     flat_input, flat_target, batch_shape = canonicalize_linear(input, linear_weight, linear_bias, target)
     options = SoftmaxOptions(None, ignore_index, label_smoothing, z_loss, softcap)
     options = checked_options(options, weight, flat_target, linear_weight.shape[0])
     from xent.kernels.dispatch import dispatch_linear_cross_entropy  # kernels import this module
 
     loss = dispatch_linear_cross_entropy(
-        impl, flat_input, linear_weight, linear_bias, flat_target, options, reduction, chunk_size=chunk_size
+        impl,
+        flat_input,
+        linear_weight,
+        linear_bias,
+        flat_target,
+        options,
+        reduction,
+        chunk_size=chunk_size,
+        weight_grad_dtype=weight_grad_dtype,
     )
     return (loss.view(batch_shape) if reduction == "none" else loss).to(input.dtype)
