@@ -178,10 +178,16 @@ def _liger_linear(problem: Problem) -> Prepared:
     return _linear(lambda h, w, t: loss(w, h, t))(problem)
 
 
-def _cce_linear(problem: Problem) -> Prepared:
-    from cut_cross_entropy import linear_cross_entropy
+def _cce_linear(filter_eps: str | None) -> Callable[[Problem], Prepared]:
+    """cut-cross-entropy as its users run it (``filter_eps="auto"``: backward skips the blocks whose probabilities
+    are all below 2⁻¹² in bf16 — nearly all of them when the softmax is flat, as on random inputs) and exact."""
 
-    return _linear(lambda h, w, t: linear_cross_entropy(h, w, t, impl="cce"))(problem)
+    def prepare(problem: Problem) -> Prepared:
+        from cut_cross_entropy import linear_cross_entropy
+
+        return _linear(lambda h, w, t: linear_cross_entropy(h, w, t, impl="cce", filter_eps=filter_eps))(problem)
+
+    return prepare
 
 
 # --- availability ----------------------------------------------------------------------------------------------
@@ -234,7 +240,8 @@ IMPLEMENTATIONS: dict[str, list[Implementation]] = {
             "torch-chunked", "linear-ce", _linear(_torch_chunked_linear), needs=_needs_torch_linear_cross_entropy
         ),
         Implementation("liger", "linear-ce", _liger_linear, needs=_needs_package("liger_kernel")),
-        Implementation("cce", "linear-ce", _cce_linear, needs=_needs_package("cut_cross_entropy")),
+        Implementation("cce", "linear-ce", _cce_linear("auto"), needs=_needs_package("cut_cross_entropy")),
+        Implementation("cce-exact", "linear-ce", _cce_linear(None), needs=_needs_package("cut_cross_entropy")),
         Implementation("floor", "linear-ce", _linear_floor, is_floor=True),
     ],
 }

@@ -15,7 +15,7 @@ so the forward reads the logits once and writes the gradient once; extra memory 
 ``inplace_backward=True``, ``G`` *is* the logits' storage.
 
 :class:`ChunkedLinearCrossEntropy` does the same one level up: blocks of tokens → logits block ``X_b Wᵀ`` → the
-block loop above on it, in place → ``dX_b = G_b W``, ``dW += G_bᵀ X_b`` (float32), ``db += Σ G_b``. The ``N × V``
+block loop above on it, in place → ``dX_b = G_b W``, ``dW += G_bᵀ X_b``, ``db += Σ G_b``. The ``N × V``
 logits never exist; peak extra memory is one logits block.
 """
 
