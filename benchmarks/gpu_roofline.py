@@ -48,32 +48,25 @@ def ce_sweep(copy_gbs: float, n: int = 16384, v: int = 128256) -> None:
     grad = torch.empty_like(logits)
     target = torch.randint(v, (n,), device="cuda")
     scale = torch.full((n,), 1.0 / n, device="cuda")
-    losses = torch.empty(n, device="cuda")
     options = SoftmaxOptions()
     traffic = 3 * logits.numel() * logits.element_size()
 
-    def launch(out, block, warps):
-        triton_ce.cross_entropy_kernel[(n,)](
-            logits, logits.stride(0), out, out.stride(0), target, 0, scale, scale, losses, v, -100, 0.0, 0.0, 1.0,
-            PROBS=False, HAS_WEIGHT=False, HAS_SOFTCAP=False, HAS_GRAD=True, BLOCK=block, num_warps=warps,
-        )  # fmt: skip
+    def report(name: str, ms: float) -> None:
+        print(f"  {name}: {ms:6.2f} ms  {traffic / ms / 1e-3 / GB / copy_gbs:5.1%} of copy bandwidth")
 
     print(f"ce    {n}×{v} bf16, 2 reads + 1 write = {traffic / GB:.1f} GB; copy bandwidth {copy_gbs:.0f} GB/s")
     for block in (1024, 2048, 4096, 8192, 16384):
         for warps in (4, 8, 16, 32):
             if block // (32 * warps) < 1:
                 continue
-            ms = _median_ms(lambda b=block, w=warps: launch(grad, b, w))
-            print(f"  BLOCK={block:5d} warps={warps:2d}: {ms:6.2f} ms  {traffic / ms / 1e-3 / GB / copy_gbs:5.1%}")
-    with torch.no_grad():
-        for name, fn in {
-            "xent.cross_entropy (default config)": lambda: triton_ce.loss_and_grad_(
-                logits, grad, target, options, scale
-            ),
-            "in place": lambda: triton_ce.loss_and_grad_(logits, logits, target, options, scale),
-        }.items():
-            ms = _median_ms(fn)
-            print(f"  {name}: {ms:.2f} ms  {traffic / ms / 1e-3 / GB / copy_gbs:.1%} of copy bandwidth")
+            ms = _median_ms(
+                lambda b=block, w=warps: triton_ce.loss_and_grad_(
+                    logits, grad, target, options, scale, block=b, num_warps=w
+                )
+            )
+            report(f"BLOCK={block:5d} warps={warps:2d}", ms)
+    report("default configuration", _median_ms(lambda: triton_ce.loss_and_grad_(logits, grad, target, options, scale)))
+    report("in place", _median_ms(lambda: triton_ce.loss_and_grad_(logits, logits, target, options, scale)))
 
 
 def _tflops(flop: float, ms: float) -> float:

@@ -21,8 +21,6 @@ logits never exist; peak extra memory is one logits block.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 from collections.abc import Callable
 
 import torch
@@ -246,17 +244,14 @@ def is_one(value: torch.Tensor) -> bool:
 def scale_(grad: torch.Tensor, factor: torch.Tensor) -> None:
     """``grad *= factor`` in place (``factor`` broadcasts), skipped when it is a scalar exactly 1 — as it is for a
     plain ``loss.backward()`` — with no host sync: on CUDA with triton installed a kernel reads it on the device."""
-    if factor.numel() == 1 and grad.is_cuda and grad.is_contiguous() and _has_triton():
+    from xent.kernels.dispatch import triton_installed  # dispatch imports this module
+
+    if factor.numel() == 1 and grad.is_cuda and grad.is_contiguous() and triton_installed():
         from xent.kernels.triton.scale import scale_unless_one_
 
         scale_unless_one_(grad, factor)
     elif not is_one(factor):
         grad.mul_(factor.to(grad.dtype))
-
-
-@functools.cache
-def _has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def chunked_cross_entropy(

@@ -6,6 +6,7 @@ Every implementation takes canonical tensors — logits ``(M, C)``, class indice
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -33,9 +34,14 @@ def fused_impl(device: torch.device) -> str:
     return "triton" if device.type == "cuda" and triton_usable(device) else "chunked"
 
 
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_usable(device: torch.device) -> bool:
     """Triton kernels run on CUDA tensors, or anywhere under the Triton interpreter, when triton is installed."""
-    if importlib.util.find_spec("triton") is None:
+    if not triton_installed():
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -43,7 +49,7 @@ def triton_usable(device: torch.device) -> bool:
 def _triton_kernel(device: torch.device):
     if not triton_usable(device):
         why = "the triton package is not installed (pip install 'xent[triton]')"
-        if importlib.util.find_spec("triton") is not None:
+        if triton_installed():
             why = f"the tensors are on {device.type}; Triton needs CUDA (or TRITON_INTERPRET=1 to simulate it)"
         raise ValueError(f"impl='triton' cannot run here: {why}")
     from xent.kernels.triton import cross_entropy

@@ -16,7 +16,7 @@ so the work is the floor — three GEMMs — plus one pass over each logits chun
 is one logits chunk. The price of that memory is the update of ``dW``: it reads and writes all of ``dW`` once per
 chunk, which is bandwidth-bound below ~500 tokens a chunk on an H100 (3 TB/s against 740 TFLOP/s of bf16 GEMM),
 hence :data:`ACCELERATOR_CHUNK_TOKENS`; and a half-precision ``dW`` is rounded once per chunk (``weight_grad_dtype=
-torch.float32`` sums in a float32 buffer instead: exact, 2 bytes × V × D more memory and about twice that traffic).
+torch.float32`` sums in a float32 buffer instead: 2 bytes × V × D more memory and twice that traffic).
 
 ``reduction="none"`` cannot be done that way: each token's gradient is scaled by its own ``grad_output[n]``
 *before* the sum over tokens that forms ``dW``, so its forward computes only the losses and its backward recomputes
@@ -55,14 +55,15 @@ def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device, i
 
 
 def _accumulate_product_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``out += a @ b``: one GEMM with float32 accumulation when ``out`` has the dtype of ``a`` and ``b``; else
-    ``out`` is a float32 (or float64) buffer and the product is formed apart, then added."""
+    """``out += a @ b`` in one GEMM with float32 accumulation when ``out`` has the dtype of ``a`` and ``b``, or is
+    float32 on CUDA (cuBLAS reads and writes the half-precision product's float32 ``out`` itself); otherwise the
+    product is formed apart, rounded, and added to the wider ``out``."""
     if a.dtype == out.dtype:
         out.addmm_(a, b)
-    elif a.device.type == "cuda":
-        out.add_(torch.mm(a, b, out_dtype=out.dtype))  # the GEMM writes float32 directly
+    elif a.is_cuda and out.dtype == torch.float32:
+        torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
     else:
-        out.add_(torch.mm(a, b))  # the CPU has no mixed-dtype GEMM: round the chunk's product, sum in float32
+        out.add_(torch.mm(a, b))
 
 
 def _chunks(num_tokens: int, chunk_size: int):
