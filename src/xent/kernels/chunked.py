@@ -21,12 +21,14 @@ logits never exist; peak extra memory is one logits block.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
 
+from xent.losses._autocast import autocast_off
 from xent.losses._reduce import accumulation_dtype, safe_divide
-from xent.losses.softmax import SoftmaxOptions, mean_denominator
+from xent.losses.softmax import SoftmaxOptions, mean_denominator, reference_cross_entropy
 
 # Rows per block are chosen so that one float32 block is about this size. On the CPU it stays in L2 while ~6 passes
 # run over it; on a GPU each pass is a kernel launch, so blocks are large enough for launches not to dominate (with a
@@ -191,15 +193,54 @@ class _RowTerms:
 RowKernel = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, SoftmaxOptions, torch.Tensor], torch.Tensor]
 
 
+SECOND_ORDER_MESSAGE = (
+    "xent's fused kernels (impl='chunked' or 'triton', the automatic choice for training-sized problems, and "
+    "linear_cross_entropy) form the gradient in the forward pass and cannot differentiate it again; "
+    "pass impl='reference' for second-order gradients (create_graph=True)"
+)
+
+
+def refuse_second_order() -> None:
+    """Raise in a fused Function's backward when asked for a differentiable gradient (``create_graph=True``, which
+    runs backward with grad mode on): the stored gradient has no graph, so a second derivative would silently miss
+    its dependence on the inputs."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(SECOND_ORDER_MESSAGE)
+
+
+def reference_gradients(
+    reference: Callable[..., torch.Tensor],
+    inputs: tuple[torch.Tensor | None, ...],
+    needs: tuple[bool, ...],
+    grad_output: torch.Tensor,
+) -> tuple[torch.Tensor | None, ...]:
+    """The gradients, for the inputs flagged in ``needs``, of ``reference(*inputs)`` contracted with ``grad_output``.
+
+    The fused kernels form the logits' (or the head's) gradient themselves; the rare extra inputs — probability
+    targets and class weights that require grad — get theirs from the plain reference, recomputed here in backward,
+    so every implementation has the reference's gradient by construction.
+    """
+    with torch.enable_grad(), autocast_off(grad_output):
+        leaves = tuple(
+            None if tensor is None else tensor.detach().requires_grad_(need)
+            for tensor, need in zip(inputs, needs, strict=True)
+        )
+        wanted = [leaf for leaf, need in zip(leaves, needs, strict=True) if need]
+        grads = iter(torch.autograd.grad(reference(*leaves), wanted, grad_output))
+    return tuple(next(grads) if need else None for need in needs)
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Cross-entropy on canonical logits with the gradient formed in the forward pass (see the module docstring)
-    by a row kernel: :func:`loss_and_grad_` on any device, or the Triton kernel on GPUs."""
+    by a row kernel: :func:`loss_and_grad_` on any device, or the Triton kernel on GPUs. ``weight`` is
+    ``options.weight``, passed apart so that autograd sees it."""
 
     @staticmethod
     def forward(
         ctx,
         logits: torch.Tensor,
         target: torch.Tensor,
+        weight: torch.Tensor | None,
         options: SoftmaxOptions,
         reduction: str,
         inplace_backward: bool,
@@ -214,14 +255,31 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad = logits if inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
         losses = kernel(logits, grad, target, options, scale.expand(logits.shape[0]))
-        ctx.reduction, ctx.allow_retain_graph = reduction, allow_retain_graph
+        ctx.options, ctx.reduction, ctx.allow_retain_graph = options, reduction, allow_retain_graph
         ctx.grad = grad  # kept on ctx, not saved: with inplace_backward it is the logits, changed on purpose
+        if any(ctx.needs_input_grad[1:3]):  # inplace_backward was refused for this case up front
+            ctx.save_for_backward(logits, target, weight)
         if reduction == "none":
             return losses
         return losses.sum() * scale
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
+        refuse_second_order()
+        grad_target = grad_weight = None
+        if any(ctx.needs_input_grad[1:3]):
+            logits, target, weight = ctx.saved_tensors
+
+            def reference(target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+                options = dataclasses.replace(ctx.options, weight=weight)
+                return reference_cross_entropy(logits, target, options, ctx.reduction)
+
+            grad_target, grad_weight = reference_gradients(
+                reference, (target, weight), ctx.needs_input_grad[1:3], grad_output
+            )
+        unused = (None,) * 5
+        if not ctx.needs_input_grad[0]:
+            return None, grad_target, grad_weight, *unused
         grad = ctx.grad
         if grad is None:
             raise RuntimeError(
@@ -230,10 +288,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             )
         scale = grad_output.unsqueeze(1) if ctx.reduction == "none" else grad_output
         if ctx.allow_retain_graph:  # keep the stored gradient intact: one more logits-sized buffer
-            return grad * scale.to(grad.dtype), None, None, None, None, None, None
+            return grad * scale.to(grad.dtype), grad_target, grad_weight, *unused
         ctx.grad = None
         scale_(grad, scale)
-        return grad, None, None, None, None, None, None
+        return grad, grad_target, grad_weight, *unused
 
 
 def is_one(value: torch.Tensor) -> bool:
@@ -271,8 +329,24 @@ def chunked_cross_entropy(
     the graph can be backpropagated once. ``allow_retain_graph=True`` keeps it intact for repeated backward
     passes (``retain_graph=True``, ``gradcheck``) at the cost of that buffer.
     """
+    if (
+        inplace_backward
+        and torch.is_grad_enabled()
+        and any(tensor is not None and tensor.requires_grad for tensor in (target, options.weight))
+    ):
+        raise ValueError(
+            "inplace_backward=True overwrites the logits, which the gradient of a target or weight that requires "
+            "grad is computed from; detach them or leave inplace_backward off"
+        )
     if not logits.is_contiguous():
         logits = logits.contiguous()
     return ChunkedCrossEntropy.apply(
-        logits, target, options, reduction, inplace_backward, allow_retain_graph, kernel or loss_and_grad_
+        logits,
+        target,
+        options.weight,
+        options,
+        reduction,
+        inplace_backward,
+        allow_retain_graph,
+        kernel or loss_and_grad_,
     )

@@ -57,7 +57,11 @@ def _triton_kernel(device: torch.device):
     return cross_entropy.loss_and_grad_
 
 
-def choose_cross_entropy(impl: str | None, logits: torch.Tensor, *, inplace_backward: bool) -> str:
+def choose_cross_entropy(
+    impl: str | None, logits: torch.Tensor, *, inplace_backward: bool, extra_grads: bool = False
+) -> str:
+    """The implementation to run. ``extra_grads``: a target or class weight requires grad, which the fused kernels
+    would get by recomputing the reference in backward — so the automatic choice is the reference itself."""
     _check_impl(impl)
     if impl is not None:
         if impl == "reference" and inplace_backward:
@@ -69,7 +73,7 @@ def choose_cross_entropy(impl: str | None, logits: torch.Tensor, *, inplace_back
     if inplace_backward:
         return fused
     training = logits.requires_grad and torch.is_grad_enabled()
-    return fused if training and logits.numel() >= CHUNKED_MIN_ELEMENTS else "reference"
+    return fused if training and not extra_grads and logits.numel() >= CHUNKED_MIN_ELEMENTS else "reference"
 
 
 def dispatch_cross_entropy(
@@ -82,7 +86,8 @@ def dispatch_cross_entropy(
     inplace_backward: bool = False,
 ) -> torch.Tensor:
     """The reduced cross-entropy of canonical tensors by the chosen implementation."""
-    chosen = choose_cross_entropy(impl, logits, inplace_backward=inplace_backward)
+    extra_grads = any(tensor is not None and tensor.requires_grad for tensor in (target, options.weight))
+    chosen = choose_cross_entropy(impl, logits, inplace_backward=inplace_backward, extra_grads=extra_grads)
     if chosen == "reference":
         return softmax.reference_cross_entropy(logits, target, options, reduction)
     kernel = _triton_kernel(logits.device) if chosen == "triton" else None

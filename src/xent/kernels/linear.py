@@ -25,10 +25,13 @@ the logits chunk by chunk with the scale applied (four GEMMs in all, the same me
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from xent.kernels import chunked
 from xent.losses._reduce import accumulation_dtype, safe_divide
+from xent.losses.linear import reference_linear_cross_entropy
 from xent.losses.softmax import SoftmaxOptions, mean_denominator
 
 # Bytes of one float32 logits chunk (c × V) on the CPU, where the chunk is the only memory beyond the inputs and
@@ -117,7 +120,8 @@ def _fused_pass(
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of ``input @ linear_weight.T + linear_bias`` without the logits (see the module docstring)."""
+    """Cross-entropy of ``input @ linear_weight.T + linear_bias`` without the logits (see the module docstring).
+    ``weight`` is ``options.weight``, passed apart so that autograd sees it."""
 
     @staticmethod
     def forward(
@@ -126,6 +130,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         linear_weight: torch.Tensor,
         linear_bias: torch.Tensor | None,
         target: torch.Tensor,
+        weight: torch.Tensor | None,
         options: SoftmaxOptions,
         reduction: str,
         chunk_size: int,
@@ -137,14 +142,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         ctx.reduction, ctx.options, ctx.chunk_size = reduction, options, chunk_size
         ctx.allow_retain_graph, ctx.kernel, ctx.weight_grad_dtype = allow_retain_graph, kernel, weight_grad_dtype
+        if reduction == "none" or any(ctx.needs_input_grad[3:5]):
+            ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
         ones = torch.ones(input.shape[0], dtype=dtype, device=input.device)
         if reduction == "none":
             # Gradients wait for the per-token grad_output: recompute in backward.
-            losses = _fused_pass(
+            return _fused_pass(
                 input, linear_weight, linear_bias, target, options, ones, chunk_size, (None,) * 3, kernel
             )
-            ctx.save_for_backward(input, linear_weight, linear_bias, target)
-            return losses
         scale = torch.ones((), dtype=dtype, device=input.device)
         if reduction == "mean":
             scale = safe_divide(scale, mean_denominator(target, options, dtype))
@@ -157,14 +162,27 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
+        chunked.refuse_second_order()
+        unused = (None,) * 6
+        grad_target = grad_weight = None
+        if any(ctx.needs_input_grad[3:5]):
+            input, linear_weight, linear_bias, target, weight = ctx.saved_tensors
+
+            def reference(target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+                options = dataclasses.replace(ctx.options, weight=weight)
+                return reference_linear_cross_entropy(input, linear_weight, linear_bias, target, options, ctx.reduction)
+
+            grad_target, grad_weight = chunked.reference_gradients(
+                reference, (target, weight), ctx.needs_input_grad[3:5], grad_output
+            )
         if ctx.reduction == "none":
-            input, linear_weight, linear_bias, target = ctx.saved_tensors
+            input, linear_weight, linear_bias, target, _ = ctx.saved_tensors
             grads = _new_grads(input, linear_weight, linear_bias, ctx.needs_input_grad[:3], ctx.weight_grad_dtype)
             scale = grad_output.to(accumulation_dtype(input.dtype))
             _fused_pass(
                 input, linear_weight, linear_bias, target, ctx.options, scale, ctx.chunk_size, grads, ctx.kernel
             )
-            return (*_cast_grads(grads, input, linear_weight, linear_bias), None, None, None, None, None, None, None)
+            return *_cast_grads(grads, input, linear_weight, linear_bias), grad_target, grad_weight, *unused
         grads = ctx.grads
         if grads is None:
             raise RuntimeError(
@@ -178,7 +196,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             for grad in grads:
                 if grad is not None:
                     chunked.scale_(grad, grad_output)
-        return (*grads, None, None, None, None, None, None, None)
+        return *grads, grad_target, grad_weight, *unused
 
 
 def _new_grads(input, linear_weight, linear_bias, needs, weight_grad_dtype):
@@ -233,6 +251,7 @@ def chunked_linear_cross_entropy(
         linear_weight,
         linear_bias,
         target,
+        options.weight,
         options,
         reduction,
         chunk_size,

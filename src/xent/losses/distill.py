@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 
 from xent.losses import _checks
+from xent.losses._autocast import float32_under_autocast
 from xent.losses._reduce import accumulation_dtype, reduce_loss
 from xent.losses.softmax import class_dimension
 
 DISTILLATION_REDUCTIONS = ("none", "batchmean", "mean", "sum")
 
 
+@float32_under_autocast
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher: torch.Tensor,

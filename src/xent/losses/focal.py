@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from xent.losses import _checks
+from xent.losses._autocast import float32_under_autocast
 from xent.losses._reduce import accumulation_dtype, reduce_loss
 from xent.losses.sigmoid import binary_cross_entropy_with_logits, check_binary_pair
 from xent.losses.softmax import class_index_loss, cross_entropy, target_log_prob
@@ -21,6 +22,7 @@ def _log_one_minus_exp(log_p: torch.Tensor) -> torch.Tensor:
     return torch.log((-torch.expm1(log_p)).clamp_min(torch.finfo(log_p.dtype).tiny))
 
 
+@float32_under_autocast
 def focal_loss(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -40,6 +42,13 @@ def focal_loss(
     the reductions behave as in :func:`xent.cross_entropy` ("mean" divides by :math:`\sum w_{y_n}`; α does not enter
     the denominator). :math:`(1 - p)^\gamma` is computed from :math:`\log p` with ``expm1``, so confident predictions
     do not round it to 0 prematurely.
+
+    Coming from Keras: ``CategoricalFocalCrossentropy(alpha=0.25, gamma=2.0, from_logits=True)`` takes one-hot
+    targets and always applies its scalar ``alpha`` (default 0.25); here the target is the class index
+    (``one_hot.argmax(-1)``), ``alpha`` defaults to ``None`` (no weighting), so pass ``alpha=0.25`` for Keras' loss.
+    A per-class ``alpha`` tensor is the class-balanced variant; it multiplies each element's loss but, unlike
+    ``weight``, does not enter the mean's denominator. For the sigmoid (multi-label) focal loss of torchvision and
+    Keras' ``BinaryFocalCrossentropy`` see :func:`sigmoid_focal_loss`.
 
     Args:
         input: logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``.
@@ -77,6 +86,7 @@ def _check_alpha(alpha: float | torch.Tensor | None) -> float | torch.Tensor | N
     return _checks.check_in_range("alpha", alpha, 0.0)
 
 
+@float32_under_autocast
 def sigmoid_focal_loss(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -96,11 +106,23 @@ def sigmoid_focal_loss(
     log-sigmoids and logits of ±1e4 give finite losses and gradients. With :math:`\gamma = 0` and ``alpha=None``
     it is :func:`xent.binary_cross_entropy_with_logits`.
 
+    Coming from another library:
+
+    - torchvision's ``sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2, reduction="none")`` is
+      ``xent.sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2, reduction="none")``; note that xent's default
+      reduction is ``"mean"``, as every xent loss. torchvision's ``alpha=-1`` ("no weighting") is accepted and means
+      ``alpha=None``.
+    - Keras' ``BinaryFocalCrossentropy(apply_class_balancing=False, alpha=0.25, gamma=2.0, from_logits=True)``
+      ignores ``alpha`` unless ``apply_class_balancing=True``: it is ``alpha=None`` here, and
+      ``apply_class_balancing=True`` is ``alpha=alpha``. xent always takes logits (``from_logits=True``); Keras'
+      default reduction (``"sum_over_batch_size"``) is ``"mean"``.
+
     Args:
         input: logits, any shape.
         target: targets in [0, 1] with the input's shape.
         gamma: focusing parameter :math:`\gamma \ge 0`; default 2.
-        alpha: weight of the positive class in [0, 1]; default 0.25 (the paper's); ``None`` disables it.
+        alpha: weight of the positive class in [0, 1]; default 0.25 (the paper's); ``None`` (or torchvision's
+            ``-1``) disables it.
         reduction: ``"none"`` | ``"mean"`` (over all elements) | ``"sum"``.
 
     References:
@@ -108,6 +130,8 @@ def sigmoid_focal_loss(
     """
     _checks.check_reduction(reduction)
     gamma = _checks.check_in_range("gamma", gamma, 0.0)
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha == -1:
+        alpha = None  # torchvision's spelling of "no weighting"
     if alpha is not None:
         alpha = _checks.check_in_range("alpha", alpha, 0.0, 1.0)
     input, target = check_binary_pair(input, target)
@@ -122,6 +146,7 @@ def sigmoid_focal_loss(
     return reduce_loss(loss, reduction).to(input.dtype)
 
 
+@float32_under_autocast
 def poly1_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 
 from xent.losses import _checks
+from xent.losses._autocast import float32_under_autocast
 from xent.losses._reduce import accumulation_dtype
 from xent.losses.sigmoid import binary_cross_entropy_with_logits
 
 
+@float32_under_autocast
 def gan_discriminator_loss(
     real_logits: torch.Tensor, fake_logits: torch.Tensor, *, label_smoothing: float = 0.0, reduction: str = "mean"
 ) -> torch.Tensor:
@@ -39,6 +41,7 @@ def gan_discriminator_loss(
     return real + binary_cross_entropy_with_logits(fake_logits, fake_target, reduction=reduction)
 
 
+@float32_under_autocast
 def gan_generator_loss(fake_logits: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
     r"""The non-saturating GAN generator loss: :math:`\operatorname{BCE}(D(G(z)), 1) = -\log D(G(z))`.
 
@@ -56,6 +59,7 @@ def gan_generator_loss(fake_logits: torch.Tensor, *, reduction: str = "mean") ->
     return binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits), reduction=reduction)
 
 
+@float32_under_autocast
 def vae_loss(
     recon_logits: torch.Tensor,
     x: torch.Tensor,

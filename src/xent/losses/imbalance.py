@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from xent.losses import _checks
+from xent.losses._autocast import float32_under_autocast
 from xent.losses.softmax import canonicalize, class_dimension, cross_entropy
 
 
@@ -122,6 +123,7 @@ def logit_adjust(logits: torch.Tensor, class_counts: torch.Tensor | Sequence[flo
     return logits - _log_prior_offset(logits, class_counts, tau).to(logits.dtype)
 
 
+@float32_under_autocast
 def logit_adjusted_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -156,6 +158,7 @@ def logit_adjusted_cross_entropy(
     )
 
 
+@float32_under_autocast
 def balanced_softmax_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -207,6 +210,7 @@ def ldam_margins(class_counts: torch.Tensor | Sequence[float], max_margin: float
     return margins * (max_margin / margins.max())
 
 
+@float32_under_autocast
 def ldam_loss(
     input: torch.Tensor,
     target: torch.Tensor,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from xent.losses import _checks
+from xent.losses._autocast import autocast_off, cast_for_linear, result_dtype
 from xent.losses.softmax import SoftmaxOptions, check_softmax_options, checked_options, reference_cross_entropy
 
 
@@ -92,6 +93,12 @@ def linear_cross_entropy(
 
     The gradient is formed during the forward pass for ``"mean"`` and ``"sum"`` and can be backpropagated once;
     ``"none"`` recomputes the logits in backward so that each token's ``grad_output`` scales its own gradient.
+    Probability targets and class weights that require grad are differentiated too: their gradients are recomputed
+    by the reference in backward (which forms the logits). Second-order gradients need ``impl="reference"``.
+
+    Under ``torch.autocast`` it does what ``F.linear`` followed by ``F.cross_entropy`` does: the head's products in
+    the autocast dtype (the input, weight and bias are cast, and their gradients return in their own dtypes), the
+    loss in float32.
 
     Args:
         input: hidden states ``(..., D)``.
@@ -126,20 +133,24 @@ def linear_cross_entropy(
         raise TypeError(f"weight_grad_dtype must be a torch.dtype or None, got {weight_grad_dtype!r}")
     if weight_grad_dtype is not None and not weight_grad_dtype.is_floating_point:
         raise ValueError(f"weight_grad_dtype must be a floating-point dtype, got {weight_grad_dtype}")
+    out_dtype = result_dtype(_checks.check_floating("input", input))
+    # Under autocast the head runs as F.linear would, in the autocast dtype, and the loss in float32.
+    input, linear_weight, linear_bias = map(cast_for_linear, (input, linear_weight, linear_bias))
     flat_input, flat_target, batch_shape = canonicalize_linear(input, linear_weight, linear_bias, target)
     options = SoftmaxOptions(None, ignore_index, label_smoothing, z_loss, softcap)
     options = checked_options(options, weight, flat_target, linear_weight.shape[0])
     from xent.kernels.dispatch import dispatch_linear_cross_entropy  # kernels import this module
 
-    loss = dispatch_linear_cross_entropy(
-        impl,
-        flat_input,
-        linear_weight,
-        linear_bias,
-        flat_target,
-        options,
-        reduction,
-        chunk_size=chunk_size,
-        weight_grad_dtype=weight_grad_dtype,
-    )
-    return (loss.view(batch_shape) if reduction == "none" else loss).to(input.dtype)
+    with autocast_off(input):
+        loss = dispatch_linear_cross_entropy(
+            impl,
+            flat_input,
+            linear_weight,
+            linear_bias,
+            flat_target,
+            options,
+            reduction,
+            chunk_size=chunk_size,
+            weight_grad_dtype=weight_grad_dtype,
+        )
+    return (loss.view(batch_shape) if reduction == "none" else loss).to(out_dtype)

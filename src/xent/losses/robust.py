@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 
 from xent.losses import _checks
+from xent.losses._autocast import float32_under_autocast
 from xent.losses.softmax import class_index_loss, cross_entropy, target_log_prob
 
 
+@float32_under_autocast
 def generalized_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -50,6 +52,7 @@ def generalized_cross_entropy(
     )
 
 
+@float32_under_autocast
 def symmetric_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from xent.losses import _checks
+from xent.losses._autocast import float32_under_autocast
 from xent.losses._reduce import accumulation_dtype, reduce_loss
 
 
@@ -32,6 +33,7 @@ def _smooth(target: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     return target * (1.0 - label_smoothing) + 0.5 * label_smoothing if label_smoothing else target
 
 
+@float32_under_autocast
 def binary_cross_entropy_with_logits(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -117,6 +119,7 @@ class _ClampedBinaryCrossEntropy(torch.autograd.Function):
         return grad_probs, grad_target
 
 
+@float32_under_autocast
 def binary_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from xent.losses import _checks
+from xent.losses._autocast import autocast_off, result_dtype
 from xent.losses._reduce import accumulation_dtype, reduce_loss
 
 
@@ -125,7 +126,14 @@ def checked_options(
 ) -> SoftmaxOptions:
     """``options`` with ``weight`` checked against ``num_classes``, after checking the class indices of ``target``
     (canonical, ``(M,)``) — the tensor checks shared by every softmax loss."""
-    if not target.is_floating_point():
+    if target.is_floating_point():
+        # PyTorch's rule: a negative ignore_index (the default -100) is accepted and means nothing for probabilities.
+        if options.ignore_index >= 0:
+            raise ValueError(
+                f"ignore_index={options.ignore_index} applies to class-index targets, but target holds probabilities; "
+                "leave ignore_index at its default (give an ignored row zero probabilities or drop it instead)"
+            )
+    else:
         _checks.check_class_indices(target, num_classes, options.ignore_index)
     return dataclasses.replace(options, weight=_checks.check_class_weight("weight", weight, num_classes))
 
@@ -218,14 +226,22 @@ def cross_entropy(
        (Gemma Team, 2024); the gradient flows through the cap.
 
     float16/bfloat16 logits are accumulated in float32 and the result is cast back to the input's dtype, so logits
-    up to ±1e4 give finite, correct losses and gradients in every dtype.
+    up to ±1e4 give finite, correct losses and gradients in every dtype. Under ``torch.autocast`` the result is
+    float32, as PyTorch's (computed without a float32 copy of the logits).
+
+    Every implementation differentiates the logits, probability targets and ``weight`` with the reference's
+    gradient (PyTorch refuses a ``weight`` that requires grad with class indices; xent differentiates it). The fused
+    kernels form the gradient in the forward pass, so they cannot be differentiated twice: a second-order gradient
+    (``create_graph=True``) through ``impl="chunked"``/``"triton"`` — or the automatic choice, which picks them for
+    training-sized problems — raises and names ``impl="reference"``, which supports it.
 
     Args:
         input: logits of shape ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``.
         target: class indices of shape ``()``, ``(N)`` or ``(N, d1, ..., dK)`` with an integer dtype, each in
             ``[0, C)`` or equal to ``ignore_index``; or probabilities with the input's shape and a floating dtype.
         weight: per-class weight of shape ``(C,)``.
-        ignore_index: a class-index target value that contributes neither loss nor gradient.
+        ignore_index: a class-index target value that contributes neither loss nor gradient; with probability
+            targets it must stay negative (the default), as in PyTorch.
         reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
         label_smoothing: :math:`\varepsilon \in [0, 1]`, mixes the target with the uniform distribution.
         z_loss: :math:`z \ge 0`, weight of the squared log-partition term.
@@ -257,8 +273,10 @@ def cross_entropy(
     # Kernels are tested against this module and import it, so the dispatcher is imported at call time.
     from xent.kernels.dispatch import dispatch_cross_entropy
 
-    loss = dispatch_cross_entropy(impl, logits, target, options, reduction, inplace_backward=inplace_backward)
-    return (loss.view(batch_shape) if reduction == "none" else loss).to(input.dtype)
+    # Under autocast: no float32 copy of the logits — every impl already computes in float32 — only a float32 result.
+    with autocast_off(input):
+        loss = dispatch_cross_entropy(impl, logits, target, options, reduction, inplace_backward=inplace_backward)
+    return (loss.view(batch_shape) if reduction == "none" else loss).to(result_dtype(input))
 
 
 def reference_cross_entropy(
