@@ -30,7 +30,9 @@ def distillation_loss(
 
     The :math:`T^2` keeps the gradient's magnitude independent of the temperature, so the loss can be mixed with a
     hard-label cross-entropy without re-tuning its weight. With a one-hot teacher and :math:`T = 1` it equals
-    cross-entropy. Terms with :math:`q = 0` contribute 0 (``xlogy``). The teacher gets no gradient.
+    cross-entropy. Terms with :math:`q = 0` contribute 0 (``xlogy``). The teacher is not differentiated: a teacher
+    that requires grad (with grad mode on) raises rather than silently getting no gradient — detach it, or compute it
+    under ``torch.no_grad()``, which also saves the memory of its graph.
 
     Args:
         student_logits: ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``.
@@ -54,8 +56,13 @@ def distillation_loss(
             f"teacher has shape {_checks.shape_str(teacher.shape)} but student_logits has shape "
             f"{_checks.shape_str(student_logits.shape)}; they must be equal"
         )
+    if teacher.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "teacher requires grad, but distillation_loss trains the student only and would leave the teacher "
+            "without a gradient; pass teacher.detach() or compute the teacher under torch.no_grad()"
+        )
     dtype = accumulation_dtype(student_logits.dtype)
-    teacher = teacher.detach().to(dtype)
+    teacher = teacher.to(dtype)
     if teacher_is_probs:
         _checks.check_probabilities("teacher", teacher)
         teacher = torch.log(teacher)  # log 0 = -inf: the class keeps probability 0 at any temperature

@@ -103,18 +103,24 @@ class _ClampedBinaryCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        log_p = torch.log(probs).clamp_min(-100.0)
-        log_not_p = torch.log1p(-probs).clamp_min(-100.0)
-        ctx.save_for_backward(probs, target, log_p, log_not_p)
+        ctx.save_for_backward(probs, target)
+        log_p, log_not_p = _ClampedBinaryCrossEntropy.clamped_logs(probs)
         return -(target * log_p + (1.0 - target) * log_not_p)
 
     @staticmethod
+    def clamped_logs(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.log(probs).clamp_min(-100.0), torch.log1p(-probs).clamp_min(-100.0)
+
+    @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        probs, target, log_p, log_not_p = ctx.saved_tensors
+        # Formed from the saved inputs by differentiable operations, so that a second derivative
+        # (create_graph=True) sees their dependence on the probabilities and the target.
+        probs, target = ctx.saved_tensors
         grad_probs = grad_target = None
         if ctx.needs_input_grad[0]:
             grad_probs = grad * (probs - target) / (probs * (1.0 - probs)).clamp_min(_ClampedBinaryCrossEntropy.EPSILON)
         if ctx.needs_input_grad[1]:
+            log_p, log_not_p = _ClampedBinaryCrossEntropy.clamped_logs(probs)
             grad_target = grad * (log_not_p - log_p)
         return grad_probs, grad_target
 
