@@ -23,8 +23,8 @@ from triton.testing import do_bench
 
 import xent
 from xent.bench.cases import SHAPES
+from xent.core.rowloss import SoftmaxOptions
 from xent.kernels.triton import cross_entropy as triton_ce
-from xent.losses.softmax import SoftmaxOptions
 
 GB = 1e9
 

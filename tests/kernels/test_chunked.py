@@ -7,8 +7,8 @@ import torch
 
 import xent
 from tests.conftest import assert_close
+from xent.core.rowloss import SoftmaxOptions
 from xent.kernels import chunked, dispatch
-from xent.losses.softmax import SoftmaxOptions
 
 OPTIONS = list(
     itertools.product(

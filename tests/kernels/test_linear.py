@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 import xent
 from tests.conftest import assert_close
+from xent.core.rowloss import SoftmaxOptions
 from xent.kernels import linear
-from xent.losses.softmax import SoftmaxOptions
 
 N, D, V = 23, 6, 13
 

@@ -26,9 +26,10 @@ from collections.abc import Callable
 
 import torch
 
-from xent.losses._autocast import autocast_off
-from xent.losses._reduce import accumulation_dtype, safe_divide
-from xent.losses.softmax import SoftmaxOptions, mean_denominator, reference_cross_entropy
+from xent.core.autocast import autocast_off
+from xent.core.reduce import accumulation_dtype, safe_divide
+from xent.core.reference import reference_cross_entropy
+from xent.core.rowloss import SoftmaxOptions, mean_denominator
 
 # Rows per block are chosen so that one float32 block is about this size. On the CPU it stays in L2 while ~6 passes
 # run over it; on a GPU each pass is a kernel launch, so blocks are large enough for launches not to dominate (with a
@@ -81,46 +82,70 @@ class _RowTerms:
     r"""The per-row side of the loss: everything that does not need the softmax is computed for all rows at once,
     so that the block loop runs only the passes over ``(B, C)`` data (about eight operations a block).
 
-    With class indices :math:`y`, weights :math:`w` (:math:`W = \sum_c w_c`), smoothing ε and z-loss z, the
-    gradient of a row is ``scale · (p · a − b)`` with ``a = (1−ε) w_y + ε W / C + 2 z w_y lse`` and
-    ``b = (1−ε) w_y δ_y + (ε / C) w``; with probabilities :math:`t'`, ``a = Σ w t' + 2 z lse`` and ``b = w ⊙ t'``.
+    With class indices the gradient of a row with respect to the transformed logits :math:`z` is
+    ``r · (p · a − b)`` (see :mod:`xent.core.rowloss`) with ``g = −w_y α_y ψ′(u)``,
+    ``a = g + ε W / C + 2 ζ w_y lse`` and ``b = g δ_y + (ε / C) w``; with probabilities :math:`t'`,
+    ``a = Σ w t' + 2 ζ lse`` and ``b = w ⊙ t'``. The chain rule through the transform multiplies by the scale
+    :math:`s` and the soft cap's :math:`1 - \tanh^2`.
     """
 
     def __init__(self, logits: torch.Tensor, target: torch.Tensor, options: SoftmaxOptions, scale: torch.Tensor):
         num_rows, num_classes = logits.shape
         self.dtype = dtype = scale.dtype
-        self.options, self.target, self.scale = options, target, scale
+        self.options, self.target = options, target
         self.num_classes = num_classes
-        self.weight = None if options.weight is None else options.weight.to(device=logits.device, dtype=dtype)
+        device = logits.device
+
+        def per_class(tensor):
+            return None if tensor is None else tensor.to(device=device, dtype=dtype)
+
+        self.weight, self.offset = per_class(options.weight), per_class(options.class_offset)
+        self.token_weight = per_class(options.token_weight)
+        self.scale = scale if self.token_weight is None else scale * self.token_weight  # grad_scale · r_n
         self.soft = target.is_floating_point()
         self.row_max = logits.new_empty(num_rows, dtype=dtype)
         self.max_prob = logits.new_empty(num_rows, dtype=dtype)
         smoothing = options.label_smoothing
         if self.soft:
-            self.target_term = logits.new_empty(num_rows, dtype=dtype)  # Σ_c w_c t'_c x_c
+            self.target_term = logits.new_empty(num_rows, dtype=dtype)  # Σ_c w_c t'_c z_c
             self.mass = logits.new_empty(num_rows, dtype=dtype)  # Σ_c w_c t'_c
             return
         valid = target != options.ignore_index
         self.safe_target = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)  # (M, 1)
+        safe_target = self.safe_target.squeeze(1)
         self.valid = valid.to(dtype)
-        # w_y, zero for ignored rows
-        self.target_weight = (
-            self.valid if self.weight is None else self.weight[self.safe_target.squeeze(1)] * self.valid
-        )
-        self.target_logit = self._cap(logits.gather(1, self.safe_target).squeeze(1).to(dtype))
-        total_weight = float(num_classes) if self.weight is None else self.weight.sum()
-        self.coefficient = (1.0 - smoothing) * self.target_weight + self.valid * (
-            smoothing / num_classes * total_weight
-        )
-        self.hard = (-(1.0 - smoothing) * self.target_weight * scale).unsqueeze(1)  # -b at y, scaled
+        # w_y, zero for ignored rows; w_y α_y for the target term
+        self.target_weight = self.valid if self.weight is None else self.weight[safe_target] * self.valid
+        self.main_weight = self.target_weight
+        if options.alpha is not None:
+            self.main_weight = self.main_weight * per_class(options.alpha)[safe_target]
+        self.margin = None  # -m_y, added at the target column
+        if options.target_margin is not None:
+            self.margin = -per_class(options.target_margin)[safe_target].unsqueeze(1)
+        self.target_logit = self._transform(self._cap(logits.gather(1, self.safe_target).to(dtype)), self.safe_target)
+        self.target_logit = self.target_logit.squeeze(1)  # z_y
+        self.total_weight = float(num_classes) if self.weight is None else self.weight.sum()
         if smoothing:
-            self.smooth_logit = logits.new_empty(num_rows, dtype=dtype)  # Σ_c w_c x_c
-            self.uniform = (self.valid * scale * (smoothing / num_classes)).unsqueeze(1)
-        self.total_weight = total_weight
+            self.smooth_logit = logits.new_empty(num_rows, dtype=dtype)  # Σ_c w_c z_c
+            self.uniform = (self.valid * self.scale * (smoothing / num_classes)).unsqueeze(1)
 
     def _cap(self, x: torch.Tensor) -> torch.Tensor:
         cap = self.options.softcap
         return x if cap is None else cap * torch.tanh(x / cap)
+
+    def _transform(self, x: torch.Tensor, columns: torch.Tensor | None, rows: slice = slice(None)) -> torch.Tensor:
+        """s (x + o − m_y e_y) of capped logits ``x`` (never in place: ``x`` may be the input); ``columns`` are the
+        class ids of ``x``'s columns: ``(B, 1)`` target ids, or None for whole rows."""
+        options = self.options
+        if self.offset is not None:
+            x = x + (self.offset[columns] if columns is not None else self.offset)
+        if self.margin is not None:
+            x = (
+                x + self.margin[rows]
+                if columns is not None
+                else x.scatter_add(1, self.safe_target[rows], self.margin[rows])
+            )
+        return x if options.logit_scale == 1.0 else x * options.logit_scale
 
     def block_(self, logits: torch.Tensor, grad: torch.Tensor | None, rows: slice) -> None:
         """Statistics of one block of rows, and its scaled gradient written into ``grad`` (when given)."""
@@ -132,6 +157,8 @@ class _RowTerms:
         if options.softcap is not None:
             capped = torch.tanh(x / options.softcap)  # kept for the chain rule: d(c·tanh(x/c))/dx = 1 - tanh²
             x = capped * options.softcap
+        if options.transforms_per_class:
+            x = self._transform(x, None, rows)
         # Everything that reads the logits runs before `work`, which may alias them, is overwritten.
         self.row_max[rows] = x.amax(dim=1)
         if self.soft:
@@ -150,18 +177,25 @@ class _RowTerms:
         self.max_prob[rows] = work.amax(dim=1)
 
         scale = self.scale[rows]
-        coefficient = self.mass[rows] if self.soft else self.coefficient[rows]
+        lse = self.row_max[rows] - torch.log(self.max_prob[rows])
+        if self.soft:
+            coefficient = self.mass[rows]
+        else:
+            u = self.target_logit[rows] - lse  # log p_y
+            hard = -self.main_weight[rows] * options.term.derivative(u, options.label_smoothing, self.num_classes)
+            coefficient = hard + self.valid[rows] * (options.label_smoothing / self.num_classes * self.total_weight)
         if options.z_loss:
-            lse = self.row_max[rows] - torch.log(self.max_prob[rows])
             z_weight = 1.0 if self.soft else self.target_weight[rows]
             coefficient = coefficient + 2.0 * options.z_loss * z_weight * lse
         work.mul_((coefficient * scale).unsqueeze(1))
         if self.soft:
             work.sub_(weighted_probs * scale.unsqueeze(1))
         else:
-            work.scatter_add_(1, self.safe_target[rows], self.hard[rows])
+            work.scatter_add_(1, self.safe_target[rows], -(hard * scale).unsqueeze(1))
             if options.label_smoothing:
                 work.sub_(self.uniform[rows] if weight is None else self.uniform[rows] * weight)
+        if options.logit_scale != 1.0:
+            work.mul_(options.logit_scale)
         if capped is not None:
             work.mul_(capped.square_().neg_().add_(1.0))
         if grad is not None and work is not grad:
@@ -176,16 +210,17 @@ class _RowTerms:
             z_weight = 1.0
         else:
             smoothing = options.label_smoothing
-            loss = (1.0 - smoothing) * self.target_weight * (lse - self.target_logit)
+            u = self.target_logit - lse
+            loss = self.main_weight * options.term.value(u, smoothing, self.num_classes)
             if smoothing:
-                # PyTorch's uniform part: (ε/C) Σ_c w_c (lse - x_c), weighted class by class.
+                # PyTorch's uniform part: (ε/C) Σ_c w_c (lse - z_c), weighted class by class.
                 loss = loss + self.valid * (smoothing / self.num_classes) * (
                     self.total_weight * lse - self.smooth_logit
                 )
             z_weight = self.target_weight
         if options.z_loss:
             loss = loss + options.z_loss * z_weight * lse.square()
-        return loss
+        return loss if self.token_weight is None else loss * self.token_weight
 
 
 # A row kernel: `kernel(logits, grad, target, options, grad_scale) -> losses`, with the contract of

@@ -12,9 +12,10 @@ import os
 
 import torch
 
+from xent.core.reference import reference_cross_entropy, reference_linear_cross_entropy
+from xent.core.rowloss import SoftmaxOptions
 from xent.kernels import chunked
 from xent.kernels import linear as chunked_linear
-from xent.losses import linear, softmax
 
 IMPLS = ("reference", "chunked", "triton")
 
@@ -76,20 +77,52 @@ def choose_cross_entropy(
     return fused if training and not extra_grads and logits.numel() >= CHUNKED_MIN_ELEMENTS else "reference"
 
 
+# Tensors of a description that the fused kernels do not differentiate (class weights and targets they do).
+UNDIFFERENTIATED = ("alpha", "token_weight", "class_offset", "target_margin")
+
+
+def _requiring_grad(options: SoftmaxOptions) -> list[str]:
+    if not torch.is_grad_enabled():
+        return []
+    return [name for name in UNDIFFERENTIATED if (value := getattr(options, name)) is not None and value.requires_grad]
+
+
+def choose_softmax_loss(
+    impl: str | None,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    options: SoftmaxOptions,
+    *,
+    inplace_backward: bool = False,
+) -> str:
+    """The implementation that runs a description: ``impl`` checked against what each one supports, or the
+    automatic choice."""
+    undifferentiated = _requiring_grad(options)
+    extra_grads = bool(undifferentiated) or any(
+        tensor is not None and tensor.requires_grad for tensor in (target, options.weight)
+    )
+    chosen = choose_cross_entropy(impl, logits, inplace_backward=inplace_backward, extra_grads=extra_grads)
+    if chosen != "reference" and undifferentiated:
+        raise ValueError(
+            f"impl={chosen!r} does not differentiate {', '.join(undifferentiated)}, which requires grad; "
+            "use impl='reference' (or detach it)"
+        )
+    return chosen
+
+
 def dispatch_cross_entropy(
     impl: str | None,
     logits: torch.Tensor,
     target: torch.Tensor,
-    options: softmax.SoftmaxOptions,
+    options: SoftmaxOptions,
     reduction: str,
     *,
     inplace_backward: bool = False,
 ) -> torch.Tensor:
-    """The reduced cross-entropy of canonical tensors by the chosen implementation."""
-    extra_grads = any(tensor is not None and tensor.requires_grad for tensor in (target, options.weight))
-    chosen = choose_cross_entropy(impl, logits, inplace_backward=inplace_backward, extra_grads=extra_grads)
+    """The reduced loss of canonical tensors, described by ``options``, by the chosen implementation."""
+    chosen = choose_softmax_loss(impl, logits, target, options, inplace_backward=inplace_backward)
     if chosen == "reference":
-        return softmax.reference_cross_entropy(logits, target, options, reduction)
+        return reference_cross_entropy(logits, target, options, reduction)
     kernel = _triton_kernel(logits.device) if chosen == "triton" else None
     return chunked.chunked_cross_entropy(
         logits, target, options, reduction, inplace_backward=inplace_backward, kernel=kernel
@@ -102,7 +135,7 @@ def dispatch_linear_cross_entropy(
     linear_weight: torch.Tensor,
     linear_bias: torch.Tensor | None,
     target: torch.Tensor,
-    options: softmax.SoftmaxOptions,
+    options: SoftmaxOptions,
     reduction: str,
     *,
     chunk_size: int | None = None,
@@ -111,7 +144,7 @@ def dispatch_linear_cross_entropy(
     """The reduced linear cross-entropy of canonical tensors (``input (N, D)``) by the chosen implementation."""
     _check_impl(impl)
     if impl == "reference":
-        return linear.reference_linear_cross_entropy(input, linear_weight, linear_bias, target, options, reduction)
+        return reference_linear_cross_entropy(input, linear_weight, linear_bias, target, options, reduction)
     impl = impl or fused_impl(input.device)
     kernel = _triton_kernel(input.device) if impl == "triton" else None
     return chunked_linear.chunked_linear_cross_entropy(

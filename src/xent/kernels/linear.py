@@ -29,10 +29,10 @@ import dataclasses
 
 import torch
 
+from xent.core.reduce import accumulation_dtype, safe_divide
+from xent.core.reference import reference_linear_cross_entropy
+from xent.core.rowloss import SoftmaxOptions, mean_denominator
 from xent.kernels import chunked
-from xent.losses._reduce import accumulation_dtype, safe_divide
-from xent.losses.linear import reference_linear_cross_entropy
-from xent.losses.softmax import SoftmaxOptions, mean_denominator
 
 # Bytes of one float32 logits chunk (c × V) on the CPU, where the chunk is the only memory beyond the inputs and
 # their gradients, and larger chunks change little once every GEMM is big enough to run at full rate.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from xent.core.autocast import float32_under_autocast
+from xent.core.reduce import accumulation_dtype, reduce_loss
 from xent.losses import _checks
-from xent.losses._autocast import float32_under_autocast
-from xent.losses._reduce import accumulation_dtype, reduce_loss
 from xent.losses.softmax import class_dimension
 
 DISTILLATION_REDUCTIONS = ("none", "batchmean", "mean", "sum")

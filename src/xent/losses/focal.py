@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from xent.core.autocast import float32_under_autocast
+from xent.core.reduce import accumulation_dtype, reduce_loss
+from xent.core.rowloss import FocalTerm, Poly1Term
 from xent.losses import _checks
-from xent.losses._autocast import float32_under_autocast
-from xent.losses._reduce import accumulation_dtype, reduce_loss
 from xent.losses.sigmoid import binary_cross_entropy_with_logits, check_binary_pair
-from xent.losses.softmax import class_index_loss, cross_entropy, target_log_prob
+from xent.losses.softmax import class_dimension, class_index_loss, cross_entropy, fused_index_loss, target_log_prob
 
 
 def _modulating_factor(log_one_minus_p: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -32,6 +33,8 @@ def focal_loss(
     weight: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    token_weight: torch.Tensor | None = None,
+    impl: str | None = None,
 ) -> torch.Tensor:
     r"""Softmax focal loss: cross-entropy that down-weights examples the model already gets right.
 
@@ -56,34 +59,47 @@ def focal_loss(
         gamma: focusing parameter :math:`\gamma \ge 0`; default 2 (the paper's best).
         alpha: balancing factor: a scalar for every class, a ``(C,)`` tensor per class, or ``None`` (1).
         weight, ignore_index, reduction: as in :func:`xent.cross_entropy`.
+        token_weight: per-element weights with the target's shape, as in :func:`xent.cross_entropy`.
+        impl: ``None`` (automatic: the fused kernel for training-sized problems), ``"reference"`` (this function's
+            plain definition), ``"chunked"`` or ``"triton"``, as in :func:`xent.cross_entropy`.
 
     References:
         Lin, Goyal, Girshick, He, Dollár. Focal Loss for Dense Object Detection. ICCV 2017.
     """
     gamma = _checks.check_in_range("gamma", gamma, 0.0)
-    alpha = _check_alpha(alpha)
+    alpha = _check_alpha(alpha, input.shape[class_dimension(input)])
 
     def row_loss(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         log_p = target_log_prob(log_probs, target)
         loss = -_modulating_factor(_log_one_minus_exp(log_p), gamma) * log_p
-        if isinstance(alpha, torch.Tensor):
-            if alpha.shape != (log_probs.shape[-1],):
-                raise ValueError(
-                    f"alpha must be a scalar or have shape ({log_probs.shape[-1]},), one entry per class, "
-                    f"got shape {_checks.shape_str(alpha.shape)}"
-                )
-            return loss * alpha.to(loss.dtype)[target]
-        return loss if alpha is None else loss * alpha
+        return loss if alpha is None else loss * alpha.to(loss.dtype)[target]
 
-    return class_index_loss(
-        "focal_loss", input, target, row_loss, weight=weight, ignore_index=ignore_index, reduction=reduction
+    options = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction, "token_weight": token_weight}
+    return fused_index_loss(
+        "focal_loss",
+        input,
+        target,
+        lambda: class_index_loss("focal_loss", input, target, row_loss, **options),
+        impl=impl,
+        term=FocalTerm(gamma=gamma),
+        alpha=alpha,
+        **options,
     )
 
 
-def _check_alpha(alpha: float | torch.Tensor | None) -> float | torch.Tensor | None:
-    if alpha is None or isinstance(alpha, torch.Tensor):
-        return None if alpha is None else _checks.check_floating("alpha", alpha)
-    return _checks.check_in_range("alpha", alpha, 0.0)
+def _check_alpha(alpha: float | torch.Tensor | None, num_classes: int) -> torch.Tensor | None:
+    """α as a ``(C,)`` tensor (a scalar is the same factor for every class), or None."""
+    if alpha is None:
+        return None
+    if isinstance(alpha, torch.Tensor):
+        alpha = _checks.check_floating("alpha", alpha)
+        if alpha.shape != (num_classes,):
+            raise ValueError(
+                f"alpha must be a scalar or have shape ({num_classes},), one entry per class, "
+                f"got shape {_checks.shape_str(alpha.shape)}"
+            )
+        return alpha
+    return torch.full((num_classes,), _checks.check_in_range("alpha", alpha, 0.0), dtype=torch.float64)
 
 
 @float32_under_autocast
@@ -156,6 +172,8 @@ def poly1_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    token_weight: torch.Tensor | None = None,
+    impl: str | None = None,
 ) -> torch.Tensor:
     r"""Poly-1 cross-entropy: cross-entropy plus a first-order term that adjusts its leading polynomial coefficient.
 
@@ -171,16 +189,17 @@ def poly1_cross_entropy(
     Args:
         epsilon: :math:`\varepsilon \ge -1`; default 1 (the paper's recommended starting point).
         weight, ignore_index, reduction, label_smoothing: as in :func:`xent.cross_entropy`.
+        token_weight: per-element weights with the target's shape, as in :func:`xent.cross_entropy`.
+        impl: ``None`` (automatic: the fused kernel for training-sized problems), ``"reference"`` (this function's
+            plain definition), ``"chunked"`` or ``"triton"``, as in :func:`xent.cross_entropy`.
 
     References:
         Leng, Xu, Tan, et al. PolyLoss: A Polynomial Expansion Perspective of Classification Loss Functions.
         ICLR 2022.
     """
     epsilon = _checks.check_in_range("epsilon", epsilon, -1.0)
-    # Both terms share the denominator of "mean" (Σ w_y over kept targets), so the loss is the sum of the reduced terms.
-    ce = cross_entropy(
-        input, target, weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
-    )
+    label_smoothing = _checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
+    options = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction, "token_weight": token_weight}
 
     def first_order_term(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         p_t = torch.exp(target_log_prob(log_probs, target))
@@ -188,13 +207,18 @@ def poly1_cross_entropy(
             p_t = (1.0 - label_smoothing) * p_t + label_smoothing / log_probs.shape[-1]  # Σ_c p_c = 1
         return epsilon * (1.0 - p_t)
 
-    poly = class_index_loss(
+    def readable() -> torch.Tensor:
+        # Both terms share the denominator of "mean" (Σ w_y over kept targets): the sum of the reduced terms.
+        ce = cross_entropy(input, target, label_smoothing=label_smoothing, impl="reference", **options)
+        return ce + class_index_loss("poly1_cross_entropy", input, target, first_order_term, **options)
+
+    return fused_index_loss(
         "poly1_cross_entropy",
         input,
         target,
-        first_order_term,
-        weight=weight,
-        ignore_index=ignore_index,
-        reduction=reduction,
+        readable,
+        impl=impl,
+        term=Poly1Term(epsilon=epsilon),
+        label_smoothing=label_smoothing,
+        **options,
     )
-    return ce + poly

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 import torch
 
+from xent.core.autocast import float32_under_autocast
 from xent.losses import _checks
-from xent.losses._autocast import float32_under_autocast
-from xent.losses.softmax import canonicalize, class_dimension, cross_entropy
+from xent.losses.softmax import canonicalize, class_dimension, cross_entropy, fused_index_loss
 
 
 def check_class_counts(
@@ -134,6 +134,8 @@ def logit_adjusted_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    token_weight: torch.Tensor | None = None,
+    impl: str | None = None,
 ) -> torch.Tensor:
     r"""Logit-adjusted cross-entropy: cross-entropy on :math:`x + \tau \log \pi`.
 
@@ -147,14 +149,28 @@ def logit_adjusted_cross_entropy(
         class_counts: training samples per class ``(C,)``, positive; :math:`\pi = n / \sum n`.
         tau: :math:`\tau \ge 0`; default 1.
         weight, ignore_index, reduction, label_smoothing: as in :func:`xent.cross_entropy`.
+        token_weight: per-element weights with the target's shape, as in :func:`xent.cross_entropy`.
+        impl: ``None`` (automatic: the fused kernel for training-sized problems), ``"reference"`` (this function's
+            plain definition), ``"chunked"`` or ``"triton"``, as in :func:`xent.cross_entropy`.
 
     References:
         Menon, Jayasumana, Rawat, Jain, Veit, Kumar. Long-tail learning via logit adjustment. ICLR 2021.
     """
     tau = _checks.check_in_range("tau", tau, 0.0)
-    adjusted = input + _log_prior_offset(input, class_counts, tau).to(input.dtype)
-    return cross_entropy(
-        adjusted, target, weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+    label_smoothing = _checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
+    offset = _log_prior_offset(input, class_counts, tau)  # (C, 1, ..., 1)
+    options = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction, "token_weight": token_weight}
+    return fused_index_loss(
+        "logit_adjusted_cross_entropy",
+        input,
+        target,
+        lambda: cross_entropy(
+            input + offset.to(input.dtype), target, label_smoothing=label_smoothing, impl="reference", **options
+        ),
+        impl=impl,
+        class_offset=offset.reshape(-1),
+        label_smoothing=label_smoothing,
+        **options,
     )
 
 
@@ -168,6 +184,8 @@ def balanced_softmax_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    token_weight: torch.Tensor | None = None,
+    impl: str | None = None,
 ) -> torch.Tensor:
     r"""Balanced softmax cross-entropy: cross-entropy on :math:`x + \log n`.
 
@@ -182,6 +200,9 @@ def balanced_softmax_cross_entropy(
     Args:
         class_counts: training samples per class ``(C,)``, positive.
         weight, ignore_index, reduction, label_smoothing: as in :func:`xent.cross_entropy`.
+        token_weight: per-element weights with the target's shape, as in :func:`xent.cross_entropy`.
+        impl: ``None`` (automatic: the fused kernel for training-sized problems), ``"reference"`` (this function's
+            plain definition), ``"chunked"`` or ``"triton"``, as in :func:`xent.cross_entropy`.
 
     References:
         Ren, Yu, Sheng, Ma, Zhao, Yi, Li. Balanced Meta-Softmax for Long-Tailed Visual Recognition. NeurIPS 2020.
@@ -195,6 +216,8 @@ def balanced_softmax_cross_entropy(
         ignore_index=ignore_index,
         reduction=reduction,
         label_smoothing=label_smoothing,
+        token_weight=token_weight,
+        impl=impl,
     )
 
 
@@ -221,6 +244,8 @@ def ldam_loss(
     weight: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    token_weight: torch.Tensor | None = None,
+    impl: str | None = None,
 ) -> torch.Tensor:
     r"""Label-distribution-aware margin (LDAM) loss: cross-entropy with a larger margin for rarer classes.
 
@@ -237,6 +262,9 @@ def ldam_loss(
         max_margin: :math:`M \ge 0`, the largest margin; default 0.5 (the paper's).
         scale: :math:`s > 0`; default 30 (the paper's).
         weight, ignore_index, reduction: as in :func:`xent.cross_entropy`.
+        token_weight: per-element weights with the target's shape, as in :func:`xent.cross_entropy`.
+        impl: ``None`` (automatic: the fused kernel for training-sized problems), ``"reference"`` (this function's
+            plain definition), ``"chunked"`` or ``"triton"``, as in :func:`xent.cross_entropy`.
 
     References:
         Cao, Wei, Gaidon, Arechiga, Ma. Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss.
@@ -251,11 +279,24 @@ def ldam_loss(
         check_class_counts(class_counts, positive=True, num_classes=input.shape[class_dim]), max_margin
     )
     _checks.check_class_indices(target, margins.numel(), ignore_index)
-    # Out-of-range indices only reach here with value checks off; clamping keeps the scatter in bounds and
-    # cross_entropy below reports them as PyTorch would.
-    safe_target = torch.where(target == ignore_index, torch.zeros_like(target), target).clamp(0, margins.numel() - 1)
-    margin_of_target = margins.to(device=input.device, dtype=input.dtype)[safe_target].unsqueeze(class_dim)
-    offset = torch.zeros_like(input).scatter(class_dim, safe_target.unsqueeze(class_dim), margin_of_target)
-    return cross_entropy(
-        scale * (input - offset), target, weight=weight, ignore_index=ignore_index, reduction=reduction
+    options = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction, "token_weight": token_weight}
+
+    def readable() -> torch.Tensor:
+        # Out-of-range indices only reach here with value checks off; clamping keeps the scatter in bounds and
+        # cross_entropy below reports them as PyTorch would.
+        safe_target = torch.where(target == ignore_index, torch.zeros_like(target), target)
+        safe_target = safe_target.clamp(0, margins.numel() - 1)
+        margin_of_target = margins.to(device=input.device, dtype=input.dtype)[safe_target].unsqueeze(class_dim)
+        offset = torch.zeros_like(input).scatter(class_dim, safe_target.unsqueeze(class_dim), margin_of_target)
+        return cross_entropy(scale * (input - offset), target, impl="reference", **options)
+
+    return fused_index_loss(
+        "ldam_loss",
+        input,
+        target,
+        readable,
+        impl=impl,
+        target_margin=margins.to(input.device),
+        logit_scale=scale,
+        **options,
     )

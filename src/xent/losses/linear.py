@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from xent.core.autocast import autocast_off, cast_for_linear, result_dtype
+from xent.core.rowloss import SoftmaxOptions
+from xent.kernels.dispatch import dispatch_linear_cross_entropy
 from xent.losses import _checks
-from xent.losses._autocast import autocast_off, cast_for_linear, result_dtype
-from xent.losses.softmax import SoftmaxOptions, check_softmax_options, checked_options, reference_cross_entropy
+from xent.losses.softmax import check_softmax_options, checked_options
 
 
 def canonicalize_linear(
@@ -43,19 +45,6 @@ def canonicalize_linear(
     if _checks.is_probability_target(target, input_shape=input.shape, batch_shape=batch_shape, probs_shape=probs_shape):
         return flat_input, target.reshape(-1, vocab), batch_shape
     return flat_input, target.reshape(-1), batch_shape
-
-
-def reference_linear_cross_entropy(
-    input: torch.Tensor,
-    linear_weight: torch.Tensor,
-    linear_bias: torch.Tensor | None,
-    target: torch.Tensor,
-    options: SoftmaxOptions,
-    reduction: str,
-) -> torch.Tensor:
-    """The reference on canonical tensors: the logits in full, then :func:`reference_cross_entropy`."""
-    logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
-    return reference_cross_entropy(logits, target, options, reduction)
 
 
 def linear_cross_entropy(
@@ -139,8 +128,6 @@ def linear_cross_entropy(
     flat_input, flat_target, batch_shape = canonicalize_linear(input, linear_weight, linear_bias, target)
     options = SoftmaxOptions(None, ignore_index, label_smoothing, z_loss, softcap)
     options = checked_options(options, weight, flat_target, linear_weight.shape[0])
-    from xent.kernels.dispatch import dispatch_linear_cross_entropy  # kernels import this module
-
     with autocast_off(input):
         loss = dispatch_linear_cross_entropy(
             impl,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from xent.core.autocast import float32_under_autocast
+from xent.core.rowloss import GeneralizedTerm, SymmetricTerm
 from xent.losses import _checks
-from xent.losses._autocast import float32_under_autocast
-from xent.losses.softmax import class_index_loss, cross_entropy, target_log_prob
+from xent.losses.softmax import class_index_loss, cross_entropy, fused_index_loss, target_log_prob
 
 
 @float32_under_autocast
@@ -18,6 +19,8 @@ def generalized_cross_entropy(
     weight: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    token_weight: torch.Tensor | None = None,
+    impl: str | None = None,
 ) -> torch.Tensor:
     r"""Generalized cross-entropy (the :math:`L_q` loss): between cross-entropy and mean absolute error.
 
@@ -31,6 +34,9 @@ def generalized_cross_entropy(
     Args:
         q: :math:`q \in (0, 1]`; default 0.7 (the paper's).
         weight, ignore_index, reduction: as in :func:`xent.cross_entropy`.
+        token_weight: per-element weights with the target's shape, as in :func:`xent.cross_entropy`.
+        impl: ``None`` (automatic: the fused kernel for training-sized problems), ``"reference"`` (this function's
+            plain definition), ``"chunked"`` or ``"triton"``, as in :func:`xent.cross_entropy`.
 
     References:
         Zhang, Sabuncu. Generalized Cross Entropy Loss for Training Deep Neural Networks with Noisy Labels.
@@ -41,14 +47,15 @@ def generalized_cross_entropy(
     def row_loss(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return -torch.expm1(q * target_log_prob(log_probs, target)) / q
 
-    return class_index_loss(
+    options = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction, "token_weight": token_weight}
+    return fused_index_loss(
         "generalized_cross_entropy",
         input,
         target,
-        row_loss,
-        weight=weight,
-        ignore_index=ignore_index,
-        reduction=reduction,
+        lambda: class_index_loss("generalized_cross_entropy", input, target, row_loss, **options),
+        impl=impl,
+        term=GeneralizedTerm(q=q),
+        **options,
     )
 
 
@@ -63,6 +70,8 @@ def symmetric_cross_entropy(
     weight: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    token_weight: torch.Tensor | None = None,
+    impl: str | None = None,
 ) -> torch.Tensor:
     r"""Symmetric cross-entropy: cross-entropy plus reverse cross-entropy.
 
@@ -78,6 +87,9 @@ def symmetric_cross_entropy(
         beta: weight :math:`\beta \ge 0` of reverse cross-entropy; default 1.0.
         log_zero: :math:`A < 0`, the value given to :math:`\log 0`; default -4 (the paper's).
         weight, ignore_index, reduction: as in :func:`xent.cross_entropy`.
+        token_weight: per-element weights with the target's shape, as in :func:`xent.cross_entropy`.
+        impl: ``None`` (automatic: the fused kernel for training-sized problems), ``"reference"`` (this function's
+            plain definition), ``"chunked"`` or ``"triton"``, as in :func:`xent.cross_entropy`.
 
     References:
         Wang, Ma, Chen, Luo, Yi, Bailey. Symmetric Cross Entropy for Robust Learning with Noisy Labels. ICCV 2019.
@@ -89,8 +101,19 @@ def symmetric_cross_entropy(
     def reverse_cross_entropy(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return beta * -log_zero * -torch.expm1(target_log_prob(log_probs, target))
 
-    # Both terms share the denominator of "mean" (Σ w_y over kept targets), so the loss is the sum of the reduced terms.
-    options = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction}
-    forward = alpha * cross_entropy(input, target, **options)
-    reverse = class_index_loss("symmetric_cross_entropy", input, target, reverse_cross_entropy, **options)
-    return forward + reverse
+    options = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction, "token_weight": token_weight}
+
+    def readable() -> torch.Tensor:
+        # Both terms share the denominator of "mean" (Σ w_y over kept targets): the sum of the reduced terms.
+        forward = alpha * cross_entropy(input, target, impl="reference", **options)
+        return forward + class_index_loss("symmetric_cross_entropy", input, target, reverse_cross_entropy, **options)
+
+    return fused_index_loss(
+        "symmetric_cross_entropy",
+        input,
+        target,
+        readable,
+        impl=impl,
+        term=SymmetricTerm(alpha=alpha, beta=beta, log_zero=log_zero),
+        **options,
+    )

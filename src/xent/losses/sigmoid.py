@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from xent.core.autocast import float32_under_autocast
+from xent.core.reduce import accumulation_dtype, reduce_loss
 from xent.losses import _checks
-from xent.losses._autocast import float32_under_autocast
-from xent.losses._reduce import accumulation_dtype, reduce_loss
 
 
 def check_binary_options(*, reduction: str, label_smoothing: float) -> float:

@@ -9,24 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
+from xent.core.autocast import autocast_off, result_dtype
+from xent.core.reduce import accumulation_dtype, reduce_loss
+from xent.core.rowloss import SoftmaxOptions, mean_denominator
+from xent.kernels.dispatch import choose_softmax_loss, dispatch_cross_entropy
 from xent.losses import _checks
-from xent.losses._autocast import autocast_off, result_dtype
-from xent.losses._reduce import accumulation_dtype, reduce_loss
-
-
-@dataclass(frozen=True)
-class SoftmaxOptions:
-    """The per-row options of softmax cross-entropy, bundled so kernels take one argument, not a dozen."""
-
-    weight: torch.Tensor | None = None
-    ignore_index: int = -100
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
-    softcap: float | None = None
 
 
 def check_softmax_options(
@@ -70,57 +60,6 @@ def canonicalize(input: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tenso
     return logits, target.reshape(-1), batch_shape
 
 
-def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, options: SoftmaxOptions) -> torch.Tensor:
-    """The reference: one loss per row of canonical logits, in the accumulation dtype.
-
-    Args:
-        logits: ``(M, C)``, any floating dtype; half precision is computed in float32.
-        target: ``(M,)`` class indices or ``(M, C)`` probabilities.
-        options: see :class:`SoftmaxOptions`.
-
-    Returns:
-        ``(M,)`` losses, already multiplied by the target's class weight; ignored rows are 0.
-    """
-    x = logits.to(accumulation_dtype(logits.dtype))
-    num_classes = x.shape[-1]
-    if options.softcap is not None:
-        x = options.softcap * torch.tanh(x / options.softcap)
-    lse = torch.logsumexp(x, dim=-1)  # (M,)
-    log_probs = x - lse.unsqueeze(-1)  # (M, C)
-    weight = None if options.weight is None else options.weight.to(x.dtype)
-    weighted_log_probs = log_probs if weight is None else log_probs * weight
-    smoothing = options.label_smoothing
-
-    if target.is_floating_point():
-        probs = target.to(x.dtype)
-        if smoothing:
-            probs = probs * (1.0 - smoothing) + smoothing / num_classes
-        loss = -(probs * weighted_log_probs).sum(-1)
-        return loss + options.z_loss * lse.square() if options.z_loss else loss
-
-    valid = target != options.ignore_index
-    safe_target = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(-1)  # (M, 1)
-    loss = -weighted_log_probs.gather(-1, safe_target).squeeze(-1)
-    if smoothing:
-        # PyTorch's convention: the uniform part is weighted class by class, not by the target's weight.
-        loss = (1.0 - smoothing) * loss - (smoothing / num_classes) * weighted_log_probs.sum(-1)
-    if options.z_loss:
-        z_term = options.z_loss * lse.square()
-        loss = loss + (z_term if weight is None else z_term * weight[safe_target.squeeze(-1)])
-    return torch.where(valid, loss, torch.zeros_like(loss))
-
-
-def mean_denominator(target: torch.Tensor, options: SoftmaxOptions, dtype: torch.dtype) -> torch.Tensor:
-    """What ``reduction="mean"`` divides by: Σ w_y over non-ignored targets, or the row count for probabilities."""
-    if target.is_floating_point():
-        return torch.tensor(target.shape[0], dtype=dtype, device=target.device)
-    valid = target != options.ignore_index
-    if options.weight is None:
-        return valid.sum().to(dtype)
-    safe_target = torch.where(valid, target, torch.zeros_like(target))
-    return torch.where(valid, options.weight.to(dtype)[safe_target], 0).sum()
-
-
 def checked_options(
     options: SoftmaxOptions, weight: torch.Tensor | None, target: torch.Tensor, num_classes: int
 ) -> SoftmaxOptions:
@@ -138,6 +77,19 @@ def checked_options(
     return dataclasses.replace(options, weight=_checks.check_class_weight("weight", weight, num_classes))
 
 
+def check_token_weight(token_weight: torch.Tensor | None, batch_shape: torch.Size) -> torch.Tensor | None:
+    """Per-token weights shaped like the target's batch shape, flattened to the canonical rows ``(M,)``."""
+    if token_weight is None:
+        return None
+    token_weight = _checks.check_floating("token_weight", token_weight)
+    if token_weight.shape != batch_shape:
+        raise ValueError(
+            f"token_weight must have the target's shape {_checks.shape_str(batch_shape)}, one weight per token, "
+            f"got shape {_checks.shape_str(token_weight.shape)}"
+        )
+    return token_weight.reshape(-1)
+
+
 def class_index_loss(
     loss_name: str,
     input: torch.Tensor,
@@ -147,12 +99,14 @@ def class_index_loss(
     weight: torch.Tensor | None,
     ignore_index: int,
     reduction: str,
+    token_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The shared frame of every softmax loss on class indices: validation, layout, ignore, weights, reduction.
 
     ``row_loss(log_probs, target)`` gets the log-softmax ``(M, C)`` in the accumulation dtype and class indices
     ``(M,)`` (ignored ones replaced by 0) and returns unweighted per-row losses ``(M,)``. The frame multiplies them by
-    the target's class weight, zeroes ignored rows and reduces exactly as :func:`cross_entropy` does.
+    the target's class weight and the token weight, zeroes ignored rows and reduces exactly as
+    :func:`cross_entropy` does.
     """
     check_softmax_options(reduction=reduction, label_smoothing=0.0, z_loss=0.0, softcap=None, ignore_index=ignore_index)
     logits, target, batch_shape = canonicalize(input, target)
@@ -160,7 +114,9 @@ def class_index_loss(
         raise TypeError(f"{loss_name} takes class indices of shape {_checks.shape_str(batch_shape)}, not probabilities")
     num_classes = logits.shape[-1]
     options = SoftmaxOptions(
-        weight=_checks.check_class_weight("weight", weight, num_classes), ignore_index=ignore_index
+        weight=_checks.check_class_weight("weight", weight, num_classes),
+        ignore_index=ignore_index,
+        token_weight=check_token_weight(token_weight, batch_shape),
     )
     _checks.check_class_indices(target, num_classes, ignore_index)
     log_probs = torch.log_softmax(logits.to(accumulation_dtype(logits.dtype)), dim=-1)
@@ -169,9 +125,43 @@ def class_index_loss(
     loss = row_loss(log_probs, safe_target)
     if options.weight is not None:
         loss = loss * options.weight.to(loss.dtype)[safe_target]
+    if options.token_weight is not None:
+        loss = loss * options.token_weight.to(loss.dtype)
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     denominator = mean_denominator(target, options, loss.dtype) if reduction == "mean" else None
     return reduce_loss(loss.view(batch_shape), reduction, denominator).to(input.dtype)
+
+
+def fused_index_loss(
+    loss_name: str,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    readable: Callable[[], torch.Tensor],
+    *,
+    impl: str | None,
+    reduction: str,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    token_weight: torch.Tensor | None,
+    **description: object,
+) -> torch.Tensor:
+    """An index-target loss of the family by the chosen implementation: ``readable()`` — the loss's own plain
+    definition — for ``impl="reference"``, else the fused kernels on its description (``description``: the
+    :class:`~xent.core.rowloss.SoftmaxOptions` fields beyond the shared options: ``term``, ``alpha``,
+    ``class_offset``, ``target_margin``, ``logit_scale``, ``label_smoothing``)."""
+    check_softmax_options(reduction=reduction, label_smoothing=0.0, z_loss=0.0, softcap=None, ignore_index=ignore_index)
+    logits, flat_target, batch_shape = canonicalize(input, target)
+    if flat_target.is_floating_point():
+        raise TypeError(f"{loss_name} takes class indices of shape {_checks.shape_str(batch_shape)}, not probabilities")
+    options = SoftmaxOptions(
+        ignore_index=ignore_index, token_weight=check_token_weight(token_weight, batch_shape), **description
+    )
+    options = checked_options(options, weight, flat_target, logits.shape[-1])
+    if choose_softmax_loss(impl, logits, flat_target, options) == "reference":
+        return readable()
+    with autocast_off(input):
+        loss = dispatch_cross_entropy(impl, logits, flat_target, options, reduction)
+    return (loss.view(batch_shape) if reduction == "none" else loss).to(result_dtype(input))
 
 
 def target_log_prob(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -189,6 +179,7 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    token_weight: torch.Tensor | None = None,
     impl: str | None = None,
     inplace_backward: bool = False,
 ) -> torch.Tensor:
@@ -246,6 +237,9 @@ def cross_entropy(
         label_smoothing: :math:`\varepsilon \in [0, 1]`, mixes the target with the uniform distribution.
         z_loss: :math:`z \ge 0`, weight of the squared log-partition term.
         softcap: :math:`c > 0`, soft cap of the logits; ``None`` for none.
+        token_weight: per-element weights :math:`r_n` with the target's batch shape: each element's loss is
+            multiplied by :math:`r_n`, and ``"mean"`` divides by :math:`\sum_n r_n w_{y_n}` (as class weights do) —
+            token-weighted fine-tuning. Not differentiated by the fused kernels (``impl="reference"`` does).
         impl: ``None`` picks the fastest implementation for the device and problem; ``"reference"`` forces the
             plain PyTorch math of this module, ``"chunked"`` the memory-lean kernel that forms the gradient during
             the forward pass (:mod:`xent.kernels.chunked`); ``"triton"`` the GPU kernel where available.
@@ -268,21 +262,15 @@ def cross_entropy(
         reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, ignore_index=ignore_index
     )
     logits, target, batch_shape = canonicalize(input, target)
-    options = SoftmaxOptions(None, ignore_index, label_smoothing, z_loss, softcap)
+    options = SoftmaxOptions(
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        token_weight=check_token_weight(token_weight, batch_shape),
+    )
     options = checked_options(options, weight, target, logits.shape[-1])
-    # Kernels are tested against this module and import it, so the dispatcher is imported at call time.
-    from xent.kernels.dispatch import dispatch_cross_entropy
-
     # Under autocast: no float32 copy of the logits — every impl already computes in float32 — only a float32 result.
     with autocast_off(input):
         loss = dispatch_cross_entropy(impl, logits, target, options, reduction, inplace_backward=inplace_backward)
     return (loss.view(batch_shape) if reduction == "none" else loss).to(result_dtype(input))
-
-
-def reference_cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, options: SoftmaxOptions, reduction: str
-) -> torch.Tensor:
-    """The reference implementation on canonical tensors: :func:`cross_entropy_rows`, then the reduction."""
-    rows = cross_entropy_rows(logits, target, options)
-    denominator = mean_denominator(target, options, rows.dtype) if reduction == "mean" else None
-    return reduce_loss(rows, reduction, denominator)

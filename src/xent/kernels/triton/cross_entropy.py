@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from xent.losses._reduce import accumulation_dtype
-from xent.losses.softmax import SoftmaxOptions
+from xent.core.reduce import accumulation_dtype
+from xent.core.rowloss import SoftmaxOptions
 
 MAX_BLOCK = 4096  # columns per block on a GPU; the interpreter uses small blocks (see block_size)
 
@@ -53,6 +53,20 @@ def _expm1(u):
 
 
 @triton.jit
+def _transformed(x_row, offset_ptr, offs, mask, target, softcap, margin, logit_scale, HAS_SOFTCAP: tl.constexpr,
+                 HAS_OFFSET: tl.constexpr, HAS_MARGIN: tl.constexpr):  # fmt: skip
+    # z = s (cap(x) + o - m_y e_y) of the columns `offs` of a row, in float32
+    x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        x = softcap * _tanh(x / softcap)
+    if HAS_OFFSET:
+        x += tl.load(offset_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_MARGIN:
+        x -= tl.where(offs == target, margin, 0.0)
+    return x * logit_scale
+
+
+@triton.jit
 def _block_weights(weight_ptr, t_row, offs, mask, smoothing, num_classes, HAS_WEIGHT: tl.constexpr,
                    PROBS: tl.constexpr):  # fmt: skip
     # w_c for class indices; w_c · t'_c, the smoothed target, for probabilities; 0 outside the row
@@ -66,6 +80,46 @@ def _block_weights(weight_ptr, t_row, offs, mask, smoothing, num_classes, HAS_WE
     return w
 
 
+# The target terms ψ(u) of xent.core.rowloss, by constexpr id (the kernel is specialised per term at compile time).
+TERMS = {"cross_entropy": 0, "focal": 1, "poly1": 2, "generalized": 3, "symmetric": 4}
+
+
+def term_parameters(term) -> tuple[int, float, float, float]:
+    """The kernel's (TERM id, p0, p1, p2) for a :class:`xent.core.rowloss.TargetTerm`."""
+    parameters = {
+        "focal": lambda: (term.gamma, 0.0, 0.0),
+        "poly1": lambda: (term.epsilon, 0.0, 0.0),
+        "generalized": lambda: (term.q, 0.0, 0.0),
+        "symmetric": lambda: (term.alpha, term.beta, term.log_zero),
+    }.get(term.name, lambda: (0.0, 0.0, 0.0))()
+    return (TERMS[term.name], *parameters)
+
+
+@triton.jit
+def _target_term(u, smoothing, num_classes, p0, p1, p2, TERM: tl.constexpr):
+    # (ψ(u), ψ'(u)) of u = log p_y ≤ 0 — the @triton.jit twin of each xent.core.rowloss.TargetTerm
+    p = tl.exp(u)
+    if TERM == 0:  # cross-entropy: -(1 - ε) u
+        value = -(1.0 - smoothing) * u
+        derivative = -(1.0 - smoothing) + 0.0 * u
+    elif TERM == 1:  # focal, γ = p0: -(1 - p)^γ u
+        one_minus_p = tl.maximum(-_expm1(u), 1.1754943508222875e-38)
+        log_one_minus_p = tl.log(one_minus_p)
+        factor = tl.exp(p0 * log_one_minus_p)
+        value = -factor * u
+        derivative = -factor + p0 * u * tl.exp(u + (p0 - 1.0) * log_one_minus_p)
+    elif TERM == 2:  # poly-1, ε = p0: -(1 - s) u + ε (1 - (1 - s) p - s / C)
+        value = -(1.0 - smoothing) * u + p0 * (1.0 - (1.0 - smoothing) * p - smoothing / num_classes)
+        derivative = -(1.0 - smoothing) * (1.0 + p0 * p)
+    elif TERM == 3:  # generalized, q = p0: (1 - p^q) / q
+        value = -_expm1(p0 * u) / p0
+        derivative = -tl.exp(p0 * u)
+    else:  # symmetric, α = p0, β = p1, A = p2: -α u - β A (1 - p)
+        value = -p0 * u + p1 * p2 * _expm1(u)
+        derivative = -p0 + p1 * p2 * p
+    return value, derivative
+
+
 @triton.jit
 def cross_entropy_kernel(
     logits_ptr,  # (M, C) read only, any float dtype — unless it is grad_ptr
@@ -77,21 +131,42 @@ def cross_entropy_kernel(
     weight_ptr,  # (C,) float32 class weights, read only (HAS_WEIGHT)
     scale_ptr,  # (M,) float32 per-row gradient scale, read only
     loss_ptr,  # (M,) float32, written
+    offset_ptr,  # (C,) float32 per-class logit offset o, read only (HAS_OFFSET)
+    alpha_ptr,  # (M,) float32 α_y of each row, read only (HAS_ALPHA)
+    margin_ptr,  # (M,) float32 margin m_y of each row, read only (HAS_MARGIN)
     num_classes,
     ignore_index,
     smoothing,
     z_loss,
     softcap,
+    logit_scale,  # s of z = s (cap(x) + o - m_y e_y)
+    p0,  # the target term's parameters (see _target_term)
+    p1,
+    p2,
     PROBS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_GRAD: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
+    HAS_ALPHA: tl.constexpr,
+    HAS_MARGIN: tl.constexpr,
+    TERM: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * logits_stride
     t_row = target_ptr + row * target_stride
     cols = tl.arange(0, BLOCK)
+    if PROBS:
+        target = 0
+        margin = 0.0
+    else:
+        target = tl.load(target_ptr + row).to(tl.int64)
+        valid = target != ignore_index
+        target = tl.where(valid, target, 0)
+        margin = 0.0
+        if HAS_MARGIN:
+            margin = tl.load(margin_ptr + row).to(tl.float32)
 
     # pass 1: online log-sum-exp and the row sums
     m = tl.full((), float("-inf"), tl.float32)
@@ -102,9 +177,8 @@ def cross_entropy_kernel(
     for start in range(0, num_classes, BLOCK):
         offs = start + cols
         mask = offs < num_classes
-        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            x = softcap * _tanh(x / softcap)
+        x = _transformed(x_row, offset_ptr, offs, mask, target, softcap, margin, logit_scale, HAS_SOFTCAP,
+                         HAS_OFFSET, HAS_MARGIN)  # fmt: skip
         x = tl.where(mask, x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, 0))
         rescale = tl.exp(m - m_new)
@@ -129,21 +203,23 @@ def cross_entropy_kernel(
         target_weight = 0.0
         uniform = 0.0
     else:
-        target = tl.load(target_ptr + row).to(tl.int64)
-        valid = target != ignore_index
-        target = tl.where(valid, target, 0)
-        target_logit = tl.load(x_row + target).to(tl.float32)
-        if HAS_SOFTCAP:
-            target_logit = softcap * _tanh(target_logit / softcap)
+        target_logit = _transformed(x_row, offset_ptr, target, True, target, softcap, margin, logit_scale,
+                                    HAS_SOFTCAP, HAS_OFFSET, HAS_MARGIN)  # fmt: skip
         if HAS_WEIGHT:
             target_weight = tl.load(weight_ptr + target).to(tl.float32)
         else:
             target_weight = 1.0
         target_weight = tl.where(valid, target_weight, 0.0)
+        main_weight = target_weight  # w_y α_y
+        if HAS_ALPHA:
+            main_weight *= tl.load(alpha_ptr + row).to(tl.float32)
         uniform = tl.where(valid, smoothing / num_classes, 0.0)  # ε/C, 0 for an ignored row
-        loss = (1.0 - smoothing) * target_weight * ((m - target_logit) + log_s)
+        u = (target_logit - m) - log_s  # log p_y, without forming lse
+        value, derivative = _target_term(u, smoothing, num_classes, p0, p1, p2, TERM)
+        hard = -main_weight * derivative  # g = -w_y α_y ψ'(u), the gradient's weight at the target
+        loss = main_weight * value
         loss += uniform * (total_weight * lse - weighted_sum) + z_loss * target_weight * lse * lse
-        coefficient = (1.0 - smoothing) * target_weight + uniform * total_weight + 2.0 * z_loss * target_weight * lse
+        coefficient = hard + uniform * total_weight + 2.0 * z_loss * target_weight * lse
     tl.store(loss_ptr + row, loss)
 
     # pass 2: the gradient, scaled, in the output dtype
@@ -153,10 +229,11 @@ def cross_entropy_kernel(
         for start in range(0, num_classes, BLOCK):
             offs = start + cols
             mask = offs < num_classes
-            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            capped = 0.0
             if HAS_SOFTCAP:
-                capped = _tanh(x / softcap)
-                x = softcap * capped
+                capped = _tanh(tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32) / softcap)
+            x = _transformed(x_row, offset_ptr, offs, mask, target, softcap, margin, logit_scale, HAS_SOFTCAP,
+                             HAS_OFFSET, HAS_MARGIN)  # fmt: skip
             # float32, from log p = (x - m) - log Σ: exp(x - lse) would lose p_y - 1 ≈ -1e-7 of a confident row
             # (lse = m + 1e-7 rounds to m), and a rounded (bfloat16) probability would lose it too
             log_p = (x - m) - log_s
@@ -165,10 +242,10 @@ def cross_entropy_kernel(
             if PROBS:
                 grad -= w
             else:
-                # at the target: a·p_y - (1-ε)w_y = (1-ε)w_y·(p_y - 1) + (a - (1-ε)w_y)·p_y; p_y - 1 = expm1(log p_y)
-                hard = (1.0 - smoothing) * target_weight
+                # at the target: a·p_y - g = g·(p_y - 1) + (a - g)·p_y, with p_y - 1 = expm1(log p_y)
                 at_target = hard * _expm1(log_p) + (coefficient - hard) * tl.exp(log_p)
                 grad = tl.where(offs == target, at_target, grad) - uniform * w
+            grad *= logit_scale
             if HAS_SOFTCAP:
                 grad *= 1.0 - capped * capped
             tl.store(g_row + offs, (grad * scale).to(grad_ptr.dtype.element_ty), mask=mask)
@@ -211,10 +288,18 @@ def loss_and_grad_(
     probs = target.is_floating_point()
     if probs:
         target = target.contiguous()
-    weight = options.weight
-    if weight is not None:
-        weight = weight.to(device=logits.device, dtype=torch.float32).contiguous()
-    scale = grad_scale.to(torch.float32).contiguous()
+
+    def float32(tensor):
+        return None if tensor is None else tensor.to(device=logits.device, dtype=torch.float32).contiguous()
+
+    weight, offset, token_weight = float32(options.weight), float32(options.class_offset), float32(options.token_weight)
+    scale = float32(grad_scale) if token_weight is None else float32(grad_scale) * token_weight
+    alpha = margin = None
+    if not probs and (options.alpha is not None or options.target_margin is not None):
+        safe_target = torch.where(target == options.ignore_index, 0, target)
+        alpha = None if options.alpha is None else float32(options.alpha)[safe_target]
+        margin = None if options.target_margin is None else float32(options.target_margin)[safe_target]
+    term, p0, p1, p2 = term_parameters(options.term)
     cross_entropy_kernel[(num_rows,)](
         logits,
         logits.stride(0),
@@ -225,16 +310,29 @@ def loss_and_grad_(
         weight if weight is not None else scale,
         scale,
         losses,
+        offset if offset is not None else scale,
+        alpha if alpha is not None else scale,
+        margin if margin is not None else scale,
         num_classes,
         options.ignore_index,
         options.label_smoothing,
         options.z_loss,
         options.softcap or 1.0,
+        options.logit_scale,
+        p0,
+        p1,
+        p2,
         PROBS=probs,
         HAS_WEIGHT=weight is not None,
         HAS_SOFTCAP=options.softcap is not None,
         HAS_GRAD=grad is not None,
+        HAS_OFFSET=offset is not None,
+        HAS_ALPHA=alpha is not None,
+        HAS_MARGIN=margin is not None,
+        TERM=term,
         BLOCK=block or block_size(num_classes),
         num_warps=num_warps,
     )
+    if token_weight is not None:
+        losses *= token_weight
     return losses.to(accumulation_dtype(logits.dtype))

@@ -1,0 +1,2 @@
+"""The layer every other imports and that imports nothing of xent above it: the row-loss description, its
+reference computation, reductions and the autocast policy."""

@@ -1,0 +1,96 @@
+"""The plain computation of any row-loss description (:mod:`xent.core.rowloss`), by autograd on a materialised
+log-softmax: what ``impl="reference"`` of :func:`xent.cross_entropy` runs, and what the fused kernels fall back to
+for the gradients they do not form themselves (probability targets, class weights)."""
+
+from __future__ import annotations
+
+import torch
+
+from xent.core.reduce import accumulation_dtype, reduce_loss
+from xent.core.rowloss import SoftmaxOptions, mean_denominator
+
+
+def transformed_logits(logits: torch.Tensor, target: torch.Tensor | None, options: SoftmaxOptions) -> torch.Tensor:
+    """:math:`z = s (\\operatorname{cap}(x) + o - m_y e_y)` in the accumulation dtype; ``target`` (canonical class
+    indices, ignored ones replaced by any valid class) is needed only for a margin."""
+    x = logits.to(accumulation_dtype(logits.dtype))
+    if options.softcap is not None:
+        x = options.softcap * torch.tanh(x / options.softcap)
+    if options.class_offset is not None:
+        x = x + options.class_offset.to(x.dtype)
+    if options.target_margin is not None:
+        margin = options.target_margin.to(x.dtype)[target].unsqueeze(-1)  # (M, 1)
+        x = x - torch.zeros_like(x).scatter(-1, target.unsqueeze(-1), margin)
+    if options.logit_scale != 1.0:
+        x = options.logit_scale * x
+    return x
+
+
+def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, options: SoftmaxOptions) -> torch.Tensor:
+    """The reference: one loss per row of canonical logits, in the accumulation dtype.
+
+    Args:
+        logits: ``(M, C)``, any floating dtype; half precision is computed in float32.
+        target: ``(M,)`` class indices or ``(M, C)`` probabilities.
+        options: the description of the loss.
+
+    Returns:
+        ``(M,)`` losses, already multiplied by the target's class weight and the token weight; ignored rows are 0.
+    """
+    num_classes = logits.shape[-1]
+    smoothing = options.label_smoothing
+    soft = target.is_floating_point()
+    valid = None if soft else target != options.ignore_index
+    safe_target = None if soft else torch.where(valid, target, torch.zeros_like(target))
+    x = transformed_logits(logits, safe_target, options)
+    lse = torch.logsumexp(x, dim=-1)  # (M,)
+    log_probs = x - lse.unsqueeze(-1)  # (M, C)
+    weight = None if options.weight is None else options.weight.to(x.dtype)
+    weighted_log_probs = log_probs if weight is None else log_probs * weight
+    token_weight = None if options.token_weight is None else options.token_weight.to(x.dtype)
+
+    if soft:
+        probs = target.to(x.dtype)
+        if smoothing:
+            probs = probs * (1.0 - smoothing) + smoothing / num_classes
+        loss = -(probs * weighted_log_probs).sum(-1)
+        if options.z_loss:
+            loss = loss + options.z_loss * lse.square()
+        return loss if token_weight is None else loss * token_weight
+
+    u = log_probs.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)  # log p_y
+    target_weight = torch.ones_like(u) if weight is None else weight[safe_target]
+    main = options.term.value(u, smoothing, num_classes)
+    if options.alpha is not None:
+        main = main * options.alpha.to(x.dtype)[safe_target]
+    loss = target_weight * main
+    if smoothing:
+        # PyTorch's convention: the uniform part is weighted class by class, not by the target's weight.
+        loss = loss - (smoothing / num_classes) * weighted_log_probs.sum(-1)
+    if options.z_loss:
+        loss = loss + options.z_loss * target_weight * lse.square()
+    if token_weight is not None:
+        loss = loss * token_weight
+    return torch.where(valid, loss, torch.zeros_like(loss))
+
+
+def reference_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, options: SoftmaxOptions, reduction: str
+) -> torch.Tensor:
+    """The reference implementation on canonical tensors: :func:`cross_entropy_rows`, then the reduction."""
+    rows = cross_entropy_rows(logits, target, options)
+    denominator = mean_denominator(target, options, rows.dtype) if reduction == "mean" else None
+    return reduce_loss(rows, reduction, denominator)
+
+
+def reference_linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    target: torch.Tensor,
+    options: SoftmaxOptions,
+    reduction: str,
+) -> torch.Tensor:
+    """The reference on canonical tensors (``input (N, D)``): the logits in full, then the reference loss."""
+    logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
+    return reference_cross_entropy(logits, target, options, reduction)

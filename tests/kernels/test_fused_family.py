@@ -1,0 +1,171 @@
+"""Every index-target loss of the family through the fused kernels, against its own plain definition
+(``impl="reference"``): values and gradients for every option, reduction, dtype and ``grad_output``."""
+
+import pytest
+import torch
+
+import xent
+from tests.conftest import assert_close
+from tests.test_gradient_rule import gradients
+from xent.core import reference
+from xent.core.rowloss import SoftmaxOptions
+from xent.kernels import chunked
+
+C = 7
+COUNTS = torch.tensor([40.0, 20.0, 9.0, 5.0, 3.0, 2.0, 1.0])
+
+LOSSES = {
+    "focal-γ0": (xent.focal_loss, {"gamma": 0.0}),
+    "focal-γ0.5-α": (xent.focal_loss, {"gamma": 0.5, "alpha": 0.25}),
+    "focal-γ2-α-per-class": (xent.focal_loss, {"gamma": 2.0, "alpha": torch.linspace(0.2, 1.0, C)}),
+    "poly1": (xent.poly1_cross_entropy, {"epsilon": 2.0}),
+    "poly1-smoothing": (xent.poly1_cross_entropy, {"epsilon": -0.5, "label_smoothing": 0.1}),
+    "gce": (xent.generalized_cross_entropy, {"q": 0.5}),
+    "sce": (xent.symmetric_cross_entropy, {"alpha": 0.5, "beta": 1.0, "log_zero": -4.0}),
+    "logit-adjusted": (xent.logit_adjusted_cross_entropy, {"class_counts": COUNTS, "tau": 1.5}),
+    "logit-adjusted-smoothing": (
+        xent.logit_adjusted_cross_entropy,
+        {"class_counts": COUNTS, "tau": 1.0, "label_smoothing": 0.2},
+    ),
+    "balanced-softmax": (xent.balanced_softmax_cross_entropy, {"class_counts": COUNTS}),
+    "ldam": (xent.ldam_loss, {"class_counts": COUNTS, "scale": 2.0}),
+    "ldam-s30": (xent.ldam_loss, {"class_counts": COUNTS, "max_margin": 0.3}),
+    "cross-entropy-token-weighted": (xent.cross_entropy, {"label_smoothing": 0.1, "z_loss": 1e-2}),
+}
+
+
+def _problem(dtype, weighted, token_weighted):
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "input": (torch.randn(4, C, 5, generator=generator, dtype=torch.float64) * 3).to(dtype),  # (N, C, d)
+        "target": torch.randint(C, (4, 5), generator=generator),
+    }
+    tensors["target"][1, ::2] = -100
+    if weighted:
+        tensors["weight"] = (torch.rand(C, generator=generator, dtype=torch.float64) + 0.2).to(dtype)
+    if token_weighted:
+        tensors["token_weight"] = torch.rand(4, 5, generator=generator, dtype=torch.float64).to(dtype)
+    return tensors
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize(("weighted", "token_weighted"), [(False, False), (True, False), (True, True)])
+def test_chunked_equals_the_plain_definition(name, dtype, reduction, weighted, token_weighted, impl="chunked"):
+    loss_fn, options = LOSSES[name]
+    tensors = _problem(dtype, weighted, token_weighted)
+    if loss_fn is xent.ldam_loss:  # LDAM's logits are cosine similarities, scaled by s
+        tensors["input"] = torch.tanh(tensors["input"])
+    requires = ("input", "weight") if weighted else ("input",)
+
+    def run(impl, tensors=tensors):
+        return gradients(lambda **t: loss_fn(**t, reduction=reduction, impl=impl, **options), tensors, requires)
+
+    expected = run("reference")
+    actual = run(impl)
+    if dtype == torch.float64:
+        assert_close(actual[0], expected[0], dtype)
+        for key in requires:
+            assert_close(actual[1][key], expected[1][key], dtype)
+        return
+    # float32: as close to the exact (float64) values as the float32 reference, within 2e-5 relative. LDAM's
+    # s = 30 amplifies float32 rounding beyond that, in the reference as in the kernel.
+    exact = run(
+        "reference", {key: value.double() if value.is_floating_point() else value for key, value in tensors.items()}
+    )
+    for got, reference_value, truth in [(actual[0], expected[0], exact[0])] + [
+        (actual[1][key], expected[1][key], exact[1][key]) for key in requires
+    ]:
+        reference_error = (reference_value.double() - truth).abs().max().item()
+        tolerance = max(2e-5 * truth.abs().max().item() + 2e-6, 1.5 * reference_error)
+        assert (got.double() - truth).abs().max().item() <= tolerance
+
+
+@pytest.mark.parametrize("name", ["focal-γ2-α-per-class", "ldam", "logit-adjusted-smoothing"])
+@pytest.mark.parametrize("block_rows", [1, 3])
+def test_blocks_that_do_not_divide_the_rows(name, block_rows, monkeypatch):
+    monkeypatch.setattr(chunked, "rows_per_block", lambda num_classes, device=None: block_rows)
+    test_chunked_equals_the_plain_definition(name, torch.float64, "none", True, True)
+
+
+def test_the_description_reference_equals_each_plain_definition():
+    """xent.core.reference computes any description; it must agree with every loss's own definition, which is what
+    the fused kernels' extra gradients (class weights) are recomputed with."""
+    tensors = _problem(torch.float64, True, True)
+    for name, (loss_fn, options) in LOSSES.items():
+        captured = {}
+
+        def capture(impl, logits, target, description, reduction, captured=captured, **_):
+            captured.update(logits=logits, target=target, options=description)
+            return torch.zeros(())
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("xent.losses.softmax.dispatch_cross_entropy", capture)
+            loss_fn(**tensors, impl="chunked", reduction="sum", **options)
+        ours = reference.reference_cross_entropy(captured["logits"], captured["target"], captured["options"], "sum")
+        expected = loss_fn(**tensors, impl="reference", reduction="sum", **options)
+        assert_close(ours, expected, torch.float64), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_matches_the_float32_definition(dtype):
+    tensors = _problem(torch.float32, True, False)
+    tensors["input"] = tensors["input"].to(dtype)
+    loss = xent.focal_loss(**tensors, gamma=2.0, impl="chunked")
+    expected = xent.focal_loss(**{**tensors, "input": tensors["input"].float()}, gamma=2.0, impl="reference")
+    assert loss.dtype == dtype
+    torch.testing.assert_close(loss.float(), expected, rtol=1e-2, atol=1e-3)
+
+
+def test_extreme_and_confident_logits_stay_finite():
+    logits = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 1e4], [30.0, 0.0, 0.0]], requires_grad=True)
+    target = torch.tensor([0, 1, 0])  # the first and last rows are certain: p_y = 1, u = 0
+    for loss_fn, options in [(xent.focal_loss, {"gamma": 0.5}), (xent.generalized_cross_entropy, {"q": 0.3})]:
+        for impl in ("reference", "chunked"):
+            loss = loss_fn(logits, target, impl=impl, reduction="sum", **options)
+            (grad,) = torch.autograd.grad(loss, logits)
+            assert torch.isfinite(loss) and torch.isfinite(grad).all(), (loss_fn.__name__, impl)
+
+
+def test_what_the_fused_kernels_do_not_differentiate_is_refused_or_left_to_the_reference():
+    tensors = _problem(torch.float64, False, True)
+    tensors["input"].requires_grad_()
+    alpha = torch.rand(C, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match=r"impl='chunked' does not differentiate alpha.*impl='reference'"):
+        xent.focal_loss(**tensors, alpha=alpha, impl="chunked")
+    token_weight = tensors.pop("token_weight").requires_grad_()
+    with pytest.raises(ValueError, match="token_weight"):
+        xent.cross_entropy(**tensors, token_weight=token_weight, impl="chunked")
+    # the automatic choice runs the reference, which differentiates them
+    big = torch.randn(300, 300, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(300, (300,))
+    alpha = torch.rand(300, dtype=torch.float64, requires_grad=True)
+    xent.focal_loss(big, target, alpha=alpha).backward()
+    assert alpha.grad is not None
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_triton_equals_the_plain_definition(name, reduction):
+    """The Triton kernel from the same description, under the interpreter on a CPU (small shapes)."""
+    pytest.importorskip("triton")
+    test_chunked_equals_the_plain_definition(name, torch.float32, reduction, True, True, impl="triton")
+
+
+def test_token_weights_scale_each_token_and_enter_the_mean():
+    """Independent of the description: r_n ℓ_n summed over Σ r_n w_y, written out."""
+    tensors = _problem(torch.float64, True, True)
+    per_token = xent.cross_entropy(tensors["input"], tensors["target"], weight=tensors["weight"], reduction="none")
+    kept = tensors["target"] != -100
+    denominator = (tensors["token_weight"] * tensors["weight"][tensors["target"].clamp_min(0)] * kept).sum()
+    expected = (tensors["token_weight"] * per_token).sum() / denominator
+    for impl in ("reference", "chunked"):
+        assert_close(xent.cross_entropy(**tensors, impl=impl), expected)
+    with pytest.raises(ValueError, match=r"token_weight must have the target's shape \(4, 5\)"):
+        xent.cross_entropy(tensors["input"], tensors["target"], token_weight=torch.ones(20))
+
+
+def test_options_dataclass_defaults_describe_cross_entropy():
+    options = SoftmaxOptions()
+    assert options.plain_target_term and not options.transforms_per_class
