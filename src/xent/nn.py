@@ -12,6 +12,7 @@ import torch
 
 from xent import losses
 from xent.losses import combine, sigmoid, softmax
+from xent.losses.linear import describe_options, linear_loss_entry
 
 
 class _Loss(torch.nn.Module):
@@ -150,6 +151,43 @@ class LinearCrossEntropyLoss(CrossEntropyLoss):
     ) -> torch.Tensor:
         options = {name: getattr(self, name) for name in self._option_names}
         return losses.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, **options)
+
+
+class LinearLoss(torch.nn.Module):
+    """Module form of :func:`xent.linear_loss`: ``forward(input, linear_weight, target, linear_bias=None)``.
+
+    Stores the loss (a function of the family or its name) and its options; the head's weight and bias belong to
+    the model and are arguments of ``forward``. Options are checked at construction, as the function checks them.
+
+    Example:
+        >>> criterion = xent.nn.LinearLoss(xent.focal_loss, gamma=2.0)
+        >>> loss = criterion(hidden, model.lm_head.weight, tokens)
+    """
+
+    def __init__(self, loss: Callable[..., torch.Tensor] | str, **options: object) -> None:
+        super().__init__()
+        name, _, describe = linear_loss_entry(loss)
+        self.loss_name, self.options = name, dict(options)
+        # The loss's own options are checked now (the number of classes taken from a per-class option, if any);
+        # the shared ones (weight, reduction, chunk_size, ...) with the tensors, by the first call.
+        own = {key: value for key, value in options.items() if key in describe_options(describe)}
+        per_class = [len(value) for value in own.values() if isinstance(value, (torch.Tensor, list, tuple))]
+        describe(per_class[0] if per_class else 1, **own)
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        linear_weight: torch.Tensor,
+        target: torch.Tensor,
+        linear_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return losses.linear_loss(self.loss_name, input, linear_weight, target, linear_bias=linear_bias, **self.options)
+
+    def extra_repr(self) -> str:
+        shown = ", ".join(
+            f"{key}={value!r}" for key, value in self.options.items() if not isinstance(value, torch.Tensor)
+        )
+        return f"{self.loss_name}" + (f", {shown}" if shown else "")
 
 
 class FocalLoss(_Loss):

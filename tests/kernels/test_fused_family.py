@@ -69,11 +69,19 @@ def test_chunked_equals_the_plain_definition(name, dtype, reduction, weighted, t
         for key in requires:
             assert_close(actual[1][key], expected[1][key], dtype)
         return
-    # float32: as close to the exact (float64) values as the float32 reference, within 2e-5 relative. LDAM's
-    # s = 30 amplifies float32 rounding beyond that, in the reference as in the kernel.
     exact = run(
         "reference", {key: value.double() if value.is_floating_point() else value for key, value in tensors.items()}
     )
+    assert_as_accurate_as_the_reference(actual, expected, exact, requires)
+
+
+def _in_float64(tensors):
+    return {key: value.double() if value.is_floating_point() else value for key, value in tensors.items()}
+
+
+def assert_as_accurate_as_the_reference(actual, expected, exact, requires):
+    """float32 results as close to the exact (float64) ones as the float32 reference, within 2e-5 relative. LDAM's
+    s = 30 amplifies float32 rounding beyond that, in the reference as in the kernels."""
     for got, reference_value, truth in [(actual[0], expected[0], exact[0])] + [
         (actual[1][key], expected[1][key], exact[1][key]) for key in requires
     ]:
@@ -169,3 +177,96 @@ def test_token_weights_scale_each_token_and_enter_the_mean():
 def test_options_dataclass_defaults_describe_cross_entropy():
     options = SoftmaxOptions()
     assert options.plain_target_term and not options.transforms_per_class
+
+
+# --- linear_loss -----------------------------------------------------------------------------------------------
+
+LINEAR_CASES = {name: case for name, case in LOSSES.items() if name != "cross-entropy-token-weighted"}
+LINEAR_CASES["cross-entropy"] = (xent.cross_entropy, {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 5.0})
+
+
+def _head_problem(dtype, loss_fn):
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "input": torch.randn(2, 5, 6, generator=generator, dtype=torch.float64).to(dtype),  # (B, T, D)
+        "linear_weight": (torch.randn(C, 6, generator=generator, dtype=torch.float64) * 0.5).to(dtype),
+        "linear_bias": torch.randn(C, generator=generator, dtype=torch.float64).to(dtype),
+        "target": torch.randint(C, (2, 5), generator=generator),
+        "weight": (torch.rand(C, generator=generator, dtype=torch.float64) + 0.2).to(dtype),
+        "token_weight": torch.rand(2, 5, generator=generator, dtype=torch.float64).to(dtype),
+    }
+    tensors["target"][0, ::3] = -100
+    if loss_fn is xent.ldam_loss:  # cosine-like logits
+        tensors["linear_weight"] = tensors["linear_weight"] * 0.1
+    return tensors
+
+
+def _materialised(loss_fn, reduction, options):
+    """The definition linear_loss must equal: the loss on F.linear's logits, flattened to (N, V)."""
+
+    def loss(input, linear_weight, linear_bias, target, weight, token_weight):
+        logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
+        value = loss_fn(logits.reshape(-1, C), target.reshape(-1), weight=weight, token_weight=token_weight.reshape(-1),
+                        reduction=reduction, impl="reference", **options)  # fmt: skip
+        return value.view(target.shape) if reduction == "none" else value
+
+    return loss
+
+
+@pytest.mark.parametrize("name", list(LINEAR_CASES))
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_linear_loss_equals_the_loss_of_the_materialised_logits(name, impl, reduction):
+    if impl == "triton":
+        pytest.importorskip("triton")
+    loss_fn, options = LINEAR_CASES[name]
+    dtype = torch.float64 if impl == "chunked" else torch.float32
+    tensors = _head_problem(dtype, loss_fn)
+    requires = ("input", "linear_weight", "linear_bias")
+    expected = gradients(_materialised(loss_fn, reduction, options), tensors, requires)
+    fused = gradients(
+        lambda **t: xent.linear_loss(loss_fn, **t, reduction=reduction, impl=impl, chunk_size=4, **options),
+        tensors,
+        requires,
+    )
+    by_name = gradients(
+        lambda **t: xent.linear_loss(loss_fn.__name__, **t, reduction=reduction, impl=impl, chunk_size=3, **options),
+        tensors,
+        requires,
+    )
+    exact = gradients(_materialised(loss_fn, reduction, options), _in_float64(tensors), requires)
+    for actual in (fused, by_name):
+        if dtype == torch.float64:
+            assert_close(actual[0], expected[0], dtype)
+            for key in requires:
+                assert_close(actual[1][key], expected[1][key], dtype)
+        else:
+            assert_as_accurate_as_the_reference(actual, expected, exact, requires)
+
+
+def test_linear_loss_module_and_errors():
+    tensors = _head_problem(torch.float64, xent.focal_loss)
+    del tensors["token_weight"]
+    criterion = xent.nn.LinearLoss(xent.focal_loss, gamma=1.5, weight=tensors.pop("weight"), chunk_size=3)
+    assert "focal_loss" in repr(criterion) and "gamma=1.5" in repr(criterion)
+    expected = xent.linear_loss("focal_loss", **tensors, gamma=1.5, weight=criterion.options["weight"])
+    assert_close(criterion(tensors["input"], tensors["linear_weight"], tensors["target"], tensors["linear_bias"]),
+                 expected)  # fmt: skip
+    with pytest.raises(ValueError, match="gamma must be in"):
+        xent.nn.LinearLoss("focal_loss", gamma=-1.0)
+    with pytest.raises(TypeError, match="binary_cross_entropy_with_logits; binary"):
+        xent.linear_loss(xent.binary_cross_entropy_with_logits, **tensors)
+    with pytest.raises(TypeError, match="got <lambda>"):
+        xent.linear_loss(lambda x, y: x, **tensors)
+    with pytest.raises(ValueError, match=r"loss must be one of .*'focal'"):
+        xent.linear_loss("focal", **tensors)
+    with pytest.raises(TypeError, match="focal_loss has no option 'q'; its options: alpha, gamma"):
+        xent.linear_loss(xent.focal_loss, **tensors, q=0.5)
+    probabilities = torch.softmax(torch.randn(2, 5, C, dtype=torch.float64), -1)
+    with pytest.raises(TypeError, match="focal_loss takes class indices"):
+        xent.linear_loss(xent.focal_loss, **{**tensors, "target": probabilities})
+    # cross-entropy alone takes probabilities, and linear_cross_entropy is linear_loss(cross_entropy)
+    assert_close(
+        xent.linear_loss(xent.cross_entropy, **{**tensors, "target": probabilities}, label_smoothing=0.1),
+        xent.linear_cross_entropy(**{**tensors, "target": probabilities}, label_smoothing=0.1),
+    )

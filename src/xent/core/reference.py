@@ -17,9 +17,9 @@ def transformed_logits(logits: torch.Tensor, target: torch.Tensor | None, option
     if options.softcap is not None:
         x = options.softcap * torch.tanh(x / options.softcap)
     if options.class_offset is not None:
-        x = x + options.class_offset.to(x.dtype)
+        x = x + options.class_offset.to(device=x.device, dtype=x.dtype)
     if options.target_margin is not None:
-        margin = options.target_margin.to(x.dtype)[target].unsqueeze(-1)  # (M, 1)
+        margin = options.target_margin.to(device=x.device, dtype=x.dtype)[target].unsqueeze(-1)  # (M, 1)
         x = x - torch.zeros_like(x).scatter(-1, target.unsqueeze(-1), margin)
     if options.logit_scale != 1.0:
         x = options.logit_scale * x
@@ -45,7 +45,7 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, options: Soft
     x = transformed_logits(logits, safe_target, options)
     lse = torch.logsumexp(x, dim=-1)  # (M,)
     log_probs = x - lse.unsqueeze(-1)  # (M, C)
-    weight = None if options.weight is None else options.weight.to(x.dtype)
+    weight = None if options.weight is None else options.weight.to(device=x.device, dtype=x.dtype)
     weighted_log_probs = log_probs if weight is None else log_probs * weight
     token_weight = None if options.token_weight is None else options.token_weight.to(x.dtype)
 
@@ -62,7 +62,7 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, options: Soft
     target_weight = torch.ones_like(u) if weight is None else weight[safe_target]
     main = options.term.value(u, smoothing, num_classes)
     if options.alpha is not None:
-        main = main * options.alpha.to(x.dtype)[safe_target]
+        main = main * options.alpha.to(device=x.device, dtype=x.dtype)[safe_target]
     loss = target_weight * main
     if smoothing:
         # PyTorch's convention: the uniform part is weighted class by class, not by the target's weight.

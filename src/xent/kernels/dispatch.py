@@ -141,8 +141,18 @@ def dispatch_linear_cross_entropy(
     chunk_size: int | None = None,
     weight_grad_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The reduced linear cross-entropy of canonical tensors (``input (N, D)``) by the chosen implementation."""
+    """The reduced linear loss of canonical tensors (``input (N, D)``), described by ``options``, by the chosen
+    implementation (the automatic one is fused, unless a tensor the fused kernels do not differentiate requires
+    grad)."""
     _check_impl(impl)
+    undifferentiated = _requiring_grad(options)
+    if undifferentiated and impl is None:
+        impl = "reference"
+    elif undifferentiated and impl != "reference":
+        raise ValueError(
+            f"impl={impl!r} does not differentiate {', '.join(undifferentiated)}, which requires grad; "
+            "use impl='reference' (or detach it)"
+        )
     if impl == "reference":
         return reference_linear_cross_entropy(input, linear_weight, linear_bias, target, options, reduction)
     impl = impl or fused_impl(input.device)

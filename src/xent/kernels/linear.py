@@ -109,7 +109,10 @@ def _fused_pass(
             torch.mm(x, linear_weight.t(), out=logits)
         else:
             torch.addmm(linear_bias, x, linear_weight.t(), out=logits)
-        losses[rows] = kernel(logits, logits if needs_grad else None, target[rows], options, grad_scale[rows])
+        chunk_options = options
+        if options.token_weight is not None:
+            chunk_options = dataclasses.replace(options, token_weight=options.token_weight[rows])
+        losses[rows] = kernel(logits, logits if needs_grad else None, target[rows], chunk_options, grad_scale[rows])
         if grad_input is not None:
             torch.mm(logits, linear_weight, out=grad_input[rows])
         if grad_weight is not None:

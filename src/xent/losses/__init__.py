@@ -14,7 +14,7 @@ from xent.losses.imbalance import (
     logit_adjust,
     logit_adjusted_cross_entropy,
 )
-from xent.losses.linear import linear_cross_entropy
+from xent.losses.linear import linear_cross_entropy, linear_loss
 from xent.losses.robust import generalized_cross_entropy, symmetric_cross_entropy
 from xent.losses.sigmoid import binary_cross_entropy, binary_cross_entropy_with_logits
 from xent.losses.softmax import cross_entropy
@@ -35,6 +35,7 @@ __all__ = [
     "ldam_loss",
     "ldam_margins",
     "linear_cross_entropy",
+    "linear_loss",
     "logit_adjust",
     "logit_adjusted_cross_entropy",
     "poly1_cross_entropy",

@@ -66,8 +66,8 @@ def focal_loss(
     References:
         Lin, Goyal, Girshick, He, Dollár. Focal Loss for Dense Object Detection. ICCV 2017.
     """
-    gamma = _checks.check_in_range("gamma", gamma, 0.0)
-    alpha = _check_alpha(alpha, input.shape[class_dimension(input)])
+    description = describe_focal(input.shape[class_dimension(input)], gamma=gamma, alpha=alpha)
+    gamma, alpha = description["term"].gamma, description["alpha"]
 
     def row_loss(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         log_p = target_log_prob(log_probs, target)
@@ -81,10 +81,18 @@ def focal_loss(
         target,
         lambda: class_index_loss("focal_loss", input, target, row_loss, **options),
         impl=impl,
-        term=FocalTerm(gamma=gamma),
-        alpha=alpha,
+        **description,
         **options,
     )
+
+
+def describe_focal(num_classes: int, *, gamma: float = 2.0, alpha: float | torch.Tensor | None = None) -> dict:
+    """The row-loss description of :func:`focal_loss` (checked options → :class:`~xent.core.rowloss.SoftmaxOptions`
+    fields)."""
+    return {
+        "term": FocalTerm(gamma=_checks.check_in_range("gamma", gamma, 0.0)),
+        "alpha": _check_alpha(alpha, num_classes),
+    }
 
 
 def _check_alpha(alpha: float | torch.Tensor | None, num_classes: int) -> torch.Tensor | None:
@@ -197,8 +205,8 @@ def poly1_cross_entropy(
         Leng, Xu, Tan, et al. PolyLoss: A Polynomial Expansion Perspective of Classification Loss Functions.
         ICLR 2022.
     """
-    epsilon = _checks.check_in_range("epsilon", epsilon, -1.0)
-    label_smoothing = _checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
+    description = describe_poly1(0, epsilon=epsilon, label_smoothing=label_smoothing)
+    epsilon, label_smoothing = description["term"].epsilon, description["label_smoothing"]
     options = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction, "token_weight": token_weight}
 
     def first_order_term(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -218,7 +226,14 @@ def poly1_cross_entropy(
         target,
         readable,
         impl=impl,
-        term=Poly1Term(epsilon=epsilon),
-        label_smoothing=label_smoothing,
+        **description,
         **options,
     )
+
+
+def describe_poly1(num_classes: int, *, epsilon: float = 1.0, label_smoothing: float = 0.0) -> dict:
+    """The row-loss description of :func:`poly1_cross_entropy`."""
+    return {
+        "term": Poly1Term(epsilon=_checks.check_in_range("epsilon", epsilon, -1.0)),
+        "label_smoothing": _checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0),
+    }

@@ -157,7 +157,10 @@ def logit_adjusted_cross_entropy(
         Menon, Jayasumana, Rawat, Jain, Veit, Kumar. Long-tail learning via logit adjustment. ICLR 2021.
     """
     tau = _checks.check_in_range("tau", tau, 0.0)
-    label_smoothing = _checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
+    description = describe_logit_adjusted(
+        input.shape[class_dimension(input)], class_counts=class_counts, tau=tau, label_smoothing=label_smoothing
+    )
+    label_smoothing = description["label_smoothing"]
     offset = _log_prior_offset(input, class_counts, tau)  # (C, 1, ..., 1)
     options = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction, "token_weight": token_weight}
     return fused_index_loss(
@@ -168,10 +171,28 @@ def logit_adjusted_cross_entropy(
             input + offset.to(input.dtype), target, label_smoothing=label_smoothing, impl="reference", **options
         ),
         impl=impl,
-        class_offset=offset.reshape(-1),
-        label_smoothing=label_smoothing,
+        **description,
         **options,
     )
+
+
+def describe_logit_adjusted(
+    num_classes: int, *, class_counts: torch.Tensor | Sequence[float], tau: float = 1.0, label_smoothing: float = 0.0
+) -> dict:
+    """The row-loss description of :func:`logit_adjusted_cross_entropy`: the offset τ log π of every class."""
+    tau = _checks.check_in_range("tau", tau, 0.0)
+    counts = check_class_counts(class_counts, positive=True, num_classes=num_classes)
+    return {
+        "class_offset": tau * torch.log(counts / counts.sum()),
+        "label_smoothing": _checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0),
+    }
+
+
+def describe_balanced_softmax(
+    num_classes: int, *, class_counts: torch.Tensor | Sequence[float], label_smoothing: float = 0.0
+) -> dict:
+    """The row-loss description of :func:`balanced_softmax_cross_entropy`."""
+    return describe_logit_adjusted(num_classes, class_counts=class_counts, tau=1.0, label_smoothing=label_smoothing)
 
 
 @float32_under_autocast
@@ -270,14 +291,12 @@ def ldam_loss(
         Cao, Wei, Gaidon, Arechiga, Ma. Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss.
         NeurIPS 2019.
     """
-    scale = _checks.check_in_range("scale", scale, 0.0, low_inclusive=False)
     _, indices, _ = canonicalize(input, target)
     if indices.is_floating_point():
         raise TypeError("ldam_loss takes class indices, not probabilities")
     class_dim = class_dimension(input)
-    margins = ldam_margins(
-        check_class_counts(class_counts, positive=True, num_classes=input.shape[class_dim]), max_margin
-    )
+    description = describe_ldam(input.shape[class_dim], class_counts=class_counts, max_margin=max_margin, scale=scale)
+    margins, scale = description["target_margin"], description["logit_scale"]
     _checks.check_class_indices(target, margins.numel(), ignore_index)
     options = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction, "token_weight": token_weight}
 
@@ -296,7 +315,17 @@ def ldam_loss(
         target,
         readable,
         impl=impl,
-        target_margin=margins.to(input.device),
-        logit_scale=scale,
+        **description,
         **options,
     )
+
+
+def describe_ldam(
+    num_classes: int, *, class_counts: torch.Tensor | Sequence[float], max_margin: float = 0.5, scale: float = 30.0
+) -> dict:
+    """The row-loss description of :func:`ldam_loss`: the margin of every class and the scale."""
+    counts = check_class_counts(class_counts, positive=True, num_classes=num_classes)
+    return {
+        "target_margin": ldam_margins(counts, max_margin),
+        "logit_scale": _checks.check_in_range("scale", scale, 0.0, low_inclusive=False),
+    }

@@ -1,14 +1,24 @@
-"""Linear cross-entropy: the loss of a linear classification head, computed without its logits."""
+"""Losses of a linear head computed without its logits: :func:`linear_loss` for every fused loss of the family,
+:func:`linear_cross_entropy` for cross-entropy."""
 
 from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
 
 import torch
 
 from xent.core.autocast import autocast_off, cast_for_linear, result_dtype
 from xent.core.rowloss import SoftmaxOptions
 from xent.kernels.dispatch import dispatch_linear_cross_entropy
-from xent.losses import _checks
-from xent.losses.softmax import check_softmax_options, checked_options
+from xent.losses import _checks, focal, imbalance, robust
+from xent.losses.softmax import (
+    check_softmax_options,
+    check_token_weight,
+    checked_options,
+    cross_entropy,
+    describe_cross_entropy,
+)
 
 
 def canonicalize_linear(
@@ -113,31 +123,144 @@ def linear_cross_entropy(
         >>> tokens = torch.randint(32000, (4, 128))
         >>> xent.linear_cross_entropy(hidden, head, tokens, z_loss=1e-4).backward()
     """
-    label_smoothing, z_loss, softcap = check_softmax_options(
-        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, ignore_index=ignore_index
+    return linear_loss(
+        cross_entropy,
+        input,
+        linear_weight,
+        target,
+        linear_bias=linear_bias,
+        chunk_size=chunk_size,
+        weight_grad_dtype=weight_grad_dtype,
+        impl=impl,
+        weight=weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
     )
+
+
+# The losses linear_loss fuses: each public function with the description of its own options.
+LINEAR_LOSSES: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., dict]]] = {
+    "cross_entropy": (cross_entropy, describe_cross_entropy),
+    "focal_loss": (focal.focal_loss, focal.describe_focal),
+    "poly1_cross_entropy": (focal.poly1_cross_entropy, focal.describe_poly1),
+    "generalized_cross_entropy": (robust.generalized_cross_entropy, robust.describe_generalized),
+    "symmetric_cross_entropy": (robust.symmetric_cross_entropy, robust.describe_symmetric),
+    "logit_adjusted_cross_entropy": (imbalance.logit_adjusted_cross_entropy, imbalance.describe_logit_adjusted),
+    "balanced_softmax_cross_entropy": (imbalance.balanced_softmax_cross_entropy, imbalance.describe_balanced_softmax),
+    "ldam_loss": (imbalance.ldam_loss, imbalance.describe_ldam),
+}
+
+
+def describe_options(describe: Callable[..., dict]) -> set[str]:
+    """The loss's own option names: the keyword arguments of its description."""
+    return set(inspect.signature(describe).parameters) - {"num_classes"}
+
+
+def linear_loss_entry(loss: object) -> tuple[str, Callable[..., torch.Tensor], Callable[..., dict]]:
+    names = ", ".join(LINEAR_LOSSES)
+    if isinstance(loss, str):
+        if loss not in LINEAR_LOSSES:
+            raise ValueError(f"loss must be one of {names} (or the function itself), got {loss!r}")
+        return (loss, *LINEAR_LOSSES[loss])
+    for name, (function, describe) in LINEAR_LOSSES.items():
+        if loss is function:
+            return name, function, describe
+    shown = getattr(loss, "__name__", type(loss).__name__)
+    raise TypeError(
+        f"loss must be an index-target softmax loss of xent that the kernels fuse ({names}), got {shown}; "
+        "binary, distillation and other losses have no fused linear form"
+    )
+
+
+def linear_loss(
+    loss: Callable[..., torch.Tensor] | str,
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    weight_grad_dtype: torch.dtype | None = None,
+    impl: str | None = None,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    token_weight: torch.Tensor | None = None,
+    **loss_options: object,
+) -> torch.Tensor:
+    r"""Any softmax loss of the family on a linear head, :math:`\operatorname{loss}(x W^\top + b,\ y)`, without the
+    logits.
+
+    Equal in value and in the gradients of ``input``, ``linear_weight`` and ``linear_bias`` to
+    ``loss(F.linear(input, linear_weight, linear_bias).reshape(-1, V), target.reshape(-1), **loss_options)``
+    (``reduction="none"`` reshaped like ``target``), computed chunk by chunk as :func:`linear_cross_entropy` does:
+    the ``N × V`` logits are never formed. The loss is described once (its logit transform, its target term
+    :math:`\psi(\log p_y)`, its options — :mod:`xent.core.rowloss`) and every chunk runs the fused row kernel on it.
+
+    Args:
+        loss: one of :func:`xent.cross_entropy`, :func:`xent.focal_loss`, :func:`xent.poly1_cross_entropy`,
+            :func:`xent.generalized_cross_entropy`, :func:`xent.symmetric_cross_entropy`,
+            :func:`xent.logit_adjusted_cross_entropy`, :func:`xent.balanced_softmax_cross_entropy`,
+            :func:`xent.ldam_loss` — or its name (``"focal_loss"``).
+        input: hidden states ``(..., D)``.
+        linear_weight: the head's weight ``(V, D)``, same dtype.
+        target: class indices ``(...)``; probabilities ``(..., V)`` for ``cross_entropy`` only.
+        linear_bias, chunk_size, weight_grad_dtype: as in :func:`xent.linear_cross_entropy`.
+        impl: ``None`` (the fused kernels: Triton on CUDA when installed, chunked PyTorch otherwise), ``"chunked"``,
+            ``"triton"``, or ``"reference"`` — the loss's own definition on the materialised logits.
+        weight, ignore_index, reduction, token_weight: as in the loss.
+        **loss_options: the loss's own options (``gamma=2.0``, ``class_counts=counts``, ``label_smoothing=0.1``, …).
+
+    Returns:
+        The loss: ``()`` or, for ``"none"``, the batch shape ``(...)``.
+
+    Example:
+        >>> hidden, head = torch.randn(4, 128, 512, requires_grad=True), torch.randn(32000, 512, requires_grad=True)
+        >>> tokens = torch.randint(32000, (4, 128))
+        >>> xent.linear_loss(xent.focal_loss, hidden, head, tokens, gamma=2.0).backward()
+    """
+    name, function, describe = linear_loss_entry(loss)
+    check_softmax_options(reduction=reduction, label_smoothing=0.0, z_loss=0.0, softcap=None, ignore_index=ignore_index)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if weight_grad_dtype is not None and not isinstance(weight_grad_dtype, torch.dtype):
         raise TypeError(f"weight_grad_dtype must be a torch.dtype or None, got {weight_grad_dtype!r}")
     if weight_grad_dtype is not None and not weight_grad_dtype.is_floating_point:
         raise ValueError(f"weight_grad_dtype must be a floating-point dtype, got {weight_grad_dtype}")
+    accepted = describe_options(describe)
+    unknown = sorted(set(loss_options) - accepted)
+    if unknown:
+        raise TypeError(f"{name} has no option {unknown[0]!r}; its options: {', '.join(sorted(accepted))}")
     out_dtype = result_dtype(_checks.check_floating("input", input))
     # Under autocast the head runs as F.linear would, in the autocast dtype, and the loss in float32.
     input, linear_weight, linear_bias = map(cast_for_linear, (input, linear_weight, linear_bias))
     flat_input, flat_target, batch_shape = canonicalize_linear(input, linear_weight, linear_bias, target)
-    options = SoftmaxOptions(None, ignore_index, label_smoothing, z_loss, softcap)
-    options = checked_options(options, weight, flat_target, linear_weight.shape[0])
+    if flat_target.is_floating_point() and name != "cross_entropy":
+        raise TypeError(f"{name} takes class indices of shape {_checks.shape_str(batch_shape)}, not probabilities")
+    vocab = linear_weight.shape[0]
+    flat_token_weight = check_token_weight(token_weight, batch_shape)
+    options = SoftmaxOptions(
+        ignore_index=ignore_index, token_weight=flat_token_weight, **describe(vocab, **loss_options)
+    )
+    options = checked_options(options, weight, flat_target, vocab)
     with autocast_off(input):
-        loss = dispatch_linear_cross_entropy(
-            impl,
-            flat_input,
-            linear_weight,
-            linear_bias,
-            flat_target,
-            options,
-            reduction,
-            chunk_size=chunk_size,
-            weight_grad_dtype=weight_grad_dtype,
-        )
+        if impl == "reference":
+            logits = torch.nn.functional.linear(flat_input, linear_weight, linear_bias)
+            shared = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction}
+            loss = function(logits, flat_target, token_weight=flat_token_weight, impl=impl, **shared, **loss_options)
+        else:
+            loss = dispatch_linear_cross_entropy(
+                impl,
+                flat_input,
+                linear_weight,
+                linear_bias,
+                flat_target,
+                options,
+                reduction,
+                chunk_size=chunk_size,
+                weight_grad_dtype=weight_grad_dtype,
+            )
     return (loss.view(batch_shape) if reduction == "none" else loss).to(out_dtype)

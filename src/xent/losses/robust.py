@@ -54,9 +54,14 @@ def generalized_cross_entropy(
         target,
         lambda: class_index_loss("generalized_cross_entropy", input, target, row_loss, **options),
         impl=impl,
-        term=GeneralizedTerm(q=q),
+        **describe_generalized(0, q=q),
         **options,
     )
+
+
+def describe_generalized(num_classes: int, *, q: float = 0.7) -> dict:
+    """The row-loss description of :func:`generalized_cross_entropy`."""
+    return {"term": GeneralizedTerm(q=_checks.check_in_range("q", q, 0.0, 1.0, low_inclusive=False))}
 
 
 @float32_under_autocast
@@ -114,6 +119,14 @@ def symmetric_cross_entropy(
         target,
         readable,
         impl=impl,
-        term=SymmetricTerm(alpha=alpha, beta=beta, log_zero=log_zero),
+        **describe_symmetric(0, alpha=alpha, beta=beta, log_zero=log_zero),
         **options,
     )
+
+
+def describe_symmetric(num_classes: int, *, alpha: float = 0.1, beta: float = 1.0, log_zero: float = -4.0) -> dict:
+    """The row-loss description of :func:`symmetric_cross_entropy`."""
+    alpha = _checks.check_in_range("alpha", alpha, 0.0)
+    beta = _checks.check_in_range("beta", beta, 0.0)
+    log_zero = _checks.check_in_range("log_zero", log_zero, high=0.0, high_inclusive=False)
+    return {"term": SymmetricTerm(alpha=alpha, beta=beta, log_zero=log_zero)}

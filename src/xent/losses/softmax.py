@@ -60,6 +60,16 @@ def canonicalize(input: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tenso
     return logits, target.reshape(-1), batch_shape
 
 
+def describe_cross_entropy(
+    num_classes: int, *, label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None
+) -> dict:
+    """The row-loss description of :func:`cross_entropy`'s own options."""
+    label_smoothing, z_loss, softcap = check_softmax_options(
+        reduction="mean", label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, ignore_index=-100
+    )
+    return {"label_smoothing": label_smoothing, "z_loss": z_loss, "softcap": softcap}
+
+
 def checked_options(
     options: SoftmaxOptions, weight: torch.Tensor | None, target: torch.Tensor, num_classes: int
 ) -> SoftmaxOptions:
