@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import xent
+from xent.losses.linear import LINEAR_LOSSES
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -71,6 +72,13 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     shape.add_argument("--dtype", choices=list(DTYPES), help="float32 by default (bfloat16 with --shape)")
     shape.add_argument("--shape", choices=list(SHAPES), help="a language-model head: sets --n, --d, --v and bfloat16")
     shape.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    shape.add_argument(
+        "--loss",
+        choices=list(LINEAR_LOSSES),
+        default="cross_entropy",
+        help="the family loss to measure (default cross_entropy); beside xent, its materialised reference, eager "
+        "and under torch.compile",
+    )
     run = parser.add_argument_group("run")
     run.add_argument("--impl", help="comma list of implementations to run (default: all that are available)")
     run.add_argument("--repeat", type=_positive_int, default=3, help="interleaved timed runs, at least 3 (median)")
@@ -104,7 +112,9 @@ def _bench(args: argparse.Namespace) -> int:
     everything = []
     for vocab in vocab_sizes:
         dtype = args.dtype or defaults["dtype"]
-        problem = Problem(args.operation, args.n or defaults["n"], args.d or defaults["d"], vocab, dtype, device)
+        problem = Problem(
+            args.operation, args.n or defaults["n"], args.d or defaults["d"], vocab, dtype, device, args.loss
+        )
         try:
             with console.status("starting") as status:
                 measurements = run_bench(problem, names, repeat=args.repeat, progress=status.update)

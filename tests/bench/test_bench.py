@@ -22,6 +22,17 @@ def test_run_bench_measures_each_implementation_in_interleaved_rounds():
     assert by_name["floor"].is_floor
 
 
+def test_a_family_loss_is_measured_beside_its_materialised_reference():
+    problem = Problem("linear-ce", n=64, d=16, v=300, loss="logit_adjusted_cross_entropy")
+    names = ["xent", "xent-reference", "torch-eager", "liger"]
+    by_name = {m.name: m for m in run_bench(problem, names, repeat=3)}
+    assert by_name["xent"].time_s > 0 and by_name["xent-reference"].time_s > 0
+    assert "has no logit_adjusted_cross_entropy" in by_name["torch-eager"].skipped
+    assert by_name["liger"].skipped
+    ce = {m.name: m for m in run_bench(Problem("ce", n=64, d=0, v=300, loss="focal_loss"), ["xent-inplace"], repeat=3)}
+    assert "cross_entropy only" in ce["xent-inplace"].skipped
+
+
 def test_peak_memory_is_measured_per_process():
     """The eager implementation keeps a log-softmax and a gradient (N × V each) alive; the floor allocates one."""
     problem = Problem("ce", n=4096, d=0, v=4096)  # 64 MiB of logits: above glibc's largest mmap threshold

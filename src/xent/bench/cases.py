@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +36,7 @@ class Problem:
     v: int
     dtype: str = "float32"
     device: str = "cpu"
+    loss: str = "cross_entropy"  # any loss linear_loss fuses (`--loss`)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -66,6 +66,32 @@ class Implementation:
     is_floor: bool = False
     compiles: bool = False
     needs: Callable[[Problem], str | None] = lambda problem: None  # why it cannot run, or None
+
+
+def loss_options(problem: Problem) -> dict:
+    """The options the bench runs a family loss with: the papers' defaults, and Zipf-distributed class counts (a
+    long tail over the V classes) for the losses that take them."""
+    counts = 1e6 / torch.arange(1, problem.v + 1, dtype=torch.float64)
+    return {
+        "focal_loss": {"gamma": 2.0},
+        "poly1_cross_entropy": {"epsilon": 1.0},
+        "generalized_cross_entropy": {"q": 0.7},
+        "logit_adjusted_cross_entropy": {"class_counts": counts},
+        "balanced_softmax_cross_entropy": {"class_counts": counts},
+        "ldam_loss": {"class_counts": counts},
+    }.get(problem.loss, {})
+
+
+def _family(problem: Problem, impl: str | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """xent's loss of the problem on given logits, by ``impl``."""
+    loss, options = getattr(xent, problem.loss), loss_options(problem)
+    return lambda logits, target: loss(logits, target, impl=impl, **options)
+
+
+def _family_linear(problem: Problem, impl: str | None) -> Callable[..., torch.Tensor]:
+    """xent.linear_loss of the problem's loss; ``impl="reference"`` is the loss of the materialised logits."""
+    options = loss_options(problem)
+    return lambda hidden, weight, target: xent.linear_loss(problem.loss, hidden, weight, target, impl=impl, **options)
 
 
 def _inputs(problem: Problem, seed: int = 0):
@@ -111,6 +137,14 @@ def _ce(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callab
     return prepare
 
 
+def _ce_family(impl: str | None, *, compiled: bool = False) -> Callable[[Problem], Prepared]:
+    def prepare(problem: Problem) -> Prepared:
+        loss_fn = _family(problem, impl)
+        return _ce(_compiled(loss_fn) if compiled else loss_fn)(problem)
+
+    return prepare
+
+
 def _ce_inplace(problem: Problem) -> Prepared:
     source, target = _inputs(problem)
     logits = source.clone().requires_grad_()
@@ -148,6 +182,14 @@ def _linear(loss_fn: Callable[..., torch.Tensor]) -> Callable[[Problem], Prepare
         hidden, weight, target = _inputs(problem)
         hidden, weight = _leaves(hidden, weight)
         return Prepared(_loss_step(loss_fn, hidden, weight, target), _clear(hidden, weight))
+
+    return prepare
+
+
+def _linear_family(impl: str | None, *, compiled: bool = False) -> Callable[[Problem], Prepared]:
+    def prepare(problem: Problem) -> Prepared:
+        loss_fn = _family_linear(problem, impl)
+        return _linear(_compiled(loss_fn) if compiled else loss_fn)(problem)
 
     return prepare
 
@@ -193,6 +235,25 @@ def _cce_linear(filter_eps: str | None) -> Callable[[Problem], Prepared]:
 # --- availability ----------------------------------------------------------------------------------------------
 
 
+def _cross_entropy_only(needs: Callable[[Problem], str | None] = lambda problem: None):
+    """A baseline that has plain cross-entropy only (PyTorch's, Liger's, CCE's)."""
+
+    def needs_cross_entropy(problem: Problem) -> str | None:
+        if problem.loss != "cross_entropy":
+            return f"has no {problem.loss}: see xent-reference and reference-compile"
+        return needs(problem)
+
+    return needs_cross_entropy
+
+
+def _inplace_option(problem: Problem) -> str | None:
+    return None if problem.loss == "cross_entropy" else "inplace_backward is an option of cross_entropy only"
+
+
+def _family_only(problem: Problem) -> str | None:
+    return "torch-eager and torch-compile are this loss's baselines" if problem.loss == "cross_entropy" else None
+
+
 def _needs_package(module: str, *, cuda: bool = True) -> Callable[[Problem], str | None]:
     def needs(problem: Problem) -> str | None:
         if importlib.util.find_spec(module) is None:
@@ -219,29 +280,53 @@ def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     return lambda *args: compiled(*args)
 
 
+# Beside xent's automatic choice: its chunked kernel (on GPUs, where the automatic one is Triton), its plain
+# reference (the loss of the materialised logits, eager) and torch.compile of that same formula — the baselines of a
+# family loss that no other library has — and, for plain cross-entropy, PyTorch's, Liger's and CCE's.
 IMPLEMENTATIONS: dict[str, list[Implementation]] = {
     "ce": [
-        Implementation("xent", "ce", _ce(xent.cross_entropy)),
-        Implementation("xent-inplace", "ce", _ce_inplace),
-        Implementation("xent-chunked", "ce", _ce(partial(xent.cross_entropy, impl="chunked")), needs=_needs_cuda),
-        Implementation("torch-eager", "ce", _ce(F.cross_entropy)),
-        Implementation("torch-compile", "ce", _ce(_compiled(F.cross_entropy)), compiles=True),
-        Implementation("liger", "ce", _liger_ce, needs=_needs_package("liger_kernel")),
+        Implementation("xent", "ce", _ce_family(None)),
+        Implementation("xent-inplace", "ce", _ce_inplace, needs=_inplace_option),
+        Implementation("xent-chunked", "ce", _ce_family("chunked"), needs=_needs_cuda),
+        Implementation("xent-reference", "ce", _ce_family("reference"), needs=_family_only),
+        Implementation(
+            "reference-compile", "ce", _ce_family("reference", compiled=True), compiles=True, needs=_family_only
+        ),
+        Implementation("torch-eager", "ce", _ce(F.cross_entropy), needs=_cross_entropy_only()),
+        Implementation(
+            "torch-compile", "ce", _ce(_compiled(F.cross_entropy)), compiles=True, needs=_cross_entropy_only()
+        ),
+        Implementation("liger", "ce", _liger_ce, needs=_cross_entropy_only(_needs_package("liger_kernel"))),
         Implementation("floor", "ce", _ce_floor, is_floor=True),
     ],
     "linear-ce": [
-        Implementation("xent", "linear-ce", _linear(xent.linear_cross_entropy)),
+        Implementation("xent", "linear-ce", _linear_family(None)),
+        Implementation("xent-chunked", "linear-ce", _linear_family("chunked"), needs=_needs_cuda),
+        Implementation("xent-reference", "linear-ce", _linear_family("reference"), needs=_family_only),
         Implementation(
-            "xent-chunked", "linear-ce", _linear(partial(xent.linear_cross_entropy, impl="chunked")), needs=_needs_cuda
+            "reference-compile",
+            "linear-ce",
+            _linear_family("reference", compiled=True),
+            compiles=True,
+            needs=_family_only,
         ),
-        Implementation("torch-eager", "linear-ce", _linear(_eager_linear)),
-        Implementation("torch-compile", "linear-ce", _linear(_compiled(_eager_linear)), compiles=True),
+        Implementation("torch-eager", "linear-ce", _linear(_eager_linear), needs=_cross_entropy_only()),
         Implementation(
-            "torch-chunked", "linear-ce", _linear(_torch_chunked_linear), needs=_needs_torch_linear_cross_entropy
+            "torch-compile", "linear-ce", _linear(_compiled(_eager_linear)), compiles=True, needs=_cross_entropy_only()
         ),
-        Implementation("liger", "linear-ce", _liger_linear, needs=_needs_package("liger_kernel")),
-        Implementation("cce", "linear-ce", _cce_linear("auto"), needs=_needs_package("cut_cross_entropy")),
-        Implementation("cce-exact", "linear-ce", _cce_linear(None), needs=_needs_package("cut_cross_entropy")),
+        Implementation(
+            "torch-chunked",
+            "linear-ce",
+            _linear(_torch_chunked_linear),
+            needs=_cross_entropy_only(_needs_torch_linear_cross_entropy),
+        ),
+        Implementation("liger", "linear-ce", _liger_linear, needs=_cross_entropy_only(_needs_package("liger_kernel"))),
+        Implementation(
+            "cce", "linear-ce", _cce_linear("auto"), needs=_cross_entropy_only(_needs_package("cut_cross_entropy"))
+        ),
+        Implementation(
+            "cce-exact", "linear-ce", _cce_linear(None), needs=_cross_entropy_only(_needs_package("cut_cross_entropy"))
+        ),
         Implementation("floor", "linear-ce", _linear_floor, is_floor=True),
     ],
 }
