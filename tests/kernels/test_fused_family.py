@@ -270,3 +270,95 @@ def test_linear_loss_module_and_errors():
         xent.linear_loss(xent.cross_entropy, **{**tensors, "target": probabilities}, label_smoothing=0.1),
         xent.linear_cross_entropy(**{**tensors, "target": probabilities}, label_smoothing=0.1),
     )
+
+
+# --- linear_distillation_loss ----------------------------------------------------------------------------------
+
+
+def _distillation_problem(dtype):
+    generator = torch.Generator().manual_seed(1)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+
+    target = torch.randint(C, (2, 5), generator=generator)
+    target[1, ::2] = -100
+    return {
+        "input": randn(2, 5, 6),
+        "linear_weight": randn(C, 6, scale=0.7),
+        "linear_bias": randn(C),
+        "teacher_input": randn(2, 5, 9),
+        "teacher_linear_weight": randn(C, 9, scale=0.5),
+        "teacher_linear_bias": randn(C),
+        "target": target,
+    }
+
+
+def _distillation_definition(reduction, temperature, hard_weight, with_target):
+    """distillation_loss of the materialised logits, plus the hard-label cross-entropy, written out."""
+
+    def loss(input, linear_weight, linear_bias, teacher_input, teacher_linear_weight, teacher_linear_bias, target):
+        student = torch.nn.functional.linear(input, linear_weight, linear_bias).reshape(-1, C)
+        teacher = torch.nn.functional.linear(teacher_input, teacher_linear_weight, teacher_linear_bias).reshape(-1, C)
+        value = xent.distillation_loss(student, teacher.detach(), temperature=temperature, reduction=reduction)
+        if with_target:
+            hard = "mean" if reduction in ("batchmean", "mean") else reduction
+            value = value + hard_weight * xent.cross_entropy(student, target.reshape(-1), reduction=hard)
+        return value.view(target.shape) if reduction == "none" else value
+
+    return loss
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum", "none"])
+@pytest.mark.parametrize("with_target", [False, True])
+def test_linear_distillation_equals_distillation_of_the_materialised_logits(impl, reduction, with_target):
+    if impl == "triton":
+        pytest.importorskip("triton")
+    dtype = torch.float64 if impl == "chunked" else torch.float32
+    tensors = _distillation_problem(dtype)
+    options = {"temperature": 2.0, "reduction": reduction}
+    if with_target:
+        options["hard_weight"] = 0.3
+    else:
+        tensors["target"] = tensors["target"].clamp_min(0)  # only its shape matters
+    requires = ("input", "linear_weight", "linear_bias")
+    definition = _distillation_definition(reduction, 2.0, 0.3, with_target)
+    expected = gradients(definition, tensors, requires)
+
+    def fused(**t):
+        target = t.pop("target")
+        if not with_target:
+            target = None
+        return xent.linear_distillation_loss(**t, target=target, impl=impl, chunk_size=3, **options)
+
+    actual = gradients(fused, tensors, requires)
+    if dtype == torch.float64:
+        assert_close(actual[0], expected[0], dtype)
+        for key in requires:
+            assert_close(actual[1][key], expected[1][key], dtype)
+    else:
+        exact = gradients(definition, _in_float64(tensors), requires)
+        assert_as_accurate_as_the_reference(actual, expected, exact, requires)
+
+
+def test_linear_distillation_refuses_a_teacher_that_requires_grad_and_mismatched_heads():
+    tensors = _distillation_problem(torch.float64)
+    del tensors["target"]
+    teacher = tensors["teacher_linear_weight"].clone().requires_grad_()
+    with pytest.raises(ValueError, match=r"teacher_linear_weight requires grad.*detach\(\)"):
+        xent.linear_distillation_loss(**{**tensors, "teacher_linear_weight": teacher})
+    with pytest.raises(ValueError, match="share the vocabulary"):
+        xent.linear_distillation_loss(
+            **{
+                **tensors,
+                "teacher_linear_weight": torch.randn(C + 1, 9, dtype=torch.float64),
+                "teacher_linear_bias": None,
+            }
+        )
+    with pytest.raises(ValueError, match=r"teacher_input has shape \(2, 4, 9\)"):
+        xent.linear_distillation_loss(**{**tensors, "teacher_input": torch.randn(2, 4, 9, dtype=torch.float64)})
+    with pytest.raises(ValueError, match="temperature must be in"):
+        xent.linear_distillation_loss(**tensors, temperature=0.0)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        xent.linear_distillation_loss(**tensors, reduction="average")

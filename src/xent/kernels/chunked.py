@@ -14,7 +14,7 @@ Data flow of :class:`ChunkedCrossEntropy` (logits ``(M, C)``, gradient buffer ``
 so the forward reads the logits once and writes the gradient once; extra memory is O(M) plus one block. With
 ``inplace_backward=True``, ``G`` *is* the logits' storage.
 
-:class:`ChunkedLinearCrossEntropy` does the same one level up: blocks of tokens → logits block ``X_b Wᵀ`` → the
+:class:`~xent.kernels.linear.ChunkedLinearLoss` does it one level up: blocks of tokens → logits block ``X_b Wᵀ`` → the
 block loop above on it, in place → ``dX_b = G_b W``, ``dW += G_bᵀ X_b``, ``db += Σ G_b``. The ``N × V``
 logits never exist; peak extra memory is one logits block.
 """
@@ -103,6 +103,7 @@ class _RowTerms:
         self.token_weight = per_class(options.token_weight)
         self.scale = scale if self.token_weight is None else scale * self.token_weight  # grad_scale · r_n
         self.soft = target.is_floating_point()
+        self.margin = None  # -m_y, added at the target column (class indices only)
         self.row_max = logits.new_empty(num_rows, dtype=dtype)
         self.max_prob = logits.new_empty(num_rows, dtype=dtype)
         smoothing = options.label_smoothing
@@ -119,7 +120,6 @@ class _RowTerms:
         self.main_weight = self.target_weight
         if options.alpha is not None:
             self.main_weight = self.main_weight * per_class(options.alpha)[safe_target]
-        self.margin = None  # -m_y, added at the target column
         if options.target_margin is not None:
             self.margin = -per_class(options.target_margin)[safe_target].unsqueeze(1)
         self.target_logit = self._transform(self._cap(logits.gather(1, self.safe_target).to(dtype)), self.safe_target)

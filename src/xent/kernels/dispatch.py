@@ -58,6 +58,15 @@ def _triton_kernel(device: torch.device):
     return cross_entropy.loss_and_grad_
 
 
+def row_kernel(impl: str | None, device: torch.device) -> chunked.RowKernel:
+    """The row kernel of a fused implementation (``None``: the device's)."""
+    _check_impl(impl)
+    if impl == "reference":
+        raise ValueError("impl='reference' has no row kernel")
+    impl = impl or fused_impl(device)
+    return _triton_kernel(device) if impl == "triton" else chunked.loss_and_grad_
+
+
 def choose_cross_entropy(
     impl: str | None, logits: torch.Tensor, *, inplace_backward: bool, extra_grads: bool = False
 ) -> str:

@@ -1,6 +1,6 @@
 """Fused linear cross-entropy in pure PyTorch: the ``N × V`` logits are never materialised.
 
-Data flow of :class:`ChunkedLinearCrossEntropy` for ``reduction="mean"``/``"sum"`` (the gradient of a scalar loss
+Data flow of :class:`ChunkedLinearLoss` for ``reduction="mean"``/``"sum"`` (the gradient of a scalar loss
 is known up to one factor in the forward pass)::
 
     for each chunk of tokens X_c (c × D):
@@ -26,6 +26,7 @@ the logits chunk by chunk with the scale applied (four GEMMs in all, the same me
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -74,16 +75,32 @@ def _chunks(num_tokens: int, chunk_size: int):
         yield slice(start, min(start + chunk_size, num_tokens))
 
 
+# A chunk loss: `chunk_loss(logits, rows, grad_scale, needs_grad) -> losses` — the losses of the chunk `rows` of
+# tokens whose logits `(c, V)` it is given, with the gradient scaled per token by `grad_scale (c,)` written over
+# `logits` when `needs_grad`.
+ChunkLoss = Callable[[torch.Tensor, slice, torch.Tensor, bool], torch.Tensor]
+
+
+def row_kernel_loss(target: torch.Tensor, options: SoftmaxOptions, kernel: chunked.RowKernel) -> ChunkLoss:
+    """The chunk loss of a row-loss description: the row kernel, in place on each chunk's logits."""
+
+    def chunk_loss(logits: torch.Tensor, rows: slice, grad_scale: torch.Tensor, needs_grad: bool) -> torch.Tensor:
+        chunk_options = options
+        if options.token_weight is not None:
+            chunk_options = dataclasses.replace(options, token_weight=options.token_weight[rows])
+        return kernel(logits, logits if needs_grad else None, target[rows], chunk_options, grad_scale)
+
+    return chunk_loss
+
+
 def _fused_pass(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
     linear_bias: torch.Tensor | None,
-    target: torch.Tensor,
-    options: SoftmaxOptions,
+    chunk_loss: ChunkLoss,
     grad_scale: torch.Tensor,
     chunk_size: int,
     grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
-    kernel: chunked.RowKernel,
 ) -> torch.Tensor:
     """Per-token losses ``(N,)``; the gradients, each scaled per token by ``grad_scale``, into ``grads``.
 
@@ -91,7 +108,7 @@ def _fused_pass(
         input: ``(N, D)``, read only.
         linear_weight: ``(V, D)``, read only.
         linear_bias: ``(V,)`` or ``None``, read only.
-        target: ``(N,)`` class indices or ``(N, V)`` probabilities.
+        chunk_loss: the loss of each chunk of logits (see :data:`ChunkLoss`).
         grad_scale: ``(N,)`` factor of each token's gradient.
         grads: ``dX (N, D)`` overwritten, ``dW (V, D)`` and ``db (V,)`` (float32 or float64) accumulated into;
             each ``None`` when not needed.
@@ -109,10 +126,7 @@ def _fused_pass(
             torch.mm(x, linear_weight.t(), out=logits)
         else:
             torch.addmm(linear_bias, x, linear_weight.t(), out=logits)
-        chunk_options = options
-        if options.token_weight is not None:
-            chunk_options = dataclasses.replace(options, token_weight=options.token_weight[rows])
-        losses[rows] = kernel(logits, logits if needs_grad else None, target[rows], chunk_options, grad_scale[rows])
+        losses[rows] = chunk_loss(logits, rows, grad_scale[rows], needs_grad)
         if grad_input is not None:
             torch.mm(logits, linear_weight, out=grad_input[rows])
         if grad_weight is not None:
@@ -122,9 +136,11 @@ def _fused_pass(
     return losses
 
 
-class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of ``input @ linear_weight.T + linear_bias`` without the logits (see the module docstring).
-    ``weight`` is ``options.weight``, passed apart so that autograd sees it."""
+class ChunkedLinearLoss(torch.autograd.Function):
+    """A loss of ``input @ linear_weight.T + linear_bias`` without the logits (see the module docstring), chunk by
+    chunk through a :data:`ChunkLoss`. ``target`` and ``weight`` are passed apart so that autograd sees them: the
+    gradients the chunk loss does not form (probability targets, class weights) come from ``reference(target,
+    weight)``, recomputed in backward."""
 
     @staticmethod
     def forward(
@@ -132,64 +148,57 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         input: torch.Tensor,
         linear_weight: torch.Tensor,
         linear_bias: torch.Tensor | None,
-        target: torch.Tensor,
+        target: torch.Tensor | None,
         weight: torch.Tensor | None,
-        options: SoftmaxOptions,
+        chunk_loss: ChunkLoss,
         reduction: str,
+        denominator: torch.Tensor | None,
         chunk_size: int,
         allow_retain_graph: bool,
-        kernel: chunked.RowKernel,
         weight_grad_dtype: torch.dtype,
+        reference: Callable[..., torch.Tensor] | None,
     ) -> torch.Tensor:
         dtype = accumulation_dtype(input.dtype)
         needs = ctx.needs_input_grad[:3]
-        ctx.reduction, ctx.options, ctx.chunk_size = reduction, options, chunk_size
-        ctx.allow_retain_graph, ctx.kernel, ctx.weight_grad_dtype = allow_retain_graph, kernel, weight_grad_dtype
+        ctx.reduction, ctx.chunk_loss, ctx.chunk_size, ctx.reference = reduction, chunk_loss, chunk_size, reference
+        ctx.allow_retain_graph, ctx.weight_grad_dtype = allow_retain_graph, weight_grad_dtype
         if reduction == "none" or any(ctx.needs_input_grad[3:5]):
             ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
         ones = torch.ones(input.shape[0], dtype=dtype, device=input.device)
         if reduction == "none":
             # Gradients wait for the per-token grad_output: recompute in backward.
-            return _fused_pass(
-                input, linear_weight, linear_bias, target, options, ones, chunk_size, (None,) * 3, kernel
-            )
+            return _fused_pass(input, linear_weight, linear_bias, chunk_loss, ones, chunk_size, (None,) * 3)
         scale = torch.ones((), dtype=dtype, device=input.device)
         if reduction == "mean":
-            scale = safe_divide(scale, mean_denominator(target, options, dtype))
+            scale = safe_divide(scale, denominator.to(dtype))
         grads = _new_grads(input, linear_weight, linear_bias, needs, weight_grad_dtype)
-        losses = _fused_pass(
-            input, linear_weight, linear_bias, target, options, scale.expand_as(ones), chunk_size, grads, kernel
-        )
+        losses = _fused_pass(input, linear_weight, linear_bias, chunk_loss, scale.expand_as(ones), chunk_size, grads)
         ctx.grads = _cast_grads(grads, input, linear_weight, linear_bias)
         return losses.sum() * scale
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         chunked.refuse_second_order()
-        unused = (None,) * 6
+        unused = (None,) * 7
         grad_target = grad_weight = None
         if any(ctx.needs_input_grad[3:5]):
             input, linear_weight, linear_bias, target, weight = ctx.saved_tensors
-
-            def reference(target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-                options = dataclasses.replace(ctx.options, weight=weight)
-                return reference_linear_cross_entropy(input, linear_weight, linear_bias, target, options, ctx.reduction)
-
             grad_target, grad_weight = chunked.reference_gradients(
-                reference, (target, weight), ctx.needs_input_grad[3:5], grad_output
+                lambda target, weight: ctx.reference(input, linear_weight, linear_bias, target, weight),
+                (target, weight),
+                ctx.needs_input_grad[3:5],
+                grad_output,
             )
         if ctx.reduction == "none":
-            input, linear_weight, linear_bias, target, _ = ctx.saved_tensors
+            input, linear_weight, linear_bias, _, _ = ctx.saved_tensors
             grads = _new_grads(input, linear_weight, linear_bias, ctx.needs_input_grad[:3], ctx.weight_grad_dtype)
             scale = grad_output.to(accumulation_dtype(input.dtype))
-            _fused_pass(
-                input, linear_weight, linear_bias, target, ctx.options, scale, ctx.chunk_size, grads, ctx.kernel
-            )
+            _fused_pass(input, linear_weight, linear_bias, ctx.chunk_loss, scale, ctx.chunk_size, grads)
             return *_cast_grads(grads, input, linear_weight, linear_bias), grad_target, grad_weight, *unused
         grads = ctx.grads
         if grads is None:
             raise RuntimeError(
-                "linear_cross_entropy scales its stored gradients in place, so it can be backpropagated once; "
+                "the fused linear loss scales its stored gradients in place, so it can be backpropagated once; "
                 "use impl='reference' to backpropagate through the graph twice"
             )
         if ctx.allow_retain_graph:
@@ -240,7 +249,7 @@ def chunked_linear_cross_entropy(
     kernel: chunked.RowKernel | None = None,
     weight_grad_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Linear cross-entropy of canonical tensors (``input (N, D)``) by :class:`ChunkedLinearCrossEntropy`.
+    """Linear cross-entropy of canonical tensors (``input (N, D)``) by :class:`ChunkedLinearLoss`.
 
     ``allow_retain_graph`` as in :func:`xent.kernels.chunked.chunked_cross_entropy`; ``kernel`` is the row kernel
     run in place on each logits chunk (:func:`xent.kernels.chunked.loss_and_grad_` by default, Triton's on GPUs);
@@ -249,16 +258,55 @@ def chunked_linear_cross_entropy(
     chunk_size = chunk_size or default_chunk_size(
         input.shape[0], linear_weight.shape[0], input.device, input.element_size()
     )
-    return ChunkedLinearCrossEntropy.apply(
+    kernel = kernel or chunked.loss_and_grad_
+    denominator = mean_denominator(target, options, accumulation_dtype(input.dtype)) if reduction == "mean" else None
+
+    def reference(input, linear_weight, linear_bias, target, weight):
+        options_with_weight = dataclasses.replace(options, weight=weight)
+        return reference_linear_cross_entropy(input, linear_weight, linear_bias, target, options_with_weight, reduction)
+
+    return ChunkedLinearLoss.apply(
         input.contiguous(),
         linear_weight,
         linear_bias,
         target,
         options.weight,
-        options,
+        row_kernel_loss(target, options, kernel),
         reduction,
+        denominator,
         chunk_size,
         allow_retain_graph,
-        kernel or chunked.loss_and_grad_,
         weight_grad_dtype or linear_weight.dtype,
+        reference,
+    )
+
+
+def fused_linear_loss(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    chunk_loss: ChunkLoss,
+    reduction: str,
+    *,
+    chunk_size: int | None = None,
+    weight_grad_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """A loss of the head ``input (N, D) @ linear_weight.T`` given by its chunk loss, summed (``"sum"``) or per
+    token (``"none"``), by :class:`ChunkedLinearLoss`."""
+    chunk_size = chunk_size or default_chunk_size(
+        input.shape[0], linear_weight.shape[0], input.device, input.element_size()
+    )
+    return ChunkedLinearLoss.apply(
+        input.contiguous(),
+        linear_weight,
+        linear_bias,
+        None,
+        None,
+        chunk_loss,
+        reduction,
+        None,
+        chunk_size,
+        False,
+        weight_grad_dtype or linear_weight.dtype,
+        None,
     )

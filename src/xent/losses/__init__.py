@@ -2,7 +2,7 @@
 
 from xent.losses.calibration import fit_temperature
 from xent.losses.combine import weighted_sum
-from xent.losses.distill import distillation_loss
+from xent.losses.distill import distillation_loss, linear_distillation_loss
 from xent.losses.focal import focal_loss, poly1_cross_entropy, sigmoid_focal_loss
 from xent.losses.generative import gan_discriminator_loss, gan_generator_loss, vae_loss
 from xent.losses.imbalance import (
@@ -35,6 +35,7 @@ __all__ = [
     "ldam_loss",
     "ldam_margins",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "linear_loss",
     "logit_adjust",
     "logit_adjusted_cross_entropy",

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from xent.core.autocast import float32_under_autocast
-from xent.core.reduce import accumulation_dtype, reduce_loss
+from xent.core.autocast import autocast_off, cast_for_linear, float32_under_autocast, result_dtype
+from xent.core.reduce import accumulation_dtype, reduce_loss, safe_divide
+from xent.core.rowloss import SoftmaxOptions, mean_denominator
+from xent.kernels import dispatch
+from xent.kernels.distill import distillation_chunk_loss
+from xent.kernels.linear import fused_linear_loss
 from xent.losses import _checks
-from xent.losses.softmax import class_dimension
+from xent.losses.linear import canonicalize_linear
+from xent.losses.softmax import checked_options, class_dimension, cross_entropy
 
 DISTILLATION_REDUCTIONS = ("none", "batchmean", "mean", "sum")
 
@@ -75,3 +80,133 @@ def distillation_loss(
         total = kl.sum()
         return (total / batch if batch else total * 0).to(student_logits.dtype)
     return reduce_loss(kl, reduction).to(student_logits.dtype)
+
+
+def linear_distillation_loss(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    teacher_input: torch.Tensor,
+    teacher_linear_weight: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    teacher_linear_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    target: torch.Tensor | None = None,
+    hard_weight: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    impl: str | None = None,
+) -> torch.Tensor:
+    r"""Distillation of a language model's head into another's, without either's ``N × V`` logits.
+
+    .. math::
+        \ell_n = T^2\, \mathrm{KL}\bigl(\operatorname{softmax}(z_{t,n} / T) \,\|\, \operatorname{softmax}(z_n / T)\bigr)
+                 + \lambda \operatorname{CE}(z_n, y_n), \qquad z = x W^\top + b, \quad z_t = x_t W_t^\top + b_t
+
+    Equal, in value and in the gradients of ``input``, ``linear_weight`` and ``linear_bias``, to
+    ``distillation_loss(F.linear(input, W, b).reshape(-1, V), F.linear(teacher_input, W_t, b_t).reshape(-1, V),
+    temperature=T, reduction=reduction)`` plus, with ``target``, ``hard_weight · cross_entropy(student logits,
+    target)`` reduced alike (``"batchmean"``/``"mean"``: the mean over kept targets; ``"sum"``; ``"none"`` per token).
+    Tokens are processed in chunks: each chunk's student and teacher logits, the teacher's softened probabilities,
+    the loss and the student's gradient, then its share of the student's gradients
+    (:mod:`xent.kernels.distill`). The teacher is not differentiated: teacher tensors that require grad raise.
+
+    Args:
+        input: the student's hidden states ``(..., D)``.
+        linear_weight: the student's head ``(V, D)``.
+        teacher_input: the teacher's hidden states ``(..., D_t)``, same batch shape.
+        teacher_linear_weight: the teacher's head ``(V, D_t)``, same vocabulary.
+        linear_bias, teacher_linear_bias: ``(V,)`` or ``None``.
+        temperature: :math:`T > 0`.
+        reduction: ``"batchmean"`` (the default: sum over tokens / N), ``"mean"`` (the same for flattened tokens),
+            ``"sum"`` or ``"none"`` (the batch shape ``(...)``).
+        target: class indices ``(...)`` for the hard-label term, or ``None`` for none.
+        hard_weight: :math:`\lambda \ge 0`, the weight of the hard-label term.
+        ignore_index: a target value excluded from the hard-label term.
+        chunk_size: tokens per chunk, as in :func:`xent.linear_cross_entropy`.
+        impl: ``None`` (the fused kernels: Triton on CUDA when installed, chunked PyTorch otherwise), ``"chunked"``,
+            ``"triton"``, or ``"reference"`` (the formula above on the materialised logits).
+
+    Example:
+        >>> student, teacher = torch.randn(4, 64, 256, requires_grad=True), torch.randn(4, 64, 512)
+        >>> W, W_t = torch.randn(32000, 256, requires_grad=True), torch.randn(32000, 512)
+        >>> xent.linear_distillation_loss(student, W, teacher, W_t, temperature=2.0).backward()
+
+    References:
+        Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network. NeurIPS Deep Learning Workshop 2015.
+    """
+    temperature = _checks.check_in_range("temperature", temperature, 0.0, low_inclusive=False)
+    hard_weight = _checks.check_in_range("hard_weight", hard_weight, 0.0)
+    _checks.check_reduction(reduction, DISTILLATION_REDUCTIONS)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    for name, tensor in (("teacher_input", teacher_input), ("teacher_linear_weight", teacher_linear_weight),
+                         ("teacher_linear_bias", teacher_linear_bias)):  # fmt: skip
+        if isinstance(tensor, torch.Tensor) and tensor.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                f"{name} requires grad, but linear_distillation_loss trains the student only and would leave the "
+                f"teacher without a gradient; pass {name}.detach() or compute the teacher under torch.no_grad()"
+            )
+    out_dtype = result_dtype(_checks.check_floating("input", input))
+    tensors = map(cast_for_linear, (input, linear_weight, linear_bias, teacher_input, teacher_linear_weight,
+                                    teacher_linear_bias))  # fmt: skip
+    input, linear_weight, linear_bias, teacher_input, teacher_linear_weight, teacher_linear_bias = tensors
+    teacher_input = _checks.check_floating("teacher_input", teacher_input)
+    if teacher_input.shape[:-1] != input.shape[:-1]:
+        raise ValueError(
+            f"teacher_input has shape {_checks.shape_str(teacher_input.shape)} but input has shape "
+            f"{_checks.shape_str(input.shape)}; they must have the same batch shape (all but the last dimension)"
+        )
+    labels = target if target is not None else torch.zeros(input.shape[:-1], dtype=torch.long, device=input.device)
+    flat_input, flat_target, batch_shape = canonicalize_linear(input, linear_weight, linear_bias, labels)
+    flat_teacher, _, _ = canonicalize_linear(teacher_input, teacher_linear_weight, teacher_linear_bias, labels)
+    if flat_target.is_floating_point():
+        raise TypeError("target of linear_distillation_loss holds class indices, not probabilities")
+    if teacher_linear_weight.shape[0] != linear_weight.shape[0]:
+        raise ValueError(
+            f"teacher_linear_weight has {teacher_linear_weight.shape[0]} classes but linear_weight has "
+            f"{linear_weight.shape[0]}; student and teacher must share the vocabulary"
+        )
+    hard_options = SoftmaxOptions(ignore_index=ignore_index)
+    if target is not None:
+        checked_options(hard_options, None, flat_target, linear_weight.shape[0])
+    num_tokens = flat_input.shape[0]
+    with autocast_off(input):
+        if impl == "reference":
+            student = torch.nn.functional.linear(flat_input, linear_weight, linear_bias)
+            with torch.no_grad():
+                teacher = torch.nn.functional.linear(flat_teacher, teacher_linear_weight, teacher_linear_bias)
+            loss = distillation_loss(student, teacher, temperature=temperature, reduction=reduction)
+            if target is not None:
+                hard_reduction = "mean" if reduction in ("batchmean", "mean") else reduction
+                loss = loss + hard_weight * cross_entropy(
+                    student, flat_target, ignore_index=ignore_index, reduction=hard_reduction, impl="reference"
+                )
+        else:
+            kernel = dispatch.row_kernel(impl, flat_input.device)
+            dtype = accumulation_dtype(flat_input.dtype)
+            averaged = reduction in ("batchmean", "mean")
+            # "batchmean"/"mean" run as a sum of per-token terms already divided by their own denominators.
+            soft_factor = 1.0 / max(num_tokens, 1) if averaged else 1.0
+            hard = None
+            if target is not None:
+                hard_factor = hard_weight
+                if averaged:
+                    hard_factor = safe_divide(
+                        torch.tensor(hard_weight, dtype=dtype, device=flat_input.device),
+                        mean_denominator(flat_target, hard_options, dtype),
+                    )
+                hard = (flat_target, hard_options, hard_factor)
+            chunk_loss = distillation_chunk_loss(
+                flat_teacher, teacher_linear_weight, teacher_linear_bias, temperature, soft_factor, kernel, hard
+            )
+            loss = fused_linear_loss(
+                flat_input,
+                linear_weight,
+                linear_bias,
+                chunk_loss,
+                "none" if reduction == "none" else "sum",
+                chunk_size=chunk_size,
+            )
+    return (loss.view(batch_shape) if reduction == "none" else loss).to(out_dtype)
