@@ -34,7 +34,11 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_DEFAULTS = {"ce": {"n": 8192, "d": 0, "v": "32000"}, "linear-ce": {"n": 4096, "d": 1024, "v": "32768"}}
+BENCH_DEFAULTS = {
+    "ce": {"n": 8192, "d": 0, "v": "32000"},
+    "linear-ce": {"n": 4096, "d": 1024, "v": "32768"},
+    "linear-distill": {"n": 4096, "d": 1024, "v": "32768"},
+}
 
 
 def _positive_int(text: str) -> int:
@@ -63,7 +67,10 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     from xent.bench.cases import DTYPES, OPERATIONS, SHAPES
 
     parser.add_argument(
-        "operation", choices=OPERATIONS, help="ce: cross-entropy on given logits; linear-ce: fused head"
+        "operation",
+        choices=OPERATIONS,
+        help="ce: a loss on given logits; linear-ce: a loss of a linear head (--loss); "
+        "linear-distill: distillation of one head into another",
     )
     shape = parser.add_argument_group("problem")
     shape.add_argument("--n", type=_positive_int, help="rows / tokens (default 8192 for ce, 4096 for linear-ce)")
@@ -101,6 +108,8 @@ def _bench(args: argparse.Namespace) -> int:
         defaults = {**defaults, **preset, "v": str(preset["v"])}
     if args.repeat < 3:
         raise CommandError(f"--repeat must be at least 3 for a median of interleaved runs, got {args.repeat}")
+    if args.loss != "cross_entropy" and args.operation == "linear-distill":
+        raise CommandError("--loss applies to ce and linear-ce; linear-distill measures linear_distillation_loss")
     if (args.d is not None or args.shape is not None) and args.operation == "ce":
         raise CommandError(f"--{'d' if args.d is not None else 'shape'} applies to linear-ce only")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

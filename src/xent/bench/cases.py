@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import xent
 
-OPERATIONS = ("ce", "linear-ce")
+OPERATIONS = ("ce", "linear-ce", "linear-distill")
 # Heads of real language models (tokens, hidden size, vocabulary), for `xent bench linear-ce --shape NAME`.
 SHAPES = {
     "llama3-8b": {"n": 8192, "d": 4096, "v": 128256, "dtype": "bfloat16"},
@@ -47,6 +47,7 @@ class Problem:
         size = torch.tensor([], dtype=self.torch_dtype).element_size()
         if self.operation == "ce":
             return self.n * self.v * size  # d(logits)
+        # linear-ce and linear-distill (the teacher's head is not differentiated)
         return (self.n * self.d + self.v * self.d) * size  # d(input) + d(weight)
 
 
@@ -232,6 +233,38 @@ def _cce_linear(filter_eps: str | None) -> Callable[[Problem], Prepared]:
     return prepare
 
 
+# --- linear distillation ------------------------------------------------------------------------------------------
+
+
+def _distill(impl: str | None, *, compiled: bool = False) -> Callable[[Problem], Prepared]:
+    """linear_distillation_loss with a teacher head of the student's shape (T = 2)."""
+
+    def prepare(problem: Problem) -> Prepared:
+        hidden, weight, _ = _inputs(problem)
+        teacher_hidden, teacher_weight, _ = _inputs(problem, seed=1)
+        hidden, weight = _leaves(hidden, weight)
+
+        def loss(hidden, weight):
+            return xent.linear_distillation_loss(hidden, weight, teacher_hidden, teacher_weight, temperature=2.0,
+                                                 impl=impl)  # fmt: skip
+
+        return Prepared(_loss_step(_compiled(loss) if compiled else loss, hidden, weight), _clear(hidden, weight))
+
+    return prepare
+
+
+def _distill_floor(problem: Problem) -> Prepared:
+    hidden, weight, _ = _inputs(problem)
+    teacher_hidden, teacher_weight, _ = _inputs(problem, seed=1)
+    out: list[torch.Tensor] = []
+
+    def step() -> None:
+        logits, teacher = hidden @ weight.t(), teacher_hidden @ teacher_weight.t()  # (N, V) each
+        out.extend((teacher, logits @ weight, logits.t() @ hidden))  # d(input), d(weight)
+
+    return Prepared(step, out.clear)
+
+
 # --- availability ----------------------------------------------------------------------------------------------
 
 
@@ -328,6 +361,13 @@ IMPLEMENTATIONS: dict[str, list[Implementation]] = {
             "cce-exact", "linear-ce", _cce_linear(None), needs=_cross_entropy_only(_needs_package("cut_cross_entropy"))
         ),
         Implementation("floor", "linear-ce", _linear_floor, is_floor=True),
+    ],
+    "linear-distill": [
+        Implementation("xent", "linear-distill", _distill(None)),
+        Implementation("xent-chunked", "linear-distill", _distill("chunked"), needs=_needs_cuda),
+        Implementation("xent-reference", "linear-distill", _distill("reference")),
+        Implementation("reference-compile", "linear-distill", _distill("reference", compiled=True), compiles=True),
+        Implementation("floor", "linear-distill", _distill_floor, is_floor=True),
     ],
 }
 

@@ -30,11 +30,15 @@ from xent.core.autocast import autocast_off
 from xent.core.reduce import accumulation_dtype, safe_divide
 from xent.core.reference import reference_cross_entropy
 from xent.core.rowloss import SoftmaxOptions, mean_denominator
+from xent.kernels.triton import triton_installed
 
-# Rows per block are chosen so that one float32 block is about this size. On the CPU it stays in L2 while ~6 passes
-# run over it; on a GPU each pass is a kernel launch, so blocks are large enough for launches not to dominate (with a
-# 512 KB block the Llama-3 head's 8,192 × 128,256 logits took 1.46 s on an H100, one row per block).
-BLOCK_BYTES = 1 << 19
+# Rows per block are chosen so that one float32 block is about this size. On the CPU ~8 passes run over a block while
+# it is in cache, and each pass costs a few microseconds of dispatch however small the block: on the 2-core CI machine
+# (1 MB L2 per core, 32 MB L3) the row kernel took 0.56 s at 512 KB blocks (4 rows of 32,000 classes), 0.43 s at
+# 2 MB, 0.32 s at 4 MB and 0.36–0.39 s at 8–16 MB on 8,192 × 32,000 logits — 4 MB it is. On a GPU each pass is a
+# kernel launch, so blocks are larger still (with a 512 KB block the Llama-3 head's 8,192 × 128,256 logits took 1.46 s
+# on an H100, one row per block).
+BLOCK_BYTES = 4 << 20
 ACCELERATOR_BLOCK_BYTES = 64 << 20
 
 
@@ -337,8 +341,6 @@ def is_one(value: torch.Tensor) -> bool:
 def scale_(grad: torch.Tensor, factor: torch.Tensor) -> None:
     """``grad *= factor`` in place (``factor`` broadcasts), skipped when it is a scalar exactly 1 — as it is for a
     plain ``loss.backward()`` — with no host sync: on CUDA with triton installed a kernel reads it on the device."""
-    from xent.kernels.dispatch import triton_installed  # dispatch imports this module
-
     if factor.numel() == 1 and grad.is_cuda and grad.is_contiguous() and triton_installed():
         from xent.kernels.triton.scale import scale_unless_one_
 

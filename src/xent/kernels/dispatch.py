@@ -6,8 +6,6 @@ Every implementation takes canonical tensors — logits ``(M, C)``, class indice
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 
 import torch
@@ -16,6 +14,7 @@ from xent.core.reference import reference_cross_entropy, reference_linear_cross_
 from xent.core.rowloss import SoftmaxOptions
 from xent.kernels import chunked
 from xent.kernels import linear as chunked_linear
+from xent.kernels.triton import triton_installed
 
 IMPLS = ("reference", "chunked", "triton")
 
@@ -33,11 +32,6 @@ def _check_impl(impl: str | None) -> None:
 def fused_impl(device: torch.device) -> str:
     """The fused implementation for a device: Triton on CUDA when it is installed, chunked PyTorch otherwise."""
     return "triton" if device.type == "cuda" and triton_usable(device) else "chunked"
-
-
-@functools.cache
-def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def triton_usable(device: torch.device) -> bool:

@@ -8,7 +8,8 @@ For each chunk of tokens, inside :class:`xent.kernels.linear.ChunkedLinearLoss`:
     G_c  = T (p − q)                            its gradient, written over S_c
     + λ · CE(S_c, y)                            the hard-label term, by the same kernel on a copy of S_c
 
-so the student's gradient GEMMs run once on the summed gradient. Extra memory: two or three logits chunks.
+so the student's gradient GEMMs run once on the summed gradient. Extra memory: three logits chunks (four with the
+hard-label term), hence chunks of a quarter of :func:`xent.kernels.linear.default_chunk_size`'s tokens.
 """
 
 from __future__ import annotations
@@ -44,12 +45,14 @@ def distillation_chunk_loss(
 
     def chunk_loss(logits: torch.Tensor, rows: slice, grad_scale: torch.Tensor, needs_grad: bool) -> torch.Tensor:
         dtype = accumulation_dtype(logits.dtype)
-        with torch.no_grad():
-            teacher = torch.nn.functional.linear(teacher_input[rows], teacher_weight, teacher_bias)  # (c, V)
-            log_q = torch.log_softmax(teacher.to(dtype) / temperature, dim=1)
-            del teacher
+        with torch.no_grad():  # two (c, V) buffers at most: log q in place of the teacher's logits, then q
+            log_q = torch.nn.functional.linear(teacher_input[rows], teacher_weight, teacher_bias).to(dtype)
+            log_q.div_(temperature)
+            log_q.sub_(torch.logsumexp(log_q, dim=1, keepdim=True))
             probs = log_q.exp()
-            neg_entropy = torch.xlogy(probs, probs).sum(1)  # Σ q log q, 0 log 0 = 0
+            # Σ q log q as a batched dot product (no third buffer); q = 0 where log q = -inf gives 0 · -inf: masked
+            log_q.masked_fill_(probs == 0, 0.0)
+            neg_entropy = torch.bmm(probs.unsqueeze(1), log_q.unsqueeze(2)).view(-1)
             del log_q
         student = logits.clone() if hard is not None else None
         soft_scale = grad_scale * (squared * soft_factor)

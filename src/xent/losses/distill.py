@@ -9,7 +9,7 @@ from xent.core.reduce import accumulation_dtype, reduce_loss, safe_divide
 from xent.core.rowloss import SoftmaxOptions, mean_denominator
 from xent.kernels import dispatch
 from xent.kernels.distill import distillation_chunk_loss
-from xent.kernels.linear import fused_linear_loss
+from xent.kernels.linear import default_chunk_size, fused_linear_loss
 from xent.losses import _checks
 from xent.losses.linear import canonicalize_linear
 from xent.losses.softmax import checked_options, class_dimension, cross_entropy
@@ -200,6 +200,10 @@ def linear_distillation_loss(
                 hard = (flat_target, hard_options, hard_factor)
             chunk_loss = distillation_chunk_loss(
                 flat_teacher, teacher_linear_weight, teacher_linear_bias, temperature, soft_factor, kernel, hard
+            )
+            # three or four (c, V) buffers live at once (student, teacher, its probabilities, the hard term's copy)
+            chunk_size = chunk_size or max(
+                1, default_chunk_size(num_tokens, linear_weight.shape[0], flat_input.device, 4) // 4
             )
             loss = fused_linear_loss(
                 flat_input,
