@@ -69,6 +69,13 @@ def check_in_range(
     return value
 
 
+def check_chunk_size(chunk_size: int | None) -> int | None:
+    """Tokens per chunk of a fused linear loss: a positive int, or None for the default."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size
+
+
 def check_class_weight(name: str, weight: torch.Tensor | None, num_classes: int) -> torch.Tensor | None:
     """A per-class weight: floating, shape (C,)."""
     if weight is None:

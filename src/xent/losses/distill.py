@@ -139,8 +139,7 @@ def linear_distillation_loss(
     temperature = _checks.check_in_range("temperature", temperature, 0.0, low_inclusive=False)
     hard_weight = _checks.check_in_range("hard_weight", hard_weight, 0.0)
     _checks.check_reduction(reduction, DISTILLATION_REDUCTIONS)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    _checks.check_chunk_size(chunk_size)
     for name, tensor in (("teacher_input", teacher_input), ("teacher_linear_weight", teacher_linear_weight),
                          ("teacher_linear_bias", teacher_linear_bias)):  # fmt: skip
         if isinstance(tensor, torch.Tensor) and tensor.requires_grad and torch.is_grad_enabled():

@@ -224,8 +224,7 @@ def linear_loss(
     """
     name, function, describe = linear_loss_entry(loss)
     check_softmax_options(reduction=reduction, label_smoothing=0.0, z_loss=0.0, softcap=None, ignore_index=ignore_index)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    _checks.check_chunk_size(chunk_size)
     if weight_grad_dtype is not None and not isinstance(weight_grad_dtype, torch.dtype):
         raise TypeError(f"weight_grad_dtype must be a torch.dtype or None, got {weight_grad_dtype!r}")
     if weight_grad_dtype is not None and not weight_grad_dtype.is_floating_point:
