@@ -167,7 +167,12 @@ class LinearLoss(torch.nn.Module):
     def __init__(self, loss: Callable[..., torch.Tensor] | str, **options: object) -> None:
         super().__init__()
         name, _, describe = linear_loss_entry(loss)
-        self.loss_name, self.options = name, dict(options)
+        self.loss_name, self._option_names = name, tuple(options)
+        for key, value in options.items():  # tensors are buffers: they follow .to(device) and the state_dict
+            if isinstance(value, torch.Tensor):
+                self.register_buffer(key, value)
+            else:
+                setattr(self, key, value)
         # The loss's own options are checked now (the number of classes taken from a per-class option, if any);
         # the shared ones (weight, reduction, chunk_size, ...) with the tensors, by the first call.
         own = {key: value for key, value in options.items() if key in describe_options(describe)}
@@ -183,11 +188,13 @@ class LinearLoss(torch.nn.Module):
     ) -> torch.Tensor:
         return losses.linear_loss(self.loss_name, input, linear_weight, target, linear_bias=linear_bias, **self.options)
 
+    @property
+    def options(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in self._option_names}
+
     def extra_repr(self) -> str:
-        shown = ", ".join(
-            f"{key}={value!r}" for key, value in self.options.items() if not isinstance(value, torch.Tensor)
-        )
-        return f"{self.loss_name}" + (f", {shown}" if shown else "")
+        shown = [f"{key}={value!r}" for key, value in self.options.items() if not isinstance(value, torch.Tensor)]
+        return ", ".join([self.loss_name, *shown])
 
 
 class FocalLoss(_Loss):

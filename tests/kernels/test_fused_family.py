@@ -249,6 +249,7 @@ def test_linear_loss_module_and_errors():
     del tensors["token_weight"]
     criterion = xent.nn.LinearLoss(xent.focal_loss, gamma=1.5, weight=tensors.pop("weight"), chunk_size=3)
     assert "focal_loss" in repr(criterion) and "gamma=1.5" in repr(criterion)
+    assert "weight" in dict(criterion.named_buffers())
     expected = xent.linear_loss("focal_loss", **tensors, gamma=1.5, weight=criterion.options["weight"])
     assert_close(criterion(tensors["input"], tensors["linear_weight"], tensors["target"], tensors["linear_bias"]),
                  expected)  # fmt: skip
@@ -362,3 +363,47 @@ def test_linear_distillation_refuses_a_teacher_that_requires_grad_and_mismatched
         xent.linear_distillation_loss(**tensors, temperature=0.0)
     with pytest.raises(ValueError, match="reduction must be one of"):
         xent.linear_distillation_loss(**tensors, reduction="average")
+
+
+# --- the gradient rule on the new paths ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_fused_family_refuses_second_order_and_the_reference_gives_it(impl):
+    if impl == "triton":
+        pytest.importorskip("triton")
+    head = _head_problem(torch.float32, xent.focal_loss)
+    hidden, weight, tokens = head["input"].requires_grad_(), head["linear_weight"], head["target"]
+    logits = torch.randn(6, C, requires_grad=True)
+    target = torch.tensor([0, 3, 1, 6, 2, 2])
+
+    def focal(impl):
+        return xent.focal_loss(logits, target, gamma=2.0, impl=impl), logits
+
+    def ldam(impl):
+        return xent.ldam_loss(logits, target, class_counts=COUNTS, impl=impl), logits
+
+    def poly1_head(impl):
+        return xent.linear_loss("poly1_cross_entropy", hidden, weight, tokens, impl=impl), hidden
+
+    def distillation(impl):
+        return xent.linear_distillation_loss(hidden, weight, hidden.detach(), weight, impl=impl), hidden
+
+    for call in (focal, ldam, poly1_head, distillation):
+        loss, leaf = call(impl)
+        with pytest.raises(RuntimeError, match="impl='reference'"):
+            torch.autograd.grad(loss, leaf, create_graph=True)
+        loss, leaf = call("reference")
+        (grad,) = torch.autograd.grad(loss, leaf, create_graph=True)
+        assert grad.requires_grad  # a differentiable gradient: second order works there
+
+
+def test_fused_family_under_autocast_returns_float32_from_half_precision_heads():
+    head = _head_problem(torch.float32, xent.focal_loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for loss in (
+            xent.linear_loss(xent.focal_loss, head["input"], head["linear_weight"], head["target"], gamma=2.0),
+            xent.linear_distillation_loss(head["input"], head["linear_weight"], head["input"], head["linear_weight"]),
+            xent.focal_loss(torch.randn(8, C), torch.randint(C, (8,)), impl="chunked"),
+        ):
+            assert loss.dtype == torch.float32
