@@ -77,7 +77,7 @@ def check_chunk_size(chunk_size: int | None) -> int | None:
 
 
 def check_class_weight(name: str, weight: torch.Tensor | None, num_classes: int) -> torch.Tensor | None:
-    """A per-class weight: floating, shape (C,)."""
+    """A per-class weight: floating, shape (C,), no negative entry (value-checked)."""
     if weight is None:
         return None
     weight = check_floating(name, weight)
@@ -85,7 +85,20 @@ def check_class_weight(name: str, weight: torch.Tensor | None, num_classes: int)
         raise ValueError(
             f"{name} must have shape ({num_classes},), one entry per class, got shape {shape_str(weight.shape)}"
         )
+    check_non_negative(name, weight)
     return weight
+
+
+def check_non_negative(name: str, tensor: torch.Tensor) -> None:
+    """No negative (or NaN) entry: a weighted mean over negative weights has no meaning, and a zero sum of mixed-sign
+    weights would pass for "nothing to average". Needs a host sync, so it obeys the value-check switch."""
+    if not value_checks_enabled(tensor) or tensor.numel() == 0:
+        return
+    bad = ~(tensor >= 0)
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        where = index[0] if len(index) == 1 else index
+        raise ValueError(f"{name} must be non-negative, got {float(tensor[bad][0]):g} at index {where}")
 
 
 def check_broadcasts_to(name: str, tensor: torch.Tensor | None, shape: torch.Size, what: str) -> torch.Tensor | None:

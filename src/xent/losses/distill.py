@@ -70,6 +70,7 @@ def distillation_loss(
     teacher = teacher.to(dtype)
     if teacher_is_probs:
         _checks.check_probabilities("teacher", teacher)
+        _check_teacher_mass(teacher, class_dim)
         teacher = torch.log(teacher)  # log 0 = -inf: the class keeps probability 0 at any temperature
     log_q = torch.log_softmax(teacher / temperature, dim=class_dim)
     log_p = torch.log_softmax(student_logits.to(dtype) / temperature, dim=class_dim)
@@ -80,6 +81,20 @@ def distillation_loss(
         total = kl.sum()
         return (total / batch if batch else total * 0).to(student_logits.dtype)
     return reduce_loss(kl, reduction).to(student_logits.dtype)
+
+
+def _check_teacher_mass(teacher: torch.Tensor, class_dim: int) -> None:
+    """Every teacher distribution has some probability mass: an all-zero row has no softened distribution (its
+    normalisation is 0 / 0). Needs a host sync, so it obeys the value-check switch."""
+    if not _checks.value_checks_enabled(teacher) or teacher.numel() == 0:
+        return
+    empty = teacher.sum(class_dim) <= 0
+    if bool(empty.any()):
+        position = tuple(int(i) for i in empty.nonzero()[0])
+        raise ValueError(
+            f"teacher holds probabilities (teacher_is_probs=True) but its distribution at {position} sums to 0; "
+            "every distribution needs some probability mass"
+        )
 
 
 def linear_distillation_loss(

@@ -54,7 +54,7 @@ def canonicalize_linear(
     probs_shape = torch.Size((*batch_shape, vocab))
     if _checks.is_probability_target(target, input_shape=input.shape, batch_shape=batch_shape, probs_shape=probs_shape):
         return flat_input, target.reshape(-1, vocab), batch_shape
-    return flat_input, target.reshape(-1), batch_shape
+    return flat_input, target.reshape(-1).long(), batch_shape  # any integer dtype is an index
 
 
 def linear_cross_entropy(

@@ -1,8 +1,9 @@
-"""Softmax cross-entropy: the reference math every kernel is tested against, and the public entry point.
+"""Softmax cross-entropy's public entry point, and the frame every index-target softmax loss shares.
 
-The public function validates its arguments, brings every layout to a canonical one — logits ``(M, C)`` and either
-class indices ``(M,)`` or probabilities ``(M, C)`` — computes one loss per row, and reduces. Kernels (see
-:mod:`xent.kernels`) replace only the middle step, so validation and reduction semantics are shared by all of them.
+A public function validates its arguments, brings every layout to a canonical one — logits ``(M, C)`` and either
+class indices ``(M,)`` or probabilities ``(M, C)`` — builds the loss's description (:mod:`xent.core.rowloss`) and
+hands it to the chosen implementation (:mod:`xent.kernels.dispatch`): a straight line, check → description →
+implementation. Validation and reduction semantics are therefore shared by every implementation.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def canonicalize(input: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tenso
     logits = input.movedim(class_dim, -1).reshape(-1, num_classes)
     if _checks.is_probability_target(target, input_shape=input.shape, batch_shape=batch_shape, probs_shape=input.shape):
         return logits, target.movedim(class_dim, -1).reshape(-1, num_classes), batch_shape
-    return logits, target.reshape(-1), batch_shape
+    return logits, target.reshape(-1).long(), batch_shape  # any integer dtype (int8, uint8, int32, ...) is an index
 
 
 def describe_cross_entropy(
@@ -76,6 +77,8 @@ def checked_options(
     """``options`` with ``weight`` checked against ``num_classes``, after checking the class indices of ``target``
     (canonical, ``(M,)``) — the tensor checks shared by every softmax loss."""
     if target.is_floating_point():
+        # Entries in [0, 1]; rows need not sum to 1 (PyTorch accepts any such row, and so do its own test inputs).
+        _checks.check_probabilities("target", target)
         # PyTorch's rule: a negative ignore_index (the default -100) is accepted and means nothing for probabilities.
         if options.ignore_index >= 0:
             raise ValueError(
@@ -97,6 +100,7 @@ def check_token_weight(token_weight: torch.Tensor | None, batch_shape: torch.Siz
             f"token_weight must have the target's shape {_checks.shape_str(batch_shape)}, one weight per token, "
             f"got shape {_checks.shape_str(token_weight.shape)}"
         )
+    _checks.check_non_negative("token_weight", token_weight)
     return token_weight.reshape(-1)
 
 
