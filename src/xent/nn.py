@@ -11,18 +11,29 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from xent import losses
-from xent.losses import combine, sigmoid, softmax
-from xent.losses.linear import describe_options, linear_loss_entry
+from xent.losses import combine, focal, imbalance, robust, sigmoid, softmax
+from xent.losses.linear import check_loss_options, linear_loss_entry
 
 
 class _Loss(torch.nn.Module):
-    """Stores options and forwards every call to :attr:`function` with them."""
+    """Stores options and forwards every call to :attr:`function` with them; a loss with a row-loss description
+    (:attr:`describe`) has its options checked at construction, with the function's messages."""
 
     function: Callable[..., torch.Tensor]
     tensor_options: tuple[str, ...] = ("weight",)
+    describe: Callable[..., dict] | None = None
 
     def __init__(self, **options: object) -> None:
         super().__init__()
+        if type(self).describe is not None:
+            softmax.check_softmax_options(
+                reduction=options.get("reduction", "mean"),
+                label_smoothing=0.0,
+                z_loss=0.0,
+                softcap=None,
+                ignore_index=options.get("ignore_index", -100),
+            )
+            check_loss_options(type(self).describe, options)
         self._option_names = tuple(options)
         for name, value in options.items():
             if name in self.tensor_options and (value is None or isinstance(value, torch.Tensor)):
@@ -173,11 +184,8 @@ class LinearLoss(torch.nn.Module):
                 self.register_buffer(key, value)
             else:
                 setattr(self, key, value)
-        # The loss's own options are checked now (the number of classes taken from a per-class option, if any);
-        # the shared ones (weight, reduction, chunk_size, ...) with the tensors, by the first call.
-        own = {key: value for key, value in options.items() if key in describe_options(describe)}
-        per_class = [len(value) for value in own.values() if isinstance(value, (torch.Tensor, list, tuple))]
-        describe(per_class[0] if per_class else 1, **own)
+        # the loss's own options are checked now; the shared ones (weight, chunk_size, ...) with the tensors
+        check_loss_options(describe, options)
 
     def forward(
         self,
@@ -201,6 +209,7 @@ class FocalLoss(_Loss):
     """Module form of :func:`xent.focal_loss` (softmax focal loss, Lin et al., 2017)."""
 
     function = staticmethod(losses.focal_loss)
+    describe = staticmethod(focal.describe_focal)
     tensor_options = ("weight", "alpha")
 
     def __init__(
@@ -227,6 +236,7 @@ class Poly1CrossEntropyLoss(_Loss):
     """Module form of :func:`xent.poly1_cross_entropy` (Leng et al., 2022)."""
 
     function = staticmethod(losses.poly1_cross_entropy)
+    describe = staticmethod(focal.describe_poly1)
 
     def __init__(
         self,
@@ -249,6 +259,7 @@ class LogitAdjustedCrossEntropyLoss(_Loss):
     """Module form of :func:`xent.logit_adjusted_cross_entropy` (Menon et al., 2021)."""
 
     function = staticmethod(losses.logit_adjusted_cross_entropy)
+    describe = staticmethod(imbalance.describe_logit_adjusted)
     tensor_options = ("weight", "class_counts")
 
     def __init__(
@@ -274,6 +285,7 @@ class BalancedSoftmaxCrossEntropyLoss(_Loss):
     """Module form of :func:`xent.balanced_softmax_cross_entropy` (Ren et al., 2020)."""
 
     function = staticmethod(losses.balanced_softmax_cross_entropy)
+    describe = staticmethod(imbalance.describe_balanced_softmax)
     tensor_options = ("weight", "class_counts")
 
     def __init__(
@@ -298,6 +310,7 @@ class LDAMLoss(_Loss):
     :func:`xent.deferred_reweighting` at the start of each epoch."""
 
     function = staticmethod(losses.ldam_loss)
+    describe = staticmethod(imbalance.describe_ldam)
     tensor_options = ("weight", "class_counts")
 
     def __init__(
@@ -323,6 +336,7 @@ class GeneralizedCrossEntropyLoss(_Loss):
     """Module form of :func:`xent.generalized_cross_entropy` (Zhang & Sabuncu, 2018)."""
 
     function = staticmethod(losses.generalized_cross_entropy)
+    describe = staticmethod(robust.describe_generalized)
 
     def __init__(
         self, q: float = 0.7, weight: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean"
@@ -334,6 +348,7 @@ class SymmetricCrossEntropyLoss(_Loss):
     """Module form of :func:`xent.symmetric_cross_entropy` (Wang et al., 2019)."""
 
     function = staticmethod(losses.symmetric_cross_entropy)
+    describe = staticmethod(robust.describe_symmetric)
 
     def __init__(
         self,
@@ -406,6 +421,9 @@ class WeightedSum(torch.nn.Module):
         super().__init__()
         if not terms:
             raise ValueError("terms must name at least one loss")
+        for name, term in terms.items():
+            if not (isinstance(term, tuple) and len(term) == 2 and callable(term[1])):
+                raise TypeError(f"terms[{name!r}] must be a pair (weight, loss) with a callable loss, got {term!r}")
         self.weights = combine.check_term_weights({name: weight for name, (weight, _) in terms.items()})
         self.losses = torch.nn.ModuleDict(
             {name: fn for name, (_, fn) in terms.items() if isinstance(fn, torch.nn.Module)}

@@ -111,10 +111,20 @@ def test_binary_bad_input(fn, kwargs, error, match):
         (xent.nn.CrossEntropyLoss, {"z_loss": -1.0}, "z_loss must be in"),
         (xent.nn.BCEWithLogitsLoss, {"label_smoothing": 3.0}, "label_smoothing must be in"),
         (xent.nn.BCELoss, {"reduction": None}, "reduction must be one of"),
+        # every described loss: its own options, with the function's message, before the first call
+        (xent.nn.FocalLoss, {"gamma": -1.0}, r"gamma must be in \[0, inf\], got -1"),
+        (xent.nn.FocalLoss, {"reduction": "avg"}, "reduction must be one of"),
+        (xent.nn.Poly1CrossEntropyLoss, {"epsilon": -2.0}, "epsilon must be in"),
+        (xent.nn.GeneralizedCrossEntropyLoss, {"q": 2.0}, "q must be in"),
+        (xent.nn.SymmetricCrossEntropyLoss, {"log_zero": 1.0}, "log_zero must be in"),
+        (xent.nn.LogitAdjustedCrossEntropyLoss, {"class_counts": [3, 0, 1]}, "class_counts must be positive"),
+        (xent.nn.BalancedSoftmaxCrossEntropyLoss, {"class_counts": [3, 1], "label_smoothing": 2.0}, "label_smoothing"),
+        (xent.nn.LDAMLoss, {"class_counts": [3, 1], "scale": 0.0}, "scale must be in"),
+        (xent.nn.WeightedSum, {"terms": {"a": (1.0, 3)}}, r"terms\['a'\] must be a pair \(weight, loss\)"),
     ],
 )
 def test_modules_reject_bad_options_at_construction(module, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         module(**kwargs)
 
 

@@ -159,6 +159,14 @@ def describe_options(describe: Callable[..., dict]) -> set[str]:
     return set(inspect.signature(describe).parameters) - {"num_classes"}
 
 
+def check_loss_options(describe: Callable[..., dict], options: dict) -> None:
+    """Check a loss's own options without its tensors, as a module's constructor does: the number of classes is
+    taken from a per-class option (class counts, a per-class α) when there is one."""
+    own = {key: value for key, value in options.items() if key in describe_options(describe)}
+    per_class = [len(value) for value in own.values() if isinstance(value, (torch.Tensor, list, tuple))]
+    describe(per_class[0] if per_class else 1, **own)
+
+
 def linear_loss_entry(loss: object) -> tuple[str, Callable[..., torch.Tensor], Callable[..., dict]]:
     names = ", ".join(LINEAR_LOSSES)
     if isinstance(loss, str):
