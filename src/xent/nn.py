@@ -15,6 +15,17 @@ from xent.losses import combine, focal, imbalance, robust, sigmoid, softmax
 from xent.losses.linear import check_loss_options, linear_loss_entry
 
 
+def _check_shared_options(options: Mapping[str, object]) -> None:
+    """The reduction and ignore_index of a softmax loss, as its function checks them."""
+    softmax.check_softmax_options(
+        reduction=options.get("reduction", "mean"),
+        label_smoothing=0.0,
+        z_loss=0.0,
+        softcap=None,
+        ignore_index=options.get("ignore_index", -100),
+    )
+
+
 class _Loss(torch.nn.Module):
     """Stores options and forwards every call to :attr:`function` with them; a loss with a row-loss description
     (:attr:`describe`) has its options checked at construction, with the function's messages."""
@@ -26,13 +37,7 @@ class _Loss(torch.nn.Module):
     def __init__(self, **options: object) -> None:
         super().__init__()
         if type(self).describe is not None:
-            softmax.check_softmax_options(
-                reduction=options.get("reduction", "mean"),
-                label_smoothing=0.0,
-                z_loss=0.0,
-                softcap=None,
-                ignore_index=options.get("ignore_index", -100),
-            )
+            _check_shared_options(options)
             check_loss_options(type(self).describe, options)
         self._option_names = tuple(options)
         for name, value in options.items():
@@ -129,41 +134,6 @@ class BCELoss(_Loss):
         super().__init__(weight=weight, reduction=reduction, label_smoothing=label_smoothing)
 
 
-class LinearCrossEntropyLoss(CrossEntropyLoss):
-    """Module form of :func:`xent.linear_cross_entropy`: ``forward(input, linear_weight, target, linear_bias=None)``.
-
-    The head's weight and bias are arguments of ``forward`` (they belong to the model); the module stores the loss
-    options: those of :class:`CrossEntropyLoss`, ``chunk_size`` and ``weight_grad_dtype``.
-
-    Example:
-        >>> criterion = xent.nn.LinearCrossEntropyLoss(z_loss=1e-4)
-        >>> loss = criterion(hidden, model.lm_head.weight, tokens)
-    """
-
-    function = staticmethod(losses.linear_cross_entropy)
-
-    def __init__(
-        self,
-        *args: object,
-        chunk_size: int | None = None,
-        weight_grad_dtype: torch.dtype | None = None,
-        **kwargs: object,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.chunk_size, self.weight_grad_dtype = chunk_size, weight_grad_dtype
-        self._option_names = (*self._option_names, "chunk_size", "weight_grad_dtype")
-
-    def forward(
-        self,
-        input: torch.Tensor,
-        linear_weight: torch.Tensor,
-        target: torch.Tensor,
-        linear_bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        options = {name: getattr(self, name) for name in self._option_names}
-        return losses.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, **options)
-
-
 class LinearLoss(torch.nn.Module):
     """Module form of :func:`xent.linear_loss`: ``forward(input, linear_weight, target, linear_bias=None)``.
 
@@ -184,7 +154,8 @@ class LinearLoss(torch.nn.Module):
                 self.register_buffer(key, value)
             else:
                 setattr(self, key, value)
-        # the loss's own options are checked now; the shared ones (weight, chunk_size, ...) with the tensors
+        # the loss's own options, the reduction and ignore_index are checked now; weight etc. with the tensors
+        _check_shared_options(options)
         check_loss_options(describe, options)
 
     def forward(
@@ -203,6 +174,41 @@ class LinearLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         shown = [f"{key}={value!r}" for key, value in self.options.items() if not isinstance(value, torch.Tensor)]
         return ", ".join([self.loss_name, *shown])
+
+
+class LinearCrossEntropyLoss(LinearLoss):
+    """Module form of :func:`xent.linear_cross_entropy`: ``forward(input, linear_weight, target, linear_bias=None)``.
+
+    The head's weight and bias are arguments of ``forward`` (they belong to the model); the module stores the loss
+    options: those of :class:`CrossEntropyLoss`, ``chunk_size`` and ``weight_grad_dtype``.
+
+    Example:
+        >>> criterion = xent.nn.LinearCrossEntropyLoss(z_loss=1e-4)
+        >>> loss = criterion(hidden, model.lm_head.weight, tokens)
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        chunk_size: int | None = None,
+        weight_grad_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            "cross_entropy",
+            weight=weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            chunk_size=chunk_size,
+            weight_grad_dtype=weight_grad_dtype,
+        )
 
 
 class FocalLoss(_Loss):

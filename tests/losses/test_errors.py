@@ -120,6 +120,8 @@ def test_binary_bad_input(fn, kwargs, error, match):
         (xent.nn.LogitAdjustedCrossEntropyLoss, {"class_counts": [3, 0, 1]}, "class_counts must be positive"),
         (xent.nn.BalancedSoftmaxCrossEntropyLoss, {"class_counts": [3, 1], "label_smoothing": 2.0}, "label_smoothing"),
         (xent.nn.LDAMLoss, {"class_counts": [3, 1], "scale": 0.0}, "scale must be in"),
+        (xent.nn.LinearCrossEntropyLoss, {"label_smoothing": 2.0}, "label_smoothing must be in"),
+        (xent.nn.LinearCrossEntropyLoss, {"reduction": "avg"}, "reduction must be one of"),
         (xent.nn.WeightedSum, {"terms": {"a": (1.0, 3)}}, r"terms\['a'\] must be a pair \(weight, loss\)"),
     ],
 )
