@@ -227,3 +227,29 @@ def test_log_interval_prints_the_running_loss_when_not_on_a_terminal(tmp_path):
     lines = [line for line in result.stdout.splitlines() if line.startswith("epoch 1 batch ")]
     assert lines[0].startswith("epoch 1 batch 5/") and "loss " in lines[0] and "samples/s" in lines[0]
     assert len(lines) >= 4  # every 5 batches, and the last one
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped bytes", "not a checkpoint"])
+def test_resume_from_a_damaged_checkpoint_says_so_in_one_line_and_keeps_it(tmp_path, damage):
+    out = tmp_path / "run"
+    run_xent("train", "--out", str(out), "--epochs", "2", "--quiet")
+    last = out / checkpoint.LAST
+    data = last.read_bytes()
+    if damage == "truncated":
+        last.write_bytes(data[: len(data) // 2])
+    elif damage == "flipped bytes":
+        last.write_bytes(data[:100] + bytes(b ^ 0xFF for b in data[100:2000]) + data[2000:])
+    else:
+        torch.save({"weights": torch.zeros(3)}, last)
+    damaged = last.read_bytes()
+    result = run_xent("train", "--resume", str(out), "--epochs", "3", "--quiet", check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr  # one line, no traceback
+    assert str(last) in lines[0] and f"{out / checkpoint.BEST} is intact" in lines[0] and "--out" in lines[0]
+    assert last.read_bytes() == damaged  # the evidence is kept
+    # xent eval reads best.pt; damaged, it is named in one line too
+    (out / checkpoint.BEST).write_bytes(b"not a checkpoint")
+    result = run_xent("eval", str(out), check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "best.pt is unreadable" in result.stderr

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from xent.train.config import ConfigError
+
 LAST = "last.pt"
 BEST = "best.pt"
 
@@ -64,5 +66,22 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
             os.unlink(temporary)
 
 
+# What every checkpoint of `xent train` holds; anything else is not one.
+KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "best_val", "train_seconds", "history", "rng")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be read back: truncated, corrupted, or not a checkpoint of ``xent train``."""
+
+
 def load(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The checkpoint at ``path``, or a :class:`CheckpointError` that says in one line what is wrong with it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many kinds for damaged files: name the file, not the kind
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0][:120]
+        raise CheckpointError(f"{path} is unreadable (truncated or corrupted: {reason})") from None
+    missing = [key for key in KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of xent train (no {', '.join(missing)})")
+    return state

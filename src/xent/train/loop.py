@@ -121,7 +121,7 @@ def prepare(config: TrainConfig) -> Run:
     run = Run(config, runtime, directory, data, model, trainer, build_criterion(config, data.class_counts()),
               optimizer, scheduler, scaler, augment, history=[])  # fmt: skip
     if config.resume is not None:
-        _restore(run, checkpoint.load(directory / checkpoint.LAST))
+        _restore(run, _resumable_state(directory))
     elif runtime.is_main:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -140,6 +140,21 @@ def _state(run: Run) -> dict:
         "history": run.history,
         "rng": checkpoint.rng_state(),
     }
+
+
+def _resumable_state(directory: Path) -> dict:
+    """The last checkpoint of a run directory, or a ConfigError in one line that names what is wrong and the way on
+    (the best checkpoint, or a new run); nothing in the directory is changed."""
+    last, best = directory / checkpoint.LAST, directory / checkpoint.BEST
+    try:
+        return checkpoint.load(last)
+    except checkpoint.CheckpointError as error:
+        try:
+            epoch = checkpoint.load(best)["epoch"]
+            way_on = f"{best} is intact (epoch {epoch}): copy it over {last} to resume from there"
+        except (checkpoint.CheckpointError, FileNotFoundError):
+            way_on = "no intact checkpoint is left"
+        raise ConfigError(f"--resume {directory}: {error}; {way_on}, or start over with --out NEW_DIR") from None
 
 
 def _restore(run: Run, state: dict) -> None:
