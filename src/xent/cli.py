@@ -172,15 +172,27 @@ def _train(args: argparse.Namespace) -> int:
     import dataclasses
 
     from xent.train import ConfigError, TrainConfig, TrainingDiverged, train
+    from xent.train.checkpoint import LAST
+    from xent.train.loop import Interrupted
 
     values = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)}
     try:
         train(TrainConfig(**values), _console())
     except ConfigError as error:
         raise CommandError(str(error)) from None
+    except OSError as error:  # the run directory cannot be written: a full disk, a read-only or missing place
+        where = f"{error.filename}: " if error.filename else ""
+        raise CommandError(f"cannot write the run: {where}{error.strerror or error}") from None
     except TrainingDiverged as error:
         print(f"xent train: {error}", file=sys.stderr)
         return 3
+    except Interrupted as interrupted:
+        if (interrupted.directory / LAST).is_file():
+            way_on = f"continue with: xent train --resume {interrupted.directory}"
+        else:
+            way_on = "no epoch had finished, so there is no checkpoint to resume from"
+        print(f"xent train: interrupted; {way_on}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -253,3 +253,25 @@ def test_resume_from_a_damaged_checkpoint_says_so_in_one_line_and_keeps_it(tmp_p
     result = run_xent("eval", str(out), check=False)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "best.pt is unreadable" in result.stderr
+
+
+def test_ctrl_c_and_an_unwritable_run_directory_end_in_one_line(tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "xent", "train", "--out", str(out), "--epochs", "500", "--quiet"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (out / checkpoint.LAST).exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert stderr.strip().splitlines() == [f"xent train: interrupted; continue with: xent train --resume {out}"]
+    assert (out / checkpoint.LAST).is_file()
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = run_xent("train", "--out", str(blocker / "run"), "--epochs", "1", "--quiet", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"xent train: error: cannot write the run: {blocker / 'run'}: "
+                                                  "Not a directory"]  # fmt: skip

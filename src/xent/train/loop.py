@@ -341,11 +341,21 @@ def finish(run: Run, console) -> dict:
     return summary
 
 
+class Interrupted(Exception):
+    """Training was stopped by Ctrl-C; ``directory`` holds the run and its last checkpoint, if one was written."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(str(directory))
+        self.directory = directory
+
+
 def train(config: TrainConfig, console=None) -> dict:
-    """Run ``xent train`` with this configuration; returns the summary."""
+    """Run ``xent train`` with this configuration; returns the summary. Ctrl-C raises :class:`Interrupted`."""
     run = prepare(config)
     try:
         return fit(run, console)
+    except KeyboardInterrupt:
+        raise Interrupted(run.directory) from None
     finally:
         # DistributedDataParallel's reducer holds the process group; destroyed after the group is gone, its gloo
         # threads wait for a peer that has left, so the wrapper goes first.
