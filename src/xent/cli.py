@@ -87,7 +87,10 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
         "and under torch.compile",
     )
     run = parser.add_argument_group("run")
-    run.add_argument("--impl", help="comma list of implementations to run (default: all that are available)")
+    from xent.bench.cases import IMPLEMENTATIONS
+
+    names = "; ".join(f"{op}: {', '.join(i.name for i in impls)}" for op, impls in IMPLEMENTATIONS.items())
+    run.add_argument("--impl", help=f"comma list of implementations to run (default: all that are available) — {names}")
     run.add_argument("--repeat", type=_positive_int, default=3, help="interleaved timed runs, at least 3 (median)")
     output = parser.add_argument_group("output")
     output.add_argument("--csv", type=Path, help="write every measurement to this CSV file")

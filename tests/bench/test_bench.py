@@ -94,3 +94,21 @@ def test_cli_errors_name_the_flag(arguments, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_noisy_run_is_flagged_and_the_help_lists_every_implementation():
+    from rich.console import Console
+
+    from xent.bench.report import noisy, print_table, spread
+
+    steady = Measurement(TINY_CE, "xent", False, times_s=[1.0, 1.1, 1.05], peak_bytes=[0] * 3)
+    busy = Measurement(TINY_CE, "torch-eager", False, times_s=[0.4, 3.0, 0.5], peak_bytes=[0] * 3)
+    assert spread(steady) == pytest.approx(0.1 / 1.05)
+    assert noisy([steady, busy]) == ["torch-eager"]
+    console = Console(record=True, width=200)
+    print_table([steady, busy], console)
+    text = console.export_text()
+    assert "warning: the runs of torch-eager vary by more than 50%" in text and "--repeat" in text
+    help_text = subprocess.run([sys.executable, "-m", "xent", "bench", "--help"], capture_output=True, text=True,
+                               check=True).stdout  # fmt: skip
+    assert "xent-inplace" in help_text and "cce-exact" in help_text and "reference-compile" in help_text

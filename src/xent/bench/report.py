@@ -31,6 +31,21 @@ def ratios(measurements: Sequence[Measurement]) -> dict[str, dict[str, float | N
     return result
 
 
+# Beyond this spread of its runs ((max - min) / median) an implementation's median cannot be trusted to rank it.
+NOISY_SPREAD = 0.5
+
+
+def spread(measurement: Measurement) -> float | None:
+    """(max − min) / median of the timed runs: 0.1 is a steady machine; above :data:`NOISY_SPREAD`, too noisy."""
+    times = measurement.times_s
+    return (max(times) - min(times)) / measurement.time_s if times and measurement.time_s else None
+
+
+def noisy(measurements: Sequence[Measurement]) -> list[str]:
+    """The implementations whose runs vary too much for their medians to rank them."""
+    return [m.name for m in measurements if (s := spread(m)) is not None and s > NOISY_SPREAD]
+
+
 def _library(name: str) -> str:
     return name.split("-")[0]
 
@@ -51,6 +66,7 @@ def print_table(measurements: Sequence[Measurement], console=None) -> None:
         "implementation",
         "median ms",
         "runs ms",
+        "spread",
         "warm-up s",
         "peak MB",
         "× best other",
@@ -61,13 +77,14 @@ def print_table(measurements: Sequence[Measurement], console=None) -> None:
     table_ratios = ratios(measurements)
     for m in measurements:
         if m.skipped or m.time_s is None:
-            table.add_row(m.name, "—", m.skipped or "no result", "", "", "", "", "", style="dim")
+            table.add_row(m.name, "—", m.skipped or "no result", "", "", "", "", "", "", style="dim")
             continue
         r = table_ratios[m.name]
         table.add_row(
             m.name + (" (floor)" if m.is_floor else ""),
             f"{m.time_s * 1e3:.1f}",
             " ".join(f"{t * 1e3:.0f}" for t in m.times_s),
+            _fmt(None if spread(m) is None else 100 * spread(m), ".0f") + " %",
             _fmt(m.warmup_s, ".1f"),
             _fmt(None if m.peak is None else m.peak / MB, ".0f"),
             _fmt(r["vs_best_other"], ".2f"),
@@ -78,8 +95,16 @@ def print_table(measurements: Sequence[Measurement], console=None) -> None:
     console.print(table)
     console.print(
         "peak MB: resident (CPU) or allocated (CUDA) memory above the inputs during one forward + backward; "
-        "MB over grad: peak minus the gradients the step must return (the memory floor). Medians of interleaved runs."
+        "MB over grad: peak minus the gradients the step must return (the memory floor). Medians of interleaved runs; "
+        "spread: (max − min) / median of the runs."
     )
+    unsteady = noisy(measurements)
+    if unsteady:
+        console.print(
+            f"[bold yellow]warning:[/] the runs of {', '.join(unsteady)} vary by more than {NOISY_SPREAD:.0%} of "
+            "their median: the machine was busy, and the ratios above cannot rank the implementations. "
+            "Close other work and run again with a larger --repeat (e.g. --repeat 7)."
+        )
 
 
 CSV_FIELDS = [
