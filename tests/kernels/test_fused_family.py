@@ -7,7 +7,7 @@ import torch
 import xent
 from tests.conftest import assert_close
 from tests.test_gradient_rule import gradients
-from xent.core import reference
+from xent.core import reference, rowloss
 from xent.core.rowloss import SoftmaxOptions
 from xent.kernels import chunked
 
@@ -176,7 +176,7 @@ def test_token_weights_scale_each_token_and_enter_the_mean():
 
 def test_options_dataclass_defaults_describe_cross_entropy():
     options = SoftmaxOptions()
-    assert options.plain_target_term and not options.transforms_per_class
+    assert options.term == rowloss.CROSS_ENTROPY and not options.transforms_per_class
 
 
 # --- linear_loss -----------------------------------------------------------------------------------------------
@@ -222,7 +222,8 @@ def test_linear_loss_equals_the_loss_of_the_materialised_logits(name, impl, redu
     loss_fn, options = LINEAR_CASES[name]
     dtype = torch.float64 if impl == "chunked" else torch.float32
     tensors = _head_problem(dtype, loss_fn)
-    requires = ("input", "linear_weight", "linear_bias")
+    # the class weight too: the fused kernels get its gradient from the description's reference, in backward
+    requires = ("input", "linear_weight", "linear_bias", "weight")
     expected = gradients(_materialised(loss_fn, reduction, options), tensors, requires)
     fused = gradients(
         lambda **t: xent.linear_loss(loss_fn, **t, reduction=reduction, impl=impl, chunk_size=4, **options),

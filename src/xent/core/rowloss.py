@@ -49,10 +49,6 @@ class TargetTerm:
     def derivative(self, u: torch.Tensor, smoothing: float, num_classes: int) -> torch.Tensor:
         return torch.full_like(u, -(1.0 - smoothing))
 
-    @property
-    def is_cross_entropy(self) -> bool:
-        return type(self) is TargetTerm
-
 
 @dataclass(frozen=True)
 class FocalTerm(TargetTerm):
@@ -150,11 +146,6 @@ class SoftmaxOptions:
     def transforms_per_class(self) -> bool:
         """Whether the logits change beyond the soft cap (offset, margin or scale)."""
         return self.class_offset is not None or self.target_margin is not None or self.logit_scale != 1.0
-
-    @property
-    def plain_target_term(self) -> bool:
-        """Cross-entropy's target term with no α: the only description probability targets take."""
-        return self.term.is_cross_entropy and self.alpha is None
 
 
 def mean_denominator(target: torch.Tensor, options: SoftmaxOptions, dtype: torch.dtype) -> torch.Tensor:

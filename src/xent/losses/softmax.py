@@ -171,10 +171,11 @@ def fused_index_loss(
         ignore_index=ignore_index, token_weight=check_token_weight(token_weight, batch_shape), **description
     )
     options = checked_options(options, weight, flat_target, logits.shape[-1])
-    if choose_softmax_loss(impl, logits, flat_target, options) == "reference":
+    chosen = choose_softmax_loss(impl, logits, flat_target, options)
+    if chosen == "reference":
         return readable()
     with autocast_off(input):
-        loss = dispatch_cross_entropy(impl, logits, flat_target, options, reduction)
+        loss = dispatch_cross_entropy(chosen, logits, flat_target, options, reduction)
     return (loss.view(batch_shape) if reduction == "none" else loss).to(result_dtype(input))
 
 
