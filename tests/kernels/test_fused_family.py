@@ -245,6 +245,32 @@ def test_linear_loss_equals_the_loss_of_the_materialised_logits(name, impl, redu
             assert_as_accurate_as_the_reference(actual, expected, exact, requires)
 
 
+@pytest.mark.parametrize("name", [name for name in LINEAR_CASES if name != "cross-entropy"])
+@pytest.mark.parametrize("impl", ["chunked", "triton", "reference"])
+def test_linear_loss_softcap_caps_the_logits_of_every_loss(name, impl):
+    """softcap is cross_entropy's own option; any other loss is taken of the capped logits c·tanh(z / c)."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+    loss_fn, options = LINEAR_CASES[name]
+    dtype = torch.float32 if impl == "triton" else torch.float64
+    tensors = _head_problem(dtype, loss_fn)
+    requires = ("input", "linear_weight", "linear_bias")
+
+    def capped(input, linear_weight, linear_bias, target, weight, token_weight):
+        logits = 0.5 * torch.tanh(torch.nn.functional.linear(input, linear_weight, linear_bias) / 0.5)
+        return loss_fn(logits.reshape(-1, C), target.reshape(-1), weight=weight, impl="reference", **options)
+
+    expected = gradients(capped, {**tensors, "token_weight": None}, requires)
+    actual = gradients(
+        lambda **t: xent.linear_loss(loss_fn, **t, softcap=0.5, impl=impl, chunk_size=4, **options),
+        {**tensors, "token_weight": None},
+        requires,
+    )
+    assert_close(actual[0], expected[0], dtype)
+    for key in requires:
+        assert_close(actual[1][key], expected[1][key], dtype)
+
+
 def test_linear_loss_module_and_errors():
     tensors = _head_problem(torch.float64, xent.focal_loss)
     del tensors["token_weight"]

@@ -197,6 +197,7 @@ def linear_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     token_weight: torch.Tensor | None = None,
+    softcap: float | None = None,
     **loss_options: object,
 ) -> torch.Tensor:
     r"""Any softmax loss of the family on a linear head, :math:`\operatorname{loss}(x W^\top + b,\ y)`, without the
@@ -220,6 +221,9 @@ def linear_loss(
         impl: ``None`` (the fused kernels: Triton on CUDA when installed, chunked PyTorch otherwise), ``"chunked"``,
             ``"triton"``, or ``"reference"`` — the loss's own definition on the materialised logits.
         weight, ignore_index, reduction, token_weight: as in the loss.
+        softcap: caps the head's logits :math:`z \mapsto c \tanh(z / c)` before the loss (Gemma-2's
+            ``final_logit_softcapping``), for every loss: ``cross_entropy``'s own option, and for the others the
+            loss of the capped logits.
         **loss_options: the loss's own options (``gamma=2.0``, ``class_counts=counts``, ``label_smoothing=0.1``, …).
 
     Returns:
@@ -230,8 +234,49 @@ def linear_loss(
         >>> tokens = torch.randint(32000, (4, 128))
         >>> xent.linear_loss(xent.focal_loss, hidden, head, tokens, gamma=2.0).backward()
     """
+    out_dtype = result_dtype(_checks.check_floating("input", input))
+    loss = accumulated_linear_loss(
+        loss,
+        input,
+        linear_weight,
+        target,
+        linear_bias=linear_bias,
+        chunk_size=chunk_size,
+        weight_grad_dtype=weight_grad_dtype,
+        impl=impl,
+        weight=weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        token_weight=token_weight,
+        softcap=softcap,
+        **loss_options,
+    )
+    return loss.to(out_dtype)
+
+
+def accumulated_linear_loss(
+    loss: Callable[..., torch.Tensor] | str,
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None,
+    chunk_size: int | None,
+    weight_grad_dtype: torch.dtype | None,
+    impl: str | None,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    token_weight: torch.Tensor | None,
+    softcap: float | None,
+    **loss_options: object,
+) -> torch.Tensor:
+    """:func:`linear_loss` before its result is cast to the input's dtype: float32 (float64 for float64 inputs) from
+    the fused implementations, as a loss of upcast logits would be (Hugging Face models compute theirs so)."""
     name, function, describe = linear_loss_entry(loss)
-    check_softmax_options(reduction=reduction, label_smoothing=0.0, z_loss=0.0, softcap=None, ignore_index=ignore_index)
+    _, _, softcap = check_softmax_options(
+        reduction=reduction, label_smoothing=0.0, z_loss=0.0, softcap=softcap, ignore_index=ignore_index
+    )
     _checks.check_chunk_size(chunk_size)
     if weight_grad_dtype is not None and not isinstance(weight_grad_dtype, torch.dtype):
         raise TypeError(f"weight_grad_dtype must be a torch.dtype or None, got {weight_grad_dtype!r}")
@@ -241,7 +286,10 @@ def linear_loss(
     unknown = sorted(set(loss_options) - accepted)
     if unknown:
         raise TypeError(f"{name} has no option {unknown[0]!r}; its options: {', '.join(sorted(accepted))}")
-    out_dtype = result_dtype(_checks.check_floating("input", input))
+    # The cap is cross_entropy's own option; any other loss reads the capped logits.
+    own_cap = "softcap" in accepted
+    if own_cap:
+        loss_options["softcap"] = softcap
     # Under autocast the head runs as F.linear would, in the autocast dtype, and the loss in float32.
     input, linear_weight, linear_bias = map(cast_for_linear, (input, linear_weight, linear_bias))
     flat_input, flat_target, batch_shape = canonicalize_linear(input, linear_weight, linear_bias, target)
@@ -249,13 +297,14 @@ def linear_loss(
         raise TypeError(f"{name} takes class indices of shape {_checks.shape_str(batch_shape)}, not probabilities")
     vocab = linear_weight.shape[0]
     flat_token_weight = check_token_weight(token_weight, batch_shape)
-    options = SoftmaxOptions(
-        ignore_index=ignore_index, token_weight=flat_token_weight, **describe(vocab, **loss_options)
-    )
+    description = {"softcap": softcap, **describe(vocab, **loss_options)}
+    options = SoftmaxOptions(ignore_index=ignore_index, token_weight=flat_token_weight, **description)
     options = checked_options(options, weight, flat_target, vocab)
     with autocast_off(input):
         if impl == "reference":
             logits = torch.nn.functional.linear(flat_input, linear_weight, linear_bias)
+            if softcap is not None and not own_cap:
+                logits = softcap * torch.tanh(logits / softcap)
             shared = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction}
             loss = function(logits, flat_target, token_weight=flat_token_weight, impl=impl, **shared, **loss_options)
         else:
@@ -270,4 +319,4 @@ def linear_loss(
                 chunk_size=chunk_size,
                 weight_grad_dtype=weight_grad_dtype,
             )
-    return (loss.view(batch_shape) if reduction == "none" else loss).to(out_dtype)
+    return loss.view(batch_shape) if reduction == "none" else loss
