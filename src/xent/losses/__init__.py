@@ -15,6 +15,7 @@ from xent.losses.imbalance import (
     logit_adjusted_cross_entropy,
 )
 from xent.losses.linear import linear_cross_entropy, linear_loss
+from xent.losses.logprobs import linear_log_probs
 from xent.losses.robust import generalized_cross_entropy, symmetric_cross_entropy
 from xent.losses.sigmoid import binary_cross_entropy, binary_cross_entropy_with_logits
 from xent.losses.softmax import cross_entropy
@@ -36,6 +37,7 @@ __all__ = [
     "ldam_margins",
     "linear_cross_entropy",
     "linear_distillation_loss",
+    "linear_log_probs",
     "linear_loss",
     "logit_adjust",
     "logit_adjusted_cross_entropy",

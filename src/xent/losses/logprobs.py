@@ -1,0 +1,96 @@
+"""Per-token outputs of a linear head without its logits: :func:`linear_log_probs`, the log-probability of each
+token's target and the entropy of its distribution, as RL fine-tuning (GRPO, PPO) and evaluation need them."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from xent.core.autocast import autocast_off, cast_for_linear
+from xent.kernels.logprobs import chunked_linear_log_probs
+from xent.losses import _checks
+from xent.losses.linear import canonicalize_linear
+
+
+def linear_log_probs(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Log-probability of each token's target and entropy of each token's distribution under a linear head,
+    without the logits.
+
+    With logits :math:`z = (x W^\top + b) / T` and :math:`p = \operatorname{softmax}(z)`, each token :math:`n` gets
+
+    .. math::
+
+        \log p_{n, y_n} = z_{n, y_n} - \log \sum_j e^{z_{n j}}, \qquad
+        H_n = -\sum_j p_{n j} \log p_{n j},
+
+    the per-token quantities of policy-gradient fine-tuning (the log-probability of the sampled token for GRPO's
+    and PPO's ratios, the entropy for a bonus or for monitoring) and of evaluation. Equal in value and gradient to
+    ``torch.log_softmax(F.linear(input, linear_weight, linear_bias).float() / temperature, -1)`` gathered at
+    ``target``, and to the entropy of the same distribution, but the ``N × V`` logits are never formed: tokens go
+    in chunks, and the only extra memory is one chunk of logits (:mod:`xent.kernels.logprobs`). The forward pass
+    keeps one log-sum-exp per token; the backward pass recomputes each chunk's logits, because the gradient
+    :math:`\partial / \partial z_{n j} = g^{lp}_n (\delta_{j y_n} - p_{n j}) - g^{H}_n\, p_{n j} (\log p_{n j} + H_n)`
+    needs both outputs' ``grad_output`` (either may be unused). The softmax runs in float32 (float64 for float64
+    inputs), and so are ``d(linear_weight)`` and ``d(linear_bias)`` summed over chunks before they are cast to the
+    head's dtype. Second-order gradients are not supported.
+
+    A token whose target is ``ignore_index`` gets log-probability 0, with no gradient through it; its entropy is
+    computed as for any other token. A class masked with a ``-inf`` bias gets probability 0 and adds nothing to the
+    entropy.
+
+    Under ``torch.autocast`` it does what ``F.linear`` followed by ``log_softmax`` does: the head's products in the
+    autocast dtype (the input, weight and bias are cast, and their gradients return in their own dtypes), both
+    outputs in float32.
+
+    Args:
+        input: hidden states ``(..., D)``.
+        linear_weight: the head's weight ``(V, D)``, same dtype.
+        target: class indices ``(...)`` in ``[0, V)`` or ``ignore_index``, any integer dtype.
+        linear_bias: the head's bias ``(V,)`` or ``None``.
+        temperature: :math:`T`, a finite number > 0 dividing the logits (the sampling temperature); default 1.
+        ignore_index: the target of tokens to leave out (prompt or padding tokens).
+        chunk_size: tokens per chunk, as in :func:`xent.linear_cross_entropy`.
+
+    Returns:
+        ``(log_probs, entropy)``, each shaped like ``target``, in float32 (float64 for float64 inputs) whatever the
+        head's dtype, as the reference's upcast logits give them: a bfloat16 log-probability (3 significant digits)
+        would make PPO's ratio :math:`e^{\log p - \log p_{old}}` noise.
+
+    Example:
+        >>> hidden = torch.randn(4, 128, 512, requires_grad=True)             # (batch, sequence, D)
+        >>> head = torch.randn(32000, 512, requires_grad=True)                # (V, D)
+        >>> tokens = torch.randint(32000, (4, 128))                           # sampled completions
+        >>> log_probs, entropy = xent.linear_log_probs(hidden, head, tokens, temperature=0.7)
+        >>> advantages = torch.randn(4, 1)
+        >>> (-(advantages * log_probs).mean() - 1e-3 * entropy.mean()).backward()
+    """
+    _checks.check_chunk_size(chunk_size)
+    temperature = _checks.check_in_range(
+        "temperature", temperature, 0.0, math.inf, low_inclusive=False, high_inclusive=False
+    )
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
+    _checks.check_floating("input", input)
+    # Under autocast the head runs as F.linear would, in the autocast dtype, and the softmax in float32.
+    input, linear_weight, linear_bias = map(cast_for_linear, (input, linear_weight, linear_bias))
+    flat_input, flat_target, batch_shape = canonicalize_linear(input, linear_weight, linear_bias, target)
+    if flat_target.is_floating_point():
+        raise TypeError(
+            f"linear_log_probs takes class indices of shape {_checks.shape_str(batch_shape)}, not probabilities"
+        )
+    _checks.check_class_indices(flat_target, linear_weight.shape[0], ignore_index)
+    with autocast_off(input):
+        log_probs, entropy = chunked_linear_log_probs(
+            flat_input, linear_weight, linear_bias, flat_target, temperature, ignore_index, chunk_size
+        )
+    return log_probs.view(batch_shape), entropy.view(batch_shape)

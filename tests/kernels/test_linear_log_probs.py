@@ -1,0 +1,245 @@
+"""linear_log_probs: per-token log p_y and entropy of a linear head, chunked, against log_softmax on the logits."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xent
+from tests.conftest import assert_close
+
+D, V, IGNORE = 6, 13, -100
+# Tolerances of the comparison with the reference per dtype: float64 is exact up to rounding, bfloat16 is the head's
+# GEMMs in bfloat16 on both sides with different summation orders and roundings of the logits' gradient.
+TOLERANCES = {
+    torch.float64: {"rtol": 1e-9, "atol": 1e-12},
+    torch.float32: {"rtol": 2e-5, "atol": 2e-5},
+    torch.bfloat16: {"rtol": 4e-2, "atol": 4e-2},
+}
+
+
+def _problem(batch, dtype=torch.float64, *, bias=True, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(*batch, D, generator=generator, dtype=torch.float64).to(dtype)
+    w = (torch.randn(V, D, generator=generator, dtype=torch.float64) * 0.7).to(dtype)
+    b = torch.randn(V, generator=generator, dtype=torch.float64).to(dtype) if bias else None
+    target = torch.randint(V, batch, generator=generator)
+    target.view(-1)[::5] = IGNORE
+    return x, w, b, target
+
+
+def reference(x, w, b, target, temperature=1.0):
+    """``(log p_y, H)`` on the materialised logits, in float32 (float64 for float64), plain PyTorch."""
+    logits = F.linear(x, w, b)
+    logits = logits.double() if logits.dtype == torch.float64 else logits.float()
+    log_p = torch.log_softmax(logits / temperature, -1)
+    valid = target != IGNORE
+    picked = log_p.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
+    log_probs = torch.where(valid, picked, torch.zeros_like(picked))
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return log_probs, entropy
+
+
+def ours(x, w, b, target, temperature=1.0, **options):
+    return xent.linear_log_probs(x, w, target, linear_bias=b, temperature=temperature, **options)
+
+
+def _outputs_and_grads(function, tensors, target, requires, outputs, grad_outputs, **options):
+    """Both outputs and the gradients of ``Σ g · output`` over the chosen outputs, for the leaves in ``requires``;
+    an output left out of ``outputs`` is not backpropagated at all (its grad_output is None)."""
+    leaves = [
+        None if t is None else t.detach().clone().requires_grad_(need)
+        for t, need in zip(tensors, requires, strict=True)
+    ]
+    log_probs, entropy = function(*leaves, target, **options)
+    wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
+    grads = []
+    if wanted:
+        chosen = [(out, g) for out, g, use in zip((log_probs, entropy), grad_outputs, outputs, strict=True) if use]
+        grads = torch.autograd.grad([out for out, _ in chosen], wanted, [g.to(out.dtype) for out, g in chosen])
+    return [log_probs.detach(), entropy.detach(), *grads]
+
+
+def _assert_all_close(actual, expected, dtype):
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected, strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got.double(), want.double(), **TOLERANCES[dtype])
+
+
+OUTPUTS = {"log_probs": (True, False), "entropy": (False, True), "both": (True, True)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("outputs", list(OUTPUTS))
+@pytest.mark.parametrize("batch", [(37,), (3, 13)])
+def test_matches_reference(dtype, bias, temperature, outputs, batch):
+    x, w, b, target = _problem(batch, dtype, bias=bias)
+    generator = torch.Generator().manual_seed(1)
+    grad_outputs = [torch.randn(batch, generator=generator, dtype=torch.float64) for _ in range(2)]
+    requires = (True, True, bias)
+    args = ((x, w, b), target, requires, OUTPUTS[outputs], grad_outputs)
+    expected = _outputs_and_grads(reference, *args, temperature=temperature)
+    actual = _outputs_and_grads(ours, *args, temperature=temperature, chunk_size=8)  # 37, 39 tokens: uneven chunks
+    _assert_all_close(actual, expected, dtype)
+
+
+@pytest.mark.parametrize(
+    "requires",
+    [(True, False, False), (False, True, False), (False, False, True), (False, True, True), (False, False, False)],
+)
+@pytest.mark.parametrize("chunk_size", [1, 8, 37, 1000, None])
+def test_any_subset_of_inputs_and_any_chunk_size(requires, chunk_size):
+    x, w, b, target = _problem((37,))
+    grad_outputs = [
+        torch.linspace(-1.0, 2.0, 37, dtype=torch.float64),
+        torch.linspace(1.5, -0.5, 37, dtype=torch.float64),
+    ]
+    args = ((x, w, b), target, requires, (True, True), grad_outputs)
+    expected = _outputs_and_grads(reference, *args, temperature=0.7)
+    actual = _outputs_and_grads(ours, *args, temperature=0.7, chunk_size=chunk_size)
+    _assert_all_close(actual, expected, torch.float64)
+
+
+def test_ignored_tokens_get_zero_log_prob_and_no_gradient_through_it():
+    x, w, b, target = _problem((37,))
+    x.requires_grad_()
+    log_probs, entropy = ours(x, w, b, target, chunk_size=8)
+    ignored = target == IGNORE
+    assert ignored.any() and bool((log_probs[ignored] == 0).all())
+    assert bool((entropy[ignored] > 0).all())  # the entropy of an ignored token is still there
+    (grad_x,) = torch.autograd.grad(log_probs.sum(), x)
+    assert bool((grad_x[ignored] == 0).all()) and bool((grad_x[~ignored] != 0).any())
+    (grad_x,) = torch.autograd.grad(ours(x, w, b, target)[1].sum(), x)
+    assert bool((grad_x[ignored] != 0).any())
+
+
+def test_custom_ignore_index_and_integer_dtypes():
+    x, w, b, target = _problem((37,))
+    target = torch.where(target == IGNORE, torch.full_like(target, 5), target)
+    log_probs, _ = ours(x, w, b, target.to(torch.int32), ignore_index=5, chunk_size=8)
+    expected = torch.log_softmax(F.linear(x, w, b), -1).gather(1, target.unsqueeze(1)).squeeze(1)
+    assert_close(log_probs, torch.where(target == 5, torch.zeros_like(expected), expected))
+
+
+def test_masked_class_with_minus_infinity_bias():
+    """A class with bias -inf has probability 0: the same outputs and gradients as the head without it."""
+    x, w, b, target = _problem((37,))
+    target = torch.where(target == 0, torch.ones_like(target), target)
+    masked_bias = b.clone()
+    masked_bias[0] = -math.inf
+    leaves = [t.clone().requires_grad_() for t in (x, w, masked_bias)]
+    log_probs, entropy = ours(*leaves, target, temperature=0.7, chunk_size=8)
+    grads = torch.autograd.grad(log_probs.sum() + entropy.sum(), leaves)
+    kept = [t.clone().requires_grad_() for t in (x, w[1:], b[1:])]
+    shifted = torch.where(target == IGNORE, target, target - 1)
+    ref_log_probs, ref_entropy = reference(*kept, shifted, temperature=0.7)
+    ref_grads = torch.autograd.grad(ref_log_probs.sum() + ref_entropy.sum(), kept)
+    assert_close(log_probs, ref_log_probs)
+    assert_close(entropy, ref_entropy)
+    assert_close(grads[0], ref_grads[0])
+    assert_close(grads[1][1:], ref_grads[1])
+    assert_close(grads[2][1:], ref_grads[2])
+    assert bool((grads[1][0] == 0).all()) and grads[2][0] == 0
+
+
+def test_gradcheck_float64():
+    x, w, b, target = _problem((5,))
+    target[1] = IGNORE
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+
+    def function(x, w, b):
+        return xent.linear_log_probs(x, w, target, linear_bias=b, temperature=0.7, chunk_size=2)
+
+    assert torch.autograd.gradcheck(function, leaves)  # also checks that an unused output (None grad) is handled
+
+
+def test_autocast_matches_reference_under_autocast():
+    x, w, b, target = _problem((3, 13), torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    grad_outputs = [torch.randn((3, 13), generator=generator) for _ in range(2)]
+    args = ((x, w, b), target, (True, True, True), (True, True), grad_outputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _outputs_and_grads(reference, *args, temperature=0.7)
+        actual = _outputs_and_grads(ours, *args, temperature=0.7, chunk_size=8)
+    assert actual[0].dtype == actual[1].dtype == torch.float32
+    assert all(grad.dtype == torch.float32 for grad in actual[2:])
+    _assert_all_close(actual, expected, torch.bfloat16)
+
+
+def test_outputs_may_be_changed_in_place_and_backpropagated_twice():
+    x, w, b, target = _problem((37,))
+    x.requires_grad_()
+    log_probs, entropy = ours(x, w, b, target, chunk_size=8)
+    mask = torch.linspace(0.0, 1.0, 37, dtype=x.dtype)
+    log_probs.mul_(mask)
+    entropy.mul_(mask)
+    first = torch.autograd.grad(log_probs.sum() + entropy.sum(), x, retain_graph=True)[0]
+    second = torch.autograd.grad(log_probs.sum() + entropy.sum(), x)[0]
+    log_probs, entropy = reference(x, w, b, target)
+    expected = torch.autograd.grad((log_probs * mask).sum() + (entropy * mask).sum(), x)[0]
+    assert_close(first, expected)
+    assert torch.equal(first, second)
+
+
+def test_exported():
+    assert "linear_log_probs" in xent.__all__ and xent.linear_log_probs is xent.losses.linear_log_probs
+
+
+def test_empty_batch():
+    x, w, b, target = _problem((0,))
+    x.requires_grad_()
+    log_probs, entropy = ours(x, w, b, target)
+    assert log_probs.shape == entropy.shape == (0,)
+    (log_probs.sum() + entropy.sum()).backward()
+    assert x.grad.shape == (0, D)
+
+
+def test_second_order_gradients_are_refused():
+    x, w, b, target = _problem((7,))
+    x.requires_grad_()
+    log_probs, _ = ours(x, w, b, target)
+    with pytest.raises(RuntimeError, match=r"create_graph=True.*materialised logits"):
+        torch.autograd.grad(log_probs.sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"temperature": 0.0}, ValueError, r"temperature must be in \(0, inf\), got 0"),
+        ({"temperature": -0.5}, ValueError, r"temperature must be in \(0, inf\), got -0.5"),
+        ({"temperature": math.inf}, ValueError, r"temperature must be in \(0, inf\), got inf"),
+        ({"temperature": math.nan}, ValueError, "temperature must not be NaN"),
+        ({"temperature": "1"}, TypeError, "temperature must be a number, got str"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int, got float 1.5"),
+        ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int or None, got 0"),
+        ({"w": torch.randn(V, D + 1, dtype=torch.float64)}, ValueError, r"linear_weight has shape \(13, 7\)"),
+        (
+            {"w": torch.randn(V, D)},
+            TypeError,
+            "linear_weight has dtype torch.float32 but input has dtype torch.float64",
+        ),
+        (
+            {"b": torch.randn(V + 1, dtype=torch.float64)},
+            ValueError,
+            r"linear_bias must have shape \(13,\), got shape \(14,\)",
+        ),
+        ({"b": torch.randn(V)}, TypeError, "linear_bias has dtype torch.float32"),
+        ({"x": torch.tensor(1.0, dtype=torch.float64)}, ValueError, r"input must have shape \(..., D\)"),
+        ({"x": torch.randint(3, (4, D))}, TypeError, "input must be a floating-point tensor, got dtype torch.int64"),
+        ({"target": torch.zeros(5, dtype=torch.long)}, ValueError, r"target has shape \(5,\) but input has shape"),
+        ({"target": torch.full((4,), V)}, ValueError, r"target holds class index 13, outside \[0, 13\)"),
+        ({"target": torch.full((4,), -1)}, ValueError, r"target holds class index -1"),
+        ({"target": torch.full((4, V), 1.0 / V, dtype=torch.float64)}, TypeError, "linear_log_probs takes class"),
+        ({"target": torch.zeros(4, dtype=torch.float64)}, TypeError, "must have an integer dtype"),
+    ],
+)
+def test_errors_name_the_argument(change, error, message):
+    x, w, b, target = _problem((4,))
+    arguments = {"x": x, "w": w, "b": b, "target": target, **change}
+    x, w, b, target = (arguments.pop(key) for key in ("x", "w", "b", "target"))
+    with pytest.raises(error, match=message):
+        ours(x, w, b, target, **arguments)
