@@ -1,0 +1,410 @@
+"""Hugging Face causal language models on xent's fused linear losses: :func:`patch` one model instance, and its
+training steps never form the ``N × V`` logits.
+
+How it works, for any ``*ForCausalLM`` of the standard layout (base model → last hidden state → output embeddings →
+``self.loss_function``)::
+
+    model.forward (patched)       decides: a training step (labels, gradients on) or skip_logits=True?
+      └ the model's own forward   runs unchanged, so everything it does besides the head is its own
+          lm_head(hidden)         returns a HeadOutput — the hidden states, not the logits
+          logits / c, tanh, * c   a HeadOutput records each elementwise step (Gemma's softcap, Cohere's and
+                                  Granite's scales); any other operation raises TypeError naming the model
+          self.loss_function(…)   the fused loss of the head: softcap and scale from the recorded steps, the
+                                  label shift, shift_labels, ignore_index and num_items_in_batch as transformers
+          loss += aux             MoE auxiliary losses, added by the model as always
+      └ outputs.logits = None
+
+Nothing is copied from a model class: the steps between the head and the loss are read from what the forward does
+(its config's ``final_logit_softcapping``, ``logit_scale`` or ``logits_scaling`` are what they carry), so a new
+model type either runs exactly or is refused with a TypeError — it is never left silently unfused. Everything is
+per instance: :func:`unpatch` deletes what :func:`patch` set.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+try:
+    import transformers
+    from transformers.loss.loss_utils import LOSS_MAPPING
+except ImportError as error:  # pragma: no cover - exercised without the extra only
+    raise ImportError('xent.hf needs transformers: pip install "xent[hf]"') from error
+
+from xent.losses import _checks
+from xent.losses.linear import accumulated_linear_loss, check_loss_options, describe_options, linear_loss_entry
+
+__all__ = ["HeadOutput", "is_patched", "patch", "unpatch"]
+
+_STATE = "_xent_patch"
+
+
+def patch(model: nn.Module, *, loss: Any = None, **loss_options: Any) -> nn.Module:
+    r"""Compute a causal LM's training loss with xent's fused linear loss: the logits are never formed.
+
+    Patches ``model`` in place (this instance only) and returns it. When its forward gets ``labels`` with gradients
+    enabled — a training step, whatever ``model.training`` says — the loss is computed from the hidden states that
+    enter the output embeddings, chunk by chunk (:func:`xent.linear_loss`), and ``outputs.logits`` is ``None``.
+    Otherwise (no labels, ``torch.no_grad()``, ``model.generate``) the model runs as unpatched and returns its
+    logits; ``skip_logits=True`` in the forward call forces the fused loss (as an evaluation loop that needs only
+    the loss would), ``skip_logits=False`` forces the logits.
+
+    The loss equals the unpatched ``outputs.loss`` and every parameter gets the same gradient: the label shift (or
+    ``shift_labels``), ``ignore_index`` (-100 by default), the mean over the kept tokens, or with
+    ``num_items_in_batch=n`` (gradient accumulation, as ``transformers.Trainer`` passes it) the sum of the token
+    losses divided by ``n``; a final logit soft cap (Gemma 2) or logit scale (Cohere, Granite) is applied inside
+    the fused loss; tied input and output embeddings get the sum of both gradients; MoE auxiliary losses are added by
+    the model itself. For half-precision models the head's products run in that precision and the loss in float32,
+    as transformers upcasts the logits.
+
+    Args:
+        model: a Hugging Face ``*ForCausalLM`` instance (a ``PreTrainedModel`` whose output embeddings are an
+            ``nn.Linear`` and whose loss is transformers' causal-LM loss).
+        loss: a fused softmax loss of xent (``xent.focal_loss``, or its name); ``None`` is cross-entropy.
+        **loss_options: options of that loss and of the fused path: ``z_loss=1e-4``, ``label_smoothing=0.1``,
+            ``weight=``, ``chunk_size=``, ``impl=``, ``gamma=2.0`` for ``xent.focal_loss``…
+
+    Returns:
+        ``model``, patched. Patching a patched model replaces its loss and options.
+
+    Raises:
+        TypeError: the model does not fit the layout (its class and the reason are named), or an option is unknown.
+
+    Example:
+        >>> model = xent.hf.patch(AutoModelForCausalLM.from_config(config), z_loss=1e-4)
+        >>> model(input_ids, labels=input_ids).loss.backward()        # no N × V logits
+    """
+    name = type(model).__name__
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise TypeError(f"patch takes a Hugging Face PreTrainedModel, got {name}")
+    fused = FusedLoss.build(loss, loss_options)
+    if is_patched(model):
+        unpatch(model)
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
+        shown = "no output embeddings" if head is None else f"output embeddings of type {type(head).__name__}"
+        raise TypeError(f"{name} has {shown}; xent.hf fuses an nn.Linear head")
+    if "labels" not in inspect.signature(type(model).forward).parameters:
+        raise TypeError(f"{name}.forward takes no labels: it is not a causal LM that computes its own loss")
+    causal_lm_loss = LOSS_MAPPING["ForCausalLM"]
+    if model.loss_function is not causal_lm_loss:
+        shown = getattr(model.loss_function, "__name__", repr(model.loss_function))
+        raise TypeError(f"{name} computes its loss with {shown}, not transformers' causal-LM loss (ForCausalLMLoss)")
+    state = _Patch(model_name=name, head=head, fused=fused, original_loss=causal_lm_loss)
+    state.saved = {
+        (owner, attribute): owner.__dict__[attribute]
+        for owner, attribute in ((model, "forward"), (head, "forward"), (model, "_loss_function"))
+        if attribute in owner.__dict__
+    }
+    original_forward = model.forward
+    original_head_forward = head.forward
+
+    @functools.wraps(original_forward)
+    def forward(*args: Any, skip_logits: bool | None = None, **kwargs: Any) -> Any:
+        return state.run(original_forward, args, kwargs, skip_logits)
+
+    def head_forward(hidden: torch.Tensor) -> Any:
+        if not state.active:
+            return original_head_forward(hidden)
+        state.calls += 1
+        return HeadOutput(state.model_name, hidden, head)
+
+    model.forward = forward
+    head.forward = head_forward
+    model.loss_function = state.loss_function
+    setattr(model, _STATE, state)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch`: the instance behaves and is stored exactly as before it (returns ``model``)."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not patched by xent.hf")
+    for owner, attribute in ((model, "forward"), (state.head, "forward"), (model, "_loss_function")):
+        owner.__dict__.pop(attribute, None)
+        if (owner, attribute) in state.saved:
+            owner.__dict__[attribute] = state.saved[owner, attribute]
+    delattr(model, _STATE)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether :func:`patch` has patched this instance."""
+    return _STATE in model.__dict__
+
+
+@dataclass(frozen=True)
+class FusedLoss:
+    """The loss :func:`patch` computes: a fused loss of xent and its options, checked once."""
+
+    loss: Any
+    options: dict
+
+    # Options of the fused path itself; the rest are the loss's own (checked by its description).
+    PATH_OPTIONS = ("chunk_size", "impl", "weight_grad_dtype", "weight", "token_weight")
+
+    @classmethod
+    def build(cls, loss: Any, options: dict) -> FusedLoss:
+        _, function, describe = linear_loss_entry("cross_entropy" if loss is None else loss)
+        for reserved in ("ignore_index", "reduction", "linear_bias"):
+            if reserved in options:
+                raise TypeError(
+                    f"{reserved} is the model's to set (transformers' causal-LM loss decides it), not a loss option"
+                )
+        _checks.check_chunk_size(options.get("chunk_size"))
+        if options.get("softcap") is not None:  # every fused loss takes a cap (xent.linear_loss)
+            _checks.check_in_range("softcap", options["softcap"], 0.0, low_inclusive=False)
+        own = {key: value for key, value in options.items() if key not in (*cls.PATH_OPTIONS, "softcap")}
+        accepted = describe_options(describe)
+        unknown = sorted(set(own) - accepted)
+        if unknown:
+            shown = ", ".join(sorted({*accepted, "softcap", *cls.PATH_OPTIONS}))
+            raise TypeError(f"{function.__name__} has no option {unknown[0]!r}; its options: {shown}")
+        check_loss_options(describe, own)
+        return cls(function, dict(options))
+
+    # Under torch.compile the model is compiled and its loss runs eagerly: the fused kernels are chunk loops and
+    # value checks that a graph would unroll or break on, at no gain.
+    @torch.compiler.disable
+    def __call__(
+        self, hidden: torch.Tensor, head: nn.Linear, target: torch.Tensor, ignore_index: int, reduction: str, cap: Any
+    ) -> torch.Tensor:
+        options = dict(self.options)
+        if cap is not None and options.get("softcap") is not None:
+            raise ValueError(f"the model caps its logits at {cap}; softcap={options['softcap']} would cap them twice")
+        softcap = cap if cap is not None else options.pop("softcap", None)
+        options.pop("softcap", None)
+        return accumulated_linear_loss(
+            self.loss,
+            hidden,
+            head.weight,
+            target,
+            linear_bias=head.bias,
+            chunk_size=options.pop("chunk_size", None),
+            weight_grad_dtype=options.pop("weight_grad_dtype", None),
+            impl=options.pop("impl", None),
+            weight=options.pop("weight", None),
+            token_weight=options.pop("token_weight", None),
+            ignore_index=ignore_index,
+            reduction=reduction,
+            softcap=softcap,
+            **options,
+        )
+
+
+class HeadOutput:
+    """What a patched model's output embeddings return during a fused step, in place of the logits: the hidden
+    states, and the elementwise steps the model applies to the logits before its loss.
+
+    A scalar multiplication or division and ``tanh`` are recorded (they are what logit scales and soft caps are made
+    of); ``float()``, ``to(dtype)`` and ``contiguous()`` change nothing (the loss is computed in float32);
+    ``device``, ``shape``, ``size()`` and ``dim()`` answer as the logits would. Any other use raises TypeError naming
+    the model and the operation: its logits would be needed, and xent.hf will not form them silently.
+    """
+
+    def __init__(self, model_name: str, hidden: torch.Tensor, head: nn.Linear, steps: tuple = ()) -> None:
+        self.model_name, self.hidden, self.head, self.steps = model_name, hidden, head, steps
+
+    def _then(self, step: tuple) -> HeadOutput:
+        return HeadOutput(self.model_name, self.hidden, self.head, (*self.steps, step))
+
+    def _refuse(self, operation: str) -> TypeError:
+        return TypeError(
+            f"{self.model_name} applies {operation} to its logits between the output embeddings and the loss; "
+            "xent.hf fuses a head whose logits reach self.loss_function unchanged but for scales and tanh soft caps "
+            "(a model that computes its loss itself is not fused). Call xent.hf.unpatch(model) to train it unfused"
+        )
+
+    def _scalar(self, value: Any, operation: str) -> float:
+        if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0:
+            raise self._refuse(f"{operation} by {type(value).__name__} {value!r}")
+        return float(value)
+
+    def __mul__(self, other: Any) -> HeadOutput:
+        return self._then(("mul", self._scalar(other, "a multiplication")))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other: Any) -> HeadOutput:
+        return self._then(("div", self._scalar(other, "a division")))
+
+    def tanh(self) -> HeadOutput:
+        return self._then(("tanh",))
+
+    def float(self) -> HeadOutput:
+        return self
+
+    def contiguous(self) -> HeadOutput:
+        return self
+
+    # What the logits would be, read without forming them (a model may move its labels to the logits' device).
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.hidden.shape[:-1], self.head.out_features))
+
+    def size(self, dim: int | None = None) -> torch.Size | int:
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return self.hidden.dim()
+
+    def to(self, *args: Any, **kwargs: Any) -> HeadOutput:
+        targets = [*args, *kwargs.values()]
+        if all(isinstance(value, torch.dtype) and value.is_floating_point for value in targets):
+            return self
+        raise self._refuse(f".to({', '.join(map(repr, targets))})")
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.tanh, torch.Tensor.tanh) and len(args) == 1 and not kwargs:
+            return args[0].tanh()
+        receiver = next(arg for arg in args if isinstance(arg, HeadOutput))
+        raise receiver._refuse(getattr(func, "__name__", repr(func)))
+
+    def __getattr__(self, name: str) -> Any:
+        raise self._refuse(f"logits.{name}")
+
+    def transform(self) -> tuple[float, float | None]:
+        """The recorded steps as ``(scale, cap)``: logits ``cap · tanh(scale · z / cap)`` (``scale · z`` without a
+        cap) of the head's logits ``z``. Scales are kept as ratios so that Gemma's ``/c, tanh, ·c`` gives exactly
+        ``(1.0, c)``."""
+        numerator = denominator = 1.0  # the running scale, before the tanh or outside it
+        inner = None  # the scale inside the tanh, once there is one
+        for step in self.steps:
+            if step[0] == "mul":
+                numerator *= step[1]
+            elif step[0] == "div":
+                denominator *= step[1]
+            elif inner is not None:
+                raise self._refuse("tanh twice")
+            else:
+                inner, numerator, denominator = (numerator, denominator), 1.0, 1.0
+        if inner is None:
+            return numerator / denominator, None
+        cap = numerator / denominator
+        if cap <= 0:
+            raise self._refuse(f"a negative factor {cap} after tanh")
+        # c·tanh(s·z) = c·tanh((c·s)·z / c): a cap c on logits scaled by c·s
+        return (numerator * inner[0]) / (denominator * inner[1]), cap
+
+    # The operators a model might apply to logits that are not scales: refused by name rather than by Python's
+    # generic "unsupported operand" error.
+    def __add__(self, other: Any) -> HeadOutput:
+        raise self._refuse("an addition")
+
+    __radd__ = __sub__ = __rsub__ = __add__
+
+    def __getitem__(self, index: Any) -> HeadOutput:
+        raise self._refuse(f"indexing [{index!r}]")
+
+
+@dataclass
+class _Patch:
+    """What :func:`patch` holds for one instance."""
+
+    model_name: str
+    head: nn.Linear
+    fused: FusedLoss
+    original_loss: Any
+    saved: dict = field(default_factory=dict)
+    active: bool = False
+    calls: int = 0
+    consumed: int = 0
+
+    def run(self, forward: Any, args: tuple, kwargs: dict, skip_logits: bool | None) -> Any:
+        has_labels = _bound(forward, args, kwargs).get("labels") is not None
+        if skip_logits is None:
+            skip_logits = has_labels and torch.is_grad_enabled()
+        elif skip_logits and not has_labels:
+            raise ValueError("skip_logits=True needs labels: without them the loss cannot be computed")
+        if not skip_logits:
+            return forward(*args, **kwargs)
+        self.active, self.calls, self.consumed = True, 0, 0
+        try:
+            outputs = forward(*args, **kwargs)
+        finally:
+            self.active = False
+        if self.calls == 0:
+            raise TypeError(
+                f"{self.model_name}.forward did not call its output embeddings (get_output_embeddings()); "
+                "xent.hf cannot fuse its loss"
+            )
+        if self.consumed != self.calls:
+            raise TypeError(f"{self.model_name}.forward did not pass its head's logits to self.loss_function")
+        return _without_logits(outputs)
+
+    def loss_function(
+        self,
+        logits: Any,
+        labels: torch.Tensor,
+        vocab_size: int,
+        num_items_in_batch: Any = None,
+        ignore_index: int = -100,
+        shift_labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """transformers' causal-LM loss, fused: the same shift, ``ignore_index`` and normalisation."""
+        if not isinstance(logits, HeadOutput):
+            if self.active:
+                raise TypeError(f"{self.model_name}.forward passed logits it formed itself to its loss")
+            return self.original_loss(
+                logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels, **kwargs
+            )
+        self.consumed += 1
+        hidden, head = logits.hidden, logits.head
+        if head.out_features != vocab_size:
+            raise TypeError(
+                f"{self.model_name}'s head has {head.out_features} outputs but its loss reads {vocab_size} classes"
+            )
+        if shift_labels is None:
+            labels = nn.functional.pad(labels, (0, 1), value=ignore_index)
+            shift_labels = labels[..., 1:]
+        target = shift_labels.reshape(-1).to(hidden.device)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        if hidden.shape[0] != target.shape[0]:
+            raise ValueError(
+                f"{self.model_name} kept {hidden.shape[0]} positions for the loss (logits_to_keep?) but the labels "
+                f"have {target.shape[0]}"
+            )
+        scale, cap = logits.transform()
+        if scale != 1.0:
+            if head.bias is not None:  # s·(x Wᵀ + b) is not (s·x) Wᵀ + b
+                raise logits._refuse("a logit scale to a head with a bias")
+            hidden = hidden * scale  # s·(x Wᵀ) = (s·x) Wᵀ
+        reduction = "mean" if num_items_in_batch is None else "sum"
+        loss = self.fused(hidden, head, target, ignore_index, reduction, cap)
+        if num_items_in_batch is not None:
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(loss.device)
+            loss = loss / num_items_in_batch
+        return loss
+
+
+def _bound(forward: Any, args: tuple, kwargs: dict) -> dict:
+    """The forward's arguments by name (``labels`` may be positional)."""
+    if not args:
+        return kwargs
+    return inspect.signature(forward).bind_partial(*args, **kwargs).arguments
+
+
+def _without_logits(outputs: Any) -> Any:
+    """The model's outputs with the head's stand-in replaced by ``None``, the logits that were never formed."""
+    if isinstance(outputs, tuple):
+        return tuple(None if isinstance(item, HeadOutput) else item for item in outputs)
+    for key, value in list(outputs.items()):
+        if isinstance(value, HeadOutput):
+            outputs[key] = None
+    return outputs
