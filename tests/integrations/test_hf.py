@@ -231,6 +231,22 @@ def test_patch_keeps_an_existing_instance_forward_and_restores_it():
     assert model.forward is wrapped
 
 
+def test_a_deep_copy_is_patched_on_its_own_and_a_patched_model_pickles(tmp_path):
+    """An EMA or RL reference model is a deep copy: it must run itself, not the model it was copied from."""
+    patched, reference = pair("qwen2")
+    twin = copy.deepcopy(patched)
+    with torch.no_grad():
+        twin.get_output_embeddings().weight.mul_(3.0)
+        reference.get_output_embeddings().weight.mul_(3.0)
+    ids, labels = batch()
+    assert xent.hf.is_patched(twin)
+    torch.testing.assert_close(twin(input_ids=ids, labels=labels).loss, reference(input_ids=ids, labels=labels).loss)
+    assert twin(input_ids=ids, labels=labels).logits is None
+    torch.save(twin, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    torch.testing.assert_close(loaded(input_ids=ids, labels=labels).loss, reference(input_ids=ids, labels=labels).loss)
+
+
 class AddsToLogits(transformers.LlamaForCausalLM):
     def forward(self, input_ids=None, labels=None, **kwargs):
         hidden = self.model(input_ids=input_ids).last_hidden_state

@@ -102,21 +102,10 @@ def patch(model: nn.Module, *, loss: Any = None, **loss_options: Any) -> nn.Modu
         for owner, attribute in ((model, "forward"), (head, "forward"), (model, "_loss_function"))
         if attribute in owner.__dict__
     }
-    original_forward = model.forward
-    original_head_forward = head.forward
-
-    @functools.wraps(original_forward)
-    def forward(*args: Any, skip_logits: bool | None = None, **kwargs: Any) -> Any:
-        return state.run(original_forward, args, kwargs, skip_logits)
-
-    def head_forward(hidden: torch.Tensor) -> Any:
-        if not state.active:
-            return original_head_forward(hidden)
-        state.calls += 1
-        return HeadOutput(state.model_name, hidden, head)
-
-    model.forward = forward
-    head.forward = head_forward
+    # Callable objects, not closures: a deep copy of the model (an EMA or a reference model) copies them with it and
+    # they then drive the copy, and the model still pickles.
+    model.forward = _Forward(state, model.forward)
+    head.forward = _HeadForward(state, head.forward)
     model.loss_function = state.loss_function
     setattr(model, _STATE, state)
     return model
@@ -148,7 +137,7 @@ class FusedLoss:
     options: dict
 
     # Options of the fused path itself; the rest are the loss's own (checked by its description).
-    PATH_OPTIONS = ("chunk_size", "impl", "weight_grad_dtype", "weight", "token_weight")
+    PATH_OPTIONS = ("chunk_size", "impl", "weight_grad_dtype", "weight")
 
     @classmethod
     def build(cls, loss: Any, options: dict) -> FusedLoss:
@@ -177,10 +166,9 @@ class FusedLoss:
         self, hidden: torch.Tensor, head: nn.Linear, target: torch.Tensor, ignore_index: int, reduction: str, cap: Any
     ) -> torch.Tensor:
         options = dict(self.options)
-        if cap is not None and options.get("softcap") is not None:
-            raise ValueError(f"the model caps its logits at {cap}; softcap={options['softcap']} would cap them twice")
-        softcap = cap if cap is not None else options.pop("softcap", None)
-        options.pop("softcap", None)
+        own_cap = options.pop("softcap", None)
+        if cap is not None and own_cap is not None:
+            raise ValueError(f"the model caps its logits at {cap}; softcap={own_cap} would cap them twice")
         return accumulated_linear_loss(
             self.loss,
             hidden,
@@ -191,10 +179,10 @@ class FusedLoss:
             weight_grad_dtype=options.pop("weight_grad_dtype", None),
             impl=options.pop("impl", None),
             weight=options.pop("weight", None),
-            token_weight=options.pop("token_weight", None),
+            token_weight=None,
             ignore_index=ignore_index,
             reduction=reduction,
-            softcap=softcap,
+            softcap=own_cap if cap is None else cap,
             **options,
         )
 
@@ -391,6 +379,30 @@ class _Patch:
                 num_items_in_batch = num_items_in_batch.to(loss.device)
             loss = loss / num_items_in_batch
         return loss
+
+
+class _Forward:
+    """The patched model's forward: the original one (its signature kept), run fused when :meth:`_Patch.run` says."""
+
+    def __init__(self, state: _Patch, forward: Any) -> None:
+        self.state, self.forward = state, forward
+        functools.update_wrapper(self, forward)
+
+    def __call__(self, *args: Any, skip_logits: bool | None = None, **kwargs: Any) -> Any:
+        return self.state.run(self.forward, args, kwargs, skip_logits)
+
+
+class _HeadForward:
+    """The patched head's forward: its hidden states in a :class:`HeadOutput` during a fused step, else its logits."""
+
+    def __init__(self, state: _Patch, forward: Any) -> None:
+        self.state, self.forward = state, forward
+
+    def __call__(self, hidden: torch.Tensor) -> Any:
+        if not self.state.active:
+            return self.forward(hidden)
+        self.state.calls += 1
+        return HeadOutput(self.state.model_name, hidden, self.state.head)
 
 
 def _bound(forward: Any, args: tuple, kwargs: dict) -> dict:
