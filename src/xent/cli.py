@@ -38,6 +38,7 @@ BENCH_DEFAULTS = {
     "ce": {"n": 8192, "d": 0, "v": "32000"},
     "linear-ce": {"n": 4096, "d": 1024, "v": "32768"},
     "linear-distill": {"n": 4096, "d": 1024, "v": "32768"},
+    "lm-step": {"n": 4096, "d": 256, "v": "16384"},  # examples/lm.py's model, 8 sequences of 512 tokens
 }
 
 
@@ -70,11 +71,12 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
         "operation",
         choices=OPERATIONS,
         help="ce: a loss on given logits; linear-ce: a loss of a linear head (--loss); "
-        "linear-distill: distillation of one head into another",
+        "linear-distill: distillation of one head into another; lm-step: a training step of a small Llama "
+        "(hidden size --d, 4 layers) patched by xent.hf against the unpatched model (needs transformers)",
     )
     shape = parser.add_argument_group("problem")
-    shape.add_argument("--n", type=_positive_int, help="rows / tokens (default 8192 for ce, 4096 for linear-ce)")
-    shape.add_argument("--d", type=_positive_int, help="hidden size, linear-ce only (default 1024)")
+    shape.add_argument("--n", type=_positive_int, help="rows / tokens (default 8192 for ce, 4096 for the others)")
+    shape.add_argument("--d", type=_positive_int, help="hidden size; not for ce (default 1024; 256 for lm-step)")
     shape.add_argument("--v", type=_int_list, help="classes; a comma list sweeps V (default 32000 / 32768)")
     shape.add_argument("--dtype", choices=list(DTYPES), help="float32 by default (bfloat16 with --shape)")
     shape.add_argument("--shape", choices=list(SHAPES), help="a language-model head: sets --n, --d, --v and bfloat16")
@@ -102,7 +104,7 @@ def _bench(args: argparse.Namespace) -> int:
     import torch
 
     from xent.bench import Problem, run_bench
-    from xent.bench.cases import SHAPES
+    from xent.bench.cases import LM_BATCH, SHAPES
     from xent.bench.report import plot, print_table, write_csv
 
     defaults = {**BENCH_DEFAULTS[args.operation], "dtype": "float32"}
@@ -113,6 +115,10 @@ def _bench(args: argparse.Namespace) -> int:
         raise CommandError(f"--repeat must be at least 3 for a median of interleaved runs, got {args.repeat}")
     if args.loss != "cross_entropy" and args.operation == "linear-distill":
         raise CommandError("--loss applies to ce and linear-ce; linear-distill measures linear_distillation_loss")
+    if args.operation == "lm-step" and args.shape is not None:
+        raise CommandError("--shape sets a head's shape; lm-step builds a model: give --n, --d and --v")
+    if args.operation == "lm-step" and (args.n or defaults["n"]) % LM_BATCH:
+        raise CommandError(f"--n for lm-step must be a multiple of {LM_BATCH} (sequences per step), got {args.n}")
     if (args.d is not None or args.shape is not None) and args.operation == "ce":
         raise CommandError(f"--{'d' if args.d is not None else 'shape'} applies to linear-ce only")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

@@ -42,6 +42,18 @@ def test_peak_memory_is_measured_per_process():
     assert 0.5 * logits_bytes <= by_name["floor"].peak <= 1.5 * logits_bytes
 
 
+def test_lm_step_measures_a_patched_model_beside_the_unpatched_one():
+    """A training step of a small Llama: the patched model never holds the logits (16 MiB here) that the unpatched
+    one keeps three of (logits, log-softmax, their gradient)."""
+    pytest.importorskip("transformers")
+    problem = Problem("lm-step", n=1024, d=64, v=4096)
+    by_name = {m.name: m for m in run_bench(problem, ["xent", "xent-reference", "torch-eager"], repeat=3)}
+    logits_bytes = 1024 * 4096 * 4
+    assert by_name["xent"].time_s > 0 and by_name["torch-eager"].time_s > 0
+    assert "baselines" in by_name["xent-reference"].skipped  # plain cross-entropy: the unpatched model is its baseline
+    assert by_name["torch-eager"].peak - by_name["xent"].peak >= logits_bytes
+
+
 def test_ratios_compare_with_the_best_other_and_the_floor():
     def measurement(name, seconds, peak, floor=False):
         return Measurement(TINY_CE, name, floor, times_s=[seconds] * 3, peak_bytes=[peak] * 3)
@@ -85,6 +97,8 @@ def test_cli_writes_table_csv_and_plot(tmp_path):
         (["ce", "--repeat", "2"], "--repeat must be at least 3"),
         (["ce", "--impl", "fastest", "--n", "8", "--v", "8"], "--impl fastest unknown for ce; choose from xent"),
         (["ce", "--d", "64"], "--d applies to linear-ce only"),
+        (["lm-step", "--n", "100"], "--n for lm-step must be a multiple of 8"),
+        (["lm-step", "--shape", "llama3-8b"], "lm-step builds a model"),
         (["softmax"], "invalid choice: 'softmax'"),
         (["ce", "--n", "0"], "argument --n: must be a positive integer, got '0'"),
     ],

@@ -9,6 +9,7 @@ two logits-sized tensors and writes a third, the traffic of "read the logits twi
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 import xent
 
-OPERATIONS = ("ce", "linear-ce", "linear-distill")
+OPERATIONS = ("ce", "linear-ce", "linear-distill", "lm-step")
 # Heads of real language models (tokens, hidden size, vocabulary), for `xent bench linear-ce --shape NAME`.
 SHAPES = {
     "llama3-8b": {"n": 8192, "d": 4096, "v": 128256, "dtype": "bfloat16"},
@@ -45,6 +46,8 @@ class Problem:
     def floor_bytes(self) -> int:
         """Memory no implementation can avoid beyond its inputs: the gradients it returns."""
         size = torch.tensor([], dtype=self.torch_dtype).element_size()
+        if self.operation == "lm-step":
+            return lm_parameters(self) * size  # every parameter's gradient
         if self.operation == "ce":
             return self.n * self.v * size  # d(logits)
         # linear-ce and linear-distill (the teacher's head is not differentiated)
@@ -233,6 +236,58 @@ def _cce_linear(filter_eps: str | None) -> Callable[[Problem], Prepared]:
     return prepare
 
 
+# --- a language model's training step -------------------------------------------------------------------------------
+
+LM_BATCH = 8  # sequences per step: n tokens are LM_BATCH sequences of n / LM_BATCH
+
+
+def lm_config(problem: Problem):
+    """A Llama of hidden size d (4 layers, heads of 64, SwiGLU width 8d/3) with the problem's vocabulary: the model
+    of examples/lm.py at d = 256."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=problem.v,
+        hidden_size=problem.d,
+        intermediate_size=16 * math.ceil(8 * problem.d / 3 / 16),
+        num_hidden_layers=4,
+        num_attention_heads=max(1, problem.d // 64),
+        max_position_embeddings=problem.n // LM_BATCH,
+        tie_word_embeddings=False,
+    )
+
+
+def lm_parameters(problem: Problem) -> int:
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        return sum(parameter.numel() for parameter in LlamaForCausalLM(lm_config(problem)).parameters())
+
+
+def _lm_step(patch: dict | None) -> Callable[[Problem], Prepared]:
+    """Forward and backward of the whole model on ``n`` tokens: unpatched (``patch=None``, its own loss on its logits),
+    or through ``xent.hf.patch(model, **patch)`` with the problem's loss."""
+
+    def prepare(problem: Problem) -> Prepared:
+        from transformers import LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(lm_config(problem)).to(device=problem.device, dtype=problem.torch_dtype)
+        if patch is not None:
+            import xent.hf
+
+            xent.hf.patch(model, loss=problem.loss, **patch, **loss_options(problem))
+        generator = torch.Generator().manual_seed(0)
+        tokens = torch.randint(problem.v, (LM_BATCH, problem.n // LM_BATCH), generator=generator).to(problem.device)
+
+        def step() -> None:
+            model(input_ids=tokens, labels=tokens).loss.backward()
+
+        return Prepared(step, lambda: model.zero_grad(set_to_none=True))
+
+    return prepare
+
+
 # --- linear distillation ------------------------------------------------------------------------------------------
 
 
@@ -368,6 +423,21 @@ IMPLEMENTATIONS: dict[str, list[Implementation]] = {
         Implementation("xent-reference", "linear-distill", _distill("reference")),
         Implementation("reference-compile", "linear-distill", _distill("reference", compiled=True), compiles=True),
         Implementation("floor", "linear-distill", _distill_floor, is_floor=True),
+    ],
+    "lm-step": [
+        Implementation("xent", "lm-step", _lm_step({}), needs=_needs_package("transformers", cuda=False)),
+        Implementation(
+            "xent-reference",
+            "lm-step",
+            _lm_step({"impl": "reference"}),
+            needs=lambda problem: _needs_package("transformers", cuda=False)(problem) or _family_only(problem),
+        ),
+        Implementation(
+            "torch-eager",
+            "lm-step",
+            _lm_step(None),
+            needs=_cross_entropy_only(_needs_package("transformers", cuda=False)),
+        ),
     ],
 }
 
