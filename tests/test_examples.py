@@ -1,5 +1,6 @@
-"""The runnable examples train briefly and write their sample grids."""
+"""The runnable examples train briefly and write their sample grids, or print their summary."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,3 +22,22 @@ def test_example_runs_one_short_epoch(example, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "epoch   1" in result.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("loss", ["xent", "no-xent"])
+def test_lm_example_trains_a_few_steps(loss, tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    flags = ["--no-xent"] if loss == "no-xent" else []
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "lm.py"), "--quick", "--out", str(tmp_path), *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        # One thread: as fast for so small a model, and not slowed many times over when the other cores are busy.
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "epoch   2" in result.stdout
+    assert f"summary ({loss}): final train loss" in result.stdout
+    assert (tmp_path / "tokenizer-512.json").exists()
