@@ -403,3 +403,25 @@ def test_import_without_transformers_names_the_extra():
     script = "import sys\nsys.modules['transformers'] = None\ntry:\n import xent.hf\nexcept ImportError as e: print(e)"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert 'pip install "xent[hf]"' in result.stdout
+
+
+@pytest.mark.parametrize("precision", ["bfloat16 model", "autocast"])
+def test_half_precision_gives_the_float32_loss_transformers_gives(precision):
+    """transformers upcasts the logits and computes its loss in float32; so does the patched model, from a bf16 head
+    (rounding of the head's products apart: ~1e-2 at bfloat16's 8 bits)."""
+    patched, reference = pair("llama")
+    ids, labels = batch()
+    if precision == "bfloat16 model":
+        patched, reference = patched.bfloat16(), reference.bfloat16()
+        context = torch.autocast("cpu", enabled=False)
+    else:
+        context = torch.autocast("cpu", dtype=torch.bfloat16)
+    with context:
+        loss = patched(input_ids=ids, labels=labels).loss
+        expected = reference(input_ids=ids, labels=labels).loss
+    assert loss.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=1e-2, atol=1e-2)
+    loss.backward(), expected.backward()
+    head, reference_head = patched.get_output_embeddings().weight, reference.get_output_embeddings().weight
+    assert head.grad.dtype == reference_head.grad.dtype
+    torch.testing.assert_close(head.grad.float(), reference_head.grad.float(), rtol=0.05, atol=2e-3)
