@@ -1,0 +1,172 @@
+"""Vocab-parallel losses on real processes (gloo): every rank's loss and shard gradients equal xent's loss of the full
+logits and the slices of its gradients. Each rank runs the whole grid and checks itself against the reference, which
+it computes from the full tensors (every rank builds them from the same seed)."""
+
+from __future__ import annotations
+
+import itertools
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import xent
+from xent.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+
+SHARDS = {2: [9, 14], 3: [5, 11, 7]}  # unequal slices of V = 23
+OPTIONS = [
+    {},
+    {"label_smoothing": 0.1},
+    {"z_loss": 1e-2},
+    {"softcap": 2.0},
+    {"weighted": True},
+    {"weighted": True, "label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 3.0},
+]
+TOLERANCE = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 2e-2)}
+
+
+def _problem(dtype, seed=0, shape=(3, 7), dim=None):
+    generator = torch.Generator().manual_seed(seed)
+    vocab = 23
+    tensors = {
+        "logits": (torch.randn(*shape, vocab, generator=generator, dtype=torch.float64) * 3).to(dtype),
+        "target": torch.randint(vocab, shape, generator=generator),
+        "weight": (torch.rand(vocab, generator=generator, dtype=torch.float64) + 0.2).to(dtype),
+        "grad": torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype),
+    }
+    if dim is not None:
+        tensors["input"] = torch.randn(*shape, dim, generator=generator, dtype=torch.float64).to(dtype)
+        tensors["head"] = (torch.randn(vocab, dim, generator=generator, dtype=torch.float64) * 0.5).to(dtype)
+        tensors["bias"] = torch.randn(vocab, generator=generator, dtype=torch.float64).to(dtype)
+    tensors["target"].view(-1)[::4] = -100
+    return tensors
+
+
+def _slice(tensor, sizes, rank, dim=-1):
+    return tensor.split(sizes, dim=dim)[rank]
+
+
+def _close(actual, expected, dtype, what):
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def _check_logits_shards(rank, sizes, options_grid, dtypes):
+    for options, reduction, dtype in itertools.product(options_grid, ["mean", "sum", "none"], dtypes):
+        options = dict(options)
+        t = _problem(dtype)
+        weight = t["weight"] if options.pop("weighted", False) else None
+        full = t["logits"].clone().requires_grad_()
+        expected = xent.cross_entropy(full.flatten(0, -2), t["target"].flatten(), weight=weight, reduction=reduction,
+                                      impl="reference", **options)  # fmt: skip
+        expected = expected.view(t["target"].shape) if reduction == "none" else expected
+        shard = _slice(t["logits"], sizes, rank).clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(
+            shard, t["target"], weight=None if weight is None else _slice(weight, sizes, rank), reduction=reduction,
+            **options,
+        )  # fmt: skip
+        what = f"rank {rank} {options} weighted={weight is not None} {reduction} {dtype}"
+        _close(loss, expected, dtype, what)
+        grad_output = t["grad"].float() if reduction == "none" else None
+        (expected * (1 if grad_output is None else grad_output.to(expected.dtype))).sum().backward()
+        (loss * (1 if grad_output is None else grad_output.to(loss.dtype))).sum().backward()
+        assert shard.grad.dtype == shard.dtype
+        _close(shard.grad, _slice(full.grad, sizes, rank), dtype, what + " gradient")
+
+
+def _check_linear_shards(rank, sizes, options_grid, dtypes):
+    cases = itertools.product(options_grid, ["mean", "sum", "none"], dtypes, [False, True])
+    for options, reduction, dtype, with_bias in cases:
+        options = dict(options)
+        t = _problem(dtype, seed=1, dim=6)
+        weight = t["weight"] if options.pop("weighted", False) else None
+        tensors = {name: t[name].clone().requires_grad_() for name in ("input", "head", "bias")}
+        bias = tensors["bias"] if with_bias else None
+        logits = torch.nn.functional.linear(tensors["input"], tensors["head"], bias)
+        expected = xent.cross_entropy(logits.flatten(0, -2), t["target"].flatten(), weight=weight, reduction=reduction,
+                                      impl="reference", **options)  # fmt: skip
+        expected = expected.view(t["target"].shape) if reduction == "none" else expected
+        mine = {name: value.detach().clone().requires_grad_() for name, value in tensors.items()}
+        head_shard = _slice(mine["head"].detach(), sizes, rank, dim=0).clone().requires_grad_()
+        bias_shard = _slice(mine["bias"].detach(), sizes, rank).clone().requires_grad_() if with_bias else None
+        loss = vocab_parallel_linear_cross_entropy(
+            mine["input"], head_shard, t["target"], linear_bias_shard=bias_shard, chunk_size=4,
+            weight=None if weight is None else _slice(weight, sizes, rank), reduction=reduction, **options,
+        )  # fmt: skip
+        what = f"linear rank {rank} {options} weighted={weight is not None} {reduction} {dtype} bias={with_bias}"
+        _close(loss, expected, dtype, what)
+        scale = t["grad"] if reduction == "none" else torch.ones(())
+        (expected * scale).sum().backward()
+        (loss * scale).sum().backward()
+        _close(mine["input"].grad, tensors["input"].grad, dtype, what + " d(input)")
+        _close(head_shard.grad, _slice(tensors["head"].grad, sizes, rank, dim=0), dtype, what + " d(weight)")
+        if with_bias:
+            _close(bias_shard.grad, _slice(tensors["bias"].grad, sizes, rank), dtype, what + " d(bias)")
+
+
+def _check_edges_and_errors(rank, sizes, world):
+    t = _problem(torch.float32)
+    shard = _slice(t["logits"], sizes, rank).clone().requires_grad_()
+    ignored = torch.full_like(t["target"], -100)
+    loss = vocab_parallel_cross_entropy(shard, ignored)  # nothing to average: 0, as xent.cross_entropy
+    loss.backward()
+    assert float(loss) == 0.0 and torch.all(shard.grad == 0)
+    bad = t["target"].clone()
+    bad[0, 0] = 23  # the vocabulary is 23 classes in all: out of range on every rank, so every rank raises
+    with pytest.raises(ValueError, match="target"):
+        vocab_parallel_cross_entropy(shard, bad)
+    with pytest.raises(ValueError, match="logits_shard must have shape"):
+        vocab_parallel_cross_entropy(shard, t["target"][:, :3])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        vocab_parallel_cross_entropy(shard, t["target"], label_smoothing=1.5)
+    # after the errors, the group still works: no rank was left waiting in a collective
+    torch.testing.assert_close(
+        vocab_parallel_cross_entropy(shard, t["target"]),
+        xent.cross_entropy(t["logits"].flatten(0, 1), t["target"].flatten()),
+    )
+    # a DTensor sharded on the vocabulary, as torch's tensor parallelism produces it (its own, even-ish split)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = t["logits"].clone().requires_grad_()
+    sharded = distribute_tensor(full, mesh, [Shard(-1)])
+    loss = vocab_parallel_cross_entropy(sharded, t["target"], label_smoothing=0.1)
+    torch.testing.assert_close(
+        loss, xent.cross_entropy(t["logits"].flatten(0, 1), t["target"].flatten(), label_smoothing=0.1)
+    )
+
+
+def _worker(rank, world, store_path, failures):
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        sizes = SHARDS[world]
+        # the whole grid on two ranks; on three (slower: 3 processes on few cores), every option at once
+        options_grid, dtypes = (OPTIONS, list(TOLERANCE)) if world == 2 else (OPTIONS[::5], [torch.float64])
+        _check_logits_shards(rank, sizes, options_grid, dtypes)
+        _check_linear_shards(rank, sizes, options_grid, [dtype for dtype in dtypes if dtype != torch.bfloat16])
+        _check_edges_and_errors(rank, sizes, world)
+    except BaseException:
+        failures.put(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_rank_gets_the_full_loss_and_its_slice_of_the_gradients(world, tmp_path):
+    context = torch.multiprocessing.get_context("spawn")
+    failures = context.SimpleQueue()
+    try:
+        torch.multiprocessing.spawn(_worker, args=(world, str(tmp_path / "store"), failures), nprocs=world)
+    except Exception:
+        messages = []
+        while not failures.empty():
+            messages.append(failures.get())
+        pytest.fail("\n".join(messages) or "a rank failed")
+
+
+def test_without_an_initialised_group_the_error_says_so():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        vocab_parallel_cross_entropy(torch.randn(2, 5), torch.tensor([0, 1]))
