@@ -12,7 +12,12 @@ import torch
 import torch.distributed as dist
 
 import xent
-from xent.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+from xent.distributed import (
+    vocab_parallel_cross_entropy,
+    vocab_parallel_linear_cross_entropy,
+    vocab_parallel_linear_loss,
+    vocab_parallel_loss,
+)
 
 SHARDS = {2: [9, 14], 3: [5, 11, 7]}  # unequal slices of V = 23
 OPTIONS = [
@@ -22,6 +27,16 @@ OPTIONS = [
     {"softcap": 2.0},
     {"weighted": True},
     {"weighted": True, "label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 3.0},
+]
+COUNTS = torch.arange(23, 0, -1, dtype=torch.float64) ** 2  # a long tail over the whole vocabulary
+FAMILY = [  # (loss, its own options): per-class options cover the whole vocabulary, the same on every rank
+    (xent.focal_loss, {"gamma": 2.0, "alpha": torch.linspace(0.2, 1.0, 23, dtype=torch.float64)}),
+    (xent.poly1_cross_entropy, {"epsilon": 1.0, "label_smoothing": 0.1}),
+    (xent.generalized_cross_entropy, {"q": 0.7}),
+    (xent.symmetric_cross_entropy, {"alpha": 0.1, "beta": 1.0}),
+    (xent.logit_adjusted_cross_entropy, {"class_counts": COUNTS, "tau": 1.0}),
+    (xent.balanced_softmax_cross_entropy, {"class_counts": COUNTS}),
+    (xent.ldam_loss, {"class_counts": COUNTS, "scale": 5.0}),
 ]
 TOLERANCE = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 2e-2)}
 
@@ -105,6 +120,44 @@ def _check_linear_shards(rank, sizes, options_grid, dtypes):
             _close(bias_shard.grad, _slice(tensors["bias"].grad, sizes, rank), dtype, what + " d(bias)")
 
 
+def _check_family(rank, sizes):
+    """Every fused loss, on logits shards and on a weight-sharded head, weighted and capped, in float64."""
+    for (loss_fn, options), reduction, softcap in itertools.product(FAMILY, ["mean", "none"], [None, 2.0]):
+        t = _problem(torch.float64, seed=2, dim=6)
+        weight = t["weight"]
+        full = t["logits"].clone().requires_grad_()
+        capped = full if softcap is None else softcap * torch.tanh(full / softcap)
+        expected = loss_fn(capped.flatten(0, -2), t["target"].flatten(), weight=weight, reduction=reduction,
+                           impl="reference", **options)  # fmt: skip
+        expected = expected.view(t["target"].shape) if reduction == "none" else expected
+        shard = _slice(t["logits"], sizes, rank).clone().requires_grad_()
+        loss = vocab_parallel_loss(loss_fn, shard, t["target"], weight=_slice(weight, sizes, rank), reduction=reduction,
+                                   softcap=softcap, **options)  # fmt: skip
+        what = f"rank {rank} {loss_fn.__name__} {reduction} softcap={softcap}"
+        _close(loss, expected, torch.float64, what)
+        scale = t["grad"] if reduction == "none" else torch.ones((), dtype=torch.float64)
+        (expected * scale).sum().backward()
+        (loss * scale).sum().backward()
+        _close(shard.grad, _slice(full.grad, sizes, rank), torch.float64, what + " gradient")
+
+        hidden, head = t["input"].clone().requires_grad_(), t["head"].clone().requires_grad_()
+        logits = torch.nn.functional.linear(hidden, head)
+        logits = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+        expected = loss_fn(logits.flatten(0, -2), t["target"].flatten(), weight=weight, reduction=reduction,
+                           impl="reference", **options)  # fmt: skip
+        expected = expected.view(t["target"].shape) if reduction == "none" else expected
+        my_hidden = t["input"].clone().requires_grad_()
+        head_shard = _slice(t["head"], sizes, rank, dim=0).clone().requires_grad_()
+        loss = vocab_parallel_linear_loss(loss_fn.__name__, my_hidden, head_shard, t["target"], chunk_size=5,
+                                          weight=_slice(weight, sizes, rank), reduction=reduction, softcap=softcap,
+                                          **options)  # fmt: skip
+        _close(loss, expected, torch.float64, "linear " + what)
+        (expected * scale).sum().backward()
+        (loss * scale).sum().backward()
+        _close(my_hidden.grad, hidden.grad, torch.float64, "linear " + what + " d(input)")
+        _close(head_shard.grad, _slice(head.grad, sizes, rank, dim=0), torch.float64, "linear " + what + " d(weight)")
+
+
 def _check_edges_and_errors(rank, sizes, world):
     t = _problem(torch.float32)
     shard = _slice(t["logits"], sizes, rank).clone().requires_grad_()
@@ -120,6 +173,14 @@ def _check_edges_and_errors(rank, sizes, world):
         vocab_parallel_cross_entropy(shard, t["target"][:, :3])
     with pytest.raises(ValueError, match="label_smoothing"):
         vocab_parallel_cross_entropy(shard, t["target"], label_smoothing=1.5)
+    # a bad weight on one rank only: that rank names it, the others say where to look — none hangs
+    bad_weight = torch.ones(sizes[rank]) if rank else -torch.ones(sizes[rank])
+    with pytest.raises(ValueError, match="weight" if rank == 0 else "rank 0 of the group"):
+        vocab_parallel_cross_entropy(shard, t["target"], weight=bad_weight)
+    with pytest.raises(TypeError, match="focal_loss has no option 'q'"):
+        vocab_parallel_loss(xent.focal_loss, shard, t["target"], q=0.5)
+    with pytest.raises(ValueError, match="class_counts"):  # the description sees the whole vocabulary
+        vocab_parallel_loss(xent.ldam_loss, shard, t["target"], class_counts=torch.ones(sizes[rank]))
     # after the errors, the group still works: no rank was left waiting in a collective
     torch.testing.assert_close(
         vocab_parallel_cross_entropy(shard, t["target"]),
@@ -146,6 +207,8 @@ def _worker(rank, world, store_path, failures):
         options_grid, dtypes = (OPTIONS, list(TOLERANCE)) if world == 2 else (OPTIONS[::5], [torch.float64])
         _check_logits_shards(rank, sizes, options_grid, dtypes)
         _check_linear_shards(rank, sizes, options_grid, [dtype for dtype in dtypes if dtype != torch.bfloat16])
+        if world == 2:
+            _check_family(rank, sizes)
         _check_edges_and_errors(rank, sizes, world)
     except BaseException:
         failures.put(f"rank {rank}:\n{traceback.format_exc()}")

@@ -1,6 +1,16 @@
 """Losses over a vocabulary split across the ranks of a ``torch.distributed`` process group (tensor parallelism):
 the logits are never gathered. See :mod:`xent.distributed.vocab_parallel`."""
 
-from xent.distributed.vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+from xent.distributed.vocab_parallel import (
+    vocab_parallel_cross_entropy,
+    vocab_parallel_linear_cross_entropy,
+    vocab_parallel_linear_loss,
+    vocab_parallel_loss,
+)
 
-__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
+__all__ = [
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
+    "vocab_parallel_linear_loss",
+    "vocab_parallel_loss",
+]

@@ -1,21 +1,22 @@
-"""Cross-entropy over a vocabulary split across the ranks of a process group, without gathering the logits.
+"""Softmax losses over a vocabulary split across the ranks of a process group, without gathering the logits.
 
-Rank r holds the columns ``[offset_r, offset_r + V_r)`` of the logits (slices in rank order, any sizes). A row's loss
-needs only a few numbers from every shard, so each rank reduces its own slice and the ranks all-reduce those::
+Rank r holds the columns ``[offset_r, offset_r + V_r)`` of the logits (slices in rank order, any sizes). Every loss
+of the fused family is one row-loss description (:mod:`xent.core.rowloss`): a transform of the logits that is local
+to each column (cap, per-class offset, the target's margin, scale), and a function of a few per-row numbers. So each
+rank reduces its own slice and the ranks all-reduce those numbers::
 
-    x      = cap(logits_shard)                   local, float32
-    m      = all_reduce_max(max_c x)              O(rows)
-    lse    = m + log all_reduce_sum(Σ_c e^(x - m))
-    x_y    = all_reduce_sum(x[y] on the rank that holds y, 0 elsewhere)
-    S      = all_reduce_sum(Σ_c w_c x_c)          label smoothing only
-    loss   = (1 - ε) w_y (lse - x_y) + ε/V (W lse - S) + z w_y lse²      W = Σ_c w_c, w ≡ 1 without class weights
-    ∂loss/∂x_c = p_c [(1 - ε) w_y + ε W / V + 2 z w_y lse] - (1 - ε) w_y [c = y] - ε w_c / V
-                                                  local, with p_c = e^(x_c - lse) (and the cap's 1 - tanh²)
+    z      = s (cap(x) + o − m_y e_y)            the rank's columns, float32
+    m      = all_reduce_max(max_c z)              O(rows)
+    lse    = m + log all_reduce_sum(Σ_c e^(z − m))
+    z_y    = all_reduce_sum(z[y] on the rank that holds y, 0 elsewhere);   u = z_y − lse = log p_y
+    S      = all_reduce_sum(Σ_c w_c z_c)          label smoothing only
+    loss   = w_y α_y ψ(u) + ε/V (W lse − S) + ζ w_y lse²                  W = Σ_c w_c (w ≡ 1 without class weights)
+    ∂loss/∂z_c = p_c [−w_y α_y ψ'(u) + ε W / V + 2 ζ w_y lse] + w_y α_y ψ'(u) [c = y] − ε w_c / V
 
-so communication is O(rows) per rank (plus the shard sizes, once), and the gradient of a shard is formed from the
-shard and the saved ``lse`` with no communication at all. :func:`vocab_parallel_linear_cross_entropy` does the same
-per chunk of tokens of a head whose weight is split over the vocabulary: the ``N × V_r`` logits are never formed, and
-``d(input)`` — a sum over every rank's classes — is all-reduced once in backward.
+and the gradient of a shard is formed from the shard and the saved ``lse`` and ``u``, with no communication at
+all. :func:`vocab_parallel_linear_loss` does the same per chunk of tokens of a head whose weight is split over the
+vocabulary: the ``N × V_r`` logits are never formed, and ``d(input)`` — a sum over every rank's classes — is
+all-reduced once in backward.
 """
 
 from __future__ import annotations
@@ -27,25 +28,97 @@ import torch
 import torch.distributed as dist
 
 from xent.core.reduce import accumulation_dtype, reduce_loss
+from xent.core.rowloss import SoftmaxOptions
 from xent.kernels.linear import default_chunk_size
 from xent.losses import _checks
-from xent.losses.softmax import check_softmax_options
+from xent.losses.linear import describe_options, linear_loss_entry
+from xent.losses.softmax import check_softmax_options, cross_entropy
 
-__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
+__all__ = [
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
+    "vocab_parallel_linear_loss",
+    "vocab_parallel_loss",
+]
 
 
 @dataclasses.dataclass(frozen=True)
 class _Shard:
-    """The rank's slice of the vocabulary and the options every row reads."""
+    """The rank's slice of the vocabulary and the loss's description (per-class tensors of the whole vocabulary)."""
 
     group: Any
     offset: int
     size: int
     vocab: int
-    label_smoothing: float
-    z_loss: float
-    softcap: float | None
-    ignore_index: int
+    options: SoftmaxOptions
+
+    @property
+    def columns(self) -> slice:
+        return slice(self.offset, self.offset + self.size)
+
+
+def vocab_parallel_loss(
+    loss: Any,
+    logits_shard: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    group: Any = None,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    softcap: float | None = None,
+    **loss_options: Any,
+) -> torch.Tensor:
+    r"""Any fused softmax loss of xent on logits whose vocabulary is split across the ranks of ``group``.
+
+    Every rank returns the loss that ``loss`` gives on the full logits (the shards concatenated in rank order), and
+    the gradient of ``logits_shard`` is the rank's slice of the full gradient. The logits are never gathered: the
+    ranks all-reduce per-row statistics, O(rows) each (see :mod:`xent.distributed.vocab_parallel`).
+
+    Args:
+        loss: one of the losses :func:`xent.linear_loss` fuses — :func:`xent.cross_entropy`, :func:`xent.focal_loss`,
+            :func:`xent.logit_adjusted_cross_entropy`, … — or its name.
+        logits_shard: ``(..., V_r)``, the columns ``[offset_r, offset_r + V_r)`` of the logits, where the offsets
+            follow the ranks' shard sizes in rank order (sizes may differ; every rank holds at least one class). A
+            ``DTensor`` sharded on its last dimension (``Shard(-1)`` on a 1-D mesh, as a column-parallel head with
+            ``use_local_output=False`` produces) is accepted too; its mesh gives the group.
+        target: ``(...)`` global class indices in ``[0, V)`` or ``ignore_index``, the same on every rank.
+        group: the process group the vocabulary is split over (default: the world).
+        weight: the rank's ``(V_r,)`` slice of the class weight, or ``None``.
+        ignore_index, reduction: as in the loss.
+        softcap: caps the logits, :math:`c \tanh(z / c)`, before the loss (any loss, as in :func:`xent.linear_loss`).
+        **loss_options: the loss's own options. Per-class ones (``class_counts``, a per-class ``alpha``) cover the
+            whole vocabulary and are the same on every rank, as ``target`` is.
+
+    Returns:
+        The loss, the same on every rank: ``()``, or the batch shape ``(...)`` for ``reduction="none"``; float32
+        for half-precision logits, as the statistics are.
+
+    Raises:
+        ValueError: a bad option or shape, or a target outside ``[0, V)`` — raised on every rank alike, before any
+            rank waits on a collective that another will not join.
+
+    Example (on each rank, e.g. under ``torchrun --nproc-per-node 2``)::
+
+        shard = full_logits.tensor_split(world_size, dim=-1)[rank]          # (N, V_r)
+        loss = vocab_parallel_loss(xent.focal_loss, shard, target, gamma=2.0)
+    """
+    logits_shard, group = _local(logits_shard, group)
+    logits_shard = _checks.check_floating("logits_shard", logits_shard)
+    target = _checks.check_tensor("target", target)
+    if logits_shard.dim() == 0 or logits_shard.shape[:-1] != target.shape:
+        raise ValueError(
+            f"logits_shard must have shape (..., V_r) with target's shape (...) in front; got logits_shard "
+            f"{_checks.shape_str(logits_shard.shape)} and target {_checks.shape_str(target.shape)}"
+        )
+    shard, weight = _shard(loss, logits_shard.shape[-1], logits_shard.device, group, ignore_index, reduction, softcap,
+                           loss_options, weight)  # fmt: skip
+    flat_target = _checked_target(target.reshape(-1), shard)
+    target_weight, total_weight = _target_weight(flat_target, weight, shard, logits_shard.dtype)
+    rows = _VocabParallelRows.apply(
+        logits_shard.reshape(-1, shard.size), flat_target, weight, target_weight, total_weight, shard
+    )
+    return _reduce(rows, target.shape, reduction, target_weight)
 
 
 def vocab_parallel_cross_entropy(
@@ -60,56 +133,21 @@ def vocab_parallel_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    r""":func:`xent.cross_entropy` of logits whose vocabulary is split across the ranks of ``group``.
+    """:func:`xent.cross_entropy` of logits whose vocabulary is split across the ranks of ``group``: every rank gets
+    the full loss and its slice of the gradient (:func:`vocab_parallel_loss` with cross-entropy).
 
-    Every rank returns the loss that ``xent.cross_entropy`` gives on the full logits (concatenated in rank order),
-    and the gradient of ``logits_shard`` is the rank's slice of the full gradient. The logits are never gathered:
-    the ranks all-reduce per-row statistics (max, sum of exponentials, target logit, smoothing sum), O(rows) each
-    (see :mod:`xent.distributed.vocab_parallel`).
+    Example (on each rank)::
 
-    Args:
-        logits_shard: ``(..., V_r)``, the columns ``[offset_r, offset_r + V_r)`` of the logits, where the offsets
-            follow the ranks' shard sizes in rank order (sizes may differ). A ``DTensor`` sharded on its last
-            dimension (``Shard(-1)`` on a 1-D mesh, as a column-parallel head with ``use_local_output=False``
-            produces) is accepted too; its mesh gives the group.
-        target: ``(...)`` global class indices in ``[0, V)`` or ``ignore_index``, the same on every rank.
-        group: the process group the vocabulary is split over (default: the world).
-        weight: the rank's ``(V_r,)`` slice of the class weight, or ``None``.
-        ignore_index, reduction, label_smoothing, z_loss, softcap: as in :func:`xent.cross_entropy`.
-
-    Returns:
-        The loss, the same on every rank: ``()``, or the batch shape ``(...)`` for ``reduction="none"``; float32
-        for half-precision logits, as the statistics are.
-
-    Raises:
-        ValueError: a bad option or shape, or a target outside ``[0, V)`` — raised on every rank, before any rank
-            waits on a collective that another will not join.
-
-    Example (on each of the ranks, e.g. under ``torchrun --nproc-per-node 2``)::
-
-        shard = full_logits.tensor_split(world_size, dim=-1)[rank]          # (N, V_r)
-        loss = vocab_parallel_cross_entropy(shard, target, label_smoothing=0.1)
+        loss = vocab_parallel_cross_entropy(logits_shard, target, label_smoothing=0.1, z_loss=1e-4)
     """
-    logits_shard, group = _local(logits_shard, group)
-    logits_shard = _checks.check_floating("logits_shard", logits_shard)
-    target = _checks.check_tensor("target", target)
-    if logits_shard.dim() == 0 or logits_shard.shape[:-1] != target.shape:
-        raise ValueError(
-            f"logits_shard must have shape (..., V_r) with target's shape (...) in front; got logits_shard "
-            f"{_checks.shape_str(logits_shard.shape)} and target {_checks.shape_str(target.shape)}"
-        )
-    shard = _shard(logits_shard.shape[-1], logits_shard.device, group, ignore_index, label_smoothing, z_loss, softcap,
-                   reduction)  # fmt: skip
-    flat_target = _checked_target(target.reshape(-1), shard)
-    weight = _checked_weight(weight, shard, logits_shard.device)
-    target_weight, total_weight = _target_weight(flat_target, weight, shard, logits_shard.dtype)
-    rows = _VocabParallelRows.apply(
-        logits_shard.reshape(-1, shard.size), flat_target, weight, target_weight, total_weight, shard
-    )
-    return _reduce(rows, target.shape, reduction, flat_target, target_weight, shard)
+    return vocab_parallel_loss(
+        cross_entropy, logits_shard, target, group=group, weight=weight, ignore_index=ignore_index,
+        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+    )  # fmt: skip
 
 
-def vocab_parallel_linear_cross_entropy(
+def vocab_parallel_linear_loss(
+    loss: Any,
     input: torch.Tensor,
     linear_weight_shard: torch.Tensor,
     target: torch.Tensor,
@@ -120,30 +158,31 @@ def vocab_parallel_linear_cross_entropy(
     weight: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
     softcap: float | None = None,
+    **loss_options: Any,
 ) -> torch.Tensor:
-    r""":func:`xent.linear_cross_entropy` of a head whose weight is split over the vocabulary across ``group``.
+    r"""Any fused softmax loss of a linear head whose weight is split over the vocabulary across ``group``.
 
     ``input`` is replicated on every rank (as in Megatron-style tensor parallelism); rank r holds the rows
     ``[offset_r, offset_r + V_r)`` of the head's weight (and bias). Tokens go in chunks: a chunk's ``c × V_r``
-    logits, their statistics all-reduced (O(c) per rank), its loss — so no rank ever holds ``N × V_r`` logits. The
-    backward pass recomputes each chunk's logits from the saved log-sum-exps, with no communication but one
-    all-reduce of ``d(input)`` (every rank's classes contribute to it); ``d(linear_weight_shard)`` and
-    ``d(linear_bias_shard)`` are the rank's slices of the full gradients.
+    logits, their statistics all-reduced (O(c) per rank), its losses — so no rank ever holds ``N × V_r`` logits. The
+    backward pass recomputes each chunk's logits, with no communication but one all-reduce of ``d(input)`` (every
+    rank's classes contribute to it); ``d(linear_weight_shard)`` and ``d(linear_bias_shard)`` are the rank's slices
+    of the full gradients.
 
     Args:
+        loss: as in :func:`vocab_parallel_loss`.
         input: hidden states ``(..., D)``, the same on every rank.
-        linear_weight_shard: ``(V_r, D)``, the rank's rows of the head's weight, same dtype as ``input``.
+        linear_weight_shard: ``(V_r, D)``, the rank's rows of the head's weight, same dtype as ``input`` (or a
+            ``DTensor`` sharded on dimension 0, as ``ColwiseParallel`` shards an ``nn.Linear``).
         target: ``(...)`` global class indices, the same on every rank.
         linear_bias_shard: ``(V_r,)`` or ``None``.
         group: the process group (default: the world).
         chunk_size: tokens per chunk (default as :func:`xent.linear_cross_entropy` on the rank's shard).
-        weight, ignore_index, reduction, label_smoothing, z_loss, softcap: as in :func:`vocab_parallel_cross_entropy`.
+        weight, ignore_index, reduction, softcap, **loss_options: as in :func:`vocab_parallel_loss`.
 
     Returns:
-        The loss, the same on every rank, as :func:`vocab_parallel_cross_entropy` returns it.
+        The loss, the same on every rank, as :func:`vocab_parallel_loss` returns it.
     """
     input = _checks.check_floating("input", input)
     linear_weight_shard, group = _local(linear_weight_shard, group, dim=0)
@@ -171,17 +210,45 @@ def vocab_parallel_linear_cross_entropy(
                 f"{_checks.shape_str(linear_bias_shard.shape)} {linear_bias_shard.dtype}"
             )
     _checks.check_chunk_size(chunk_size)
-    shard = _shard(size, input.device, group, ignore_index, label_smoothing, z_loss, softcap, reduction)
+    shard, weight = _shard(loss, size, input.device, group, ignore_index, reduction, softcap, loss_options, weight)
     flat_target = _checked_target(target.reshape(-1), shard)
-    weight = _checked_weight(weight, shard, input.device)
     target_weight, total_weight = _target_weight(flat_target, weight, shard, input.dtype)
     flat_input = input.reshape(-1, input.shape[-1]).contiguous()
-    chunk_size = chunk_size or default_chunk_size(flat_input.shape[0], max(size, 1), input.device)
+    chunk_size = chunk_size or default_chunk_size(flat_input.shape[0], size, input.device)
     rows = _VocabParallelLinearRows.apply(
         flat_input, linear_weight_shard, linear_bias_shard, flat_target, weight, target_weight, total_weight, shard,
         chunk_size,
     )  # fmt: skip
-    return _reduce(rows, target.shape, reduction, flat_target, target_weight, shard)
+    return _reduce(rows, target.shape, reduction, target_weight)
+
+
+def vocab_parallel_linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight_shard: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias_shard: torch.Tensor | None = None,
+    group: Any = None,
+    chunk_size: int | None = None,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """:func:`xent.linear_cross_entropy` of a head whose weight is split over the vocabulary across ``group``
+    (:func:`vocab_parallel_linear_loss` with cross-entropy).
+
+    Example (on each rank; ``hidden`` the same everywhere, ``head_shard`` the rank's rows of the head's weight)::
+
+        loss = vocab_parallel_linear_cross_entropy(hidden, head_shard, target, z_loss=1e-4)
+    """
+    return vocab_parallel_linear_loss(
+        cross_entropy, input, linear_weight_shard, target, linear_bias_shard=linear_bias_shard, group=group,
+        chunk_size=chunk_size, weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+    )  # fmt: skip
 
 
 # --- checks and set-up -------------------------------------------------------------------------------------------
@@ -205,21 +272,43 @@ def _local(tensor: torch.Tensor, group: Any, dim: int = -1) -> tuple[torch.Tenso
     return tensor.to_local(), mesh.get_group()
 
 
-def _shard(size, device, group, ignore_index, label_smoothing, z_loss, softcap, reduction) -> _Shard:
-    """The rank's offset and the whole vocabulary: one all-gather of the shard sizes (O(world))."""
-    label_smoothing, z_loss, softcap = check_softmax_options(
-        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, ignore_index=ignore_index
+def _shard(loss, size, device, group, ignore_index, reduction, softcap, loss_options, weight) -> tuple[_Shard, Any]:
+    """The loss's description, the rank's offset and the whole vocabulary — one all-gather of the shard sizes
+    (O(world)) — and the checked class weight. Options are checked before it, alike on every rank; what only this
+    rank can check (its weight) is checked before it too, and whether it failed travels with the sizes, so that
+    every rank raises rather than some waiting forever in the next collective."""
+    name, _, describe = linear_loss_entry(loss)
+    _, _, softcap = check_softmax_options(
+        reduction=reduction, label_smoothing=0.0, z_loss=0.0, softcap=softcap, ignore_index=ignore_index
     )
+    accepted = describe_options(describe)
+    unknown = sorted(set(loss_options) - accepted)
+    if unknown:
+        raise TypeError(f"{name} has no option {unknown[0]!r}; its options: {', '.join(sorted(accepted))}")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab-parallel losses need torch.distributed initialised (init_process_group)")
-    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, torch.tensor([size], dtype=torch.long, device=device), group=group)
-    sizes = [int(s) for s in sizes]
-    rank = dist.get_rank(group)
-    vocab = sum(sizes)
+    local_error = None
+    try:
+        weight = _checked_weight(weight, size, device)
+    except (TypeError, ValueError) as error:
+        local_error = error
+    gathered = [torch.zeros(2, dtype=torch.long, device=device) for _ in range(dist.get_world_size(group))]
+    mine = torch.tensor([size, local_error is not None], dtype=torch.long, device=device)
+    dist.all_gather(gathered, mine, group=group)
+    if local_error is not None:
+        raise local_error
+    failed = [rank for rank, (_, bad) in enumerate(gathered) if bad]
+    if failed:
+        raise ValueError(f"the arguments of rank {failed[0]} of the group are invalid (the error is raised there)")
+    sizes = [int(entry[0]) for entry in gathered]
     if min(sizes) == 0:  # every rank sees every size, so every rank raises
         raise ValueError(f"every rank must hold at least one class of the vocabulary; shard sizes by rank: {sizes}")
-    return _Shard(group, sum(sizes[:rank]), size, vocab, label_smoothing, z_loss, softcap, ignore_index)
+    vocab = sum(sizes)
+    if "softcap" in accepted:
+        loss_options = {**loss_options, "softcap": softcap}
+    description = {"softcap": softcap, **describe(vocab, **loss_options)}
+    options = SoftmaxOptions(ignore_index=ignore_index, **description)
+    return _Shard(group, sum(sizes[: dist.get_rank(group)]), size, vocab, options), weight
 
 
 def _checked_target(target: torch.Tensor, shard: _Shard) -> torch.Tensor:
@@ -227,14 +316,14 @@ def _checked_target(target: torch.Tensor, shard: _Shard) -> torch.Tensor:
     if target.is_floating_point() or target.dtype == torch.bool:
         raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
     target = target.long()
-    _checks.check_class_indices(target, shard.vocab, shard.ignore_index)
+    _checks.check_class_indices(target, shard.vocab, shard.options.ignore_index)
     return target
 
 
-def _checked_weight(weight: torch.Tensor | None, shard: _Shard, device: torch.device) -> torch.Tensor | None:
+def _checked_weight(weight: torch.Tensor | None, size: int, device: torch.device) -> torch.Tensor | None:
     if weight is None:
         return None
-    weight = _checks.check_class_weight("weight", weight, shard.size)
+    weight = _checks.check_class_weight("weight", weight, size)
     if weight.requires_grad:
         raise ValueError("weight requires grad, but the vocab-parallel losses do not differentiate the class weight")
     return weight.to(device)
@@ -243,10 +332,10 @@ def _checked_weight(weight: torch.Tensor | None, shard: _Shard, device: torch.de
 def _target_weight(
     target: torch.Tensor, weight: torch.Tensor | None, shard: _Shard, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(w_y (M,), W = Σ_c w_c)`` of the whole vocabulary in ``dtype``, 0 for ignored rows; all-reduced when
-    weighted."""
+    """``(w_y (M,), W = Σ_c w_c)`` of the whole vocabulary in the accumulation dtype, 0 for ignored rows;
+    all-reduced when weighted."""
     dtype = accumulation_dtype(dtype)
-    valid = target != shard.ignore_index
+    valid = target != shard.options.ignore_index
     if weight is None:
         return valid.to(dtype), torch.tensor(float(shard.vocab), dtype=dtype, device=target.device)
     local, inside = _local_target(target, shard)
@@ -259,11 +348,11 @@ def _target_weight(
 def _local_target(target: torch.Tensor, shard: _Shard) -> tuple[torch.Tensor, torch.Tensor]:
     """``(column in the shard, clamped to a valid one; whether the rank holds it)`` of each row's target."""
     local = target - shard.offset
-    inside = (target != shard.ignore_index) & (local >= 0) & (local < shard.size)
+    inside = (target != shard.options.ignore_index) & (local >= 0) & (local < shard.size)
     return torch.where(inside, local, torch.zeros_like(local)), inside
 
 
-def _reduce(rows, batch_shape, reduction, target, target_weight, shard) -> torch.Tensor:
+def _reduce(rows: torch.Tensor, batch_shape: torch.Size, reduction: str, target_weight: torch.Tensor) -> torch.Tensor:
     if reduction == "none":
         return rows.view(batch_shape)
     return reduce_loss(rows, reduction, target_weight.sum())
@@ -272,79 +361,106 @@ def _reduce(rows, batch_shape, reduction, target, target_weight, shard) -> torch
 # --- the row computation, shared by both losses ------------------------------------------------------------------
 
 
-def _capped(logits: torch.Tensor, shard: _Shard) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(cap(x), tanh(x / c))`` in the accumulation dtype (the tanh kept for the chain rule)."""
-    x = logits.to(accumulation_dtype(logits.dtype))
-    if shard.softcap is None:
-        return x, None
-    tanh = torch.tanh(x / shard.softcap)
-    return tanh * shard.softcap, tanh
+def _transformed(logits, target, shard) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(z, tanh(x / c))`` of a block of the shard's logits in the accumulation dtype: the description's transform of
+    the rank's columns (the tanh kept for the chain rule)."""
+    options = shard.options
+    z = logits.to(accumulation_dtype(logits.dtype))
+    tanh = None
+    if options.softcap is not None:
+        tanh = torch.tanh(z / options.softcap)
+        z = tanh * options.softcap
+    elif z is logits:
+        z = z.clone()  # transformed and then overwritten by the gradient: never in the caller's tensor
+    if options.class_offset is not None:
+        z += options.class_offset[shard.columns].to(device=z.device, dtype=z.dtype)
+    if options.target_margin is not None:
+        local, inside = _local_target(target, shard)
+        safe = torch.where(target != options.ignore_index, target, torch.zeros_like(target))
+        margin = options.target_margin.to(device=z.device, dtype=z.dtype)[safe] * inside
+        z.scatter_add_(1, local.unsqueeze(1), -margin.unsqueeze(1))
+    if options.logit_scale != 1.0:
+        z *= options.logit_scale
+    return z, tanh
 
 
-def _row_losses(x, target, weight, target_weight, total_weight, shard) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(losses, lse)`` of rows whose shard of capped logits is ``x (B, V_r)``: two all-reduces."""
-    row_max = x.amax(dim=1)
+def _per_target(tensor: torch.Tensor | None, target: torch.Tensor, shard: _Shard, like: torch.Tensor):
+    """A per-class tensor of the whole vocabulary at each row's target (1 without one)."""
+    if tensor is None:
+        return torch.ones_like(like)
+    safe = torch.where(target != shard.options.ignore_index, target, torch.zeros_like(target))
+    return tensor.to(device=like.device, dtype=like.dtype)[safe]
+
+
+def _row_losses(z, target, weight, target_weight, total_weight, shard) -> tuple[torch.Tensor, ...]:
+    """``(losses, lse, u)`` of rows whose transformed shard is ``z (B, V_r)``: two all-reduces."""
+    options = shard.options
+    eps = options.label_smoothing
+    row_max = z.amax(dim=1)
     dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=shard.group)
     local, inside = _local_target(target, shard)
-    if not shard.label_smoothing:
-        smooth = torch.zeros_like(row_max)
-    else:
-        smooth = x.sum(dim=1) if weight is None else x @ weight.to(x.dtype)
+    smooth = torch.zeros_like(row_max)  # Σ_c w_c z_c, which label smoothing reads
+    if eps:
+        smooth = z.sum(dim=1) if weight is None else z @ weight.to(z.dtype)
     sums = torch.stack(
         [
-            torch.exp(x - row_max.unsqueeze(1)).sum(dim=1),
-            torch.where(inside, x.gather(1, local.unsqueeze(1)).squeeze(1), 0.0),
+            torch.exp(z - row_max.unsqueeze(1)).sum(dim=1),
+            torch.where(inside, z.gather(1, local.unsqueeze(1)).squeeze(1), 0.0),
             smooth,
         ]
     )
     dist.all_reduce(sums, group=shard.group)
     sum_exp, target_logit, smooth = sums
     lse = row_max + torch.log(sum_exp)
-    eps, valid = shard.label_smoothing, target != shard.ignore_index
-    loss = (1.0 - eps) * target_weight * (lse - target_logit)
+    u = target_logit - lse
+    alpha = _per_target(options.alpha, target, shard, u)
+    loss = target_weight * alpha * options.term.value(u, eps, shard.vocab)
     if eps:
         loss = loss + eps / shard.vocab * (total_weight * lse - smooth)
-    if shard.z_loss:
-        loss = loss + shard.z_loss * target_weight * lse.square()
-    return torch.where(valid, loss, torch.zeros_like(loss)), lse
+    if options.z_loss:
+        loss = loss + options.z_loss * target_weight * lse.square()
+    valid = target != options.ignore_index
+    return torch.where(valid, loss, torch.zeros_like(loss)), lse, u
 
 
-def _row_gradient_(x, tanh, target, weight, target_weight, total_weight, lse, grad_rows, shard) -> torch.Tensor:
-    """``∂(Σ g_n loss_n)/∂logits`` of the shard, formed over ``x`` (overwritten)."""
-    eps = shard.label_smoothing
-    valid = target != shard.ignore_index
-    scale = torch.where(valid, grad_rows.to(x.dtype), torch.zeros_like(lse))
-    coefficient = (1.0 - eps) * target_weight + eps * total_weight / shard.vocab
-    if shard.z_loss:
-        coefficient = coefficient + 2.0 * shard.z_loss * target_weight * lse
-    grad = x.sub_(lse.unsqueeze(1)).exp_().mul_((coefficient * scale).unsqueeze(1))  # p_c · coefficient · g
+def _row_gradient_(z, tanh, target, weight, target_weight, total_weight, lse, u, grad_rows, shard) -> torch.Tensor:
+    """``∂(Σ g_n loss_n)/∂logits`` of the shard, formed over ``z`` (overwritten)."""
+    options = shard.options
+    eps = options.label_smoothing
+    scale = torch.where(target != options.ignore_index, grad_rows.to(z.dtype), torch.zeros_like(lse))
+    hard = target_weight * _per_target(options.alpha, target, shard, u) * options.term.derivative(u, eps, shard.vocab)
+    coefficient = -hard + eps * total_weight / shard.vocab
+    if options.z_loss:
+        coefficient = coefficient + 2.0 * options.z_loss * target_weight * lse
+    grad = z.sub_(lse.unsqueeze(1)).exp_().mul_((coefficient * scale).unsqueeze(1))  # p_c · coefficient · g
     local, inside = _local_target(target, shard)
-    grad.scatter_add_(1, local.unsqueeze(1), (-(1.0 - eps) * target_weight * scale * inside).unsqueeze(1))
+    grad.scatter_add_(1, local.unsqueeze(1), (hard * scale * inside).unsqueeze(1))
     if eps:
-        per_class = torch.ones(shard.size, dtype=x.dtype, device=x.device) if weight is None else weight.to(x.dtype)
+        per_class = torch.ones(shard.size, dtype=z.dtype, device=z.device) if weight is None else weight.to(z.dtype)
         grad.sub_((eps / shard.vocab) * scale.unsqueeze(1) * per_class)
+    if options.logit_scale != 1.0:
+        grad.mul_(options.logit_scale)
     if tanh is not None:
         grad.mul_(1.0 - tanh.square())
     return grad
 
 
 class _VocabParallelRows(torch.autograd.Function):
-    """Per-row losses of a logits shard; backward forms the shard's gradient locally from the saved ``lse``."""
+    """Per-row losses of a logits shard; backward forms the shard's gradient locally from the saved ``lse``, ``u``."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, target_weight, total_weight, shard):
-        x, _ = _capped(logits, shard)
-        losses, lse = _row_losses(x, target, weight, target_weight, total_weight, shard)
+        z, _ = _transformed(logits, target, shard)
+        losses, lse, u = _row_losses(z, target, weight, target_weight, total_weight, shard)
         ctx.shard = shard
-        ctx.save_for_backward(logits, target, weight, target_weight, total_weight, lse)
+        ctx.save_for_backward(logits, target, weight, target_weight, total_weight, lse, u)
         return losses
 
     @staticmethod
     def backward(ctx, grad_rows):
-        logits, target, weight, target_weight, total_weight, lse = ctx.saved_tensors
-        x, tanh = _capped(logits, ctx.shard)
-        x = x.clone() if x is logits else x  # formed in place: never over the saved logits
-        grad = _row_gradient_(x, tanh, target, weight, target_weight, total_weight, lse, grad_rows, ctx.shard)
+        logits, target, weight, target_weight, total_weight, lse, u = ctx.saved_tensors
+        z, tanh = _transformed(logits, target, ctx.shard)
+        grad = _row_gradient_(z, tanh, target, weight, target_weight, total_weight, lse, u, grad_rows, ctx.shard)
         return grad.to(logits.dtype), None, None, None, None, None
 
 
@@ -353,21 +469,21 @@ class _VocabParallelLinearRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, target, weight, target_weight, total_weight, shard, chunk):
-        losses, lses = [], []
+        losses, lses, us = [], [], []
         for start in range(0, input.shape[0], chunk):
             rows = slice(start, start + chunk)
-            x, _ = _capped(_chunk_logits(input[rows], linear_weight, linear_bias), shard)
-            loss, lse = _row_losses(x, target[rows], weight, target_weight[rows], total_weight, shard)
-            losses.append(loss)
-            lses.append(lse)
+            z, _ = _transformed(_chunk_logits(input[rows], linear_weight, linear_bias), target[rows], shard)
+            loss, lse, u = _row_losses(z, target[rows], weight, target_weight[rows], total_weight, shard)
+            losses.append(loss), lses.append(lse), us.append(u)
         ctx.shard, ctx.chunk = shard, chunk
-        lse = torch.cat(lses) if lses else torch.zeros(0, device=input.device)
-        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, target_weight, total_weight, lse)
-        return torch.cat(losses) if losses else torch.zeros(0, device=input.device)
+        empty = input.new_zeros(0, dtype=accumulation_dtype(input.dtype))
+        lse, u = (torch.cat(parts) if parts else empty for parts in (lses, us))
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, target_weight, total_weight, lse, u)
+        return torch.cat(losses) if losses else empty
 
     @staticmethod
     def backward(ctx, grad_rows):
-        input, linear_weight, linear_bias, target, weight, target_weight, total_weight, lse = ctx.saved_tensors
+        input, linear_weight, linear_bias, target, weight, target_weight, total_weight, lse, u = ctx.saved_tensors
         shard, needs = ctx.shard, ctx.needs_input_grad
         dtype = accumulation_dtype(linear_weight.dtype)
         grad_input = torch.zeros_like(input) if needs[0] else None
@@ -375,9 +491,9 @@ class _VocabParallelLinearRows(torch.autograd.Function):
         grad_bias = torch.zeros(linear_weight.shape[0], dtype=dtype, device=input.device) if needs[2] else None
         for start in range(0, input.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            x, tanh = _capped(_chunk_logits(input[rows], linear_weight, linear_bias), shard)
-            grad = _row_gradient_(x, tanh, target[rows], weight, target_weight[rows], total_weight, lse[rows],
-                                  grad_rows[rows], shard)  # fmt: skip
+            z, tanh = _transformed(_chunk_logits(input[rows], linear_weight, linear_bias), target[rows], shard)
+            grad = _row_gradient_(z, tanh, target[rows], weight, target_weight[rows], total_weight, lse[rows],
+                                  u[rows], grad_rows[rows], shard)  # fmt: skip
             if grad_input is not None:
                 grad_input[rows] = grad.to(linear_weight.dtype) @ linear_weight
             if grad_weight is not None:
