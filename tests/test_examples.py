@@ -41,3 +41,19 @@ def test_lm_example_trains_a_few_steps(loss, tmp_path):
     assert "epoch   2" in result.stdout
     assert f"summary ({loss}): final train loss" in result.stdout
     assert (tmp_path / "tokenizer-512.json").exists()
+
+
+def test_vocab_parallel_example_matches_one_process():
+    """torchrun, 2 gloo ranks, an unevenly split vocabulary: the loss curve of one process, to float32 rounding."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    result = subprocess.run(
+        [*torchrun, str(ROOT / "examples" / "vocab_parallel.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "vocabulary 1,009 split [505, 504]" in result.stdout
+    difference = float(result.stdout.split("largest difference ")[1].split()[0])
+    assert difference < 1e-4

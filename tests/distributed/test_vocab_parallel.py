@@ -4,6 +4,7 @@ it computes from the full tensors (every rank builds them from the same seed).""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import traceback
 
@@ -197,6 +198,18 @@ def _check_edges_and_errors(rank, sizes, world):
     torch.testing.assert_close(
         loss, xent.cross_entropy(t["logits"].flatten(0, 1), t["target"].flatten(), label_smoothing=0.1)
     )
+    # torch's tensor parallelism: a column-parallel head that keeps its output sharded (README's recipe)
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 23))
+    reference = copy.deepcopy(model)
+    parallelize_module(model, mesh, {"1": ColwiseParallel(use_local_output=False)})
+    x, y = torch.randn(5, 8), torch.randint(23, (5,))
+    vocab_parallel_cross_entropy(model(x), y, z_loss=1e-2).backward()
+    xent.cross_entropy(reference(x), y, z_loss=1e-2).backward()
+    torch.testing.assert_close(model[1].weight.grad.full_tensor(), reference[1].weight.grad)
+    torch.testing.assert_close(model[0].weight.grad, reference[0].weight.grad)  # the replicated trunk: full gradient
 
 
 def _worker(rank, world, store_path, failures):
