@@ -159,6 +159,46 @@ def _check_family(rank, sizes):
         _close(head_shard.grad, _slice(head.grad, sizes, rank, dim=0), torch.float64, "linear " + what + " d(weight)")
 
 
+class Communication:
+    """Counts the elements this rank sends through the collectives the vocab-parallel losses use."""
+
+    def __enter__(self):
+        self.elements, self.saved = 0, (dist.all_reduce, dist.all_gather)
+
+        def all_reduce(tensor, *args, **kwargs):
+            self.elements += tensor.numel()
+            return self.saved[0](tensor, *args, **kwargs)
+
+        def all_gather(outputs, tensor, *args, **kwargs):
+            self.elements += tensor.numel()
+            return self.saved[1](outputs, tensor, *args, **kwargs)
+
+        dist.all_reduce, dist.all_gather = all_reduce, all_gather
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_reduce, dist.all_gather = self.saved
+
+
+def _check_communication(rank, sizes):
+    """O(rows) per rank: the shard sizes once (2 numbers), then per row its max and three sums (target logit, sum
+    of exponentials, smoothing sum) — plus its target's weight when weighted; d(input) once for a linear head."""
+    t = _problem(torch.float32, seed=3, shape=(4, 10), dim=6)
+    rows = 40
+    shard = _slice(t["logits"], sizes, rank).clone().requires_grad_()
+    with Communication() as sent:
+        vocab_parallel_cross_entropy(shard, t["target"], label_smoothing=0.1).backward()
+    assert sent.elements == 2 + 4 * rows
+    with Communication() as sent:
+        vocab_parallel_cross_entropy(shard, t["target"], weight=_slice(t["weight"], sizes, rank)).backward()
+    assert sent.elements == 2 + (rows + 1) + 4 * rows
+    hidden = t["input"].clone().requires_grad_()
+    head = _slice(t["head"], sizes, rank, dim=0).clone().requires_grad_()
+    with Communication() as sent:
+        vocab_parallel_linear_cross_entropy(hidden, head, t["target"], chunk_size=7).backward()
+    assert sent.elements == 2 + 4 * rows + rows * 6  # the statistics chunk by chunk, then d(input) (N × D) once
+
+
 def _check_edges_and_errors(rank, sizes, world):
     t = _problem(torch.float32)
     shard = _slice(t["logits"], sizes, rank).clone().requires_grad_()
@@ -222,6 +262,7 @@ def _worker(rank, world, store_path, failures):
         _check_linear_shards(rank, sizes, options_grid, [dtype for dtype in dtypes if dtype != torch.bfloat16])
         if world == 2:
             _check_family(rank, sizes)
+            _check_communication(rank, sizes)
         _check_edges_and_errors(rank, sizes, world)
     except BaseException:
         failures.put(f"rank {rank}:\n{traceback.format_exc()}")

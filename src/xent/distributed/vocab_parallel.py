@@ -361,17 +361,18 @@ def _reduce(rows: torch.Tensor, batch_shape: torch.Size, reduction: str, target_
 # --- the row computation, shared by both losses ------------------------------------------------------------------
 
 
-def _transformed(logits, target, shard) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _transformed(logits, target, shard, scratch: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(z, tanh(x / c))`` of a block of the shard's logits in the accumulation dtype: the description's transform of
-    the rank's columns (the tanh kept for the chain rule)."""
+    the rank's columns (the tanh kept for the chain rule). ``z`` is the callers' to overwrite: formed in ``logits``
+    itself when they are ``scratch`` (a chunk of a linear head), else in a new tensor."""
     options = shard.options
     z = logits.to(accumulation_dtype(logits.dtype))
     tanh = None
     if options.softcap is not None:
         tanh = torch.tanh(z / options.softcap)
         z = tanh * options.softcap
-    elif z is logits:
-        z = z.clone()  # transformed and then overwritten by the gradient: never in the caller's tensor
+    elif z is logits and not scratch:
+        z = z.clone()
     if options.class_offset is not None:
         z += options.class_offset[shard.columns].to(device=z.device, dtype=z.dtype)
     if options.target_margin is not None:
@@ -393,7 +394,7 @@ def _per_target(tensor: torch.Tensor | None, target: torch.Tensor, shard: _Shard
 
 
 def _row_losses(z, target, weight, target_weight, total_weight, shard) -> tuple[torch.Tensor, ...]:
-    """``(losses, lse, u)`` of rows whose transformed shard is ``z (B, V_r)``: two all-reduces."""
+    """``(losses, lse, u)`` of rows whose transformed shard is ``z (B, V_r)`` (overwritten): two all-reduces."""
     options = shard.options
     eps = options.label_smoothing
     row_max = z.amax(dim=1)
@@ -402,13 +403,9 @@ def _row_losses(z, target, weight, target_weight, total_weight, shard) -> tuple[
     smooth = torch.zeros_like(row_max)  # Σ_c w_c z_c, which label smoothing reads
     if eps:
         smooth = z.sum(dim=1) if weight is None else z @ weight.to(z.dtype)
-    sums = torch.stack(
-        [
-            torch.exp(z - row_max.unsqueeze(1)).sum(dim=1),
-            torch.where(inside, z.gather(1, local.unsqueeze(1)).squeeze(1), 0.0),
-            smooth,
-        ]
-    )
+    target_logit = torch.where(inside, z.gather(1, local.unsqueeze(1)).squeeze(1), 0.0)
+    sum_exp = z.sub_(row_max.unsqueeze(1)).exp_().sum(dim=1)  # in place: z is not read again
+    sums = torch.stack([sum_exp, target_logit, smooth])
     dist.all_reduce(sums, group=shard.group)
     sum_exp, target_logit, smooth = sums
     lse = row_max + torch.log(sum_exp)
@@ -450,7 +447,7 @@ class _VocabParallelRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, target_weight, total_weight, shard):
-        z, _ = _transformed(logits, target, shard)
+        z, _ = _transformed(logits, target, shard, scratch=False)
         losses, lse, u = _row_losses(z, target, weight, target_weight, total_weight, shard)
         ctx.shard = shard
         ctx.save_for_backward(logits, target, weight, target_weight, total_weight, lse, u)
@@ -459,7 +456,7 @@ class _VocabParallelRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows):
         logits, target, weight, target_weight, total_weight, lse, u = ctx.saved_tensors
-        z, tanh = _transformed(logits, target, ctx.shard)
+        z, tanh = _transformed(logits, target, ctx.shard, scratch=False)
         grad = _row_gradient_(z, tanh, target, weight, target_weight, total_weight, lse, u, grad_rows, ctx.shard)
         return grad.to(logits.dtype), None, None, None, None, None
 
@@ -472,7 +469,7 @@ class _VocabParallelLinearRows(torch.autograd.Function):
         losses, lses, us = [], [], []
         for start in range(0, input.shape[0], chunk):
             rows = slice(start, start + chunk)
-            z, _ = _transformed(_chunk_logits(input[rows], linear_weight, linear_bias), target[rows], shard)
+            z, _ = _transformed(_chunk_logits(input[rows], linear_weight, linear_bias), target[rows], shard, True)
             loss, lse, u = _row_losses(z, target[rows], weight, target_weight[rows], total_weight, shard)
             losses.append(loss), lses.append(lse), us.append(u)
         ctx.shard, ctx.chunk = shard, chunk
@@ -491,7 +488,7 @@ class _VocabParallelLinearRows(torch.autograd.Function):
         grad_bias = torch.zeros(linear_weight.shape[0], dtype=dtype, device=input.device) if needs[2] else None
         for start in range(0, input.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            z, tanh = _transformed(_chunk_logits(input[rows], linear_weight, linear_bias), target[rows], shard)
+            z, tanh = _transformed(_chunk_logits(input[rows], linear_weight, linear_bias), target[rows], shard, True)
             grad = _row_gradient_(z, tanh, target[rows], weight, target_weight[rows], total_weight, lse[rows],
                                   u[rows], grad_rows[rows], shard)  # fmt: skip
             if grad_input is not None:
