@@ -162,14 +162,37 @@ def test_class_balanced_weights_formula():
     torch.testing.assert_close(
         xent.class_balanced_weights(counts, 1 - 1e-9), (inverse / inverse.sum() * 5).float(), rtol=1e-3, atol=0
     )
-    zero_class = xent.class_balanced_weights([10, 0, 30], beta=0.9)
-    assert zero_class[1] == 0 and zero_class.sum().item() == pytest.approx(3.0)
 
 
 def test_deferred_reweighting_switches_at_start_epoch():
     counts = [100, 10, 1]
     assert torch.equal(xent.deferred_reweighting(counts, 3, start_epoch=4), torch.ones(3))
     assert torch.equal(xent.deferred_reweighting(counts, 4, start_epoch=4), xent.class_balanced_weights(counts))
+
+
+COUNTED = {  # every function of the imbalance family, called with the given class counts
+    "class_balanced_weights": lambda counts: xent.class_balanced_weights(counts, beta=0.9),
+    "deferred_reweighting, before start_epoch": lambda counts: xent.deferred_reweighting(counts, 0, start_epoch=4),
+    "deferred_reweighting": lambda counts: xent.deferred_reweighting(counts, 4, start_epoch=4),
+    "logit_adjust": lambda counts: xent.logit_adjust(torch.randn(4, 3), counts),
+    "logit_adjusted_cross_entropy": lambda counts: xent.logit_adjusted_cross_entropy(
+        torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), class_counts=counts
+    ),
+    "balanced_softmax_cross_entropy": lambda counts: xent.balanced_softmax_cross_entropy(
+        torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), class_counts=counts
+    ),
+    "ldam_margins": lambda counts: xent.ldam_margins(counts),
+    "ldam_loss": lambda counts: xent.ldam_loss(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), class_counts=counts),
+}
+
+
+@pytest.mark.parametrize("name", list(COUNTED))
+@pytest.mark.parametrize(("bad", "shown"), [(0.0, "0"), (-2.0, "-2"), (math.nan, "nan"), (math.inf, "inf")])
+def test_every_imbalance_function_rejects_a_class_count_that_is_not_positive(name, bad, shown):
+    """One rule: a class with no sample has no prior, effective number or margin — never a silent weight of 0."""
+    COUNTED[name](torch.tensor([10.0, 5.0, 1.0]))
+    with pytest.raises(ValueError, match=rf"class_counts must be positive and finite, got {shown} for class 1$"):
+        COUNTED[name](torch.tensor([10.0, bad, 1.0]))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -479,7 +502,7 @@ COUNTS = [10, 5, 1]
         (
             lambda: xent.class_balanced_weights([3, -1, 2]),
             ValueError,
-            r"class_counts must be non-negative.*-1 for class 1",
+            r"class_counts must be positive and finite, got -1 for class 1",
         ),
         (lambda: xent.class_balanced_weights([[3, 1]]), ValueError, r"class_counts must have shape \(C,\)"),
         (

@@ -1,6 +1,8 @@
 """Losses for long-tailed (class-imbalanced) data: class-balanced weights, logit adjustment, balanced softmax, LDAM.
 
-All of them take the training split's per-class sample counts ``class_counts`` (shape ``(C,)``).
+All of them take the training split's per-class sample counts ``class_counts`` (shape ``(C,)``), positive: a
+log-prior, an effective number or a margin of a class with no sample is undefined, so a zero count is an error (one
+rule, :func:`check_class_counts`), never a silent weight of 0.
 """
 
 from __future__ import annotations
@@ -14,10 +16,8 @@ from xent.losses import _checks
 from xent.losses.softmax import canonicalize, class_dimension, cross_entropy, fused_index_loss
 
 
-def check_class_counts(
-    class_counts: torch.Tensor | Sequence[float], *, positive: bool, num_classes: int | None = None
-) -> torch.Tensor:
-    """Per-class sample counts as a float64 tensor ``(C,)``; negative counts (and zeros when ``positive``) rejected."""
+def check_class_counts(class_counts: torch.Tensor | Sequence[float], *, num_classes: int | None = None) -> torch.Tensor:
+    """Per-class sample counts as a float64 tensor ``(C,)``; a zero, negative or non-finite count is rejected."""
     counts = torch.as_tensor(class_counts, dtype=torch.float64)
     if counts.dim() != 1 or counts.numel() == 0:
         raise ValueError(
@@ -28,14 +28,10 @@ def check_class_counts(
             f"class_counts has {counts.numel()} entries but input has {num_classes} classes; expected shape "
             f"({num_classes},)"
         )
-    bad = (counts <= 0) if positive else (counts < 0)
-    bad = bad | ~torch.isfinite(counts)
+    bad = ~((counts > 0) & torch.isfinite(counts))  # also catches NaN
     if bool(bad.any()):
         index = int(bad.nonzero()[0])
-        requirement = "positive" if positive else "non-negative"
-        raise ValueError(
-            f"class_counts must be {requirement} and finite, got {counts[index].item():g} for class {index}"
-        )
+        raise ValueError(f"class_counts must be positive and finite, got {counts[index].item():g} for class {index}")
     return counts
 
 
@@ -46,10 +42,10 @@ def class_balanced_weights(class_counts: torch.Tensor | Sequence[float], beta: f
         w_c \propto \frac{1 - \beta}{1 - \beta^{n_c}}, \qquad \sum_c w_c = C
 
     :math:`\beta = 0` gives all ones (no re-weighting); :math:`\beta \to 1` approaches inverse class frequency.
-    Classes with no sample get weight 0 (they never occur as a target). Pass the result as ``weight=`` to any loss.
+    Pass the result as ``weight=`` to any loss.
 
     Args:
-        class_counts: samples per class ``(C,)``, non-negative.
+        class_counts: samples per class ``(C,)``, positive.
         beta: :math:`\beta \in [0, 1)`; default 0.9999 (the paper's choice for long-tailed CIFAR).
 
     Returns:
@@ -59,11 +55,11 @@ def class_balanced_weights(class_counts: torch.Tensor | Sequence[float], beta: f
         Cui, Jia, Lin, Song, Belongie. Class-Balanced Loss Based on Effective Number of Samples. CVPR 2019.
     """
     beta = _checks.check_in_range("beta", beta, 0.0, 1.0, high_inclusive=False)
-    counts = check_class_counts(class_counts, positive=False)
-    present = counts > 0
-    # 1 - β^n = -expm1(n log β): exact for β close to 1, where 1 - β^n suffers cancellation.
-    effective_number = -torch.expm1(counts * torch.log(torch.tensor(beta, dtype=torch.float64))) if beta else 1.0
-    weights = torch.where(present, (1.0 - beta) / torch.as_tensor(effective_number).clamp_min(1e-300), 0.0)
+    counts = check_class_counts(class_counts)
+    # 1 - β^n = -expm1(n log β): exact for β close to 1, where 1 - β^n suffers cancellation. β = 0 gives
+    # log β = -inf and an effective number of 1 for every (positive) count.
+    effective_number = -torch.expm1(counts * torch.log(torch.tensor(beta, dtype=torch.float64)))
+    weights = (1.0 - beta) / effective_number.clamp_min(1e-300)
     weights = weights * counts.numel() / weights.sum()
     return weights.float()
 
@@ -77,7 +73,7 @@ def deferred_reweighting(
     switches at 80% of training (epoch 160 of 200).
 
     Args:
-        class_counts: samples per class ``(C,)``.
+        class_counts: samples per class ``(C,)``, positive (checked before ``start_epoch`` too).
         epoch: the current epoch (0-based).
         start_epoch: first epoch with class-balanced weights.
         beta: see :func:`class_balanced_weights`; the paper uses 0.9999.
@@ -89,7 +85,7 @@ def deferred_reweighting(
         Cao, Wei, Gaidon, Arechiga, Ma. Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss.
         NeurIPS 2019.
     """
-    counts = check_class_counts(class_counts, positive=False)
+    counts = check_class_counts(class_counts)
     if epoch < start_epoch:
         return torch.ones(counts.numel())
     return class_balanced_weights(counts, beta)
@@ -98,7 +94,7 @@ def deferred_reweighting(
 def _log_prior_offset(input: torch.Tensor, class_counts, tau: float) -> torch.Tensor:
     """τ · log π_c shaped to broadcast along the input's class dimension."""
     class_dim = class_dimension(input)
-    counts = check_class_counts(class_counts, positive=True, num_classes=input.shape[class_dim])
+    counts = check_class_counts(class_counts, num_classes=input.shape[class_dim])
     log_prior = torch.log(counts / counts.sum())
     return (tau * log_prior).to(device=input.device).view((-1,) + (1,) * (input.dim() - class_dim - 1))
 
@@ -181,7 +177,7 @@ def describe_logit_adjusted(
 ) -> dict:
     """The row-loss description of :func:`logit_adjusted_cross_entropy`: the offset τ log π of every class."""
     tau = _checks.check_in_range("tau", tau, 0.0)
-    counts = check_class_counts(class_counts, positive=True, num_classes=num_classes)
+    counts = check_class_counts(class_counts, num_classes=num_classes)
     return {
         "class_offset": tau * torch.log(counts / counts.sum()),
         "label_smoothing": _checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0),
@@ -249,7 +245,7 @@ def ldam_margins(class_counts: torch.Tensor | Sequence[float], max_margin: float
         ``(C,)`` float64 margins; :func:`ldam_loss` casts them to the logits' dtype.
     """
     max_margin = _checks.check_in_range("max_margin", max_margin, 0.0)
-    counts = check_class_counts(class_counts, positive=True)
+    counts = check_class_counts(class_counts)
     margins = counts.pow(-0.25)
     return margins * (max_margin / margins.max())
 
@@ -324,7 +320,7 @@ def describe_ldam(
     num_classes: int, *, class_counts: torch.Tensor | Sequence[float], max_margin: float = 0.5, scale: float = 30.0
 ) -> dict:
     """The row-loss description of :func:`ldam_loss`: the margin of every class and the scale."""
-    counts = check_class_counts(class_counts, positive=True, num_classes=num_classes)
+    counts = check_class_counts(class_counts, num_classes=num_classes)
     return {
         "target_margin": ldam_margins(counts, max_margin),
         "logit_scale": _checks.check_in_range("scale", scale, 0.0, low_inclusive=False),

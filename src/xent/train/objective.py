@@ -8,19 +8,35 @@ import torch
 import torch.nn.functional as F
 
 import xent
-from xent.train.config import TrainConfig
+from xent.train.config import ConfigError, TrainConfig
+from xent.train.data import DataBundle
 
 Criterion = Callable[[torch.Tensor, torch.Tensor, int, str], torch.Tensor]  # (logits, target, epoch, reduction)
+COUNTED_LOSSES = ("cb", "la", "balanced-softmax", "ldam-drw")  # built from the training split's class counts
 
 
-def build_criterion(config: TrainConfig, class_counts: torch.Tensor) -> Criterion:
-    """``criterion(logits (B, C), target (B,), epoch, reduction)`` for the configured loss.
+def _check_every_class_trains(loss: str, data: DataBundle) -> None:
+    """A loss built from class counts needs every class in the training split; the library rejects a zero count,
+    and here the error names the flag and the class instead."""
+    counts = data.class_counts()
+    if loss in COUNTED_LOSSES and not bool((counts > 0).all()):
+        name = data.class_names[int(torch.nonzero(counts == 0)[0])]
+        raise ConfigError(
+            f"--loss {loss} uses the training split's class counts, and class {name!r} has no training example "
+            f"(class counts {counts.tolist()}); give it more examples or a smaller --val-fraction, or leave it out "
+            "with --classes"
+        )
+
+
+def build_criterion(config: TrainConfig, data: DataBundle) -> Criterion:
+    """``criterion(logits (B, C), target (B,), epoch, reduction)`` for the configured loss and training split.
 
     ``bce`` trains C one-vs-rest sigmoid heads on one-hot targets (the per-example loss sums over the heads);
     ``cb`` is cross-entropy with class-balanced weights; ``ldam-drw`` switches those weights on at ``--drw-epoch``.
     """
-    counts = class_counts.clamp_min(1).double()  # a class missing from a small split must not break log-priors
-    num_classes = len(counts)
+    _check_every_class_trains(config.loss, data)
+    counts = data.class_counts().double()
+    num_classes = data.num_classes
     smoothing = config.label_smoothing
     loss = config.loss
     if loss == "ce":
@@ -38,7 +54,7 @@ def build_criterion(config: TrainConfig, class_counts: torch.Tensor) -> Criterio
     if loss == "focal":
         return lambda x, y, epoch, reduction: xent.focal_loss(x, y, gamma=config.gamma, reduction=reduction)
     if loss == "cb":
-        weights = xent.class_balanced_weights(class_counts, beta=config.beta)
+        weights = xent.class_balanced_weights(counts, beta=config.beta)
         return lambda x, y, epoch, reduction: xent.cross_entropy(
             x, y, weight=weights.to(x.device), label_smoothing=smoothing, reduction=reduction
         )
