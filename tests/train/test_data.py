@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import http.server
+import re
 import threading
 from pathlib import Path
 
@@ -81,6 +82,14 @@ def test_cifar_binary_batches(tmp_path):
         data.load_cifar10(tmp_path)
 
 
+def make_folder(directory: Path, counts: dict[str, int]) -> None:
+    """An image folder with ``counts[name]`` 8×8 grey PNGs in the sub-folder of each class, one shade per class."""
+    for shade, (name, count) in enumerate(counts.items()):
+        (directory / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("L", (8, 8), 60 * shade + i).save(directory / name / f"{i}.png")
+
+
 def test_image_folder(tmp_path):
     for label, color in (("cats", 30), ("dogs", 220)):
         (tmp_path / label).mkdir()
@@ -92,6 +101,21 @@ def test_image_folder(tmp_path):
     (tmp_path / "dogs" / "broken.png").write_bytes(b"not an image")
     with pytest.raises(data.DataError, match=r"broken.png is not a readable PNG/JPEG image"):
         data.load_folder(tmp_path)
+
+
+def test_image_folder_that_is_missing_a_file_or_has_an_empty_class_is_named(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(data.DataError, match=re.escape(f"--data folder:{missing}: {missing} does not exist")):
+        data.load_folder(missing)
+    (tmp_path / "file.png").write_bytes(b"")
+    with pytest.raises(data.DataError, match=r"file.png is not a directory \(expected one sub-folder of images"):
+        data.load_folder(tmp_path / "file.png")
+    make_folder(tmp_path / "images", {"a": 3, "b": 3})
+    (tmp_path / "images" / "empty").mkdir()
+    (tmp_path / "images" / "empty" / "notes.txt").write_text("no image here")
+    empty = tmp_path / "images" / "empty"
+    with pytest.raises(data.DataError, match=re.escape(f"class folder {empty} holds no PNG/JPEG image")):
+        data.load_folder(tmp_path / "images")
 
 
 def test_splits_classes_imbalance_and_noise_are_seeded():

@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from tests.train.conftest import run_xent
-from tests.train.test_data import make_cifar, make_mnist
+from tests.train.test_data import make_cifar, make_folder, make_mnist
 from xent.train import checkpoint
 
 SUMMARY_KEYS = {"test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_nll", "test_ece",
@@ -54,7 +55,7 @@ def test_test_loss_is_averaged_over_examples_not_batches(tmp_path):
     bundle = load_data(config)
     torch.manual_seed(0)
     model = build_model("mlp", bundle.input_shape, bundle.num_classes)
-    criterion = build_criterion(config, bundle.class_counts())
+    criterion = build_criterion(config, bundle)
     metrics = evaluate(model, bundle.test, criterion, 0, Runtime(torch.device("cpu")), 100, bundle.num_classes)
     with torch.no_grad():
         logits = model(as_float(bundle.test.x))
@@ -125,6 +126,7 @@ def test_every_data_format_trains(tmp_path, data_set):
         (("--imbalance-ratio", "0.5"), "--imbalance-ratio must be at least 1, got 0.5"),
         (("--label-noise", "1.0"), "--label-noise must be in [0, 1), got 1.0"),
         (("--data", "mnist", "--data-dir", "/nonexistent"), "not found: --data mnist needs the four IDX files"),
+        (("--data", "folder:/nonexistent"), "--data folder:/nonexistent: /nonexistent does not exist"),
         (("--resume", "/nonexistent-run"), "--resume /nonexistent-run: no checkpoint"),
         (("--augment", "flip", "--data", "mnist1d"), "--augment flip needs image data"),
         (("--lr", "abc"), "argument --lr: invalid float value: 'abc'"),
@@ -142,6 +144,54 @@ def test_configuration_errors_are_one_line_naming_the_flag(arguments, message, t
     last_line = stderr.strip().splitlines()[-1]  # argparse prints its usage above
     assert last_line.startswith("xent train: error: ") and message in last_line
     assert not (tmp_path / "run" / checkpoint.LAST).exists()  # no work started
+
+
+def _error_line(arguments: list[str], capsys) -> str:
+    """The one line ``xent ARGS`` prints on stderr when it stops with exit status 2."""
+    from xent.cli import main
+
+    status = main(arguments)
+    stderr = capsys.readouterr().err
+    assert status == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    return stderr.strip()
+
+
+def test_a_class_without_examples_stops_training_in_one_line(tmp_path, capsys):
+    images = tmp_path / "images"
+    make_folder(images, {"a": 1, "b": 10, "c": 10})
+    (images / "d").mkdir()
+    line = _error_line(["train", "--data", f"folder:{images}", "--out", str(tmp_path / "run")], capsys)
+    assert line == (f"xent train: error: --data folder:{images}: class folder {images / 'd'} holds no PNG/JPEG "
+                    "image; add images or remove it")  # fmt: skip
+    (images / "d").rmdir()
+    # Class a's one image is in the training split; --val-fraction 0.9 moves it to validation. Cross-entropy trains
+    # without it, a loss built from the class counts cannot.
+    for loss in ("la", "cb", "balanced-softmax", "ldam-drw"):
+        line = _error_line(["train", "--data", f"folder:{images}", "--val-fraction", "0.9", "--loss", loss,
+                            "--out", str(tmp_path / "run")], capsys)  # fmt: skip
+        assert line.startswith(f"xent train: error: --loss {loss} uses the training split's class counts, and "
+                               "class 'a' has no training example (class counts [0, 1, 1])")  # fmt: skip
+    assert not (tmp_path / "run" / checkpoint.LAST).exists()
+
+
+def test_a_class_without_test_examples_has_no_accuracy_anywhere(tmp_path, capsys):
+    """Class a's two images both go to training (20 % of 2 rounds to 0): its test accuracy is n/a, not 0 %."""
+    from xent.cli import main
+
+    images, out = tmp_path / "images", tmp_path / "run"
+    make_folder(images, {"a": 2, "b": 10, "c": 10})
+    assert main(["train", "--data", f"folder:{images}", "--out", str(out), "--epochs", "2", "--quiet"]) == 0
+    assert "no test example of class 'a': its accuracy is n/a" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    per_class = summary["test_per_class_accuracy"]
+    assert per_class["a"] is None and {per_class["b"], per_class["c"]} <= {0.0, 0.5, 1.0}
+    assert summary["test_balanced_accuracy"] == pytest.approx((per_class["b"] + per_class["c"]) / 2)
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert float(rows[-1]["test_balanced_accuracy"]) == pytest.approx(summary["test_balanced_accuracy"])
+    assert main(["eval", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy of class a │ n/a (no test example)" in printed
+    assert re.search(rf"accuracy of class b │ +{100 * per_class['b']:.2f}% │", printed)
 
 
 def test_a_configuration_error_in_a_real_process_has_no_traceback(tmp_path):
@@ -204,8 +254,27 @@ def test_eval_with_temperature_scaling(tmp_path):
     scaled = evaluate_run(out, temperature_scale=True)
     assert scaled["temperature"] > 0
     assert scaled["nll_after"] <= scaled["nll_before"] + 0.05  # fitted on validation, measured on test
+    assert ("ECE rose:" in result.stdout) == (scaled["ece_after"] > scaled["ece_before"])
     missing = run_xent("eval", str(tmp_path / "nothing"), check=False)
     assert missing.returncode == 2 and "no checkpoint" in missing.stderr
+
+
+@pytest.mark.parametrize(("ece_before", "ece_after"), [(0.0106, 0.0328), (0.0328, 0.0106)])
+def test_eval_says_why_temperature_scaling_can_raise_ece(ece_before, ece_after, monkeypatch, capsys):
+    """The temperature minimises the validation NLL, not ECE: when ECE rises, one line says so."""
+    from xent.cli import main
+    from xent.train import evaluate
+
+    result = {"run_dir": "run", "epoch": 5, "data": "digits", "accuracy": 0.97, "balanced_accuracy": 0.97,
+              "macro_f1": 0.97, "nll": 0.1, "ece": ece_before, "brier": 0.05, "loss": 0.1, "per_class_accuracy": {},
+              "temperature": 0.9, "nll_before": 0.1, "nll_after": 0.09, "ece_before": ece_before,
+              "ece_after": ece_after}  # fmt: skip
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda *args, **kwargs: result)
+    assert main(["eval", "run", "--temperature-scale"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{ece_before:.4f} → {ece_after:.4f}" in printed
+    note = "ECE rose: the temperature minimises NLL on the validation split, not ECE"
+    assert (note in printed) == (ece_after > ece_before)
 
 
 def test_torchrun_two_processes(tmp_path):

@@ -179,12 +179,19 @@ def load_folder(path: Path) -> tuple[Split, list[str]]:
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_dir():
-        raise DataError(f"--data folder:{path}: no such directory (expected one sub-folder of images per class)")
+        problem = "is not a directory" if path.exists() else "does not exist"
+        raise DataError(f"--data folder:{path}: {path} {problem} (expected one sub-folder of images per class)")
     class_dirs = sorted(p for p in path.iterdir() if p.is_dir())
-    files = [(f, label) for label, d in enumerate(class_dirs) for f in sorted(d.iterdir())
-             if f.suffix.lower() in IMAGE_SUFFIXES]  # fmt: skip
-    if len(class_dirs) < 2 or not files:
+    if len(class_dirs) < 2:
         raise DataError(f"--data folder:{path} needs at least two sub-folders (one per class) of PNG/JPEG images")
+    files = []
+    for label, directory in enumerate(class_dirs):
+        images = [f for f in sorted(directory.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        if not images:  # a class with no example would train and be scored as if it were one
+            raise DataError(
+                f"--data folder:{path}: class folder {directory} holds no PNG/JPEG image; add images or remove it"
+            )
+        files += [(f, label) for f in images]
     images, labels, size, mode = [], [], None, None
     for file, label in files:
         try:

@@ -47,7 +47,7 @@ def evaluate_run(run_dir: Path, *, data: str | None = None, data_dir: str | None
         raise ConfigError(
             f"--data {config.data} does not fit the model of {run_dir} (different shape or classes)"
         ) from None
-    criterion = build_criterion(config, bundle.class_counts())
+    criterion = build_criterion(config, bundle)
     metrics = evaluate(model, bundle.test, criterion, state["epoch"], Runtime(torch.device("cpu")),
                        config.batch_size, bundle.num_classes)  # fmt: skip
     result = {"run_dir": str(run_dir), "epoch": state["epoch"], "data": config.data, **metrics.headline(),

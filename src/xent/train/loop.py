@@ -118,7 +118,7 @@ def prepare(config: TrainConfig) -> Run:
     optimizer = build_optimizer(config, model.parameters())
     scheduler = build_scheduler(config, optimizer, steps_per_epoch(len(data.train), config.batch_size, runtime))
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.amp and runtime.device.type == "cuda")
-    run = Run(config, runtime, directory, data, model, trainer, build_criterion(config, data.class_counts()),
+    run = Run(config, runtime, directory, data, model, trainer, build_criterion(config, data),
               optimizer, scheduler, scaler, augment, history=[])  # fmt: skip
     if config.resume is not None:
         _restore(run, _resumable_state(directory))
@@ -338,6 +338,11 @@ def finish(run: Run, console) -> dict:
             f"{100 * test.balanced_accuracy:.2f}%, macro-F1 {test.macro_f1:.4f}, NLL {test.nll:.4f}, "
             f"ECE {test.ece:.4f} — {run.train_seconds:.1f} s of training. Run directory: {run.directory}"
         )
+        untested = [name for name, value in zip(run.data.class_names, test.per_class_accuracy, strict=True)
+                    if value is None]  # fmt: skip
+        if untested:
+            console.print(f"no test example of class {', '.join(map(repr, untested))}: its accuracy is n/a, and "
+                          "balanced accuracy averages the other classes")  # fmt: skip
     return summary
 
 

@@ -24,12 +24,12 @@ ECE_BINS = 15
 class Metrics:
     loss: float  # the training criterion, summed over examples / N
     accuracy: float
-    balanced_accuracy: float  # macro-averaged recall
+    balanced_accuracy: float  # recall averaged over the classes that have examples in the split
     macro_f1: float
     nll: float  # -log softmax(x)_y, summed / N
     ece: float  # expected calibration error, 15 equal-width bins
     brier: float  # Σ_c (p_c - 1[c = y])², averaged over examples
-    per_class_accuracy: list[float]
+    per_class_accuracy: list[float | None]  # recall of each class; None for a class with no example in the split
     confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
     reliability: list[list[float]]  # per confidence bin: count, Σ confidence, Σ correct
 
@@ -51,8 +51,6 @@ class MetricSet:
     def __init__(self, num_classes: int, device: torch.device) -> None:
         self.num_classes = num_classes
         self.accuracy = MulticlassAccuracy(num_classes, average="micro").to(device)
-        self.balanced = MulticlassAccuracy(num_classes, average="macro").to(device)
-        self.per_class = MulticlassAccuracy(num_classes, average=None).to(device)
         self.f1 = MulticlassF1Score(num_classes, average="macro").to(device)
         self.ece = MulticlassCalibrationError(num_classes, n_bins=ECE_BINS, norm="l1").to(device)
         self.confusion = MulticlassConfusionMatrix(num_classes).to(device)
@@ -63,7 +61,7 @@ class MetricSet:
     def update(self, logits: torch.Tensor, target: torch.Tensor, loss_sum: torch.Tensor) -> None:
         logits = logits.detach().float()
         probs = torch.softmax(logits, dim=1)
-        for metric in (self.accuracy, self.balanced, self.per_class, self.f1, self.confusion):
+        for metric in (self.accuracy, self.f1, self.confusion):
             metric.update(logits, target)
         self.ece.update(probs, target)
         nll = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
@@ -81,18 +79,29 @@ class MetricSet:
             dist.all_reduce(sums)
             dist.all_reduce(bins)
         count = max(float(sums[3]), 1.0)
+        confusion = self.confusion.compute().long()  # (C, C)
+        recall = per_class_recall(confusion)
+        present = [r for r in recall if r is not None]
         return Metrics(
             loss=float(sums[0]) / count,
             accuracy=float(self.accuracy.compute()),
-            balanced_accuracy=float(self.balanced.compute()),
+            balanced_accuracy=sum(present) / max(len(present), 1),
             macro_f1=float(self.f1.compute()),
             nll=float(sums[1]) / count,
             ece=float(self.ece.compute()),
             brier=float(sums[2]) / count,
-            per_class_accuracy=[float(a) for a in self.per_class.compute()],
-            confusion_matrix=self.confusion.compute().long().tolist(),
+            per_class_accuracy=recall,
+            confusion_matrix=confusion.tolist(),
             reliability=bins.tolist(),
         )
+
+
+def per_class_recall(confusion: torch.Tensor) -> list[float | None]:
+    """Each class's share of its examples predicted right, from a confusion matrix (rows: true class); ``None`` for
+    a class with no example — there is nothing to score, and 0 would read as a class the model always gets wrong."""
+    support = confusion.sum(1).tolist()
+    correct = confusion.diagonal().tolist()
+    return [c / n if n else None for c, n in zip(correct, support, strict=True)]
 
 
 def expected_calibration_error(logits: torch.Tensor, target: torch.Tensor) -> float:
