@@ -1,6 +1,6 @@
 """A small GAN on the embedded digits data, trained with xent's GAN losses.
 
-    python examples/gan.py            # ~1 minute on 2 CPU cores; writes gan_samples.png
+    python examples/gan.py            # ~20 s on 2 CPU cores; writes gan_samples.png every 25 epochs and at the end
     python examples/gan.py --quick    # one short epoch
 
 The discriminator minimises ``xent.gan_discriminator_loss`` (real → 1 with one-sided label smoothing, fake → 0);
@@ -9,10 +9,8 @@ the generator minimises the non-saturating ``xent.gan_generator_loss``.
 
 from __future__ import annotations
 
-import time
-
 import torch
-from _common import load_digits_images, parse_args, save_grid
+from _common import load_digits_images, parse_args, run_epochs
 from torch import nn
 
 import xent
@@ -29,12 +27,11 @@ def main() -> None:
     g_opt = torch.optim.Adam(generator.parameters(), lr=2e-3, betas=(0.5, 0.999))
     d_opt = torch.optim.Adam(discriminator.parameters(), lr=2e-3, betas=(0.5, 0.999))
     batch_size = 64
-    epochs, batches = (1, 5) if args.quick else (args.epochs, None)
-    start = time.perf_counter()
-    for epoch in range(epochs):
+    batches = 5 if args.quick else None
+
+    def train_epoch() -> str:
         d_total = g_total = 0.0
-        order = torch.randperm(len(images))
-        steps = list(order.split(batch_size))[:batches]
+        steps = list(torch.randperm(len(images)).split(batch_size))[:batches]
         for index in steps:
             real = images[index]  # (B, 64)
             fake = generator(torch.randn(len(real), LATENT))  # (B, 64)
@@ -51,12 +48,13 @@ def main() -> None:
             d_total += d_loss.item() * len(real)
             g_total += g_loss.item() * len(real)
         seen = sum(len(index) for index in steps)
-        if epoch % 10 == 0 or epoch == epochs - 1:
-            print(f"epoch {epoch + 1:3d}  D loss {d_total / seen:.4f}  G loss {g_total / seen:.4f}")
-    print(f"trained in {time.perf_counter() - start:.1f} s")
-    with torch.no_grad():
-        samples = (generator(torch.randn(64, LATENT)) + 1) / 2
-    save_grid(samples, args.out, "GAN samples")
+        return f"D loss {d_total / seen:.4f}  G loss {g_total / seen:.4f}"
+
+    @torch.no_grad()
+    def sample() -> torch.Tensor:
+        return (generator(torch.randn(64, LATENT, generator=torch.Generator().manual_seed(args.seed))) + 1) / 2
+
+    run_epochs(args, train_epoch, sample, "GAN samples")
 
 
 if __name__ == "__main__":

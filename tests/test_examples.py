@@ -1,8 +1,11 @@
 """The runnable examples train briefly and write their sample grids, or print their summary."""
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,28 @@ def test_example_runs_one_short_epoch(example, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "epoch   1" in result.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("example", ["gan.py", "vae.py"])
+def test_example_stopped_by_ctrl_c_leaves_its_last_sample_grid(example, tmp_path):
+    out = tmp_path / "samples.png"
+    command = [sys.executable, str(ROOT / "examples" / example), "--epochs", "100000", "--save-every", "1"]
+    process = subprocess.Popen(
+        [*command, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not out.exists():
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "epoch   1  " in stdout and f"saved {out} (epoch 1)" in stdout
+    assert re.search(rf"interrupted in epoch \d+; {re.escape(str(out))} holds the samples of epoch \d+", stdout)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*.tmp"))  # saved atomically: never a half-written file
 
 
 @pytest.mark.parametrize("loss", ["xent", "no-xent"])
