@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 import xent
+from tests.distributed.spawn import spawn_and_wait
 from xent.distributed import (
     vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
@@ -276,7 +277,7 @@ def test_every_rank_gets_the_full_loss_and_its_slice_of_the_gradients(world, tmp
     context = torch.multiprocessing.get_context("spawn")
     failures = context.SimpleQueue()
     try:
-        torch.multiprocessing.spawn(_worker, args=(world, str(tmp_path / "store"), failures), nprocs=world)
+        spawn_and_wait(_worker, (world, str(tmp_path / "store"), failures), world)
     except Exception:
         messages = []
         while not failures.empty():

@@ -20,6 +20,7 @@ import transformers
 
 import xent
 import xent.hf
+from tests.distributed.spawn import spawn_and_wait
 from tests.integrations.tiny_models import MODELS, VOCAB, tiny_model
 
 CHUNK = 8
@@ -383,13 +384,16 @@ def _ddp_worker(rank: int, world: int, store_path: str, results: str) -> None:
     ddp(input_ids=ids, labels=labels).loss.backward()
     if rank == 0:
         torch.save({name: p.grad for name, p in model.named_parameters()}, results)
+    # DDP's gradient all-reduces run Python callbacks on gloo's threads: let them finish before the group goes, or its
+    # destruction can deadlock on the GIL
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
 def test_ddp_averages_the_fused_gradients(tmp_path):
     world = 2
     results = str(tmp_path / "grads.pt")
-    torch.multiprocessing.spawn(_ddp_worker, args=(world, str(tmp_path / "store"), results), nprocs=world)
+    spawn_and_wait(_ddp_worker, (world, str(tmp_path / "store"), results), world)
     reference = tiny_model("llama")
     for rank in range(world):
         ids, labels = batch(seed=rank)
