@@ -215,6 +215,15 @@ def _check_edges_and_errors(rank, sizes, world):
         vocab_parallel_cross_entropy(shard, t["target"][:, :3])
     with pytest.raises(ValueError, match="label_smoothing"):
         vocab_parallel_cross_entropy(shard, t["target"], label_smoothing=1.5)
+    # second order: refused, never a silently missing gradient (the backward has no collective, so no rank waits)
+    loss = vocab_parallel_cross_entropy(shard, t["target"])
+    with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
+        torch.autograd.grad(loss, shard, create_graph=True)
+    hidden = t["logits"][..., :6].clone().requires_grad_()
+    head = torch.randn(sizes[rank], 6, requires_grad=True)
+    loss = vocab_parallel_linear_cross_entropy(hidden, head, t["target"])
+    with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
+        torch.autograd.grad(loss, (hidden, head), create_graph=True)
     # a bad weight on one rank only: that rank names it, the others say where to look — none hangs
     bad_weight = torch.ones(sizes[rank]) if rank else -torch.ones(sizes[rank])
     with pytest.raises(ValueError, match="weight" if rank == 0 else "rank 0 of the group"):

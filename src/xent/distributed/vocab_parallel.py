@@ -455,6 +455,7 @@ class _VocabParallelRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows):
+        _refuse_second_order()
         logits, target, weight, target_weight, total_weight, lse, u = ctx.saved_tensors
         z, tanh = _transformed(logits, target, ctx.shard, scratch=False)
         grad = _row_gradient_(z, tanh, target, weight, target_weight, total_weight, lse, u, grad_rows, ctx.shard)
@@ -480,6 +481,7 @@ class _VocabParallelLinearRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows):
+        _refuse_second_order()
         input, linear_weight, linear_bias, target, weight, target_weight, total_weight, lse, u = ctx.saved_tensors
         shard, needs = ctx.shard, ctx.needs_input_grad
         dtype = accumulation_dtype(linear_weight.dtype)
@@ -504,6 +506,15 @@ class _VocabParallelLinearRows(torch.autograd.Function):
             None if grad_weight is None else grad_weight.to(linear_weight.dtype),
             None if grad_bias is None else grad_bias.to(linear_bias.dtype),
             *(None,) * 6,
+        )
+
+
+def _refuse_second_order() -> None:
+    """The gradients are formed without a graph: differentiating them again would silently give nothing."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "the vocab-parallel losses form their gradient without a graph and cannot be differentiated twice "
+            "(create_graph=True); gather the logits and use xent's loss with impl='reference' for second order"
         )
 
 
