@@ -1,11 +1,14 @@
 """Checkpoints written atomically and read back with ``weights_only=True``.
 
 A checkpoint holds everything an exact resume needs: model, optimizer, scheduler and grad-scaler state, the epoch,
-the metrics history and every random number generator (torch CPU and CUDA, NumPy, Python).
+the metrics history and every random number generator (torch CPU and CUDA, NumPy, Python), and the SHA-256 of all
+of it: a flipped byte that still unpickles (a weight, an RNG key) is an error when read back, never a silently
+different resume. It stays a plain dict that ``torch.load(path, weights_only=True)`` reads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import tempfile
@@ -50,9 +53,37 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def digest(state: Any) -> str:
+    """SHA-256 of a checkpoint's content: every tensor's dtype, shape and bytes and every other value's ``repr``, in
+    the order the containers hold them (a dict's insertion order survives ``torch.save``)."""
+    hasher = hashlib.sha256()
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().cpu().contiguous().reshape(-1)
+            hasher.update(f"tensor {value.dtype} {tuple(value.shape)};".encode())
+            hasher.update(flat.view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            hasher.update(f"dict {len(value)};".encode())
+            for key, item in value.items():
+                visit(key)
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            hasher.update(f"{type(value).__name__} {len(value)};".encode())
+            for item in value:
+                visit(item)
+        else:
+            hasher.update(f"{type(value).__name__} {value!r};".encode())
+
+    visit(state)
+    return hasher.hexdigest()
+
+
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file in the same directory, flush it to disk, then rename over ``path``: a reader (or a
-    resume after ``kill -9``) sees the old checkpoint or the new one, never half of one."""
+    """Write ``payload`` and its :func:`digest` to a temporary file in the same directory, flush it to disk, then
+    rename over ``path``: a reader (or a resume after ``kill -9``) sees the old checkpoint or the new one, never half
+    of one."""
+    payload = {**payload, "sha256": digest(payload)}
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -84,4 +115,7 @@ def load(path: Path) -> dict[str, Any]:
     missing = [key for key in KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise CheckpointError(f"{path} is not a checkpoint of xent train (no {', '.join(missing)})")
+    saved = state.pop("sha256", None)  # checkpoints written before the digest have none
+    if saved is not None and saved != digest(state):
+        raise CheckpointError(f"{path} is corrupted: its content does not match the SHA-256 saved with it")
     return state

@@ -7,8 +7,10 @@ rate and length of its paper); the resolved configuration is what a run director
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 DATASETS = ("digits", "mnist1d", "mnist", "fashion-mnist", "cifar10")  # and folder:PATH
@@ -125,6 +127,20 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in known})
+
+    @classmethod
+    def saved(cls, run_dir: Path, flag: str) -> dict[str, Any]:
+        """The configuration a run directory's ``config.json`` holds, or a ConfigError in one line naming the file."""
+        path = run_dir / "config.json"
+        try:
+            saved = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{flag} {run_dir}: no {path} (is it a run directory of xent train?)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ConfigError(f"{flag} {run_dir}: {path} is unreadable ({error})") from None
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{flag} {run_dir}: {path} holds a {type(saved).__name__}, not a configuration")
+        return saved
 
 
 # Per data set: what an unset field becomes. mnist1d follows its paper (Greydanus, 2020): all 4,000 training

@@ -17,6 +17,7 @@ import os
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as handle:
             data = handle.read()
-    except (OSError, EOFError) as error:
+    except (OSError, EOFError, zlib.error) as error:  # zlib.error: damaged compressed data in a .gz
         raise DataError(f"{path} cannot be read as an IDX file: {error}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path} is not an IDX file of unsigned bytes (bad magic number {data[:4].hex() or 'none'})")
@@ -176,7 +177,7 @@ def load_cifar10(directory: Path) -> tuple[Split, Split]:
 
 
 def load_folder(path: Path) -> tuple[Split, list[str]]:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if not path.is_dir():
         problem = "is not a directory" if path.exists() else "does not exist"
@@ -197,11 +198,12 @@ def load_folder(path: Path) -> tuple[Split, list[str]]:
         try:
             with Image.open(file) as image:
                 image.load()
-        except (OSError, UnidentifiedImageError) as error:
-            raise DataError(f"{file} is not a readable PNG/JPEG image: {error}") from None
-        if mode is None:  # the first image fixes the size; grey sets stay one channel
-            size, mode = image.size, "L" if image.mode in ("L", "1", "I;16") else "RGB"
-        array = np.asarray(image.convert(mode).resize(size), dtype=np.uint8)
+                if mode is None:  # the first image fixes the size; grey sets stay one channel
+                    size, mode = image.size, "L" if image.mode in ("L", "1", "I;16") else "RGB"
+                array = np.asarray(image.convert(mode).resize(size), dtype=np.uint8)
+        except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, zlib.error… for damaged files
+            reason = str(error) or type(error).__name__
+            raise DataError(f"{file} is not a readable PNG/JPEG image: {reason}") from None
         images.append(array[None] if mode == "L" else array.transpose(2, 0, 1))
         labels.append(label)
     return Split(torch.from_numpy(np.stack(images)), torch.tensor(labels)), [d.name for d in class_dirs]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ def evaluate_run(run_dir: Path, *, data: str | None = None, data_dir: str | None
         raise ConfigError(
             f"{run_dir}: no checkpoint {run_dir / checkpoint.BEST} (is it a run directory of xent train?)"
         )
-    saved = json.loads((run_dir / "config.json").read_text())
+    saved = TrainConfig.saved(run_dir, "xent eval")
     overrides = {key: value for key, value in (("data", data), ("data_dir", data_dir)) if value is not None}
     config = resolve(TrainConfig.from_dict({**saved, **overrides, "resume": None}))
     bundle = load_data(config)

@@ -93,7 +93,7 @@ def prepare(config: TrainConfig) -> Run:
         directory = Path(config.resume)
         if not (directory / checkpoint.LAST).is_file():
             raise ConfigError(f"--resume {directory}: no checkpoint {directory / checkpoint.LAST} to continue from")
-        saved = json.loads((directory / "config.json").read_text())
+        saved = TrainConfig.saved(directory, "--resume")
         overrides = {
             "quiet": config.quiet,
             "device": config.device,
