@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from xent import losses
-from xent.losses import combine, focal, imbalance, robust, sigmoid, softmax
+from xent.losses import combine, distill, focal, generative, imbalance, robust, sigmoid, softmax
 from xent.losses.linear import check_loss_options, linear_loss_entry
 
 
@@ -43,8 +43,11 @@ class _Loss(torch.nn.Module):
         for name, value in options.items():
             if name in self.tensor_options and (value is None or isinstance(value, torch.Tensor)):
                 self.register_buffer(name, value)
-            elif name in self.tensor_options and isinstance(value, Sequence):
-                self.register_buffer(name, torch.as_tensor(value, dtype=torch.float64))
+            elif name in self.tensor_options and isinstance(value, Sequence) and not isinstance(value, str):
+                try:
+                    self.register_buffer(name, torch.as_tensor(value, dtype=torch.float64))
+                except (TypeError, ValueError, RuntimeError):
+                    raise TypeError(f"{name} must be a tensor or a sequence of numbers, got {value!r}") from None
             else:
                 setattr(self, name, value)
 
@@ -235,6 +238,7 @@ class SigmoidFocalLoss(_Loss):
     function = staticmethod(losses.sigmoid_focal_loss)
 
     def __init__(self, gamma: float = 2.0, alpha: float | None = 0.25, reduction: str = "mean") -> None:
+        gamma, alpha = focal.check_sigmoid_focal_options(gamma=gamma, alpha=alpha, reduction=reduction)
         super().__init__(gamma=gamma, alpha=alpha, reduction=reduction)
 
 
@@ -376,6 +380,7 @@ class DistillationLoss(_Loss):
     function = staticmethod(losses.distillation_loss)
 
     def __init__(self, temperature: float = 1.0, reduction: str = "batchmean", teacher_is_probs: bool = False):
+        temperature = distill.check_distillation_options(temperature=temperature, reduction=reduction)
         super().__init__(temperature=temperature, reduction=reduction, teacher_is_probs=teacher_is_probs)
 
 
@@ -385,6 +390,9 @@ class GANDiscriminatorLoss(_Loss):
     function = staticmethod(losses.gan_discriminator_loss)
 
     def __init__(self, label_smoothing: float = 0.0, reduction: str = "mean") -> None:
+        label_smoothing = generative.check_gan_options(
+            reduction=reduction, label_smoothing=label_smoothing, discriminator=True
+        )
         super().__init__(label_smoothing=label_smoothing, reduction=reduction)
 
 
@@ -394,6 +402,7 @@ class GANGeneratorLoss(_Loss):
     function = staticmethod(losses.gan_generator_loss)
 
     def __init__(self, reduction: str = "mean") -> None:
+        generative.check_gan_options(reduction=reduction)
         super().__init__(reduction=reduction)
 
 
@@ -403,6 +412,7 @@ class VAELoss(_Loss):
     function = staticmethod(losses.vae_loss)
 
     def __init__(self, beta: float = 1.0, reduction: str = "sum") -> None:
+        beta = generative.check_vae_options(beta=beta, reduction=reduction)
         super().__init__(beta=beta, reduction=reduction)
 
 
@@ -425,6 +435,7 @@ class WeightedSum(torch.nn.Module):
 
     def __init__(self, terms: Mapping[str, tuple[float, Callable[..., torch.Tensor]]]) -> None:
         super().__init__()
+        combine.check_mapping("terms", terms)
         if not terms:
             raise ValueError("terms must name at least one loss")
         for name, term in terms.items():

@@ -364,8 +364,17 @@ def _needs_torch_linear_cross_entropy(problem: Problem) -> str | None:
 
 
 def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    compiled = torch.compile(fn)
-    return lambda *args: compiled(*args)
+    """``torch.compile(fn)``, made at the first call: importing this table (every ``xent`` command does, for its
+    flags) must not import dynamo and inductor, which take seconds."""
+    compiled: Callable[..., torch.Tensor] | None = None
+
+    def call(*args: torch.Tensor) -> torch.Tensor:
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(fn)
+        return compiled(*args)
+
+    return call
 
 
 # Beside xent's automatic choice: its chunked kernel (on GPUs, where the automatic one is Triton), its plain

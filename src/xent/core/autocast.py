@@ -41,8 +41,8 @@ def autocast_off(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
 def cast_for_linear(tensor: torch.Tensor | None) -> torch.Tensor | None:
     """``tensor`` as ``F.linear`` sees it under autocast: in the autocast dtype unless it is float64. The cast is
     recorded by autograd, so the gradient returns in the tensor's own dtype."""
-    if tensor is None or not autocast_on(tensor) or tensor.dtype == torch.float64:
-        return tensor
+    if not isinstance(tensor, torch.Tensor) or not autocast_on(tensor) or tensor.dtype == torch.float64:
+        return tensor  # anything but a tensor is left to the caller's checks, which name the argument
     return tensor.to(torch.get_autocast_dtype(tensor.device.type))
 
 

@@ -23,7 +23,7 @@ def shape_str(shape: torch.Size | Sequence[int]) -> str:
 
 
 def check_reduction(reduction: str, allowed: Sequence[str] = REDUCTIONS) -> None:
-    if reduction not in allowed:
+    if not isinstance(reduction, str) or reduction not in allowed:
         options = ", ".join(repr(r) for r in allowed)
         raise ValueError(f"reduction must be one of {options}, got {reduction!r}")
 
@@ -43,7 +43,8 @@ def check_floating(name: str, tensor: object) -> torch.Tensor:
 
 def check_number(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        shown = f"shape {shape_str(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)[:60]
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {shown}")
     value = float(value)
     if math.isnan(value):
         raise ValueError(f"{name} must not be NaN")
@@ -134,7 +135,7 @@ def check_probabilities(name: str, tensor: torch.Tensor) -> None:
         return
     bad = ~((tensor >= 0) & (tensor <= 1))  # also catches NaN
     if bool(bad.any()):
-        value = float(tensor[bad][0])
+        value = float(tensor.detach()[bad][0])
         raise ValueError(f"{name} must hold probabilities in [0, 1], found {value:g}")
 
 

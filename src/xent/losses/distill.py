@@ -17,6 +17,13 @@ from xent.losses.softmax import checked_options, class_dimension, cross_entropy
 DISTILLATION_REDUCTIONS = ("none", "batchmean", "mean", "sum")
 
 
+def check_distillation_options(*, temperature: float, reduction: str) -> float:
+    """The temperature and reduction of the distillation losses (and their module), checked."""
+    temperature = _checks.check_in_range("temperature", temperature, 0.0, low_inclusive=False)
+    _checks.check_reduction(reduction, DISTILLATION_REDUCTIONS)
+    return temperature
+
+
 @float32_under_autocast
 def distillation_loss(
     student_logits: torch.Tensor,
@@ -52,9 +59,8 @@ def distillation_loss(
     References:
         Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network. NeurIPS Deep Learning Workshop 2015.
     """
-    temperature = _checks.check_in_range("temperature", temperature, 0.0, low_inclusive=False)
-    _checks.check_reduction(reduction, DISTILLATION_REDUCTIONS)
-    class_dim = class_dimension(student_logits)
+    temperature = check_distillation_options(temperature=temperature, reduction=reduction)
+    class_dim = class_dimension(student_logits, "student_logits")
     teacher = _checks.check_floating("teacher", teacher)
     if teacher.shape != student_logits.shape:
         raise ValueError(
@@ -151,9 +157,8 @@ def linear_distillation_loss(
     References:
         Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network. NeurIPS Deep Learning Workshop 2015.
     """
-    temperature = _checks.check_in_range("temperature", temperature, 0.0, low_inclusive=False)
+    temperature = check_distillation_options(temperature=temperature, reduction=reduction)
     hard_weight = _checks.check_in_range("hard_weight", hard_weight, 0.0)
-    _checks.check_reduction(reduction, DISTILLATION_REDUCTIONS)
     _checks.check_chunk_size(chunk_size)
     for name, tensor in (("teacher_input", teacher_input), ("teacher_linear_weight", teacher_linear_weight),
                          ("teacher_linear_bias", teacher_linear_bias)):  # fmt: skip

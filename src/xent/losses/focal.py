@@ -18,6 +18,43 @@ def _modulating_factor(log_one_minus_p: torch.Tensor, gamma: float) -> torch.Ten
     return torch.exp(gamma * log_one_minus_p) if gamma else torch.ones_like(log_one_minus_p)
 
 
+def _log_one_minus_p_t(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log σ(x), log σ(−x) and L = log(1 − p_t) = log(t σ(−x) + (1 − t) σ(x)), from log-sigmoids: exact at ±1e4."""
+    log_p, log_not_p = F.logsigmoid(x), F.logsigmoid(-x)
+    return log_p, log_not_p, torch.logaddexp(torch.log(t) + log_not_p, torch.log1p(-t) + log_p)
+
+
+class _SigmoidModulation(torch.autograd.Function):
+    r"""The sigmoid focal loss's :math:`(1 - p_t)^\gamma = e^{\gamma L}`, with its gradients written out.
+
+    Autograd through :math:`L`'s ``log(t)`` gives ∞ · 0 = NaN for a target of exactly 0 or 1 that requires grad;
+    written out, each gradient is one exponential of a sum of logs, finite at every target and logit:
+    :math:`\partial_x = \gamma (1 - 2t)\, e^{(\gamma - 1) L + \log\sigma(x) + \log\sigma(-x)}` and
+    :math:`\partial_t = \gamma\, (e^{(\gamma - 1) L + \log\sigma(-x)} - e^{(\gamma - 1) L + \log\sigma(x)})`.
+    The backward pass recomputes them from ``x`` and ``t`` with differentiable operations, so second-order
+    gradients stay exact.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        ctx.save_for_backward(x, t)
+        ctx.gamma = gamma
+        return torch.exp(gamma * _log_one_minus_p_t(x, t)[2])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, t = ctx.saved_tensors
+        gamma = ctx.gamma
+        log_p, log_not_p, log_one_minus_p_t = _log_one_minus_p_t(x, t)
+        power = (gamma - 1) * log_one_minus_p_t
+        grad_x = grad_t = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad * gamma * (1 - 2 * t) * torch.exp(power + log_p + log_not_p)
+        if ctx.needs_input_grad[1]:
+            grad_t = grad * gamma * (torch.exp(power + log_not_p) - torch.exp(power + log_p))
+        return grad_x, grad_t, None
+
+
 def _log_one_minus_exp(log_p: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(a)) for a ≤ 0, finite at a = 0 (clamped to the dtype's tiny) so its gradient stays finite."""
     return torch.log((-torch.expm1(log_p)).clamp_min(torch.finfo(log_p.dtype).tiny))
@@ -66,7 +103,8 @@ def focal_loss(
     References:
         Lin, Goyal, Girshick, He, Dollár. Focal Loss for Dense Object Detection. ICCV 2017.
     """
-    description = describe_focal(input.shape[class_dimension(input)], gamma=gamma, alpha=alpha)
+    class_dim = class_dimension(input)
+    description = describe_focal(input.shape[class_dim], gamma=gamma, alpha=alpha)
     gamma, alpha = description["term"].gamma, description["alpha"]
 
     def row_loss(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -108,6 +146,17 @@ def _check_alpha(alpha: float | torch.Tensor | None, num_classes: int) -> torch.
             )
         return alpha
     return torch.full((num_classes,), _checks.check_in_range("alpha", alpha, 0.0), dtype=torch.float64)
+
+
+def check_sigmoid_focal_options(*, gamma: float, alpha: float | None, reduction: str) -> tuple[float, float | None]:
+    """The options of :func:`sigmoid_focal_loss` (and its module), checked; ``alpha=-1`` becomes ``None``."""
+    _checks.check_reduction(reduction)
+    gamma = _checks.check_in_range("gamma", gamma, 0.0)
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha == -1:
+        alpha = None  # torchvision's spelling of "no weighting"
+    if alpha is not None:
+        alpha = _checks.check_in_range("alpha", alpha, 0.0, 1.0)
+    return gamma, alpha
 
 
 @float32_under_autocast
@@ -152,19 +201,13 @@ def sigmoid_focal_loss(
     References:
         Lin, Goyal, Girshick, He, Dollár. Focal Loss for Dense Object Detection. ICCV 2017.
     """
-    _checks.check_reduction(reduction)
-    gamma = _checks.check_in_range("gamma", gamma, 0.0)
-    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha == -1:
-        alpha = None  # torchvision's spelling of "no weighting"
-    if alpha is not None:
-        alpha = _checks.check_in_range("alpha", alpha, 0.0, 1.0)
+    gamma, alpha = check_sigmoid_focal_options(gamma=gamma, alpha=alpha, reduction=reduction)
     input, target = check_binary_pair(input, target)
     dtype = accumulation_dtype(input.dtype)
     x, t = input.to(dtype), target.to(dtype)
     loss = binary_cross_entropy_with_logits(x, t, reduction="none")
     if gamma:
-        log_one_minus_p_t = torch.logaddexp(torch.log(t) + F.logsigmoid(-x), torch.log1p(-t) + F.logsigmoid(x))
-        loss = loss * _modulating_factor(log_one_minus_p_t, gamma)
+        loss = loss * _SigmoidModulation.apply(x, t, gamma)
     if alpha is not None:
         loss = loss * (alpha * t + (1.0 - alpha) * (1.0 - t))
     return reduce_loss(loss, reduction).to(input.dtype)

@@ -7,7 +7,19 @@ import torch
 from xent.core.autocast import float32_under_autocast
 from xent.core.reduce import accumulation_dtype
 from xent.losses import _checks
-from xent.losses.sigmoid import binary_cross_entropy_with_logits
+from xent.losses.sigmoid import binary_cross_entropy_with_logits, check_binary_pair
+
+
+def check_gan_options(*, reduction: str, label_smoothing: float = 0.0, discriminator: bool = False) -> float:
+    """The options of the GAN losses (and their modules), checked; the discriminator has no ``"none"``."""
+    _checks.check_reduction(reduction, ("mean", "sum") if discriminator else _checks.REDUCTIONS)
+    return _checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
+
+
+def check_vae_options(*, beta: float, reduction: str) -> float:
+    """The options of :func:`vae_loss` (and its module), checked."""
+    _checks.check_reduction(reduction)
+    return _checks.check_in_range("beta", beta, 0.0)
 
 
 @float32_under_autocast
@@ -33,8 +45,7 @@ def gan_discriminator_loss(
         Goodfellow, Pouget-Abadie, Mirza, et al. Generative Adversarial Nets. NeurIPS 2014.
         Salimans, Goodfellow, Zaremba, et al. Improved Techniques for Training GANs. NeurIPS 2016.
     """
-    _checks.check_reduction(reduction, ("mean", "sum"))
-    label_smoothing = _checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
+    label_smoothing = check_gan_options(reduction=reduction, label_smoothing=label_smoothing, discriminator=True)
     real_target = torch.full_like(_checks.check_floating("real_logits", real_logits), 1.0 - label_smoothing)
     fake_target = torch.zeros_like(_checks.check_floating("fake_logits", fake_logits))
     real = binary_cross_entropy_with_logits(real_logits, real_target, reduction=reduction)
@@ -55,6 +66,7 @@ def gan_generator_loss(fake_logits: torch.Tensor, *, reduction: str = "mean") ->
     References:
         Goodfellow, Pouget-Abadie, Mirza, et al. Generative Adversarial Nets. NeurIPS 2014.
     """
+    check_gan_options(reduction=reduction)
     fake_logits = _checks.check_floating("fake_logits", fake_logits)
     return binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits), reduction=reduction)
 
@@ -91,8 +103,8 @@ def vae_loss(
         Kingma, Welling. Auto-Encoding Variational Bayes. ICLR 2014.
         Higgins, Matthey, Pal, et al. beta-VAE. ICLR 2017.
     """
-    _checks.check_reduction(reduction)
-    beta = _checks.check_in_range("beta", beta, 0.0)
+    beta = check_vae_options(beta=beta, reduction=reduction)
+    recon_logits, x = check_binary_pair(recon_logits, x, names=("recon_logits", "x"))
     mu = _checks.check_floating("mu", mu)
     logvar = _checks.check_floating("logvar", logvar)
     if mu.shape != logvar.shape:

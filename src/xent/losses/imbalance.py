@@ -18,7 +18,11 @@ from xent.losses.softmax import canonicalize, class_dimension, cross_entropy, fu
 
 def check_class_counts(class_counts: torch.Tensor | Sequence[float], *, num_classes: int | None = None) -> torch.Tensor:
     """Per-class sample counts as a float64 tensor ``(C,)``; a zero, negative or non-finite count is rejected."""
-    counts = torch.as_tensor(class_counts, dtype=torch.float64)
+    try:
+        counts = torch.as_tensor(class_counts, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        shown = type(class_counts).__name__
+        raise TypeError(f"class_counts must be a tensor or a sequence of numbers, got {shown}") from None
     if counts.dim() != 1 or counts.numel() == 0:
         raise ValueError(
             f"class_counts must have shape (C,), one count per class, got shape {_checks.shape_str(counts.shape)}"
@@ -91,9 +95,9 @@ def deferred_reweighting(
     return class_balanced_weights(counts, beta)
 
 
-def _log_prior_offset(input: torch.Tensor, class_counts, tau: float) -> torch.Tensor:
-    """τ · log π_c shaped to broadcast along the input's class dimension."""
-    class_dim = class_dimension(input)
+def _log_prior_offset(input: torch.Tensor, class_counts, tau: float, name: str = "input") -> torch.Tensor:
+    """τ · log π_c shaped to broadcast along the class dimension of ``input`` (the caller's argument ``name``)."""
+    class_dim = class_dimension(input, name)
     counts = check_class_counts(class_counts, num_classes=input.shape[class_dim])
     log_prior = torch.log(counts / counts.sum())
     return (tau * log_prior).to(device=input.device).view((-1,) + (1,) * (input.dim() - class_dim - 1))
@@ -116,7 +120,7 @@ def logit_adjust(logits: torch.Tensor, class_counts: torch.Tensor | Sequence[flo
         Menon, Jayasumana, Rawat, Jain, Veit, Kumar. Long-tail learning via logit adjustment. ICLR 2021.
     """
     tau = _checks.check_in_range("tau", tau, 0.0)
-    return logits - _log_prior_offset(logits, class_counts, tau).to(logits.dtype)
+    return logits - _log_prior_offset(logits, class_counts, tau, "logits").to(logits.dtype)
 
 
 @float32_under_autocast
@@ -153,8 +157,9 @@ def logit_adjusted_cross_entropy(
         Menon, Jayasumana, Rawat, Jain, Veit, Kumar. Long-tail learning via logit adjustment. ICLR 2021.
     """
     tau = _checks.check_in_range("tau", tau, 0.0)
+    class_dim = class_dimension(input)
     description = describe_logit_adjusted(
-        input.shape[class_dimension(input)], class_counts=class_counts, tau=tau, label_smoothing=label_smoothing
+        input.shape[class_dim], class_counts=class_counts, tau=tau, label_smoothing=label_smoothing
     )
     label_smoothing = description["label_smoothing"]
     offset = _log_prior_offset(input, class_counts, tau)  # (C, 1, ..., 1)
@@ -289,7 +294,7 @@ def ldam_loss(
     """
     _, indices, _ = canonicalize(input, target)
     if indices.is_floating_point():
-        raise TypeError("ldam_loss takes class indices, not probabilities")
+        raise TypeError("ldam_loss takes class indices as target, not probabilities")
     class_dim = class_dimension(input)
     description = describe_ldam(input.shape[class_dim], class_counts=class_counts, max_margin=max_margin, scale=scale)
     margins, scale = description["target_margin"], description["logit_scale"]

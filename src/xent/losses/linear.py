@@ -50,7 +50,7 @@ def canonicalize_linear(
         if linear_bias.dtype != input.dtype:
             raise TypeError(f"linear_bias has dtype {linear_bias.dtype} but input has dtype {input.dtype}")
     batch_shape = input.shape[:-1]
-    flat_input = input.reshape(-1, input.shape[-1])
+    flat_input = input.reshape(batch_shape.numel(), input.shape[-1])  # not -1: D may be 0 (the logits are the bias)
     probs_shape = torch.Size((*batch_shape, vocab))
     if _checks.is_probability_target(target, input_shape=input.shape, batch_shape=batch_shape, probs_shape=probs_shape):
         return flat_input, target.reshape(-1, vocab), batch_shape
@@ -163,7 +163,8 @@ def check_loss_options(describe: Callable[..., dict], options: dict) -> None:
     """Check a loss's own options without its tensors, as a module's constructor does: the number of classes is
     taken from a per-class option (class counts, a per-class α) when there is one."""
     own = {key: value for key, value in options.items() if key in describe_options(describe)}
-    per_class = [len(value) for value in own.values() if isinstance(value, (torch.Tensor, list, tuple))]
+    per_class = [len(value) for value in own.values() if isinstance(value, (list, tuple))
+                 or (isinstance(value, torch.Tensor) and value.dim() > 0)]  # fmt: skip
     describe(per_class[0] if per_class else 1, **own)
 
 
@@ -294,7 +295,9 @@ def accumulated_linear_loss(
     input, linear_weight, linear_bias = map(cast_for_linear, (input, linear_weight, linear_bias))
     flat_input, flat_target, batch_shape = canonicalize_linear(input, linear_weight, linear_bias, target)
     if flat_target.is_floating_point() and name != "cross_entropy":
-        raise TypeError(f"{name} takes class indices of shape {_checks.shape_str(batch_shape)}, not probabilities")
+        raise TypeError(
+            f"{name} takes class indices as target, of shape {_checks.shape_str(batch_shape)}, not probabilities"
+        )
     vocab = linear_weight.shape[0]
     flat_token_weight = check_token_weight(token_weight, batch_shape)
     description = {"softcap": softcap, **describe(vocab, **loss_options)}

@@ -86,7 +86,8 @@ def linear_log_probs(
     flat_input, flat_target, batch_shape = canonicalize_linear(input, linear_weight, linear_bias, target)
     if flat_target.is_floating_point():
         raise TypeError(
-            f"linear_log_probs takes class indices of shape {_checks.shape_str(batch_shape)}, not probabilities"
+            f"linear_log_probs takes class indices as target, of shape {_checks.shape_str(batch_shape)}, "
+            "not probabilities"
         )
     _checks.check_class_indices(flat_target, linear_weight.shape[0], ignore_index)
     with autocast_off(input):

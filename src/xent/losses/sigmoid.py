@@ -16,15 +16,19 @@ def check_binary_options(*, reduction: str, label_smoothing: float) -> float:
     return _checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
 
 
-def check_binary_pair(input: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    input = _checks.check_floating("input", input)
-    target = _checks.check_floating("target", target)
+def check_binary_pair(
+    input: torch.Tensor, target: torch.Tensor, names: tuple[str, str] = ("input", "target")
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Floating logits and targets of the same shape, the targets in [0, 1]; errors use the caller's ``names``."""
+    input_name, target_name = names
+    input = _checks.check_floating(input_name, input)
+    target = _checks.check_floating(target_name, target)
     if target.shape != input.shape:
         raise ValueError(
-            f"target has shape {_checks.shape_str(target.shape)} but input has shape "
-            f"{_checks.shape_str(input.shape)}; binary targets must have the input's shape"
+            f"{target_name} has shape {_checks.shape_str(target.shape)} but {input_name} has shape "
+            f"{_checks.shape_str(input.shape)}; binary targets must have the {input_name}'s shape"
         )
-    _checks.check_probabilities("target", target)
+    _checks.check_probabilities(target_name, target)
     return input, target
 
 
@@ -82,10 +86,12 @@ def binary_cross_entropy_with_logits(
     dtype = accumulation_dtype(input.dtype)
     x = input.to(dtype)
     t = _smooth(target.to(dtype), label_smoothing)
-    positive = F.softplus(-x)  # -log σ(x)
+    # -log σ(x) and -log(1 - σ(x)) = softplus(∓x), as log-sigmoids: exact in float64 at every x (F.softplus returns
+    # x itself above its threshold of 20, 2e-9 off), and never the log of an underflowed sigmoid
+    positive = -F.logsigmoid(x)
     if pos_weight is not None:
         positive = positive * pos_weight.to(dtype)
-    loss = t * positive + (1.0 - t) * F.softplus(x)  # softplus(x) = -log(1 - σ(x))
+    loss = t * positive - (1.0 - t) * F.logsigmoid(-x)
     if weight is not None:
         loss = loss * weight.to(dtype)
     return reduce_loss(loss, reduction).to(input.dtype)

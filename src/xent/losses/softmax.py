@@ -34,24 +34,27 @@ def check_softmax_options(
     return label_smoothing, z_loss, softcap
 
 
-def class_dimension(input: torch.Tensor) -> int:
-    """The class dimension of logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``, after checking them."""
-    input = _checks.check_floating("input", input)
+def class_dimension(input: torch.Tensor, name: str = "input") -> int:
+    """The class dimension of logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``, after checking them; errors
+    call them ``name``, the caller's argument."""
+    input = _checks.check_floating(name, input)
     if input.dim() == 0:
-        raise ValueError("input must have a class dimension: shape (C), (N, C) or (N, C, d1, ..., dK), got shape ()")
+        raise ValueError(f"{name} must have a class dimension: shape (C), (N, C) or (N, C, d1, ..., dK), got shape ()")
     class_dim = 0 if input.dim() == 1 else 1
     if input.shape[class_dim] == 0:
-        raise ValueError(f"input has shape {_checks.shape_str(input.shape)}: there must be at least one class")
+        raise ValueError(f"{name} has shape {_checks.shape_str(input.shape)}: there must be at least one class")
     return class_dim
 
 
-def canonicalize(input: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
+def canonicalize(
+    input: torch.Tensor, target: torch.Tensor, name: str = "input"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
     """Logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)`` → ``(M, C)``; targets → ``(M,)`` or ``(M, C)``.
 
     Returns the canonical logits, the canonical target and the batch shape (the input's shape without the class
-    dimension), which is the shape of ``reduction="none"``'s result.
+    dimension), which is the shape of ``reduction="none"``'s result. Errors call the logits ``name``.
     """
-    class_dim = class_dimension(input)
+    class_dim = class_dimension(input, name)
     target = _checks.check_tensor("target", target)
     num_classes = input.shape[class_dim]
     batch_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
@@ -125,7 +128,9 @@ def class_index_loss(
     check_softmax_options(reduction=reduction, label_smoothing=0.0, z_loss=0.0, softcap=None, ignore_index=ignore_index)
     logits, target, batch_shape = canonicalize(input, target)
     if target.is_floating_point():
-        raise TypeError(f"{loss_name} takes class indices of shape {_checks.shape_str(batch_shape)}, not probabilities")
+        raise TypeError(
+            f"{loss_name} takes class indices as target, of shape {_checks.shape_str(batch_shape)}, not probabilities"
+        )
     num_classes = logits.shape[-1]
     options = SoftmaxOptions(
         weight=_checks.check_class_weight("weight", weight, num_classes),
@@ -166,7 +171,9 @@ def fused_index_loss(
     check_softmax_options(reduction=reduction, label_smoothing=0.0, z_loss=0.0, softcap=None, ignore_index=ignore_index)
     logits, flat_target, batch_shape = canonicalize(input, target)
     if flat_target.is_floating_point():
-        raise TypeError(f"{loss_name} takes class indices of shape {_checks.shape_str(batch_shape)}, not probabilities")
+        raise TypeError(
+            f"{loss_name} takes class indices as target, of shape {_checks.shape_str(batch_shape)}, not probabilities"
+        )
     options = SoftmaxOptions(
         ignore_index=ignore_index, token_weight=check_token_weight(token_weight, batch_shape), **description
     )

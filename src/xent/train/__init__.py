@@ -1,6 +1,17 @@
-"""The trainer behind ``xent train`` and ``xent eval``: config, data, models, loop, metrics, checkpoints, plots."""
+"""The trainer behind ``xent train`` and ``xent eval``: config, data, models, loop, metrics, checkpoints, plots.
+
+The configuration is imported eagerly; the loop (and with it torchmetrics, kornia, matplotlib) on first use, so that
+``xent --help`` and a bad flag answer at once.
+"""
 
 from xent.train.config import ConfigError, TrainConfig, resolve
-from xent.train.loop import TrainingDiverged, train
 
 __all__ = ["ConfigError", "TrainConfig", "TrainingDiverged", "resolve", "train"]
+
+
+def __getattr__(name: str) -> object:
+    if name in ("TrainingDiverged", "train"):
+        from xent.train import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module 'xent.train' has no attribute {name!r}")
