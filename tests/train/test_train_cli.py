@@ -118,7 +118,7 @@ def test_every_data_format_trains(tmp_path, data_set):
     ("arguments", "message"),
     [
         (("--warmup-epochs", "30", "--epochs", "20"), "--warmup-epochs 30 must be smaller than --epochs 20"),
-        (("--loss", "hinge"), "--loss hinge unknown; choose from ce, bce"),
+        (("--loss", "hinge"), "--loss hinge unknown; choose from ce, mse, bce"),
         (("--model", "vit"), "--model vit unknown; choose from linear, mlp, cnn, resnet20"),
         (("--optimizer", "lion"), "--optimizer lion unknown; choose from sgd, adam"),
         (("--data", "imagenet"), "--data imagenet unknown; choose from digits"),

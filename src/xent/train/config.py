@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xent.train.losses import LOSSES, used_by
+
 DATASETS = ("digits", "mnist1d", "mnist", "fashion-mnist", "cifar10")  # and folder:PATH
 MODELS = ("linear", "mlp", "cnn", "resnet20")
-LOSSES = ("ce", "bce", "focal", "cb", "la", "balanced-softmax", "ldam-drw", "gce", "sce", "poly1")
 OPTIMIZERS = ("sgd", "adam", "nadam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 AUGMENTATIONS = ("flip", "rotate", "crop")
@@ -61,19 +62,22 @@ class TrainConfig:
         default=None, metadata=_flag("model", "linear | mlp | cnn | resnet20 (default: per data set)")
     )
     # loss
-    loss: str = field(default="ce", metadata=_flag("loss", " | ".join(LOSSES)))
-    label_smoothing: float = field(
-        default=0.0, metadata=_flag("loss", "label smoothing ε (ce, la, balanced-softmax, poly1, bce)")
+    loss: str = field(
+        default="ce", metadata=_flag("loss", "; ".join(f"{name}: {loss.summary}" for name, loss in LOSSES.items()))
     )
-    gamma: float = field(default=2.0, metadata=_flag("loss", "focal loss γ"))
-    beta: float = field(default=0.9999, metadata=_flag("loss", "class-balanced β (cb, and ldam-drw's re-weighting)"))
-    tau: float = field(default=1.0, metadata=_flag("loss", "logit adjustment τ (la)"))
-    q: float = field(default=0.7, metadata=_flag("loss", "generalized cross-entropy q (gce)"))
-    sce_alpha: float = field(default=0.1, metadata=_flag("loss", "symmetric cross-entropy α (sce)"))
-    sce_beta: float = field(default=1.0, metadata=_flag("loss", "symmetric cross-entropy β (sce)"))
-    poly_epsilon: float = field(default=1.0, metadata=_flag("loss", "Poly-1 ε (poly1)"))
+    label_smoothing: float = field(
+        default=0.0, metadata=_flag("loss", "label smoothing ε" + used_by("label_smoothing"))
+    )
+    gamma: float = field(default=2.0, metadata=_flag("loss", "focal loss γ" + used_by("gamma")))
+    beta: float = field(default=0.9999, metadata=_flag("loss", "class-balanced β" + used_by("beta")))
+    tau: float = field(default=1.0, metadata=_flag("loss", "logit adjustment τ" + used_by("tau")))
+    q: float = field(default=0.7, metadata=_flag("loss", "generalized cross-entropy q" + used_by("q")))
+    sce_alpha: float = field(default=0.1, metadata=_flag("loss", "symmetric cross-entropy α" + used_by("sce_alpha")))
+    sce_beta: float = field(default=1.0, metadata=_flag("loss", "symmetric cross-entropy β" + used_by("sce_beta")))
+    poly_epsilon: float = field(default=1.0, metadata=_flag("loss", "Poly-1 ε" + used_by("poly_epsilon")))
     drw_epoch: int | None = field(
-        default=None, metadata=_flag("loss", "ldam-drw: epoch that switches re-weighting on (default 80%% of --epochs)")
+        default=None,
+        metadata=_flag("loss", "epoch that switches re-weighting on (default 80%% of --epochs)" + used_by("drw_epoch")),
     )
     # optimization
     optimizer: str | None = field(
@@ -284,7 +288,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if resolved.warmup_epochs >= resolved.epochs:
         raise ConfigError(f"--warmup-epochs {resolved.warmup_epochs} must be smaller than --epochs {resolved.epochs}")
     if resolved.drw_epoch is None:
-        resolved.drw_epoch = max(1, int(0.8 * resolved.epochs)) if resolved.loss == "ldam-drw" else None
+        reads_it = "drw_epoch" in LOSSES[resolved.loss].flags
+        resolved.drw_epoch = max(1, int(0.8 * resolved.epochs)) if reads_it else None
     elif not 0 <= resolved.drw_epoch < resolved.epochs:
         raise ConfigError(f"--drw-epoch {resolved.drw_epoch} must be in [0, --epochs {resolved.epochs})")
     return resolved

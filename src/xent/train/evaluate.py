@@ -11,6 +11,7 @@ from xent.train import checkpoint
 from xent.train.config import ConfigError, TrainConfig, resolve
 from xent.train.data import Split, as_float, load_data
 from xent.train.loop import evaluate
+from xent.train.losses import LOSSES
 from xent.train.metrics import expected_calibration_error
 from xent.train.models import build_model
 from xent.train.objective import build_criterion
@@ -39,7 +40,9 @@ def evaluate_run(run_dir: Path, *, data: str | None = None, data_dir: str | None
     config = resolve(TrainConfig.from_dict({**saved, **overrides, "resume": None}))
     bundle = load_data(config)
     state = checkpoint.load(run_dir / checkpoint.BEST)
-    model = build_model(config.model, bundle.input_shape, bundle.num_classes, cosine_head=config.loss == "ldam-drw")
+    model = build_model(
+        config.model, bundle.input_shape, bundle.num_classes, cosine_scale=LOSSES[config.loss].cosine_scale
+    )
     try:
         model.load_state_dict(state["model"])
     except RuntimeError:

@@ -25,6 +25,7 @@ from torch import nn
 from xent.train import checkpoint, plots
 from xent.train.config import ConfigError, TrainConfig, parse_augment, resolve
 from xent.train.data import DataBundle, Split, as_float, load_data
+from xent.train.losses import LOSSES
 from xent.train.metrics import Metrics, MetricSet
 from xent.train.models import build_model
 from xent.train.objective import Criterion, build_criterion
@@ -107,7 +108,7 @@ def prepare(config: TrainConfig) -> Run:
     data = load_data(config)
     augment = _augmentation(parse_augment(config.augment), data.input_shape)
     directory = Path(config.resume or config.out or _new_directory(config))
-    model = build_model(config.model, data.input_shape, data.num_classes, cosine_head=config.loss == "ldam-drw")
+    model = build_model(config.model, data.input_shape, data.num_classes, cosine_scale=LOSSES[config.loss].cosine_scale)
     model = model.to(runtime.device)
     trainer: nn.Module = model
     if config.compile:

@@ -113,24 +113,33 @@ def resnet20(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 
 
 class NormedLinear(nn.Module):
-    """A cosine classifier: logits are cosines between the feature vector and each class's weight vector, the head
-    LDAM's margins and scale are defined for (Cao et al., 2019)."""
+    """A cosine classifier, the head LDAM's margins are defined for (Cao et al., 2019): its logits are ``scale``
+    times the cosines between the feature vector and each class's weight vector — the logits the loss scores, so
+    that every probability read from them (evaluation, ECE, temperature scaling) is the model's.
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    The scale is a constant of the loss, not a parameter: it is not saved in ``state_dict``."""
+
+    def __init__(self, in_features: int, out_features: int, scale: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-1, 1))
+        self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()
+        return self.scale * (F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, scale={self.scale}"
 
 
 MODELS = {"linear": linear, "mlp": mlp, "cnn": cnn, "resnet20": resnet20}
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, cosine_head: bool = False) -> nn.Module:
-    """The named model; ``cosine_head`` swaps its final linear layer for a :class:`NormedLinear`."""
+def build_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, *, cosine_scale: float | None = None
+) -> nn.Module:
+    """The named model; with ``cosine_scale`` its final linear layer is a :class:`NormedLinear` of that scale."""
     model = MODELS[name](input_shape, num_classes)
-    if cosine_head:
+    if cosine_scale is not None:
         head = model[-1]
-        model[-1] = NormedLinear(head.in_features, head.out_features)
+        model[-1] = NormedLinear(head.in_features, head.out_features, cosine_scale)
     return model
