@@ -168,8 +168,13 @@ class CommandError(Exception):
     """A bad flag or value: printed as one line naming the flag, exit status 2, no traceback."""
 
 
-def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field of :class:`xent.train.TrainConfig`, grouped and documented by its metadata."""
+STUDY_OWNED = ("out", "resume", "quiet", "seed", "loss")  # set per run by xent compare, not shared flags
+
+
+def _train_arguments(parser: argparse.ArgumentParser, *, shared: bool = False) -> None:
+    """One flag per field of :class:`xent.train.TrainConfig`, grouped and documented by its metadata. ``shared``:
+    the flags as settings of every run of a study — only those given are set, and the run's own place, resumption
+    and verbosity are the study's."""
     import dataclasses
     import typing
 
@@ -178,17 +183,23 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainConfig)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for field in dataclasses.fields(TrainConfig):
+        if shared and field.name in STUDY_OWNED:
+            continue
         group_name = field.metadata["group"]
         group = groups.setdefault(group_name, parser.add_argument_group(group_name))
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
         default = field.default
         help_text = field.metadata["help"] + ("" if default in (None, False) else f" (default {default})")
+        if shared:
+            help_text = field.metadata["help"]
         if kind is bool:
-            group.add_argument(flag, action="store_true", help=help_text)
+            group.add_argument(flag, action="store_true", help=help_text,
+                               **({"default": argparse.SUPPRESS} if shared else {}))  # fmt: skip
             continue
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-        group.add_argument(flag, type=base, default=default, metavar=field.name.upper(), help=help_text)
+        group.add_argument(flag, type=base, default=argparse.SUPPRESS if shared else default,
+                           metavar=field.name.upper(), help=help_text)  # fmt: skip
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -263,6 +274,100 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _numbers(text: str) -> list[float]:
+    try:
+        return [float(value) for value in text.split(",") if value.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    from xent.train.compare import STUDIES
+
+    study = parser.add_argument_group("study")
+    study.add_argument(
+        "--study",
+        default="long-tail",
+        choices=list(STUDIES),
+        help="; ".join(f"{name}: {s.question}" for name, s in STUDIES.items()) + " (default long-tail)",
+    )
+    study.add_argument(
+        "--losses",
+        type=lambda text: [v for v in text.split(",") if v.strip()],
+        help="losses of --loss, comma-separated, each NAME or NAME:FLAG=VALUE "
+        "(e.g. ce,ce:label-smoothing=0.1,focal:gamma=1); default: the study's",
+    )
+    study.add_argument("--seeds", type=int, default=3, help="seeds per loss (default 3)")
+    study.add_argument("--imbalance-ratios", type=_numbers, help="a grid over --imbalance-ratio, e.g. 10,100")
+    study.add_argument("--label-noises", type=_numbers, help="a grid over --label-noise, e.g. 0.2,0.4")
+    study.add_argument("--jobs", type=int, default=1, help="cells trained at once, one process each (default 1)")
+    study.add_argument("--out", type=Path, help="the study directory (default runs/compare-STUDY); an existing "
+                       "one is resumed: finished cells are kept")  # fmt: skip
+    _train_arguments(parser, shared=True)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """Run a loss study: losses × seeds on one data set, then a table, plots and a report."""
+    import dataclasses
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from xent.train.compare import aggregate, build_grid, run_grid, write_csv
+    from xent.train.config import ConfigError, TrainConfig
+    from xent.train.report import findings, plots, table, write_reports
+
+    if args.jobs < 1:
+        raise CommandError(f"--jobs must be at least 1, got {args.jobs}")
+    given = [name for name in ("imbalance_ratios", "label_noises") if getattr(args, name)]
+    if len(given) > 1:
+        raise CommandError("give one of --imbalance-ratios and --label-noises: a study varies one setting")
+    varying = None
+    if given:
+        varying = ({"imbalance_ratios": "imbalance_ratio", "label_noises": "label_noise"}[given[0]],
+                   getattr(args, given[0]))  # fmt: skip
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                if hasattr(args, f.name) and f.name not in STUDY_OWNED}  # fmt: skip
+    directory = args.out or Path("runs") / f"compare-{args.study}"
+    try:
+        grid = build_grid(directory, study=args.study, losses=args.losses, seeds=args.seeds, varying=varying,
+                          settings=settings)  # fmt: skip
+    except ConfigError as error:
+        raise CommandError(str(error)) from None
+    console = _console()
+    cells = grid.cells()
+    console.print(f"xent compare {grid.name}: {len(grid.variants)} losses × {len(grid.seeds)} seeds"
+                  + (f" × {len(grid.varying[1])} values of {grid.varying[0]}" if grid.varying else "")
+                  + f" = {len(cells)} runs in {directory}")  # fmt: skip
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task("cells", total=len(cells))
+
+            def done(cell, row):
+                progress.advance(task)
+                progress.console.print(f"  {cell.directory.name}: accuracy {100 * row['accuracy']:.2f}%, balanced "
+                                       f"{100 * row['balanced_accuracy']:.2f}%, ECE {row['ece']:.3f}")  # fmt: skip
+
+            rows = run_grid(grid, jobs=args.jobs, on_done=done)
+    except ConfigError as error:
+        raise CommandError(str(error)) from None
+    except KeyboardInterrupt:
+        print(f"xent compare: interrupted; run the same command again to continue (finished cells in {directory} "
+              "are kept)", file=sys.stderr)  # fmt: skip
+        return 130
+    varying_name = grid.varying[0] if grid.varying else None
+    summary = aggregate(rows, varying_name)
+    write_csv(rows, directory / "results.csv", grid.name)
+    write_csv(summary, directory / "summary.csv", grid.name)
+    figures = plots(grid, rows, summary)
+    write_reports(grid, rows, summary, figures)
+    console.print(table(grid, summary))
+    for sentence in findings(grid, summary):
+        console.print(f"• {sentence}")
+    console.print(f"report: {directory / 'report.html'} (and report.md, results.csv, summary.csv, plots/)")
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 
@@ -273,6 +378,7 @@ def _no_arguments(parser: argparse.ArgumentParser) -> None:
 COMMANDS: list[Command] = [
     ("train", _train_arguments, _train),
     ("eval", _eval_arguments, _eval),
+    ("compare", _compare_arguments, _compare),
     ("bench", _bench_arguments, _bench),
     ("demo", _no_arguments, _demo),
 ]

@@ -322,6 +322,7 @@ def finish(run: Run, console) -> dict:
     summary = {
         **{f"test_{key}": value for key, value in test.headline().items()},
         "test_per_class_accuracy": dict(zip(run.data.class_names, test.per_class_accuracy, strict=True)),
+        "test_reliability": test.reliability,  # per confidence bin: count, Σ confidence, Σ correct
         "best_epoch": best["epoch"],
         "epochs_completed": run.epoch,
         "train_seconds": run.train_seconds,

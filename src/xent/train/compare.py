@@ -1,0 +1,318 @@
+"""``xent compare``: a loss study — a grid of losses × seeds (× imbalance ratios or noise rates) trained with the
+trainer's own API, one run directory per cell, aggregated into tables, plots and a report.
+
+A study directory holds ``study.json`` (the grid), ``runs/CELL/`` (a run directory of ``xent train`` each, plus
+``calibration.json``: test NLL and ECE before and after temperature scaling fitted on the validation split),
+``results.csv`` (one row per cell), ``summary.csv`` (mean and standard deviation over seeds), ``plots/`` and
+``report.html``/``report.md``. Everything after training is recomputed from the run directories, so an interrupted
+study resumes where it stopped: finished cells are kept, a cell killed mid-run continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from xent.train.config import ConfigError, TrainConfig, resolve
+from xent.train.losses import LOSSES
+
+# Each metric of the report: (column in results.csv, heading, higher is better, shown as a percentage)
+METRICS: list[tuple[str, str, bool, bool]] = [
+    ("accuracy", "accuracy", True, True),
+    ("balanced_accuracy", "balanced acc.", True, True),
+    ("macro_f1", "macro-F1", True, False),
+    ("nll", "NLL", False, False),
+    ("ece", "ECE", False, False),
+    ("ece_after_ts", "ECE after TS", False, False),
+    ("train_seconds", "train s", False, False),
+]
+VARYING = {"imbalance_ratio": "--imbalance-ratios", "label_noise": "--label-noises"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A loss of the grid: a trainer loss and the flags that set it apart, written ``NAME[:FLAG=VALUE...]``
+    (``ce:label-smoothing=0.1`` is cross-entropy with label smoothing)."""
+
+    label: str
+    loss: str
+    options: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        name, *assignments = text.strip().split(":")
+        if name not in LOSSES:
+            raise ConfigError(f"--losses {text}: unknown loss {name!r}; choose from {', '.join(LOSSES)}")
+        options = {}
+        for assignment in assignments:
+            flag, equals, value = assignment.partition("=")
+            key = flag.strip().lstrip("-").replace("-", "_")
+            if not equals or key not in LOSSES[name].flags:
+                reads = ", ".join("--" + f.replace("_", "-") for f in LOSSES[name].flags) or "no flag"
+                raise ConfigError(f"--losses {text}: {name} takes FLAG=VALUE for the flags it reads ({reads})")
+            try:
+                options[key] = float(value)
+            except ValueError:
+                raise ConfigError(f"--losses {text}: {flag}={value!r} is not a number") from None
+        return cls(text.strip(), name, options)
+
+
+@dataclass(frozen=True)
+class Study:
+    question: str
+    losses: tuple[str, ...]
+    settings: dict[str, Any]  # TrainConfig fields the study sets (a user's flag overrides them)
+    headline: str  # the metric the question is about
+    varying: tuple[str, tuple[float, ...]] | None = None
+
+
+# Defaults chosen to finish in minutes on 2 CPU cores; every setting can be overridden by the flags of xent train.
+STUDIES: dict[str, Study] = {
+    "long-tail": Study(
+        "Which loss for a long-tailed training set (imbalance ratio 100)?",
+        ("ce", "focal", "cb", "la", "balanced-softmax", "ldam-drw"),
+        {"data": "digits", "imbalance_ratio": 100.0, "val_fraction": 0.2, "epochs": 40},
+        "balanced_accuracy",
+    ),
+    "noisy-labels": Study(
+        "Which loss when 40% of the training labels are wrong?",
+        ("ce", "ce:label-smoothing=0.1", "gce", "sce", "poly1", "focal"),
+        {"data": "digits", "label_noise": 0.4, "val_fraction": 0.2, "epochs": 40},
+        "accuracy",
+    ),
+    "calibration": Study(
+        "How calibrated is each loss, and how much does temperature scaling fix?",
+        ("ce", "ce:label-smoothing=0.1", "focal"),
+        {"data": "digits", "val_fraction": 0.2, "epochs": 40},
+        "ece",
+    ),
+    "mse": Study(
+        "Why cross-entropy and not mean squared error on the softmax?",
+        ("ce", "mse"),
+        {"data": "digits", "val_fraction": 0.2, "epochs": 40},
+        "accuracy",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    variant: Variant
+    seed: int
+    varying: tuple[str, float] | None
+    directory: Path
+
+    def config(self, settings: dict[str, Any]) -> TrainConfig:
+        values = {**settings, **self.variant.options, "loss": self.variant.loss, "seed": self.seed}
+        if self.varying is not None:
+            values[self.varying[0]] = self.varying[1]
+        return TrainConfig(**{**values, "out": str(self.directory), "quiet": True, "resume": None})
+
+
+@dataclass
+class Grid:
+    name: str
+    directory: Path
+    variants: list[Variant]
+    seeds: list[int]
+    varying: tuple[str, tuple[float, ...]] | None
+    settings: dict[str, Any]
+    headline: str
+    question: str
+
+    def cells(self) -> list[Cell]:
+        values = [None] if self.varying is None else [(self.varying[0], v) for v in self.varying[1]]
+        return [
+            Cell(variant, seed, value, self.directory / "runs" / _cell_name(variant, seed, value))
+            for value in values
+            for variant in self.variants
+            for seed in self.seeds
+        ]
+
+    def to_json(self) -> dict:
+        return {"study": self.name, "question": self.question, "headline": self.headline,
+                "losses": [v.label for v in self.variants], "seeds": self.seeds,
+                "varying": list(self.varying) if self.varying else None, "settings": self.settings}  # fmt: skip
+
+
+def _cell_name(variant: Variant, seed: int, varying: tuple[str, float] | None) -> str:
+    parts = [variant.label] + ([f"{varying[0]}={varying[1]:g}"] if varying else []) + [f"seed{seed}"]
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", "__".join(parts))
+
+
+def build_grid(
+    directory: Path,
+    *,
+    study: str = "long-tail",
+    losses: Sequence[str] | None = None,
+    seeds: int = 3,
+    varying: tuple[str, Sequence[float]] | None = None,
+    settings: dict[str, Any] | None = None,
+) -> Grid:
+    """The study's grid with the user's losses, seeds, varying setting and ``xent train`` flags in place of its
+    defaults; every cell's configuration is resolved here, so a bad grid fails before any training."""
+    if study not in STUDIES:
+        raise ConfigError(f"--study {study} unknown; choose from {', '.join(STUDIES)}")
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    defaults = STUDIES[study]
+    variants = [Variant.parse(text) for text in (losses or defaults.losses)]
+    labels = [v.label for v in variants]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"--losses names a loss twice: {', '.join(labels)}")
+    grid_varying = defaults.varying
+    if varying is not None:
+        name, values = varying
+        if name not in VARYING or not values or len(set(values)) != len(values):
+            raise ConfigError(f"{VARYING.get(name, name)} needs distinct values, got {list(values)}")
+        grid_varying = (name, tuple(float(v) for v in values))
+    merged = {**defaults.settings, **(settings or {})}
+    if grid_varying is not None:
+        merged.pop(grid_varying[0], None)
+    grid = Grid(study, directory, variants, list(range(seeds)), grid_varying, merged, defaults.headline,
+                defaults.question)  # fmt: skip
+    for cell in grid.cells():
+        config = resolve(cell.config(grid.settings))
+        if config.val_fraction == 0:
+            raise ConfigError("xent compare fits temperature scaling on the validation split: --val-fraction > 0")
+    return grid
+
+
+# --- running --------------------------------------------------------------------------------------------------
+
+
+def cell_finished(cell: Cell) -> bool:
+    return (cell.directory / "summary.json").is_file() and (cell.directory / "calibration.json").is_file()
+
+
+def run_cell(cell: Cell, settings: dict[str, Any], threads: int | None = None) -> dict:
+    """Train one cell through the trainer's API (resuming a killed one from its checkpoint), then fit its
+    temperature; returns its row of ``results.csv``."""
+    import torch
+    from rich.console import Console
+
+    from xent.train.checkpoint import LAST
+    from xent.train.evaluate import evaluate_run
+    from xent.train.loop import train
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if not (cell.directory / "summary.json").is_file():
+        config = cell.config(settings)
+        if (cell.directory / LAST).is_file():
+            config = dataclasses.replace(config, resume=str(cell.directory), out=None)
+        elif cell.directory.exists():  # started but no epoch finished: nothing to keep
+            shutil.rmtree(cell.directory)
+        train(config, Console(file=io.StringIO()))
+    if not (cell.directory / "calibration.json").is_file():
+        scaled = evaluate_run(cell.directory, temperature_scale=True)
+        calibration = {
+            key: scaled[key] for key in ("temperature", "nll_before", "nll_after", "ece_before", "ece_after")
+        }
+        (cell.directory / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
+    return read_row(cell)
+
+
+def run_grid(grid: Grid, *, jobs: int = 1, on_done: Callable[[Cell, dict], None] | None = None) -> list[dict]:
+    """Every cell not yet finished, ``jobs`` at a time (one process each when ``jobs > 1``); returns all rows."""
+    grid.directory.mkdir(parents=True, exist_ok=True)
+    _write_study(grid)
+    cells = grid.cells()
+    todo = [cell for cell in cells if not cell_finished(cell)]
+    for cell in cells:
+        if cell not in todo and on_done is not None:
+            on_done(cell, read_row(cell))
+    if jobs <= 1:
+        for cell in todo:
+            row = run_cell(cell, grid.settings)
+            if on_done is not None:
+                on_done(cell, row)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(run_cell, cell, grid.settings, threads): cell for cell in todo}
+            for future in as_completed(futures):
+                row = future.result()
+                if on_done is not None:
+                    on_done(futures[future], row)
+    return [read_row(cell) for cell in cells]
+
+
+def _write_study(grid: Grid) -> None:
+    """``study.json``: a study directory resumed with another grid would mix two studies — refused."""
+    path = grid.directory / "study.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != json.loads(json.dumps(grid.to_json())):
+            raise ConfigError(
+                f"{grid.directory} holds another study ({saved.get('study')}, losses {', '.join(saved['losses'])}); "
+                "resume it with the same flags, or choose another --out"
+            )
+    else:
+        path.write_text(json.dumps(grid.to_json(), indent=2) + "\n")
+
+
+# --- aggregation ----------------------------------------------------------------------------------------------
+
+
+def read_row(cell: Cell) -> dict:
+    """A finished cell's row of ``results.csv``, read back from its run directory."""
+    summary = json.loads((cell.directory / "summary.json").read_text())
+    calibration = json.loads((cell.directory / "calibration.json").read_text())
+    row: dict[str, Any] = {"loss": cell.variant.label, "seed": cell.seed}
+    if cell.varying is not None:
+        row[cell.varying[0]] = cell.varying[1]
+    row |= {key: summary[f"test_{key}"] for key in ("accuracy", "balanced_accuracy", "macro_f1", "nll", "ece")}
+    row |= {"ece_after_ts": calibration["ece_after"], "nll_after_ts": calibration["nll_after"],
+            "temperature": calibration["temperature"], "train_seconds": summary["train_seconds"],
+            "run_dir": str(cell.directory)}  # fmt: skip
+    return row
+
+
+def aggregate(rows: Sequence[dict], varying: str | None) -> list[dict]:
+    """Mean and sample standard deviation over seeds of every metric, per loss (and varying value)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["loss"], row.get(varying) if varying else None), []).append(row)
+    summary = []
+    for (loss, value), members in groups.items():
+        entry: dict[str, Any] = {"loss": loss, **({varying: value} if varying else {}), "seeds": len(members)}
+        for key in [m[0] for m in METRICS] + ["nll_after_ts"]:
+            values = [float(m[key]) for m in members]
+            entry[f"{key}_mean"] = statistics.fmean(values)
+            entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary.append(entry)
+    return summary
+
+
+def write_csv(rows: Sequence[dict], path: Path, study: str) -> None:
+    columns = ["study", *dict.fromkeys(key for row in rows for key in row)]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({"study": study, **row})
+
+
+def best(summary: Sequence[dict], metric: str) -> dict:
+    higher = next(m[2] for m in METRICS if m[0] == metric)
+    return (max if higher else min)(summary, key=lambda entry: entry[f"{metric}_mean"])
+
+
+def difference(a: dict, b: dict, metric: str) -> tuple[float, float]:
+    """``a − b`` in ``metric`` and the standard deviation of that difference (the seeds' spreads combined)."""
+    spread = math.hypot(a[f"{metric}_std"], b[f"{metric}_std"])
+    return a[f"{metric}_mean"] - b[f"{metric}_mean"], spread
