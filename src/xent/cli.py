@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -274,6 +275,9 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_JOBS = max(1, min(4, os.cpu_count() or 1))
+
+
 def _numbers(text: str) -> list[float]:
     try:
         return [float(value) for value in text.split(",") if value.strip()]
@@ -289,7 +293,8 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
         "--study",
         default="long-tail",
         choices=list(STUDIES),
-        help="; ".join(f"{name}: {s.question}" for name, s in STUDIES.items()) + " (default long-tail)",
+        help="; ".join(f"{name}: {s.question}" for name, s in STUDIES.items()).replace("%", "%%")
+        + " (default long-tail)",
     )
     study.add_argument(
         "--losses",
@@ -300,7 +305,9 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     study.add_argument("--seeds", type=int, default=3, help="seeds per loss (default 3)")
     study.add_argument("--imbalance-ratios", type=_numbers, help="a grid over --imbalance-ratio, e.g. 10,100")
     study.add_argument("--label-noises", type=_numbers, help="a grid over --label-noise, e.g. 0.2,0.4")
-    study.add_argument("--jobs", type=int, default=1, help="cells trained at once, one process each (default 1)")
+    study.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
+                       help=f"runs trained at once, one process each (default {DEFAULT_JOBS}: the CPU cores, "
+                            "at most 4)")  # fmt: skip
     study.add_argument("--out", type=Path, help="the study directory (default runs/compare-STUDY); an existing "
                        "one is resumed: finished cells are kept")  # fmt: skip
     _train_arguments(parser, shared=True)

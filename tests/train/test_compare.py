@@ -112,6 +112,15 @@ def test_a_grid_over_imbalance_ratios_has_its_column(tmp_path):
     assert [(e["imbalance_ratio"], e["accuracy_mean"]) for e in summary] == [(5, 5.5), (20, 20.5)]
 
 
+def test_the_help_lists_the_studies_and_every_train_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    help_text = capsys.readouterr().out
+    assert all(f"{name}:" in help_text for name in STUDIES) and "40%" in help_text
+    assert "--imbalance-ratio IMBALANCE_RATIO" in help_text and "--label-smoothing" in help_text
+    assert "--resume" not in help_text  # the study resumes its own runs
+
+
 def test_every_study_names_losses_the_trainer_has():
     for name, study in STUDIES.items():
         grid = build_grid(Path("unused"), study=name, seeds=1)

@@ -154,7 +154,7 @@ def findings(grid: Grid, summary: Sequence[dict]) -> list[str]:
     sentences = []
     values = sorted({e.get(varying) for e in summary}) if varying else [None]
     key, heading, higher, percent = next(m for m in METRICS if m[0] == grid.headline)
-    scale, unit = (100, " points") if percent else (1, "")
+    scale = 100 if percent else 1
     for value in values:
         peers = [e for e in summary if not varying or e[varying] == value]
         where = f" at {varying} {value:g}" if varying else ""
@@ -162,19 +162,20 @@ def findings(grid: Grid, summary: Sequence[dict]) -> list[str]:
         baseline = next((e for e in peers if e["loss"] == "ce"), peers[0])
         if winner is baseline:
             sentences.append(f"{winner['loss']} has the best {heading}{where}: {_cell(winner, key, percent)}.")
+        else:
+            sentences.append(_winner_sentence(winner, baseline, key, heading, percent, where))
+        if len(peers) == 1:
             continue
-        gap, spread = difference(winner, baseline, key)
-        clear = abs(gap) > spread
-        sentences.append(
-            f"{winner['loss']} has the best {heading}{where}: {_cell(winner, key, percent)} against "
-            f"{baseline['loss']}'s {_cell(baseline, key, percent)} — {'+' if gap > 0 else '−'}"
-            f"{abs(gap) * scale:.{1 if percent else 3}f}{unit}, "
-            + ("more than" if clear else "within")
-            + f" one standard deviation of the difference ({spread * scale:.{1 if percent else 3}f}{unit})"
-            + ("." if clear else ": not distinguishable with these seeds.")
-        )
         ranking = sorted(peers, key=lambda e: e[f"{key}_mean"], reverse=higher)
         sentences.append(f"Ranking by {heading}{where}: " + " > ".join(e["loss"] for e in ranking) + ".")
+        gaps = []
+        for entry in peers:
+            if entry is not baseline:
+                gap, spread = difference(entry, baseline, key)
+                digits = 1 if percent else 3
+                verdict = "beyond one std" if abs(gap) > spread else "within one std"
+                gaps.append(f"{entry['loss']} {gap * scale:+.{digits}f} (std {spread * scale:.{digits}f}, {verdict})")
+        sentences.append(f"{heading} against {baseline['loss']}{where}: " + "; ".join(gaps) + ".")
     for entry in summary:
         before, after = entry["ece_mean"], entry["ece_after_ts_mean"]
         verdict = f"cut {before / after:.1f}×" if 0 < after < before else "did not reduce"
@@ -185,6 +186,18 @@ def findings(grid: Grid, summary: Sequence[dict]) -> list[str]:
     if len(grid.seeds) == 1:
         sentences.append("One seed per loss: the ± are 0 and say nothing; run --seeds 3 or more to judge a gap.")
     return sentences
+
+
+def _winner_sentence(winner: dict, baseline: dict, key: str, heading: str, percent: bool, where: str) -> str:
+    gap, spread = difference(winner, baseline, key)
+    scale, unit, digits = (100, " points", 1) if percent else (1, "", 3)
+    clear = abs(gap) > spread
+    return (
+        f"{winner['loss']} has the best {heading}{where}: {_cell(winner, key, percent)} against "
+        f"{baseline['loss']}'s {_cell(baseline, key, percent)} — {'+' if gap > 0 else '−'}{abs(gap) * scale:.{digits}f}"
+        f"{unit}, {'more than' if clear else 'within'} one standard deviation of the difference "
+        f"({spread * scale:.{digits}f}{unit})" + ("." if clear else ": not distinguishable with these seeds.")
+    )
 
 
 def _markdown_table(grid: Grid, summary: Sequence[dict]) -> list[str]:
