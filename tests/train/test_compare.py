@@ -3,7 +3,11 @@ summary.csv recomputed here from the run directories."""
 
 import csv
 import json
+import signal
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,6 +98,27 @@ def test_an_interrupted_study_resumes_where_it_stopped(tmp_path):
     other = build_grid(tmp_path / "study", losses=["ce", "gce"], seeds=1, settings=TINY)
     with pytest.raises(ValueError, match="holds another study"):
         run_grid(other)
+
+
+def test_ctrl_c_stops_every_run_at_once_and_the_same_command_finishes_the_study(tmp_path):
+    out = tmp_path / "study"
+    command = [sys.executable, "-m", "xent", "compare", "--losses", "ce,gce", "--seeds", "1", "--epochs", "80",
+               "--jobs", "2", "--out", str(out)]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(out.glob("runs/*/last.pt"))) < 2:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert stderr.strip().splitlines() == [f"xent compare: interrupted; run the same command again to continue "
+                                           f"(finished cells in {out} are kept)"]  # fmt: skip
+    assert not list(out.glob("runs/*/summary.json"))  # both runs were stopped mid-training
+    run_xent(*command[3:])
+    for run in ("ce__seed0", "gce__seed0"):
+        history = _csv(out / "runs" / run / "metrics.csv")
+        assert [int(row["epoch"]) for row in history] == list(range(1, 81))  # resumed, each epoch once
+        assert not list((out / "runs" / run).glob(".*.tmp"))
 
 
 def test_a_grid_over_imbalance_ratios_has_its_column(tmp_path):

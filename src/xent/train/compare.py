@@ -18,9 +18,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import statistics
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -225,6 +225,8 @@ def run_cell(cell: Cell, settings: dict[str, Any], threads: int | None = None) -
     if not (cell.directory / "summary.json").is_file():
         config = cell.config(settings)
         if (cell.directory / LAST).is_file():
+            for stale in cell.directory.glob(".*.tmp"):  # a checkpoint being written when the cell was killed
+                stale.unlink()
             config = dataclasses.replace(config, resume=str(cell.directory), out=None)
         elif cell.directory.exists():  # started but no epoch finished: nothing to keep
             shutil.rmtree(cell.directory)
@@ -253,14 +255,26 @@ def run_grid(grid: Grid, *, jobs: int = 1, on_done: Callable[[Cell, dict], None]
             if on_done is not None:
                 on_done(cell, row)
     else:
+        # A fresh process per cell; the workers ignore Ctrl-C and the parent terminates them, so an interrupted
+        # study stops at once and each killed cell resumes from its last (atomically written) checkpoint.
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(run_cell, cell, grid.settings, threads): cell for cell in todo}
-            for future in as_completed(futures):
-                row = future.result()
+        pool = get_context("spawn").Pool(jobs, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN),
+                                         maxtasksperchild=1)  # fmt: skip
+        try:
+            tasks = [(index, cell, grid.settings, threads) for index, cell in enumerate(todo)]
+            for index, row in pool.imap_unordered(_run_task, tasks):
                 if on_done is not None:
-                    on_done(futures[future], row)
+                    on_done(todo[index], row)
+            pool.close()
+        finally:
+            pool.terminate()
+            pool.join()
     return [read_row(cell) for cell in cells]
+
+
+def _run_task(task: tuple[int, Cell, dict[str, Any], int]) -> tuple[int, dict]:
+    index, cell, settings, threads = task
+    return index, run_cell(cell, settings, threads)
 
 
 def _write_study(grid: Grid) -> None:
