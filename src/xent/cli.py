@@ -321,10 +321,14 @@ def _compare(args: argparse.Namespace) -> int:
 
     from xent.train.compare import aggregate, build_grid, run_grid, write_csv
     from xent.train.config import ConfigError, TrainConfig
+    from xent.train.loop import Interrupted
     from xent.train.report import findings, plots, table, write_reports
 
     if args.jobs < 1:
         raise CommandError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.jobs > 1 and getattr(args, "workers", 0) > 0:
+        raise CommandError(f"--workers {args.workers} starts loader processes, which a --jobs worker process cannot: "
+                           "use --jobs 1 with --workers, or leave --workers at 0")  # fmt: skip
     given = [name for name in ("imbalance_ratios", "label_noises") if getattr(args, name)]
     if len(given) > 1:
         raise CommandError("give one of --imbalance-ratios and --label-noises: a study varies one setting")
@@ -358,7 +362,10 @@ def _compare(args: argparse.Namespace) -> int:
             rows = run_grid(grid, jobs=args.jobs, on_done=done)
     except ConfigError as error:
         raise CommandError(str(error)) from None
-    except KeyboardInterrupt:
+    except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        raise CommandError(f"cannot write the study: {where}{error.strerror or error}") from None
+    except (KeyboardInterrupt, Interrupted):  # Interrupted: Ctrl-C inside a run trained in this process
         print(f"xent compare: interrupted; run the same command again to continue (finished cells in {directory} "
               "are kept)", file=sys.stderr)  # fmt: skip
         return 130

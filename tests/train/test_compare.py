@@ -3,6 +3,7 @@ summary.csv recomputed here from the run directories."""
 
 import csv
 import json
+import math
 import signal
 import statistics
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 from tests.train.conftest import run_xent
 from xent.cli import main
-from xent.train.compare import STUDIES, Variant, aggregate, build_grid, run_grid
+from xent.train.compare import STUDIES, Variant, aggregate, best, build_grid, run_grid
 
 TINY = {"data": "digits", "epochs": 2, "imbalance_ratio": 10.0, "val_fraction": 0.2}
 
@@ -100,20 +101,23 @@ def test_an_interrupted_study_resumes_where_it_stopped(tmp_path):
         run_grid(other)
 
 
-def test_ctrl_c_stops_every_run_at_once_and_the_same_command_finishes_the_study(tmp_path):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_ctrl_c_stops_every_run_at_once_and_the_same_command_finishes_the_study(tmp_path, jobs):
     out = tmp_path / "study"
     command = [sys.executable, "-m", "xent", "compare", "--losses", "ce,gce", "--seeds", "1", "--epochs", "80",
-               "--jobs", "2", "--out", str(out)]  # fmt: skip
+               "--jobs", str(jobs), "--out", str(out)]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(out.glob("runs/*/last.pt"))) < 2:
+    while time.monotonic() < deadline and len(list(out.glob("runs/*/last.pt"))) < jobs:
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
     assert stderr.strip().splitlines() == [f"xent compare: interrupted; run the same command again to continue "
                                            f"(finished cells in {out} are kept)"]  # fmt: skip
-    assert not list(out.glob("runs/*/summary.json"))  # both runs were stopped mid-training
+    assert not list(out.glob("runs/*/summary.json"))  # the runs were stopped mid-training
+    if jobs == 1:
+        return  # the resume below is the same code for one job or two
     run_xent(*command[3:])
     for run in ("ce__seed0", "gce__seed0"):
         history = _csv(out / "runs" / run / "metrics.csv")
@@ -126,9 +130,12 @@ def test_a_grid_over_imbalance_ratios_has_its_column(tmp_path):
                       settings={**TINY, "epochs": 1})  # fmt: skip
     cells = grid.cells()
     assert [c.directory.name for c in cells] == [
-        "ce__imbalance_ratio=5__seed0", "ce__imbalance_ratio=5__seed1",
-        "ce__imbalance_ratio=20__seed0", "ce__imbalance_ratio=20__seed1",
+        "ce__imbalance_ratio=5.0__seed0", "ce__imbalance_ratio=5.0__seed1",
+        "ce__imbalance_ratio=20.0__seed0", "ce__imbalance_ratio=20.0__seed1",
     ]  # fmt: skip
+    close = build_grid(tmp_path / "t", losses=["ce"], seeds=1, varying=("label_noise", [0.1234561, 0.1234562]),
+                       settings=TINY)  # fmt: skip
+    assert len({c.directory for c in close.cells()}) == 2  # two values, two run directories
     assert cells[3].config(grid.settings).imbalance_ratio == 20.0
     rows = [{"loss": "ce", "imbalance_ratio": r, "seed": s, **dict.fromkeys(
         ["accuracy", "balanced_accuracy", "macro_f1", "nll", "ece", "ece_after_ts", "nll_after_ts", "train_seconds"],
@@ -146,11 +153,27 @@ def test_the_help_lists_the_studies_and_every_train_flag(capsys):
     assert "--resume" not in help_text  # the study resumes its own runs
 
 
+def test_a_diverging_run_is_a_result_not_a_crash(tmp_path):
+    """A loss that becomes NaN stops its run (the trainer's rule); the study records NaN metrics for that cell,
+    finishes the others, and a rerun does not train the diverged cell again."""
+    settings = {**TINY, "optimizer": "sgd", "lr": 1e12, "epochs": 2}
+    rows = run_grid(build_grid(tmp_path / "study", losses=["ce", "gce"], seeds=1, settings=settings))
+    by_loss = {row["loss"]: row for row in rows}
+    assert math.isnan(by_loss["ce"]["accuracy"])
+    assert json.loads((tmp_path / "study" / "runs" / "ce__seed0" / "diverged.json").read_text())["error"]
+    summary = aggregate(rows, None)
+    assert best(summary, "accuracy")["loss"] == "gce" or math.isnan(by_loss["gce"]["accuracy"])
+    again = run_grid(build_grid(tmp_path / "study", losses=["ce", "gce"], seeds=1, settings=settings))
+    assert [row["loss"] for row in again] == ["ce", "gce"]
+
+
 def test_every_study_names_losses_the_trainer_has():
     for name, study in STUDIES.items():
         grid = build_grid(Path("unused"), study=name, seeds=1)
         assert [v.label for v in grid.variants] == list(study.losses)
     assert Variant.parse("ce:label-smoothing=0.1").options == {"label_smoothing": 0.1}
+    assert Variant.parse("ce: --label-smoothing=0.10").label == "ce:label-smoothing=0.1"  # one spelling
+    assert Variant.parse("ldam-drw:drw-epoch=30").options == {"drw_epoch": 30}  # an int field stays an int
 
 
 @pytest.mark.parametrize(
@@ -164,6 +187,9 @@ def test_every_study_names_losses_the_trainer_has():
         ),
         (["--losses", "focal:gamma=x"], "focal:gamma=x: gamma='x' is not a number"),
         (["--losses", "ce,ce"], "--losses names a loss twice"),
+        (["--losses", "ce:label-smoothing=0.1,ce: label-smoothing=0.10"], "--losses names a loss twice"),
+        (["--losses", "ldam-drw:drw-epoch=2.5"], "drw-epoch takes a whole number, got 2.5"),
+        (["--workers", "1", "--jobs", "2"], "--workers 1 starts loader processes"),
         (["--seeds", "0"], "--seeds must be at least 1, got 0"),
         (["--val-fraction", "0"], "xent compare fits temperature scaling on the validation split"),
         (["--jobs", "0"], "--jobs must be at least 1"),

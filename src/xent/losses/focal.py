@@ -32,7 +32,8 @@ class _SigmoidModulation(torch.autograd.Function):
     :math:`\partial_x = \gamma (1 - 2t)\, e^{(\gamma - 1) L + \log\sigma(x) + \log\sigma(-x)}` and
     :math:`\partial_t = \gamma\, (e^{(\gamma - 1) L + \log\sigma(-x)} - e^{(\gamma - 1) L + \log\sigma(x)})`.
     The backward pass recomputes them from ``x`` and ``t`` with differentiable operations, so second-order
-    gradients stay exact.
+    gradients stay exact for targets strictly inside (0, 1) (at 0 or 1 the recomputed ``log(t)`` makes the mixed
+    second derivative NaN).
     """
 
     @staticmethod

@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import statistics
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -40,6 +41,7 @@ METRICS: list[tuple[str, str, bool, bool]] = [
     ("train_seconds", "train s", False, False),
 ]
 VARYING = {"imbalance_ratio": "--imbalance-ratios", "label_noise": "--label-noises"}
+DIVERGED = "diverged.json"  # a cell whose loss became NaN or infinite: a result (NaN metrics), not a crash
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,8 @@ class Variant:
         name, *assignments = text.strip().split(":")
         if name not in LOSSES:
             raise ConfigError(f"--losses {text}: unknown loss {name!r}; choose from {', '.join(LOSSES)}")
-        options = {}
+        options: dict[str, float] = {}
+        hints = typing.get_type_hints(TrainConfig)
         for assignment in assignments:
             flag, equals, value = assignment.partition("=")
             key = flag.strip().lstrip("-").replace("-", "_")
@@ -64,10 +67,17 @@ class Variant:
                 reads = ", ".join("--" + f.replace("_", "-") for f in LOSSES[name].flags) or "no flag"
                 raise ConfigError(f"--losses {text}: {name} takes FLAG=VALUE for the flags it reads ({reads})")
             try:
-                options[key] = float(value)
+                number = float(value)
             except ValueError:
                 raise ConfigError(f"--losses {text}: {flag}={value!r} is not a number") from None
-        return cls(text.strip(), name, options)
+            if int in (hints[key], *typing.get_args(hints[key])):  # an epoch, not a rate
+                if not number.is_integer():
+                    raise ConfigError(f"--losses {text}: {flag} takes a whole number, got {value}")
+                number = int(number)
+            options[key] = number
+        # one spelling per variant: "ce: label-smoothing=0.10" is "ce:label-smoothing=0.1"
+        label = name + "".join(f":{key.replace('_', '-')}={value:g}" for key, value in options.items())
+        return cls(label, name, options)
 
 
 @dataclass(frozen=True)
@@ -161,7 +171,7 @@ class Grid:
 
 
 def _cell_name(variant: Variant, seed: int, varying: tuple[str, float] | None) -> str:
-    parts = [variant.label] + ([f"{varying[0]}={varying[1]:g}"] if varying else []) + [f"seed{seed}"]
+    parts = [variant.label] + ([f"{varying[0]}={varying[1]!r}"] if varying else []) + [f"seed{seed}"]
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", "__".join(parts))
 
 
@@ -196,6 +206,10 @@ def build_grid(
         merged.pop(grid_varying[0], None)
     grid = Grid(study, directory, variants, list(range(seeds)), grid_varying, merged, defaults.headline,
                 defaults.question)  # fmt: skip
+    names = [cell.directory.name for cell in grid.cells()]
+    if len(set(names)) != len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise ConfigError(f"two cells of the grid would share the run directory {twice}: name each loss once")
     for cell in grid.cells():
         config = resolve(cell.config(grid.settings))
         if config.val_fraction == 0:
@@ -207,7 +221,8 @@ def build_grid(
 
 
 def cell_finished(cell: Cell) -> bool:
-    return (cell.directory / "summary.json").is_file() and (cell.directory / "calibration.json").is_file()
+    done = (cell.directory / "summary.json").is_file() and (cell.directory / "calibration.json").is_file()
+    return done or (cell.directory / DIVERGED).is_file()
 
 
 def run_cell(cell: Cell, settings: dict[str, Any], threads: int | None = None) -> dict:
@@ -218,7 +233,7 @@ def run_cell(cell: Cell, settings: dict[str, Any], threads: int | None = None) -
 
     from xent.train.checkpoint import LAST
     from xent.train.evaluate import evaluate_run
-    from xent.train.loop import train
+    from xent.train.loop import TrainingDiverged, train
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -230,7 +245,11 @@ def run_cell(cell: Cell, settings: dict[str, Any], threads: int | None = None) -
             config = dataclasses.replace(config, resume=str(cell.directory), out=None)
         elif cell.directory.exists():  # started but no epoch finished: nothing to keep
             shutil.rmtree(cell.directory)
-        train(config, Console(file=io.StringIO()))
+        try:
+            train(config, Console(file=io.StringIO()))
+        except TrainingDiverged as error:
+            (cell.directory / DIVERGED).write_text(json.dumps({"error": str(error)}) + "\n")
+            return read_row(cell)
     if not (cell.directory / "calibration.json").is_file():
         scaled = evaluate_run(cell.directory, temperature_scale=True)
         calibration = {
@@ -281,11 +300,16 @@ def _write_study(grid: Grid) -> None:
     """``study.json``: a study directory resumed with another grid would mix two studies — refused."""
     path = grid.directory / "study.json"
     if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved != json.loads(json.dumps(grid.to_json())):
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ConfigError(f"{path} is unreadable ({error}); choose another --out") from None
+        wanted = json.loads(json.dumps(grid.to_json()))
+        if saved != wanted:
+            differs = sorted(key for key in {*saved, *wanted} if saved.get(key) != wanted.get(key))
             raise ConfigError(
-                f"{grid.directory} holds another study ({saved.get('study')}, losses {', '.join(saved['losses'])}); "
-                "resume it with the same flags, or choose another --out"
+                f"{grid.directory} holds another study (its {', '.join(differs)} differ from these flags'); resume "
+                "it with the flags it was started with (see its study.json), or choose another --out"
             )
     else:
         path.write_text(json.dumps(grid.to_json(), indent=2) + "\n")
@@ -296,11 +320,15 @@ def _write_study(grid: Grid) -> None:
 
 def read_row(cell: Cell) -> dict:
     """A finished cell's row of ``results.csv``, read back from its run directory."""
-    summary = json.loads((cell.directory / "summary.json").read_text())
-    calibration = json.loads((cell.directory / "calibration.json").read_text())
     row: dict[str, Any] = {"loss": cell.variant.label, "seed": cell.seed}
     if cell.varying is not None:
         row[cell.varying[0]] = cell.varying[1]
+    if (cell.directory / DIVERGED).is_file():
+        keys = ["accuracy", "balanced_accuracy", "macro_f1", "nll", "ece", "ece_after_ts", "nll_after_ts",
+                "temperature", "train_seconds"]  # fmt: skip
+        return row | dict.fromkeys(keys, math.nan) | {"run_dir": str(cell.directory)}
+    summary = json.loads((cell.directory / "summary.json").read_text())
+    calibration = json.loads((cell.directory / "calibration.json").read_text())
     row |= {key: summary[f"test_{key}"] for key in ("accuracy", "balanced_accuracy", "macro_f1", "nll", "ece")}
     row |= {"ece_after_ts": calibration["ece_after"], "nll_after_ts": calibration["nll_after"],
             "temperature": calibration["temperature"], "train_seconds": summary["train_seconds"],
@@ -318,6 +346,9 @@ def aggregate(rows: Sequence[dict], varying: str | None) -> list[dict]:
         entry: dict[str, Any] = {"loss": loss, **({varying: value} if varying else {}), "seeds": len(members)}
         for key in [m[0] for m in METRICS] + ["nll_after_ts"]:
             values = [float(m[key]) for m in members]
+            if any(math.isnan(value) for value in values):  # a diverged seed: no mean to speak of
+                entry[f"{key}_mean"] = entry[f"{key}_std"] = math.nan
+                continue
             entry[f"{key}_mean"] = statistics.fmean(values)
             entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         summary.append(entry)
@@ -334,8 +365,10 @@ def write_csv(rows: Sequence[dict], path: Path, study: str) -> None:
 
 
 def best(summary: Sequence[dict], metric: str) -> dict:
+    """The entry with the best mean; a diverged loss (NaN) never wins."""
     higher = next(m[2] for m in METRICS if m[0] == metric)
-    return (max if higher else min)(summary, key=lambda entry: entry[f"{metric}_mean"])
+    finite = [entry for entry in summary if math.isfinite(entry[f"{metric}_mean"])] or list(summary)
+    return (max if higher else min)(finite, key=lambda entry: entry[f"{metric}_mean"])
 
 
 def difference(a: dict, b: dict, metric: str) -> tuple[float, float]:

@@ -7,6 +7,7 @@ import base64
 import csv
 import html
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ def table(grid: Grid, summary: Sequence[dict]):
     from rich.table import Table
 
     varying = grid.varying[0] if grid.varying else None
-    result = Table(title=f"xent compare — {grid.name}: {grid.question} ({len(grid.seeds)} seeds, mean ± std)")
+    seeds = f"{len(grid.seeds)} seed{'s' if len(grid.seeds) > 1 else ''}"
+    result = Table(title=f"xent compare — {grid.name}: {grid.question} ({seeds}, mean ± std)")
     result.add_column("loss")
     for _, heading, higher, _ in METRICS:
         result.add_column(f"{heading} {'↑' if higher else '↓'}", justify="right")
@@ -50,10 +52,12 @@ def table(grid: Grid, summary: Sequence[dict]):
 # --- plots ------------------------------------------------------------------------------------------------------
 
 
-def _runs(rows: Sequence[dict]) -> dict[str, list[Path]]:
+def _runs(rows: Sequence[dict], varying: str | None) -> dict[str, list[Path]]:
+    """The run directories of each loss (and varying value) that trained to the end, by label."""
     runs: dict[str, list[Path]] = {}
     for row in rows:
-        runs.setdefault(row["loss"], []).append(Path(row["run_dir"]))
+        if (Path(row["run_dir"]) / "summary.json").is_file():
+            runs.setdefault(_row_label(row, varying), []).append(Path(row["run_dir"]))
     return runs
 
 
@@ -73,11 +77,11 @@ def plot_metrics(summary: Sequence[dict], varying: str | None, path: Path) -> No
     _save(plt, figure, path)
 
 
-def plot_per_class(rows: Sequence[dict], path: Path) -> None:
+def plot_per_class(rows: Sequence[dict], varying: str | None, path: Path) -> None:
     """Test accuracy of each class against its training-set frequency (log axis): the long-tail picture."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6.5, 4.5))
-    for loss, directories in _runs(rows).items():
+    for loss, directories in _runs(rows, varying).items():
         summaries = [json.loads((d / "summary.json").read_text()) for d in directories]
         counts = np.mean([s["class_counts"] for s in summaries], axis=0)
         accuracy = np.array([[np.nan if v is None else v for v in s["test_per_class_accuracy"].values()]
@@ -91,10 +95,10 @@ def plot_per_class(rows: Sequence[dict], path: Path) -> None:
     _save(plt, figure, path)
 
 
-def plot_reliability(rows: Sequence[dict], path: Path) -> None:
-    """One reliability diagram per loss, the bins of its seeds pooled."""
+def plot_reliability(rows: Sequence[dict], varying: str | None, path: Path) -> None:
+    """One reliability diagram per loss (and varying value), the bins of its seeds pooled."""
     plt = _pyplot()
-    runs = _runs(rows)
+    runs = _runs(rows, varying)
     figure, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 3.4), squeeze=False)
     for axis, (loss, directories) in zip(axes[0], runs.items(), strict=True):
         bins = sum(np.asarray(json.loads((d / "summary.json").read_text())["test_reliability"]) for d in directories)
@@ -114,13 +118,16 @@ def plot_reliability(rows: Sequence[dict], path: Path) -> None:
     _save(plt, figure, path)
 
 
-def plot_curves(rows: Sequence[dict], headline: str, path: Path) -> None:
+def plot_curves(rows: Sequence[dict], varying: str | None, headline: str, path: Path) -> None:
     """The headline metric on the test split per epoch, mean over seeds, one line per loss."""
     plt = _pyplot()
     column = {"balanced_accuracy": "test_balanced_accuracy", "ece": "test_ece"}.get(headline, "test_accuracy")
     figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    for loss, directories in _runs(rows).items():
-        histories = [list(csv.DictReader((d / "metrics.csv").open())) for d in directories]
+    for loss, directories in _runs(rows, varying).items():
+        histories = []
+        for directory in directories:
+            with (directory / "metrics.csv").open() as handle:
+                histories.append(list(csv.DictReader(handle)))
         length = min(len(h) for h in histories)
         epochs = np.arange(1, length + 1)
         for axis, key in ((loss_axis, "test_nll"), (metric_axis, column)):
@@ -138,10 +145,22 @@ def plots(grid: Grid, rows: Sequence[dict], summary: Sequence[dict]) -> list[Pat
     directory = grid.directory / "plots"
     varying = grid.varying[0] if grid.varying else None
     plot_metrics(summary, varying, directory / PLOTS[0])
-    plot_per_class(rows, directory / PLOTS[1])
-    plot_reliability(rows, directory / PLOTS[2])
-    plot_curves(rows, grid.headline, directory / PLOTS[3])
+    if _runs(rows, varying):
+        plot_per_class(rows, varying, directory / PLOTS[1])
+        plot_reliability(rows, varying, directory / PLOTS[2])
+        plot_curves(rows, varying, grid.headline, directory / PLOTS[3])
+    else:  # every run diverged: nothing per class, per bin or per epoch to draw
+        for name in PLOTS[1:]:
+            _placeholder(directory / name, "every run of this study diverged (see each run's diverged.json)")
     return [directory / name for name in PLOTS]
+
+
+def _placeholder(path: Path, message: str) -> None:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 1.5))
+    axis.axis("off")
+    axis.text(0.5, 0.5, message, ha="center", va="center")
+    _save(plt, figure, path)
 
 
 # --- the written report -----------------------------------------------------------------------------------------
@@ -159,11 +178,14 @@ def findings(grid: Grid, summary: Sequence[dict]) -> list[str]:
         peers = [e for e in summary if not varying or e[varying] == value]
         where = f" at {varying} {value:g}" if varying else ""
         winner = best(peers, key)
+        if not math.isfinite(winner[f"{key}_mean"]):
+            sentences.append(f"Every loss diverged{where}: lower --lr, or add --grad-clip.")
+            continue
         baseline = next((e for e in peers if e["loss"] == "ce"), peers[0])
         if winner is baseline:
             sentences.append(f"{winner['loss']} has the best {heading}{where}: {_cell(winner, key, percent)}.")
         else:
-            sentences.append(_winner_sentence(winner, baseline, key, heading, percent, where))
+            sentences.append(_winner_sentence(winner, baseline, key, heading, percent, where, len(grid.seeds) > 1))
         if len(peers) == 1:
             continue
         ranking = sorted(peers, key=lambda e: e[f"{key}_mean"], reverse=higher)
@@ -174,10 +196,17 @@ def findings(grid: Grid, summary: Sequence[dict]) -> list[str]:
                 gap, spread = difference(entry, baseline, key)
                 digits = 1 if percent else 3
                 verdict = "beyond one std" if abs(gap) > spread else "within one std"
+                verdict = verdict if len(grid.seeds) > 1 else "one seed"
+                if not math.isfinite(gap):
+                    gaps.append(f"{entry['loss']} diverged")
+                    continue
                 gaps.append(f"{entry['loss']} {gap * scale:+.{digits}f} (std {spread * scale:.{digits}f}, {verdict})")
         sentences.append(f"{heading} against {baseline['loss']}{where}: " + "; ".join(gaps) + ".")
     for entry in summary:
         before, after = entry["ece_mean"], entry["ece_after_ts_mean"]
+        if not (math.isfinite(before) and math.isfinite(after)):
+            sentences.append(f"{_row_label(entry, varying)} diverged in at least one seed: no calibration to report.")
+            continue
         verdict = f"cut {before / after:.1f}×" if 0 < after < before else "did not reduce"
         sentences.append(
             f"Temperature scaling {verdict} the ECE of {_row_label(entry, varying)}: {before:.3f} → {after:.3f}"
@@ -188,14 +217,22 @@ def findings(grid: Grid, summary: Sequence[dict]) -> list[str]:
     return sentences
 
 
-def _winner_sentence(winner: dict, baseline: dict, key: str, heading: str, percent: bool, where: str) -> str:
+def _winner_sentence(
+    winner: dict, baseline: dict, key: str, heading: str, percent: bool, where: str, judged: bool
+) -> str:
+    """The winner against the baseline; ``judged``: there are seeds enough for a spread to judge the gap by."""
     gap, spread = difference(winner, baseline, key)
     scale, unit, digits = (100, " points", 1) if percent else (1, "", 3)
     clear = abs(gap) > spread
-    return (
+    sentence = (
         f"{winner['loss']} has the best {heading}{where}: {_cell(winner, key, percent)} against "
         f"{baseline['loss']}'s {_cell(baseline, key, percent)} — {'+' if gap > 0 else '−'}{abs(gap) * scale:.{digits}f}"
-        f"{unit}, {'more than' if clear else 'within'} one standard deviation of the difference "
+        f"{unit}"
+    )
+    if not judged:
+        return sentence + "."
+    return (
+        f"{sentence}, {'more than' if clear else 'within'} one standard deviation of the difference "
         f"({spread * scale:.{digits}f}{unit})" + ("." if clear else ": not distinguishable with these seeds.")
     )
 
