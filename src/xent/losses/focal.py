@@ -36,24 +36,46 @@ class _SigmoidModulation(torch.autograd.Function):
     second derivative NaN).
     """
 
+    generate_vmap_rule = True  # forward is plain torch operations: torch.func.vmap batches them
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
-        ctx.save_for_backward(x, t)
-        ctx.gamma = gamma
+    def forward(x: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
         return torch.exp(gamma * _log_one_minus_p_t(x, t)[2])
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+        x, t, gamma = inputs
+        ctx.save_for_backward(x, t)
+        ctx.save_for_forward(x, t)
+        ctx.gamma = gamma
+
+    @staticmethod
+    def _partials(x: torch.Tensor, t: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """∂/∂x and ∂/∂t of the modulating factor, each one exponential of a sum of logs."""
+        log_p, log_not_p, log_one_minus_p_t = _log_one_minus_p_t(x, t)
+        power = (gamma - 1) * log_one_minus_p_t
+        by_x = gamma * (1 - 2 * t) * torch.exp(power + log_p + log_not_p)
+        by_t = gamma * (torch.exp(power + log_not_p) - torch.exp(power + log_p))
+        return by_x, by_t
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, t = ctx.saved_tensors
-        gamma = ctx.gamma
-        log_p, log_not_p, log_one_minus_p_t = _log_one_minus_p_t(x, t)
-        power = (gamma - 1) * log_one_minus_p_t
-        grad_x = grad_t = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad * gamma * (1 - 2 * t) * torch.exp(power + log_p + log_not_p)
-        if ctx.needs_input_grad[1]:
-            grad_t = grad * gamma * (torch.exp(power + log_not_p) - torch.exp(power + log_p))
+        by_x, by_t = _SigmoidModulation._partials(x, t, ctx.gamma)
+        grad_x = grad * by_x if ctx.needs_input_grad[0] else None
+        grad_t = grad * by_t if ctx.needs_input_grad[1] else None
         return grad_x, grad_t, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent: torch.Tensor | None, t_tangent: torch.Tensor | None, _: None) -> torch.Tensor:
+        x, t = ctx.saved_tensors
+        by_x, by_t = _SigmoidModulation._partials(x, t, ctx.gamma)
+        tangent = torch.zeros_like(by_x)
+        if x_tangent is not None:
+            tangent = tangent + by_x * x_tangent
+        if t_tangent is not None:
+            tangent = tangent + by_t * t_tangent
+        return tangent
 
 
 def _log_one_minus_exp(log_p: torch.Tensor) -> torch.Tensor:
