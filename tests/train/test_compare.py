@@ -70,6 +70,11 @@ def test_results_and_summary_are_the_run_directories_aggregated(study):
         assert int(entry["seeds"]) == 2
         assert float(entry["accuracy_mean"]) == pytest.approx(statistics.fmean(values))
         assert float(entry["accuracy_std"]) == pytest.approx(statistics.stdev(values))
+        # the gap to cross-entropy pairs each seed's runs (same data): mean and std of the per-seed differences
+        per_seed = {(r["loss"], r["seed"]): float(r["accuracy"]) for r in rows}
+        paired = [per_seed[(entry["loss"], seed)] - per_seed[("ce", seed)] for seed in ("0", "1")]
+        assert float(entry["accuracy_gap_mean"]) == pytest.approx(statistics.fmean(paired), abs=1e-12)
+        assert float(entry["accuracy_gap_std"]) == pytest.approx(statistics.stdev(paired), abs=1e-12)
 
 
 def test_temperature_scaling_is_fitted_on_the_validation_split(study):

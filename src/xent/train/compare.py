@@ -336,21 +336,36 @@ def read_row(cell: Cell) -> dict:
     return row
 
 
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    if any(math.isnan(value) for value in values):  # a diverged seed: no mean to speak of
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def baseline_loss(rows: Sequence[dict]) -> str:
+    """What every loss is compared with: cross-entropy when the grid has it, else its first loss."""
+    losses = [row["loss"] for row in rows]
+    return "ce" if "ce" in losses else losses[0]
+
+
 def aggregate(rows: Sequence[dict], varying: str | None) -> list[dict]:
-    """Mean and sample standard deviation over seeds of every metric, per loss (and varying value)."""
-    groups: dict[tuple, list[dict]] = {}
+    """Per loss (and varying value): the mean and sample standard deviation over seeds of every metric, and the
+    *paired* gap to the baseline (:func:`baseline_loss`) — the mean and standard deviation over seeds of
+    ``metric(loss, seed) − metric(baseline, seed)``. A seed fixes the data (the validation split, the long-tailed
+    subset, the flipped labels) for every loss, so the paired spread measures the losses' difference, not how hard
+    each seed's data happens to be."""
+    groups: dict[tuple, dict[int, dict]] = {}
     for row in rows:
-        groups.setdefault((row["loss"], row.get(varying) if varying else None), []).append(row)
+        groups.setdefault((row["loss"], row.get(varying) if varying else None), {})[int(row["seed"])] = row
+    baseline = baseline_loss(rows) if rows else None
     summary = []
     for (loss, value), members in groups.items():
         entry: dict[str, Any] = {"loss": loss, **({varying: value} if varying else {}), "seeds": len(members)}
+        reference = groups.get((baseline, value), {})
         for key in [m[0] for m in METRICS] + ["nll_after_ts"]:
-            values = [float(m[key]) for m in members]
-            if any(math.isnan(value) for value in values):  # a diverged seed: no mean to speak of
-                entry[f"{key}_mean"] = entry[f"{key}_std"] = math.nan
-                continue
-            entry[f"{key}_mean"] = statistics.fmean(values)
-            entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            entry[f"{key}_mean"], entry[f"{key}_std"] = _mean_std([float(m[key]) for m in members.values()])
+            paired = [float(members[s][key]) - float(reference[s][key]) for s in sorted(members) if s in reference]
+            entry[f"{key}_gap_mean"], entry[f"{key}_gap_std"] = _mean_std(paired) if paired else (math.nan, math.nan)
         summary.append(entry)
     return summary
 
@@ -371,7 +386,6 @@ def best(summary: Sequence[dict], metric: str) -> dict:
     return (max if higher else min)(finite, key=lambda entry: entry[f"{metric}_mean"])
 
 
-def difference(a: dict, b: dict, metric: str) -> tuple[float, float]:
-    """``a − b`` in ``metric`` and the standard deviation of that difference (the seeds' spreads combined)."""
-    spread = math.hypot(a[f"{metric}_std"], b[f"{metric}_std"])
-    return a[f"{metric}_mean"] - b[f"{metric}_mean"], spread
+def gap(entry: dict, metric: str) -> tuple[float, float]:
+    """The entry's paired gap to the baseline in ``metric``: mean and standard deviation over seeds."""
+    return entry[f"{metric}_gap_mean"], entry[f"{metric}_gap_std"]

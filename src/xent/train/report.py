@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from xent.train.compare import METRICS, Grid, best, difference
+from xent.train.compare import METRICS, Grid, baseline_loss, best, gap
 from xent.train.plots import _pyplot, _save
 
 PLOTS = ("metrics.png", "per_class.png", "reliability.png", "curves.png")
@@ -168,7 +168,8 @@ def _placeholder(path: Path, message: str) -> None:
 
 def findings(grid: Grid, summary: Sequence[dict]) -> list[str]:
     """What won and by how much, in sentences: the headline metric's winner against cross-entropy (or the first
-    loss) per varying value, whether the gap exceeds the seeds' spread, and what temperature scaling did."""
+    loss) per varying value, each loss's paired gap to it and whether that gap exceeds its standard deviation over
+    seeds, and what temperature scaling did."""
     varying = grid.varying[0] if grid.varying else None
     sentences = []
     values = sorted({e.get(varying) for e in summary}) if varying else [None]
@@ -181,7 +182,7 @@ def findings(grid: Grid, summary: Sequence[dict]) -> list[str]:
         if not math.isfinite(winner[f"{key}_mean"]):
             sentences.append(f"Every loss diverged{where}: lower --lr, or add --grad-clip.")
             continue
-        baseline = next((e for e in peers if e["loss"] == "ce"), peers[0])
+        baseline = next(e for e in peers if e["loss"] == baseline_loss(summary))
         if winner is baseline:
             sentences.append(f"{winner['loss']} has the best {heading}{where}: {_cell(winner, key, percent)}.")
         else:
@@ -193,15 +194,17 @@ def findings(grid: Grid, summary: Sequence[dict]) -> list[str]:
         gaps = []
         for entry in peers:
             if entry is not baseline:
-                gap, spread = difference(entry, baseline, key)
+                mean, spread = gap(entry, key)
                 digits = 1 if percent else 3
-                verdict = "beyond one std" if abs(gap) > spread else "within one std"
+                verdict = "beyond one std" if abs(mean) > spread else "within one std"
                 verdict = verdict if len(grid.seeds) > 1 else "one seed"
-                if not math.isfinite(gap):
+                if not math.isfinite(mean):
                     gaps.append(f"{entry['loss']} diverged")
                     continue
-                gaps.append(f"{entry['loss']} {gap * scale:+.{digits}f} (std {spread * scale:.{digits}f}, {verdict})")
-        sentences.append(f"{heading} against {baseline['loss']}{where}: " + "; ".join(gaps) + ".")
+                gaps.append(f"{entry['loss']} {mean * scale:+.{digits}f} (std {spread * scale:.{digits}f}, {verdict})")
+        sentences.append(
+            f"{heading} against {baseline['loss']}{where}, the same seed's runs paired: " + "; ".join(gaps) + "."
+        )
     for entry in summary:
         before, after = entry["ece_mean"], entry["ece_after_ts_mean"]
         if not (math.isfinite(before) and math.isfinite(after)):
@@ -221,18 +224,18 @@ def _winner_sentence(
     winner: dict, baseline: dict, key: str, heading: str, percent: bool, where: str, judged: bool
 ) -> str:
     """The winner against the baseline; ``judged``: there are seeds enough for a spread to judge the gap by."""
-    gap, spread = difference(winner, baseline, key)
+    mean, spread = gap(winner, key)
     scale, unit, digits = (100, " points", 1) if percent else (1, "", 3)
-    clear = abs(gap) > spread
+    clear = abs(mean) > spread
     sentence = (
         f"{winner['loss']} has the best {heading}{where}: {_cell(winner, key, percent)} against "
-        f"{baseline['loss']}'s {_cell(baseline, key, percent)} — {'+' if gap > 0 else '−'}{abs(gap) * scale:.{digits}f}"
-        f"{unit}"
+        f"{baseline['loss']}'s {_cell(baseline, key, percent)} — {'+' if mean > 0 else '−'}"
+        f"{abs(mean) * scale:.{digits}f}{unit} on average over seeds"
     )
     if not judged:
         return sentence + "."
     return (
-        f"{sentence}, {'more than' if clear else 'within'} one standard deviation of the difference "
+        f"{sentence}, {'more than' if clear else 'within'} one standard deviation of the per-seed differences "
         f"({spread * scale:.{digits}f}{unit})" + ("." if clear else ": not distinguishable with these seeds.")
     )
 
