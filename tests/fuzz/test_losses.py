@@ -952,6 +952,22 @@ def test_every_module_checks_its_options_at_construction(construct, message):
             r"generalized_cross_entropy takes class indices as target",
         ),
         (lambda: xent.linear_cross_entropy(torch.zeros(3, 2), False, torch.zeros(3)), r"^linear_weight must be a"),
+        (  # the teacher's head is checked by the same code as the student's, under the teacher's names
+            lambda: xent.linear_distillation_loss(
+                torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, 2), torch.zeros(5, 3)
+            ),
+            r"^teacher_linear_weight has shape \(5, 3\) but teacher_input has shape \(3, 2\)",
+        ),
+        (
+            lambda: xent.linear_distillation_loss(
+                torch.zeros(3, 4),
+                torch.zeros(5, 4),
+                torch.zeros(3, 2),
+                torch.zeros(5, 2),
+                teacher_linear_bias=torch.zeros(6),
+            ),
+            r"^teacher_linear_bias must have shape \(5,\)",
+        ),
     ],
 )
 def test_errors_name_the_callers_argument(call, message):

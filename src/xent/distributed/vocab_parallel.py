@@ -31,7 +31,7 @@ from xent.core.reduce import accumulation_dtype, reduce_loss
 from xent.core.rowloss import SoftmaxOptions
 from xent.kernels.linear import default_chunk_size
 from xent.losses import _checks
-from xent.losses.linear import describe_options, linear_loss_entry
+from xent.losses.linear import check_head, describe_options, linear_loss_entry
 from xent.losses.softmax import check_softmax_options, cross_entropy
 
 __all__ = [
@@ -184,31 +184,18 @@ def vocab_parallel_linear_loss(
     Returns:
         The loss, the same on every rank, as :func:`vocab_parallel_loss` returns it.
     """
-    input = _checks.check_floating("input", input)
     linear_weight_shard, group = _local(linear_weight_shard, group, dim=0)
-    linear_weight_shard = _checks.check_floating("linear_weight_shard", linear_weight_shard)
+    if linear_bias_shard is not None:
+        linear_bias_shard, _ = _local(linear_bias_shard, group, dim=0)
+    size = check_head(
+        input, linear_weight_shard, linear_bias_shard, ("input", "linear_weight_shard", "linear_bias_shard")
+    )
     target = _checks.check_tensor("target", target)
-    if input.dim() == 0 or input.shape[:-1] != target.shape:
+    if input.shape[:-1] != target.shape:
         raise ValueError(
             f"input must have shape (..., D) with target's shape (...) in front; got input "
             f"{_checks.shape_str(input.shape)} and target {_checks.shape_str(target.shape)}"
         )
-    if linear_weight_shard.dim() != 2 or linear_weight_shard.shape[1] != input.shape[-1]:
-        raise ValueError(
-            f"linear_weight_shard must have shape (V_r, {input.shape[-1]}), got "
-            f"{_checks.shape_str(linear_weight_shard.shape)}"
-        )
-    if linear_weight_shard.dtype != input.dtype:
-        raise TypeError(f"linear_weight_shard has dtype {linear_weight_shard.dtype} but input has {input.dtype}")
-    size = linear_weight_shard.shape[0]
-    if linear_bias_shard is not None:
-        linear_bias_shard, _ = _local(linear_bias_shard, group, dim=0)
-        linear_bias_shard = _checks.check_floating("linear_bias_shard", linear_bias_shard)
-        if linear_bias_shard.shape != (size,) or linear_bias_shard.dtype != input.dtype:
-            raise ValueError(
-                f"linear_bias_shard must have shape ({size},) and dtype {input.dtype}, got "
-                f"{_checks.shape_str(linear_bias_shard.shape)} {linear_bias_shard.dtype}"
-            )
     _checks.check_chunk_size(chunk_size)
     shard, weight = _shard(loss, size, input.device, group, ignore_index, reduction, softcap, loss_options, weight)
     flat_target = _checked_target(target.reshape(-1), shard)

@@ -179,7 +179,9 @@ def linear_distillation_loss(
         )
     labels = target if target is not None else torch.zeros(input.shape[:-1], dtype=torch.long, device=input.device)
     flat_input, flat_target, batch_shape = canonicalize_linear(input, linear_weight, linear_bias, labels)
-    flat_teacher, _, _ = canonicalize_linear(teacher_input, teacher_linear_weight, teacher_linear_bias, labels)
+    teacher_names = ("teacher_input", "teacher_linear_weight", "teacher_linear_bias")
+    flat_teacher, _, _ = canonicalize_linear(teacher_input, teacher_linear_weight, teacher_linear_bias, labels,
+                                             teacher_names)  # fmt: skip
     if flat_target.is_floating_point():
         raise TypeError("target of linear_distillation_loss holds class indices, not probabilities")
     if teacher_linear_weight.shape[0] != linear_weight.shape[0]:

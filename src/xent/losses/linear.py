@@ -20,35 +20,54 @@ from xent.losses.softmax import (
     describe_cross_entropy,
 )
 
+HEAD_NAMES = ("input", "linear_weight", "linear_bias")
 
-def canonicalize_linear(
-    input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: torch.Tensor | None, target: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
-    """Check the head's tensors; ``input (..., D)`` → ``(N, D)``, ``target (...)`` → ``(N,)`` (or probabilities
-    ``(..., V)`` → ``(N, V)``). Returns them and the batch shape ``(...)``."""
-    input = _checks.check_floating("input", input)
-    linear_weight = _checks.check_floating("linear_weight", linear_weight)
-    target = _checks.check_tensor("target", target)
+
+def check_head(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    names: tuple[str, str, str] = HEAD_NAMES,
+) -> int:
+    """Check a linear head's tensors — ``input (..., D)``, ``linear_weight (V, D)``, ``linear_bias (V,)`` or None,
+    one floating dtype — and return V; errors call them by the caller's ``names``."""
+    input_name, weight_name, bias_name = names
+    input = _checks.check_floating(input_name, input)
+    linear_weight = _checks.check_floating(weight_name, linear_weight)
     if input.dim() == 0:
-        raise ValueError("input must have shape (..., D) with D features, got shape ()")
+        raise ValueError(f"{input_name} must have shape (..., D) with D features, got shape ()")
     if linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[-1]:
         raise ValueError(
-            f"linear_weight has shape {_checks.shape_str(linear_weight.shape)} but input has shape "
+            f"{weight_name} has shape {_checks.shape_str(linear_weight.shape)} but {input_name} has shape "
             f"{_checks.shape_str(input.shape)}; expected (V, {input.shape[-1]})"
         )
     if linear_weight.dtype != input.dtype:
-        raise TypeError(f"linear_weight has dtype {linear_weight.dtype} but input has dtype {input.dtype}")
+        raise TypeError(f"{weight_name} has dtype {linear_weight.dtype} but {input_name} has dtype {input.dtype}")
     vocab = linear_weight.shape[0]
-    if vocab == 0:
-        raise ValueError("linear_weight has shape (0, D): there must be at least one class")
     if linear_bias is not None:
-        linear_bias = _checks.check_floating("linear_bias", linear_bias)
+        linear_bias = _checks.check_floating(bias_name, linear_bias)
         if linear_bias.shape != (vocab,):
             raise ValueError(
-                f"linear_bias must have shape ({vocab},), got shape {_checks.shape_str(linear_bias.shape)}"
+                f"{bias_name} must have shape ({vocab},), got shape {_checks.shape_str(linear_bias.shape)}"
             )
         if linear_bias.dtype != input.dtype:
-            raise TypeError(f"linear_bias has dtype {linear_bias.dtype} but input has dtype {input.dtype}")
+            raise TypeError(f"{bias_name} has dtype {linear_bias.dtype} but {input_name} has dtype {input.dtype}")
+    return vocab
+
+
+def canonicalize_linear(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    target: torch.Tensor,
+    names: tuple[str, str, str] = HEAD_NAMES,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
+    """Check the head's tensors (:func:`check_head`); ``input (..., D)`` → ``(N, D)``, ``target (...)`` → ``(N,)``
+    (or probabilities ``(..., V)`` → ``(N, V)``). Returns them and the batch shape ``(...)``."""
+    vocab = check_head(input, linear_weight, linear_bias, names)
+    target = _checks.check_tensor("target", target)
+    if vocab == 0:
+        raise ValueError(f"{names[1]} has shape (0, D): there must be at least one class")
     batch_shape = input.shape[:-1]
     flat_input = input.reshape(batch_shape.numel(), input.shape[-1])  # not -1: D may be 0 (the logits are the bias)
     probs_shape = torch.Size((*batch_shape, vocab))
