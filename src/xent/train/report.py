@@ -25,6 +25,16 @@ def _cell(entry: dict, key: str, percent: bool) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if percent else f"{mean:.3f} ± {std:.3f}"
 
 
+def _marked_cells(summary: Sequence[dict], entry: dict, varying: str | None, mark: str) -> list[str]:
+    """The entry's metric cells, each best of its column (among the entries of the same varying value) written
+    through ``mark`` (a format string with ``{}``)."""
+    peers = [e for e in summary if not varying or e[varying] == entry[varying]]
+    return [
+        mark.format(_cell(entry, key, percent)) if best(peers, key) is entry else _cell(entry, key, percent)
+        for key, _, _, percent in METRICS
+    ]
+
+
 def _row_label(entry: dict, varying: str | None) -> str:
     return entry["loss"] + (f" ({varying} {entry[varying]:g})" if varying else "")
 
@@ -40,12 +50,7 @@ def table(grid: Grid, summary: Sequence[dict]):
     for _, heading, higher, _ in METRICS:
         result.add_column(f"{heading} {'↑' if higher else '↓'}", justify="right")
     for entry in summary:
-        peers = [e for e in summary if not varying or e[varying] == entry[varying]]
-        cells = []
-        for key, _, _, percent in METRICS:
-            text = _cell(entry, key, percent)
-            cells.append(f"[bold]{text} ★[/bold]" if best(peers, key) is entry else text)
-        result.add_row(_row_label(entry, varying), *cells)
+        result.add_row(_row_label(entry, varying), *_marked_cells(summary, entry, varying, "[bold]{} ★[/bold]"))
     return result
 
 
@@ -245,10 +250,7 @@ def _markdown_table(grid: Grid, summary: Sequence[dict]) -> list[str]:
     lines = ["| loss | " + " | ".join(f"{h} {'↑' if up else '↓'}" for _, h, up, _ in METRICS) + " |",
              "|---|" + "---:|" * len(METRICS)]  # fmt: skip
     for entry in summary:
-        peers = [e for e in summary if not varying or e[varying] == entry[varying]]
-        cells = [
-            f"**{_cell(entry, k, p)}**" if best(peers, k) is entry else _cell(entry, k, p) for k, _, _, p in METRICS
-        ]
+        cells = _marked_cells(summary, entry, varying, "**{}**")
         lines.append(f"| {_row_label(entry, varying)} | " + " | ".join(cells) + " |")
     return lines
 
@@ -286,9 +288,5 @@ img{{max-width:100%;display:block;margin:1em 0}}</style></head><body>
 
 def _html_row(grid: Grid, summary: Sequence[dict], entry: dict[str, Any]) -> str:
     varying = grid.varying[0] if grid.varying else None
-    peers = [e for e in summary if not varying or e[varying] == entry[varying]]
-    cells = "".join(
-        f"<td><b>{_cell(entry, k, p)}</b></td>" if best(peers, k) is entry else f"<td>{_cell(entry, k, p)}</td>"
-        for k, _, _, p in METRICS
-    )
+    cells = "".join(f"<td>{cell}</td>" for cell in _marked_cells(summary, entry, varying, "<b>{}</b>"))
     return f"<tr><td>{html.escape(_row_label(entry, varying))}</td>{cells}</tr>"
