@@ -7,14 +7,21 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import xent
 from xent.losses.linear import LINEAR_LOSSES
 
+if TYPE_CHECKING:
+    import torch
+    from rich.console import Console
+
+    from xent.train.compare import Cell
+
 FLOAT32_RTOL = 2e-5  # the parity requirement with PyTorch in float32 (README, "Differences from PyTorch")
 
 
-def _relative_difference(ours, theirs) -> float:
+def _relative_difference(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     """max |ours - theirs| / max |theirs|, in float64: 0 when equal, ~1e-7 for float32 values one rounding apart."""
     ours, theirs = ours.detach().double(), theirs.detach().double()
     return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-300))
@@ -36,11 +43,14 @@ def _demo(args: argparse.Namespace) -> int:
     reference.backward()
     print(f"xent.cross_entropy                      = {loss.item():.6f}   (torch: {reference.item():.6f})")
     # float32 sums taken in another order round differently: equal up to the tolerance, not to the last digit
-    differences = [_relative_difference(loss, reference), _relative_difference(logits.grad, torch_logits.grad)]
+    differences = [  # with the gradients backward() has just set
+        _relative_difference(loss, reference),
+        _relative_difference(cast(torch.Tensor, logits.grad), cast(torch.Tensor, torch_logits.grad)),
+    ]
     verdict = "within" if max(differences) <= FLOAT32_RTOL else "OUTSIDE"
     print(f"  relative difference from torch         : loss {differences[0]:.1e}, gradient {differences[1]:.1e} "
           f"({verdict} the float32 tolerance {FLOAT32_RTOL:g})")  # fmt: skip
-    print(f"  gradient finite at ±1e4 logits         : {bool(torch.isfinite(logits.grad).all())}")
+    print(f"  gradient finite at ±1e4 logits         : {bool(torch.isfinite(cast(torch.Tensor, logits.grad)).all())}")
     smoothed = xent.cross_entropy(logits.detach(), target, label_smoothing=0.1, z_loss=1e-4)
     print(f"  with label_smoothing=0.1, z_loss=1e-4  = {smoothed.item():.6f}")
     ignored = xent.cross_entropy(logits.detach(), torch.full_like(target, -100))
@@ -50,7 +60,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_DEFAULTS = {
+BENCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "ce": {"n": 8192, "d": 0, "v": "32000"},
     "linear-ce": {"n": 4096, "d": 1024, "v": "32768"},
     "linear-distill": {"n": 4096, "d": 1024, "v": "32768"},
@@ -72,7 +82,7 @@ def _int_list(text: str) -> list[int]:
     return [_positive_int(part) for part in text.split(",") if part]
 
 
-def _console():
+def _console() -> Console:
     """A rich console; a log file or a pipe gets lines wide enough for our tables instead of 80 columns."""
     from rich.console import Console
 
@@ -196,7 +206,7 @@ def _train_arguments(parser: argparse.ArgumentParser, *, shared: bool = False) -
             help_text = field.metadata["help"]
         if kind is bool:
             group.add_argument(flag, action="store_true", help=help_text,
-                               **({"default": argparse.SUPPRESS} if shared else {}))  # fmt: skip
+                               **cast(dict[str, Any], {"default": argparse.SUPPRESS} if shared else {}))  # fmt: skip
             continue
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
         group.add_argument(flag, type=base, default=argparse.SUPPRESS if shared else default,
@@ -354,7 +364,7 @@ def _compare(args: argparse.Namespace) -> int:
         with Progress(*columns, console=console, transient=True) as progress:
             task = progress.add_task("cells", total=len(cells))
 
-            def done(cell, row):
+            def done(cell: Cell, row: dict[str, Any]) -> None:
                 progress.advance(task)
                 progress.console.print(f"  {cell.directory.name}: accuracy {100 * row['accuracy']:.2f}%, balanced "
                                        f"{100 * row['balanced_accuracy']:.2f}%, ECE {row['ece']:.3f}")  # fmt: skip
@@ -403,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"xent {xent.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, add_arguments, run in COMMANDS:
-        sub = subparsers.add_parser(name, help=run.__doc__.splitlines()[0], description=run.__doc__)
+        # every command function has a docstring
+        sub = subparsers.add_parser(name, help=cast(str, run.__doc__).splitlines()[0], description=run.__doc__)
         add_arguments(sub)
         sub.set_defaults(run=run)
     return parser
@@ -415,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:  # `python -m xent` alone: the demo
         return _demo(args)
     try:
-        return args.run(args)
+        return cast(int, args.run(args))
     except CommandError as error:
         print(f"xent {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ Tensor options (``weight``, ``pos_weight``, ``alpha``, ``class_counts``) are reg
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -14,8 +15,29 @@ from xent import losses
 from xent.losses import combine, distill, focal, generative, imbalance, robust, sigmoid, softmax
 from xent.losses.linear import check_loss_options, linear_loss_entry
 
+__all__ = [
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "BalancedSoftmaxCrossEntropyLoss",
+    "CrossEntropyLoss",
+    "DistillationLoss",
+    "FocalLoss",
+    "GANDiscriminatorLoss",
+    "GANGeneratorLoss",
+    "GeneralizedCrossEntropyLoss",
+    "LDAMLoss",
+    "LinearCrossEntropyLoss",
+    "LinearLoss",
+    "LogitAdjustedCrossEntropyLoss",
+    "Poly1CrossEntropyLoss",
+    "SigmoidFocalLoss",
+    "SymmetricCrossEntropyLoss",
+    "VAELoss",
+    "WeightedSum",
+]
 
-def _check_shared_options(options: Mapping[str, object]) -> None:
+
+def _check_shared_options(options: Mapping[str, Any]) -> None:
     """The reduction and ignore_index of a softmax loss, as its function checks them."""
     softmax.check_softmax_options(
         reduction=options.get("reduction", "mean"),
@@ -32,13 +54,14 @@ class _Loss(torch.nn.Module):
 
     function: Callable[..., torch.Tensor]
     tensor_options: tuple[str, ...] = ("weight",)
-    describe: Callable[..., dict] | None = None
+    describe: Callable[..., dict[str, Any]] | None = None
 
     def __init__(self, **options: object) -> None:
         super().__init__()
-        if type(self).describe is not None:
+        describe = type(self).describe
+        if describe is not None:
             _check_shared_options(options)
-            check_loss_options(type(self).describe, options)
+            check_loss_options(describe, options)
         self._option_names = tuple(options)
         for name, value in options.items():
             if name in self.tensor_options and (value is None or isinstance(value, torch.Tensor)):
@@ -144,8 +167,10 @@ class LinearLoss(torch.nn.Module):
     the model and are arguments of ``forward``. Options are checked at construction, as the function checks them.
 
     Example:
+        >>> lm_head = torch.nn.Linear(64, 1000, bias=False)                   # a model's output layer
+        >>> hidden, tokens = torch.randn(2, 16, 64), torch.randint(1000, (2, 16))
         >>> criterion = xent.nn.LinearLoss(xent.focal_loss, gamma=2.0)
-        >>> loss = criterion(hidden, model.lm_head.weight, tokens)
+        >>> criterion(hidden, lm_head.weight, tokens).backward()             # lm_head.weight.grad is set
     """
 
     def __init__(self, loss: Callable[..., torch.Tensor] | str, **options: object) -> None:
@@ -171,7 +196,7 @@ class LinearLoss(torch.nn.Module):
         return losses.linear_loss(self.loss_name, input, linear_weight, target, linear_bias=linear_bias, **self.options)
 
     @property
-    def options(self) -> dict[str, object]:
+    def options(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._option_names}
 
     def extra_repr(self) -> str:
@@ -186,8 +211,12 @@ class LinearCrossEntropyLoss(LinearLoss):
     options: those of :class:`CrossEntropyLoss`, ``chunk_size`` and ``weight_grad_dtype``.
 
     Example:
+        >>> lm_head = torch.nn.Linear(64, 1000, bias=False)                   # a model's output layer
+        >>> hidden, tokens = torch.randn(2, 16, 64), torch.randint(1000, (2, 16))
         >>> criterion = xent.nn.LinearCrossEntropyLoss(z_loss=1e-4)
-        >>> loss = criterion(hidden, model.lm_head.weight, tokens)
+        >>> loss = criterion(hidden, lm_head.weight, tokens)                 # = CrossEntropyLoss of lm_head(hidden)
+        >>> torch.testing.assert_close(loss, xent.nn.CrossEntropyLoss(z_loss=1e-4)(lm_head(hidden).flatten(0, 1),
+        ...                                                                  tokens.flatten()))
     """
 
     def __init__(
@@ -419,14 +448,17 @@ class VAELoss(_Loss):
 class WeightedSum(torch.nn.Module):
     r"""A weighted sum :math:`\sum_k \lambda_k \mathcal{L}_k` of named losses that take the same inputs.
 
-    Every call computes each term on the same arguments and keeps their values (detached) in :attr:`last_terms`
+    Every call computes each term on the same arguments and keeps their values (detached) in ``last_terms``
     for logging. For terms with different inputs use :func:`xent.weighted_sum`.
 
     Example:
         >>> criterion = xent.nn.WeightedSum({"ce": (1.0, xent.nn.CrossEntropyLoss()),
         ...                                  "focal": (0.5, xent.nn.FocalLoss(gamma=2.0))})
-        >>> loss = criterion(logits, target)
-        >>> criterion.last_terms        # {"ce": tensor(...), "focal": tensor(...)}
+        >>> logits, target = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.0, 3.0]]), torch.tensor([0, 1])
+        >>> criterion(logits, target)
+        tensor(2.3761)
+        >>> criterion.last_terms
+        {'ce': tensor(1.6681), 'focal': tensor(1.4160)}
 
     Args:
         terms: by name, a pair (weight, loss); losses that are Modules are registered as sub-modules, so their
@@ -449,7 +481,8 @@ class WeightedSum(torch.nn.Module):
         self.last_terms: dict[str, torch.Tensor] = {}
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        terms = {name: fn(*inputs) for name, fn in (*self.losses.items(), *self._functions.items())}
+        named: tuple[tuple[str, Callable[..., torch.Tensor]], ...] = (*self.losses.items(), *self._functions.items())
+        terms = {name: fn(*inputs) for name, fn in named}
         self.last_terms = {name: value.detach() for name, value in terms.items()}
         return combine.weighted_sum(terms, self.weights)
 

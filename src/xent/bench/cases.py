@@ -12,11 +12,15 @@ import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 
 import xent
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 OPERATIONS = ("ce", "linear-ce", "linear-distill", "lm-step")
 # Heads of real language models (tokens, hidden size, vocabulary), for `xent bench linear-ce --shape NAME`.
@@ -72,18 +76,19 @@ class Implementation:
     needs: Callable[[Problem], str | None] = lambda problem: None  # why it cannot run, or None
 
 
-def loss_options(problem: Problem) -> dict:
+def loss_options(problem: Problem) -> dict[str, Any]:
     """The options the bench runs a family loss with: the papers' defaults, and Zipf-distributed class counts (a
     long tail over the V classes) for the losses that take them."""
     counts = 1e6 / torch.arange(1, problem.v + 1, dtype=torch.float64)
-    return {
+    by_loss: dict[str, dict[str, Any]] = {
         "focal_loss": {"gamma": 2.0},
         "poly1_cross_entropy": {"epsilon": 1.0},
         "generalized_cross_entropy": {"q": 0.7},
         "logit_adjusted_cross_entropy": {"class_counts": counts},
         "balanced_softmax_cross_entropy": {"class_counts": counts},
         "ldam_loss": {"class_counts": counts},
-    }.get(problem.loss, {})
+    }
+    return by_loss.get(problem.loss, {})
 
 
 def _family(problem: Problem, impl: str | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -98,7 +103,7 @@ def _family_linear(problem: Problem, impl: str | None) -> Callable[..., torch.Te
     return lambda hidden, weight, target: xent.linear_loss(problem.loss, hidden, weight, target, impl=impl, **options)
 
 
-def _inputs(problem: Problem, seed: int = 0):
+def _inputs(problem: Problem, seed: int = 0) -> tuple[torch.Tensor, ...]:
     generator = torch.Generator().manual_seed(seed)
     dtype, device = problem.torch_dtype, problem.device
     target = torch.randint(problem.v, (problem.n,), generator=generator).to(device)
@@ -241,7 +246,7 @@ def _cce_linear(filter_eps: str | None) -> Callable[[Problem], Prepared]:
 LM_BATCH = 8  # sequences per step: n tokens are LM_BATCH sequences of n / LM_BATCH
 
 
-def lm_config(problem: Problem):
+def lm_config(problem: Problem) -> LlamaConfig:
     """A Llama of hidden size d (4 layers, heads of 64, SwiGLU width 8d/3) with the problem's vocabulary: the model
     of examples/lm.py at d = 256."""
     from transformers import LlamaConfig
@@ -264,7 +269,7 @@ def lm_parameters(problem: Problem) -> int:
         return sum(parameter.numel() for parameter in LlamaForCausalLM(lm_config(problem)).parameters())
 
 
-def _lm_step(patch: dict | None) -> Callable[[Problem], Prepared]:
+def _lm_step(patch: dict[str, Any] | None) -> Callable[[Problem], Prepared]:
     """Forward and backward of the whole model on ``n`` tokens: unpatched (``patch=None``, its own loss on its logits),
     or through ``xent.hf.patch(model, **patch)`` with the problem's loss."""
 
@@ -272,7 +277,10 @@ def _lm_step(patch: dict | None) -> Callable[[Problem], Prepared]:
         from transformers import LlamaForCausalLM
 
         torch.manual_seed(0)
-        model = LlamaForCausalLM(lm_config(problem)).to(device=problem.device, dtype=problem.torch_dtype)
+        # as a Module: transformers' @wraps(nn.Module.to) gives its own `to` the unbound signature
+        model = cast(torch.nn.Module, LlamaForCausalLM(lm_config(problem))).to(
+            device=problem.device, dtype=problem.torch_dtype
+        )
         if patch is not None:
             import xent.hf
 
@@ -299,7 +307,7 @@ def _distill(impl: str | None, *, compiled: bool = False) -> Callable[[Problem],
         teacher_hidden, teacher_weight, _ = _inputs(problem, seed=1)
         hidden, weight = _leaves(hidden, weight)
 
-        def loss(hidden, weight):
+        def loss(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             return xent.linear_distillation_loss(hidden, weight, teacher_hidden, teacher_weight, temperature=2.0,
                                                  impl=impl)  # fmt: skip
 
@@ -323,7 +331,9 @@ def _distill_floor(problem: Problem) -> Prepared:
 # --- availability ----------------------------------------------------------------------------------------------
 
 
-def _cross_entropy_only(needs: Callable[[Problem], str | None] = lambda problem: None):
+def _cross_entropy_only(
+    needs: Callable[[Problem], str | None] = lambda problem: None,
+) -> Callable[[Problem], str | None]:
     """A baseline that has plain cross-entropy only (PyTorch's, Liger's, CCE's)."""
 
     def needs_cross_entropy(problem: Problem) -> str | None:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from xent.bench.runner import Measurement
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 MB = 1 << 20
 
@@ -17,13 +21,13 @@ def ratios(measurements: Sequence[Measurement]) -> dict[str, dict[str, float | N
     (the gradients it must return)."""
     measured = [m for m in measurements if m.time_s is not None]
     floor = next((m for m in measured if m.is_floor), None)
-    result = {}
-    for m in measured:
-        others = [o.time_s for o in measured if _library(o.name) != _library(m.name) and not o.is_floor]
+    result: dict[str, dict[str, float | None]] = {}
+    for m in measured:  # each with its time_s
+        others = [cast(float, o.time_s) for o in measured if _library(o.name) != _library(m.name) and not o.is_floor]
         peak = m.peak
         result[m.name] = {
-            "vs_best_other": m.time_s / min(others) if others and not m.is_floor else None,
-            "vs_floor": m.time_s / floor.time_s if floor and not m.is_floor else None,
+            "vs_best_other": cast(float, m.time_s) / min(others) if others and not m.is_floor else None,
+            "vs_floor": cast(float, m.time_s) / cast(float, floor.time_s) if floor and not m.is_floor else None,
             "extra_over_floor_mb": (peak - m.problem.floor_bytes()) / MB
             if peak is not None and not m.is_floor
             else None,
@@ -54,7 +58,7 @@ def _fmt(value: float | None, pattern: str) -> str:
     return "—" if value is None else format(value, pattern)
 
 
-def print_table(measurements: Sequence[Measurement], console=None) -> None:
+def print_table(measurements: Sequence[Measurement], console: Console | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -84,7 +88,7 @@ def print_table(measurements: Sequence[Measurement], console=None) -> None:
             m.name + (" (floor)" if m.is_floor else ""),
             f"{m.time_s * 1e3:.1f}",
             " ".join(f"{t * 1e3:.0f}" for t in m.times_s),
-            _fmt(None if spread(m) is None else 100 * spread(m), ".0f") + " %",
+            _fmt(None if spread(m) is None else 100 * cast(float, spread(m)), ".0f") + " %",
             _fmt(m.warmup_s, ".1f"),
             _fmt(None if m.peak is None else m.peak / MB, ".0f"),
             _fmt(r["vs_best_other"], ".2f"),
@@ -183,9 +187,9 @@ def plot(path: Path, measurements: Sequence[Measurement]) -> None:
             continue
         vocab = [v for v, _ in points]
         style = {"linestyle": "--", "color": "gray"} if points[0][1].is_floor else {"marker": "o"}
-        time_axis.plot(vocab, [m.time_s * 1e3 for _, m in points], label=name, **style)
+        time_axis.plot(vocab, [cast(float, m.time_s) * 1e3 for _, m in points], label=name, **style)
         if not points[0][1].is_floor and all(m.peak is not None for _, m in points):
-            memory_axis.plot(vocab, [m.peak / MB for _, m in points], label=name, **style)
+            memory_axis.plot(vocab, [cast(int, m.peak) / MB for _, m in points], label=name, **style)
     problem = measurements[0].problem
     for axis, label in ((time_axis, "forward + backward (ms)"), (memory_axis, "peak memory above inputs (MB)")):
         axis.set_xlabel("vocabulary size V")

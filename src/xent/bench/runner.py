@@ -15,10 +15,11 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import IO, Any, cast
 
 import torch
 
-from xent.bench.cases import IMPLEMENTATIONS, Implementation, Problem
+from xent.bench.cases import IMPLEMENTATIONS, Implementation, Prepared, Problem
 
 # Idle workers' OpenMP threads spin for a while after their last parallel region; a pause before each step keeps
 # them from competing with the worker being measured.
@@ -54,22 +55,23 @@ class _Worker:
             text=True,
         )
 
-    def read(self) -> dict:
-        line = self.process.stdout.readline()
+    # stdin, stdout and stderr are pipes (Popen types each as IO[str] | None)
+    def read(self) -> dict[str, Any]:
+        line = cast(IO[str], self.process.stdout).readline()
         if not line:
-            error = self.process.stderr.read().strip().splitlines()
+            error = cast(IO[str], self.process.stderr).read().strip().splitlines()
             raise RuntimeError(error[-1] if error else "the worker exited without an answer")
-        return json.loads(line)
+        return cast(dict[str, Any], json.loads(line))
 
-    def run(self) -> dict:
-        self.process.stdin.write("run\n")
-        self.process.stdin.flush()
+    def run(self) -> dict[str, Any]:
+        cast(IO[str], self.process.stdin).write("run\n")
+        cast(IO[str], self.process.stdin).flush()
         return self.read()
 
     def close(self) -> None:
         if self.process.poll() is None:
-            self.process.stdin.write("exit\n")
-            self.process.stdin.close()
+            cast(IO[str], self.process.stdin).write("exit\n")
+            cast(IO[str], self.process.stdin).close()
             self.process.wait(timeout=60)
 
 
@@ -106,7 +108,12 @@ def run_bench(
     return measurements
 
 
-def _run_cpu(problem, runnable, repeat, progress) -> None:
+def _run_cpu(
+    problem: Problem,
+    runnable: list[tuple[Implementation, Measurement]],
+    repeat: int,
+    progress: Callable[[str], None],
+) -> None:
     workers: dict[str, _Worker] = {}
     try:
         for implementation, measurement in runnable:
@@ -133,8 +140,14 @@ def _run_cpu(problem, runnable, repeat, progress) -> None:
             worker.close()
 
 
-def _run_cuda(problem, runnable, repeat, progress) -> None:
-    prepared = {}
+def _run_cuda(
+    problem: Problem,
+    runnable: list[tuple[Implementation, Measurement]],
+    repeat: int,
+    progress: Callable[[str], None],
+) -> None:
+    prepared: dict[str, Prepared] = {}
+    ready: Prepared | None
     for implementation, measurement in runnable:
         progress(f"warming up {implementation.name}")
         try:
@@ -157,10 +170,10 @@ def _run_cuda(problem, runnable, repeat, progress) -> None:
             torch.cuda.synchronize()
             baseline = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start_event.record()
             ready.step()
-            end.record()
+            end_event.record()
             torch.cuda.synchronize()
-            measurement.times_s.append(start.elapsed_time(end) / 1e3)
+            measurement.times_s.append(start_event.elapsed_time(end_event) / 1e3)
             measurement.peak_bytes.append(torch.cuda.max_memory_allocated() - baseline)

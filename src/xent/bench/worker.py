@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from xent.bench.cases import Problem, find_implementation
+from xent.bench.cases import Prepared, Problem, find_implementation
 
 WARM_STEPS = 2
 _STATUS = Path("/proc/self/status")
@@ -38,7 +38,7 @@ def _reset_peak() -> bool:
     return True
 
 
-def measure_once(prepared) -> tuple[float, int | None]:
+def measure_once(prepared: Prepared) -> tuple[float, int | None]:
     """Time one step and return its peak resident memory above what was resident before it."""
     prepared.reset()
     gc.collect()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar, cast, overload
 
 import torch
 
@@ -31,13 +31,17 @@ def result_dtype(input: torch.Tensor) -> torch.dtype:
     return input.dtype
 
 
-def autocast_off(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+def autocast_off(tensor: torch.Tensor) -> contextlib.AbstractContextManager[None]:
     """Autocast switched off for the device type of ``tensor`` (a no-op when it is not on)."""
     if not autocast_on(tensor):
         return contextlib.nullcontext()
     return torch.autocast(tensor.device.type, enabled=False)
 
 
+@overload
+def cast_for_linear(tensor: torch.Tensor) -> torch.Tensor: ...
+@overload
+def cast_for_linear(tensor: None) -> None: ...
 def cast_for_linear(tensor: torch.Tensor | None) -> torch.Tensor | None:
     """``tensor`` as ``F.linear`` sees it under autocast: in the autocast dtype unless it is float64. The cast is
     recorded by autograd, so the gradient returns in the tensor's own dtype."""
@@ -57,11 +61,11 @@ def float32_under_autocast(loss: F) -> F:
     off, so it computes and returns float32 as PyTorch's losses do. Without autocast it is called unchanged."""
 
     @functools.wraps(loss)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> torch.Tensor:
         first = next((value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)), None)
         if first is None or not autocast_on(first):
             return loss(*args, **kwargs)
         with torch.autocast(first.device.type, enabled=False):
             return loss(*map(_upcast, args), **{name: _upcast(value) for name, value in kwargs.items()})
 
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)

@@ -4,6 +4,8 @@ for the gradients they do not form themselves (probability targets, class weight
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from xent.core.reduce import accumulation_dtype, reduce_loss
@@ -19,6 +21,7 @@ def transformed_logits(logits: torch.Tensor, target: torch.Tensor | None, option
     if options.class_offset is not None:
         x = x + options.class_offset.to(device=x.device, dtype=x.dtype)
     if options.target_margin is not None:
+        target = cast(torch.Tensor, target)  # a margin comes with class-index targets only
         margin = options.target_margin.to(device=x.device, dtype=x.dtype)[target].unsqueeze(-1)  # (M, 1)
         x = x - torch.zeros_like(x).scatter(-1, target.unsqueeze(-1), margin)
     if options.logit_scale != 1.0:
@@ -41,7 +44,7 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, options: Soft
     smoothing = options.label_smoothing
     soft = target.is_floating_point()
     valid = None if soft else target != options.ignore_index
-    safe_target = None if soft else torch.where(valid, target, torch.zeros_like(target))
+    safe_target = None if valid is None else torch.where(valid, target, torch.zeros_like(target))
     x = transformed_logits(logits, safe_target, options)
     lse = torch.logsumexp(x, dim=-1)  # (M,)
     log_probs = x - lse.unsqueeze(-1)  # (M, C)
@@ -58,6 +61,8 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, options: Soft
             loss = loss + options.z_loss * lse.square()
         return loss if token_weight is None else loss * token_weight
 
+    # class indices from here on, so valid and safe_target are set
+    valid, safe_target = cast(torch.Tensor, valid), cast(torch.Tensor, safe_target)
     u = log_probs.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)  # log p_y
     target_weight = torch.ones_like(u) if weight is None else weight[safe_target]
     main = options.term.value(u, smoothing, num_classes)

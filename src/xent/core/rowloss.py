@@ -61,10 +61,10 @@ class FocalTerm(TargetTerm):
         # clamped at the dtype's tiny so that (1 - p)^(γ - 1) stays finite at p = 1 (its product with u is 0 there)
         return torch.log(_one_minus_exp(u).clamp_min(torch.finfo(u.dtype).tiny))
 
-    def value(self, u, smoothing, num_classes):
+    def value(self, u: torch.Tensor, smoothing: float, num_classes: int) -> torch.Tensor:
         return -torch.exp(self.gamma * self._log_one_minus_p(u)) * u if self.gamma else -u
 
-    def derivative(self, u, smoothing, num_classes):
+    def derivative(self, u: torch.Tensor, smoothing: float, num_classes: int) -> torch.Tensor:
         if not self.gamma:
             return torch.full_like(u, -1.0)
         log_one_minus_p = self._log_one_minus_p(u)
@@ -81,11 +81,11 @@ class Poly1Term(TargetTerm):
     epsilon: float = 1.0
     name: str = field(default="poly1", init=False)
 
-    def value(self, u, smoothing, num_classes):
+    def value(self, u: torch.Tensor, smoothing: float, num_classes: int) -> torch.Tensor:
         p_t = (1.0 - smoothing) * torch.exp(u) + smoothing / num_classes
         return -(1.0 - smoothing) * u + self.epsilon * (1.0 - p_t)
 
-    def derivative(self, u, smoothing, num_classes):
+    def derivative(self, u: torch.Tensor, smoothing: float, num_classes: int) -> torch.Tensor:
         return -(1.0 - smoothing) * (1.0 + self.epsilon * torch.exp(u))
 
 
@@ -96,10 +96,10 @@ class GeneralizedTerm(TargetTerm):
     q: float = 0.7
     name: str = field(default="generalized", init=False)
 
-    def value(self, u, smoothing, num_classes):
+    def value(self, u: torch.Tensor, smoothing: float, num_classes: int) -> torch.Tensor:
         return -torch.expm1(self.q * u) / self.q
 
-    def derivative(self, u, smoothing, num_classes):
+    def derivative(self, u: torch.Tensor, smoothing: float, num_classes: int) -> torch.Tensor:
         return -torch.exp(self.q * u)
 
 
@@ -112,10 +112,10 @@ class SymmetricTerm(TargetTerm):
     log_zero: float = -4.0
     name: str = field(default="symmetric", init=False)
 
-    def value(self, u, smoothing, num_classes):
+    def value(self, u: torch.Tensor, smoothing: float, num_classes: int) -> torch.Tensor:
         return -self.alpha * u - self.beta * self.log_zero * _one_minus_exp(u)
 
-    def derivative(self, u, smoothing, num_classes):
+    def derivative(self, u: torch.Tensor, smoothing: float, num_classes: int) -> torch.Tensor:
         return -self.alpha + self.beta * self.log_zero * torch.exp(u)
 
 

@@ -73,7 +73,7 @@ def vocab_parallel_loss(
 
     Every rank returns the loss that ``loss`` gives on the full logits (the shards concatenated in rank order), and
     the gradient of ``logits_shard`` is the rank's slice of the full gradient. The logits are never gathered: the
-    ranks all-reduce per-row statistics, O(rows) each (see :mod:`xent.distributed.vocab_parallel`).
+    ranks all-reduce per-row statistics, O(rows) each (see ``xent.distributed.vocab_parallel``).
 
     Args:
         loss: one of the losses :func:`xent.linear_loss` fuses — :func:`xent.cross_entropy`, :func:`xent.focal_loss`,
@@ -179,7 +179,7 @@ def vocab_parallel_linear_loss(
         linear_bias_shard: ``(V_r,)`` or ``None``.
         group: the process group (default: the world).
         chunk_size: tokens per chunk (default as :func:`xent.linear_cross_entropy` on the rank's shard).
-        weight, ignore_index, reduction, softcap, **loss_options: as in :func:`vocab_parallel_loss`.
+        weight, ignore_index, reduction, softcap, loss_options: as in :func:`vocab_parallel_loss`.
 
     Returns:
         The loss, the same on every rank, as :func:`vocab_parallel_loss` returns it.
@@ -259,7 +259,17 @@ def _local(tensor: torch.Tensor, group: Any, dim: int = -1) -> tuple[torch.Tenso
     return tensor.to_local(), mesh.get_group()
 
 
-def _shard(loss, size, device, group, ignore_index, reduction, softcap, loss_options, weight) -> tuple[_Shard, Any]:
+def _shard(
+    loss: Any,
+    size: int,
+    device: torch.device,
+    group: Any,
+    ignore_index: int,
+    reduction: str,
+    softcap: float | None,
+    loss_options: dict[str, Any],
+    weight: torch.Tensor | None,
+) -> tuple[_Shard, torch.Tensor | None]:
     """The loss's description, the rank's offset and the whole vocabulary — one all-gather of the shard sizes
     (O(world)) — and the checked class weight. Options are checked before it, alike on every rank; what only this
     rank can check (its weight) is checked before it too, and whether it failed travels with the sizes, so that
@@ -348,7 +358,9 @@ def _reduce(rows: torch.Tensor, batch_shape: torch.Size, reduction: str, target_
 # --- the row computation, shared by both losses ------------------------------------------------------------------
 
 
-def _transformed(logits, target, shard, scratch: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _transformed(
+    logits: torch.Tensor, target: torch.Tensor, shard: _Shard, scratch: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(z, tanh(x / c))`` of a block of the shard's logits in the accumulation dtype: the description's transform of
     the rank's columns (the tanh kept for the chain rule). ``z`` is the callers' to overwrite: formed in ``logits``
     itself when they are ``scratch`` (a chunk of a linear head), else in a new tensor."""
@@ -372,7 +384,7 @@ def _transformed(logits, target, shard, scratch: bool) -> tuple[torch.Tensor, to
     return z, tanh
 
 
-def _per_target(tensor: torch.Tensor | None, target: torch.Tensor, shard: _Shard, like: torch.Tensor):
+def _per_target(tensor: torch.Tensor | None, target: torch.Tensor, shard: _Shard, like: torch.Tensor) -> torch.Tensor:
     """A per-class tensor of the whole vocabulary at each row's target (1 without one)."""
     if tensor is None:
         return torch.ones_like(like)
@@ -380,7 +392,14 @@ def _per_target(tensor: torch.Tensor | None, target: torch.Tensor, shard: _Shard
     return tensor.to(device=like.device, dtype=like.dtype)[safe]
 
 
-def _row_losses(z, target, weight, target_weight, total_weight, shard) -> tuple[torch.Tensor, ...]:
+def _row_losses(
+    z: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    target_weight: torch.Tensor,
+    total_weight: torch.Tensor,
+    shard: _Shard,
+) -> tuple[torch.Tensor, ...]:
     """``(losses, lse, u)`` of rows whose transformed shard is ``z (B, V_r)`` (overwritten): two all-reduces."""
     options = shard.options
     eps = options.label_smoothing
@@ -407,7 +426,18 @@ def _row_losses(z, target, weight, target_weight, total_weight, shard) -> tuple[
     return torch.where(valid, loss, torch.zeros_like(loss)), lse, u
 
 
-def _row_gradient_(z, tanh, target, weight, target_weight, total_weight, lse, u, grad_rows, shard) -> torch.Tensor:
+def _row_gradient_(
+    z: torch.Tensor,
+    tanh: torch.Tensor | None,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    target_weight: torch.Tensor,
+    total_weight: torch.Tensor,
+    lse: torch.Tensor,
+    u: torch.Tensor,
+    grad_rows: torch.Tensor,
+    shard: _Shard,
+) -> torch.Tensor:
     """``∂(Σ g_n loss_n)/∂logits`` of the shard, formed over ``z`` (overwritten)."""
     options = shard.options
     eps = options.label_smoothing
@@ -433,7 +463,15 @@ class _VocabParallelRows(torch.autograd.Function):
     """Per-row losses of a logits shard; backward forms the shard's gradient locally from the saved ``lse``, ``u``."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, target_weight, total_weight, shard):
+    def forward(
+        ctx: Any,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        weight: torch.Tensor | None,
+        target_weight: torch.Tensor,
+        total_weight: torch.Tensor,
+        shard: _Shard,
+    ) -> torch.Tensor:
         z, _ = _transformed(logits, target, shard, scratch=False)
         losses, lse, u = _row_losses(z, target, weight, target_weight, total_weight, shard)
         ctx.shard = shard
@@ -441,7 +479,7 @@ class _VocabParallelRows(torch.autograd.Function):
         return losses
 
     @staticmethod
-    def backward(ctx, grad_rows):
+    def backward(ctx: Any, grad_rows: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         _refuse_second_order()
         logits, target, weight, target_weight, total_weight, lse, u = ctx.saved_tensors
         z, tanh = _transformed(logits, target, ctx.shard, scratch=False)
@@ -453,13 +491,26 @@ class _VocabParallelLinearRows(torch.autograd.Function):
     """Per-row losses of a weight-sharded head, chunk by chunk; backward recomputes each chunk's logits."""
 
     @staticmethod
-    def forward(ctx, input, linear_weight, linear_bias, target, weight, target_weight, total_weight, shard, chunk):
+    def forward(
+        ctx: Any,
+        input: torch.Tensor,
+        linear_weight: torch.Tensor,
+        linear_bias: torch.Tensor | None,
+        target: torch.Tensor,
+        weight: torch.Tensor | None,
+        target_weight: torch.Tensor,
+        total_weight: torch.Tensor,
+        shard: _Shard,
+        chunk: int,
+    ) -> torch.Tensor:
         losses, lses, us = [], [], []
         for start in range(0, input.shape[0], chunk):
             rows = slice(start, start + chunk)
             z, _ = _transformed(_chunk_logits(input[rows], linear_weight, linear_bias), target[rows], shard, True)
             loss, lse, u = _row_losses(z, target[rows], weight, target_weight[rows], total_weight, shard)
-            losses.append(loss), lses.append(lse), us.append(u)
+            losses.append(loss)
+            lses.append(lse)
+            us.append(u)
         ctx.shard, ctx.chunk = shard, chunk
         empty = input.new_zeros(0, dtype=accumulation_dtype(input.dtype))
         lse, u = (torch.cat(parts) if parts else empty for parts in (lses, us))
@@ -467,7 +518,7 @@ class _VocabParallelLinearRows(torch.autograd.Function):
         return torch.cat(losses) if losses else empty
 
     @staticmethod
-    def backward(ctx, grad_rows):
+    def backward(ctx: Any, grad_rows: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         _refuse_second_order()
         input, linear_weight, linear_bias, target, weight, target_weight, total_weight, lse, u = ctx.saved_tensors
         shard, needs = ctx.shard, ctx.needs_input_grad
@@ -505,6 +556,6 @@ def _refuse_second_order() -> None:
         )
 
 
-def _chunk_logits(input, linear_weight, linear_bias) -> torch.Tensor:
+def _chunk_logits(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: torch.Tensor | None) -> torch.Tensor:
     logits = input @ linear_weight.t()
     return logits if linear_bias is None else logits.add_(linear_bias)

@@ -22,9 +22,11 @@ per instance: :func:`unpatch` deletes what :func:`patch` set.
 
 from __future__ import annotations
 
+import builtins
 import functools
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,8 +79,15 @@ def patch(model: nn.Module, *, loss: Any = None, **loss_options: Any) -> nn.Modu
         TypeError: the model does not fit the layout (its class and the reason are named), or an option is unknown.
 
     Example:
-        >>> model = xent.hf.patch(AutoModelForCausalLM.from_config(config), z_loss=1e-4)
+        >>> import transformers
+        >>> import xent.hf
+        >>> config = transformers.LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64,
+        ...                                   num_hidden_layers=1, num_attention_heads=4)
+        >>> model = xent.hf.patch(transformers.AutoModelForCausalLM.from_config(config), z_loss=1e-4)
+        >>> input_ids = torch.randint(1000, (2, 16))
         >>> model(input_ids, labels=input_ids).loss.backward()        # no N × V logits
+        >>> xent.hf.is_patched(model)
+        True
     """
     name = type(model).__name__
     if not isinstance(model, transformers.PreTrainedModel):
@@ -105,7 +114,7 @@ def patch(model: nn.Module, *, loss: Any = None, **loss_options: Any) -> nn.Modu
     # Callable objects, not closures: a deep copy of the model (an EMA or a reference model) copies them with it and
     # they then drive the copy, and the model still pickles.
     model.forward = _Forward(state, model.forward)
-    head.forward = _HeadForward(state, head.forward)
+    head.forward = _HeadForward(state, head.forward)  # type: ignore[method-assign,assignment]  # undone by unpatch
     model.loss_function = state.loss_function
     setattr(model, _STATE, state)
     return model
@@ -134,13 +143,13 @@ class FusedLoss:
     """The loss :func:`patch` computes: a fused loss of xent and its options, checked once."""
 
     loss: Any
-    options: dict
+    options: dict[str, Any]
 
     # Options of the fused path itself; the rest are the loss's own (checked by its description).
     PATH_OPTIONS = ("chunk_size", "impl", "weight_grad_dtype", "weight")
 
     @classmethod
-    def build(cls, loss: Any, options: dict) -> FusedLoss:
+    def build(cls, loss: Any, options: dict[str, Any]) -> FusedLoss:
         _, function, describe = linear_loss_entry("cross_entropy" if loss is None else loss)
         for reserved in ("ignore_index", "reduction", "linear_bias"):
             if reserved in options:
@@ -161,7 +170,7 @@ class FusedLoss:
 
     # Under torch.compile the model is compiled and its loss runs eagerly: the fused kernels are chunk loops and
     # value checks that a graph would unroll or break on, at no gain.
-    @torch.compiler.disable
+    @torch.compiler.disable  # type: ignore[untyped-decorator]  # torch.compiler.disable is unannotated
     def __call__(
         self, hidden: torch.Tensor, head: nn.Linear, target: torch.Tensor, ignore_index: int, reduction: str, cap: Any
     ) -> torch.Tensor:
@@ -197,10 +206,12 @@ class HeadOutput:
     the model and the operation: its logits would be needed, and xent.hf will not form them silently.
     """
 
-    def __init__(self, model_name: str, hidden: torch.Tensor, head: nn.Linear, steps: tuple = ()) -> None:
+    def __init__(
+        self, model_name: str, hidden: torch.Tensor, head: nn.Linear, steps: tuple[tuple[Any, ...], ...] = ()
+    ) -> None:
         self.model_name, self.hidden, self.head, self.steps = model_name, hidden, head, steps
 
-    def _then(self, step: tuple) -> HeadOutput:
+    def _then(self, step: tuple[Any, ...]) -> HeadOutput:
         return HeadOutput(self.model_name, self.hidden, self.head, (*self.steps, step))
 
     def _refuse(self, operation: str) -> TypeError:
@@ -256,7 +267,9 @@ class HeadOutput:
         raise self._refuse(f".to({', '.join(map(repr, targets))})")
 
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         if func in (torch.tanh, torch.Tensor.tanh) and len(args) == 1 and not kwargs:
             return args[0].tanh()
         receiver = next(arg for arg in args if isinstance(arg, HeadOutput))
@@ -265,7 +278,7 @@ class HeadOutput:
     def __getattr__(self, name: str) -> Any:
         raise self._refuse(f"logits.{name}")
 
-    def transform(self) -> tuple[float, float | None]:
+    def transform(self) -> tuple[builtins.float, builtins.float | None]:
         """The recorded steps as ``(scale, cap)``: logits ``cap · tanh(scale · z / cap)`` (``scale · z`` without a
         cap) of the head's logits ``z``. Scales are kept as ratios so that Gemma's ``/c, tanh, ·c`` gives exactly
         ``(1.0, c)``."""
@@ -306,13 +319,13 @@ class _Patch:
     model_name: str
     head: nn.Linear
     fused: FusedLoss
-    original_loss: Any
-    saved: dict = field(default_factory=dict)
+    original_loss: Callable[..., torch.Tensor]
+    saved: dict[tuple[Any, str], Any] = field(default_factory=dict)
     active: bool = False
     calls: int = 0
     consumed: int = 0
 
-    def run(self, forward: Any, args: tuple, kwargs: dict, skip_logits: bool | None) -> Any:
+    def run(self, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any], skip_logits: bool | None) -> Any:
         has_labels = _bound(forward, args, kwargs).get("labels") is not None
         if skip_logits is None:
             skip_logits = has_labels and torch.is_grad_enabled()
@@ -373,7 +386,7 @@ class _Patch:
                 raise logits._refuse("a logit scale to a head with a bias")
             hidden = hidden * scale  # s·(x Wᵀ) = (s·x) Wᵀ
         reduction = "mean" if num_items_in_batch is None else "sum"
-        loss = self.fused(hidden, head, target, ignore_index, reduction, cap)
+        loss: torch.Tensor = self.fused(hidden, head, target, ignore_index, reduction, cap)
         if num_items_in_batch is not None:
             if torch.is_tensor(num_items_in_batch):
                 num_items_in_batch = num_items_in_batch.to(loss.device)
@@ -405,7 +418,7 @@ class _HeadForward:
         return HeadOutput(self.state.model_name, hidden, self.state.head)
 
 
-def _bound(forward: Any, args: tuple, kwargs: dict) -> dict:
+def _bound(forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The forward's arguments by name (``labels`` may be positional)."""
     if not args:
         return kwargs

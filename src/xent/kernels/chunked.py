@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any, cast, overload
 
 import torch
 
@@ -100,7 +101,11 @@ class _RowTerms:
         self.num_classes = num_classes
         device = logits.device
 
-        def per_class(tensor):
+        @overload
+        def per_class(tensor: torch.Tensor) -> torch.Tensor: ...
+        @overload
+        def per_class(tensor: None) -> None: ...
+        def per_class(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor.to(device=device, dtype=dtype)
 
         self.weight, self.offset = per_class(options.weight), per_class(options.class_offset)
@@ -211,7 +216,7 @@ class _RowTerms:
         options = self.options
         if self.soft:
             loss = self.mass * lse - self.target_term
-            z_weight = 1.0
+            z_weight: float | torch.Tensor = 1.0
         else:
             smoothing = options.label_smoothing
             u = self.target_logit - lse
@@ -264,7 +269,8 @@ def reference_gradients(
             None if tensor is None else tensor.detach().requires_grad_(need)
             for tensor, need in zip(inputs, needs, strict=True)
         )
-        wanted = [leaf for leaf, need in zip(leaves, needs, strict=True) if need]
+        # an input that needs a gradient is a tensor
+        wanted = [cast(torch.Tensor, leaf) for leaf, need in zip(leaves, needs, strict=True) if need]
         grads = iter(torch.autograd.grad(reference(*leaves), wanted, grad_output))
     return tuple(next(grads) if need else None for need in needs)
 
@@ -276,7 +282,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
+        ctx: Any,
         logits: torch.Tensor,
         target: torch.Tensor,
         weight: torch.Tensor | None,
@@ -303,7 +309,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return losses.sum() * scale
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         refuse_second_order()
         grad_target = grad_weight = None
         if any(ctx.needs_input_grad[1:3]):
@@ -377,13 +383,16 @@ def chunked_cross_entropy(
         )
     if not logits.is_contiguous():
         logits = logits.contiguous()
-    return ChunkedCrossEntropy.apply(
-        logits,
-        target,
-        options.weight,
-        options,
-        reduction,
-        inplace_backward,
-        allow_retain_graph,
-        kernel or loss_and_grad_,
+    return cast(
+        torch.Tensor,
+        ChunkedCrossEntropy.apply(
+            logits,
+            target,
+            options.weight,
+            options,
+            reduction,
+            inplace_backward,
+            allow_retain_graph,
+            kernel or loss_and_grad_,
+        ),
     )

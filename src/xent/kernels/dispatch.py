@@ -41,7 +41,7 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _triton_kernel(device: torch.device):
+def _triton_kernel(device: torch.device) -> chunked.RowKernel:
     if not triton_usable(device):
         why = "the triton package is not installed (pip install 'xent[triton]')"
         if triton_installed():

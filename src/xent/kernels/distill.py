@@ -14,6 +14,8 @@ hard-label term), hence chunks of a quarter of :func:`xent.kernels.linear.defaul
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from xent.core.reduce import accumulation_dtype
@@ -60,6 +62,7 @@ def distillation_chunk_loss(
         losses = (losses + neg_entropy) * (squared * soft_factor)
         if hard is not None:
             target, hard_options, hard_factor = hard
+            student = cast(torch.Tensor, student)  # cloned above, as hard is given
             hard_scale = grad_scale * hard_factor
             hard_losses = kernel(student, student if needs_grad else None, target[rows], hard_options, hard_scale)
             if needs_grad:

@@ -26,7 +26,8 @@ the logits chunk by chunk with the scale applied (four GEMMs in all, the same me
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import torch
 
@@ -70,7 +71,7 @@ def _accumulate_product_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
         out.add_(torch.mm(a, b))
 
 
-def _chunks(num_tokens: int, chunk_size: int):
+def _chunks(num_tokens: int, chunk_size: int) -> Iterator[slice]:
     for start in range(0, num_tokens, chunk_size):
         yield slice(start, min(start + chunk_size, num_tokens))
 
@@ -79,6 +80,8 @@ def _chunks(num_tokens: int, chunk_size: int):
 # tokens whose logits `(c, V)` it is given, with the gradient scaled per token by `grad_scale (c,)` written over
 # `logits` when `needs_grad`.
 ChunkLoss = Callable[[torch.Tensor, slice, torch.Tensor, bool], torch.Tensor]
+# The gradients dX, dW, db, each None when not needed.
+_Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
 
 def row_kernel_loss(target: torch.Tensor, options: SoftmaxOptions, kernel: chunked.RowKernel) -> ChunkLoss:
@@ -144,7 +147,7 @@ class ChunkedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
+        ctx: Any,
         input: torch.Tensor,
         linear_weight: torch.Tensor,
         linear_bias: torch.Tensor | None,
@@ -170,14 +173,14 @@ class ChunkedLinearLoss(torch.autograd.Function):
             return _fused_pass(input, linear_weight, linear_bias, chunk_loss, ones, chunk_size, (None,) * 3)
         scale = torch.ones((), dtype=dtype, device=input.device)
         if reduction == "mean":
-            scale = safe_divide(scale, denominator.to(dtype))
+            scale = safe_divide(scale, cast(torch.Tensor, denominator).to(dtype))  # a mean comes with its denominator
         grads = _new_grads(input, linear_weight, linear_bias, needs, weight_grad_dtype)
         losses = _fused_pass(input, linear_weight, linear_bias, chunk_loss, scale.expand_as(ones), chunk_size, grads)
         ctx.grads = _cast_grads(grads, input, linear_weight, linear_bias)
         return losses.sum() * scale
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         chunked.refuse_second_order()
         unused = (None,) * 7
         grad_target = grad_weight = None
@@ -202,7 +205,7 @@ class ChunkedLinearLoss(torch.autograd.Function):
                 "use impl='reference' to backpropagate through the graph twice"
             )
         if ctx.allow_retain_graph:
-            grads = tuple(None if grad is None else grad * grad_output.to(grad.dtype) for grad in grads)
+            grads = cast(_Grads, tuple(None if grad is None else grad * grad_output.to(grad.dtype) for grad in grads))
         else:
             ctx.grads = None
             for grad in grads:
@@ -211,7 +214,13 @@ class ChunkedLinearLoss(torch.autograd.Function):
         return *grads, grad_target, grad_weight, *unused
 
 
-def _new_grads(input, linear_weight, linear_bias, needs, weight_grad_dtype):
+def _new_grads(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    needs: tuple[bool, ...],
+    weight_grad_dtype: torch.dtype,
+) -> _Grads:
     """Gradient buffers: dX in the input's dtype, dW in ``weight_grad_dtype``, db in float32 (float64 for float64
     weights)."""
     needs_input, needs_weight, needs_bias = needs
@@ -227,12 +236,14 @@ def _new_grads(input, linear_weight, linear_bias, needs, weight_grad_dtype):
     )
 
 
-def _cast_grads(grads, input, linear_weight, linear_bias):
+def _cast_grads(
+    grads: _Grads, input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: torch.Tensor | None
+) -> _Grads:
     grad_input, grad_weight, grad_bias = grads
     return (
         grad_input,
         None if grad_weight is None else grad_weight.to(linear_weight.dtype),
-        None if grad_bias is None else grad_bias.to(linear_bias.dtype),
+        None if grad_bias is None else grad_bias.to(cast(torch.Tensor, linear_bias).dtype),  # db implies a bias
     )
 
 
@@ -261,23 +272,32 @@ def chunked_linear_cross_entropy(
     kernel = kernel or chunked.loss_and_grad_
     denominator = mean_denominator(target, options, accumulation_dtype(input.dtype)) if reduction == "mean" else None
 
-    def reference(input, linear_weight, linear_bias, target, weight):
+    def reference(
+        input: torch.Tensor,
+        linear_weight: torch.Tensor,
+        linear_bias: torch.Tensor | None,
+        target: torch.Tensor,
+        weight: torch.Tensor | None,
+    ) -> torch.Tensor:
         options_with_weight = dataclasses.replace(options, weight=weight)
         return reference_linear_cross_entropy(input, linear_weight, linear_bias, target, options_with_weight, reduction)
 
-    return ChunkedLinearLoss.apply(
-        input.contiguous(),
-        linear_weight,
-        linear_bias,
-        target,
-        options.weight,
-        row_kernel_loss(target, options, kernel),
-        reduction,
-        denominator,
-        chunk_size,
-        allow_retain_graph,
-        weight_grad_dtype or linear_weight.dtype,
-        reference,
+    return cast(
+        torch.Tensor,
+        ChunkedLinearLoss.apply(
+            input.contiguous(),
+            linear_weight,
+            linear_bias,
+            target,
+            options.weight,
+            row_kernel_loss(target, options, kernel),
+            reduction,
+            denominator,
+            chunk_size,
+            allow_retain_graph,
+            weight_grad_dtype or linear_weight.dtype,
+            reference,
+        ),
     )
 
 
@@ -296,17 +316,20 @@ def fused_linear_loss(
     chunk_size = chunk_size or default_chunk_size(
         input.shape[0], linear_weight.shape[0], input.device, input.element_size()
     )
-    return ChunkedLinearLoss.apply(
-        input.contiguous(),
-        linear_weight,
-        linear_bias,
-        None,
-        None,
-        chunk_loss,
-        reduction,
-        None,
-        chunk_size,
-        False,
-        weight_grad_dtype or linear_weight.dtype,
-        None,
+    return cast(
+        torch.Tensor,
+        ChunkedLinearLoss.apply(
+            input.contiguous(),
+            linear_weight,
+            linear_bias,
+            None,
+            None,
+            chunk_loss,
+            reduction,
+            None,
+            chunk_size,
+            False,
+            weight_grad_dtype or linear_weight.dtype,
+            None,
+        ),
     )

@@ -23,6 +23,9 @@ one logits chunk, a block of float32 rows, and ``dW``/``db`` in float32 for half
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any, cast
+
 import torch
 
 from xent.core.reduce import accumulation_dtype
@@ -37,7 +40,7 @@ SECOND_ORDER_MESSAGE = (
 )
 
 
-def _row_blocks(num_rows: int, vocab_size: int, device: torch.device):
+def _row_blocks(num_rows: int, vocab_size: int, device: torch.device) -> Iterator[slice]:
     step = chunked.rows_per_block(vocab_size, device)
     for start in range(0, num_rows, step):
         yield slice(start, min(start + step, num_rows))
@@ -95,7 +98,8 @@ def backward_block_(
     if grad_log_probs is not None:
         grad_log_probs = torch.where(valid, grad_log_probs, torch.zeros_like(grad_log_probs))
     if grad_entropy is None:
-        grad = log_p.exp_().mul_(-grad_log_probs.unsqueeze(1))  # −g_lp p
+        # one of the two grad_outputs is given
+        grad = log_p.exp_().mul_(-cast(torch.Tensor, grad_log_probs).unsqueeze(1))  # −g_lp p
     else:
         log_p.clamp_(min=torch.finfo(z.dtype).min)  # p log p = 0 for a -inf logit, as in the forward
         probs = log_p.exp()
@@ -169,7 +173,7 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
+        ctx: Any,
         input: torch.Tensor,
         linear_weight: torch.Tensor,
         linear_bias: torch.Tensor | None,
@@ -191,7 +195,9 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
         return log_probs, entropy.clone()  # a copy: the caller may change its outputs in place (N floats)
 
     @staticmethod
-    def backward(ctx, grad_log_probs: torch.Tensor | None, grad_entropy: torch.Tensor | None):
+    def backward(
+        ctx: Any, grad_log_probs: torch.Tensor | None, grad_entropy: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
         if torch.is_grad_enabled():
             raise RuntimeError(SECOND_ORDER_MESSAGE)
         unused = (None,) * 4
@@ -226,6 +232,9 @@ def chunked_linear_log_probs(
     chunk_size = chunk_size or default_chunk_size(
         input.shape[0], linear_weight.shape[0], input.device, input.element_size()
     )
-    return ChunkedLinearLogProbs.apply(
-        input.contiguous(), linear_weight, linear_bias, target, temperature, ignore_index, chunk_size
+    return cast(
+        tuple[torch.Tensor, torch.Tensor],
+        ChunkedLinearLogProbs.apply(
+            input.contiguous(), linear_weight, linear_bias, target, temperature, ignore_index, chunk_size
+        ),
     )

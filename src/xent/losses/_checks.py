@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import overload
 
 import torch
 
@@ -77,6 +78,10 @@ def check_chunk_size(chunk_size: int | None) -> int | None:
     return chunk_size
 
 
+@overload
+def check_class_weight(name: str, weight: torch.Tensor, num_classes: int) -> torch.Tensor: ...
+@overload
+def check_class_weight(name: str, weight: None, num_classes: int) -> None: ...
 def check_class_weight(name: str, weight: torch.Tensor | None, num_classes: int) -> torch.Tensor | None:
     """A per-class weight: floating, shape (C,), no negative entry (value-checked)."""
     if weight is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from xent._config import value_checks_enabled
 from xent.core.autocast import autocast_off, cast_for_linear, float32_under_autocast, result_dtype
 from xent.core.reduce import accumulation_dtype, reduce_loss, safe_divide
 from xent.core.rowloss import SoftmaxOptions, mean_denominator
@@ -92,7 +93,7 @@ def distillation_loss(
 def _check_teacher_mass(teacher: torch.Tensor, class_dim: int) -> None:
     """Every teacher distribution has some probability mass: an all-zero row has no softened distribution (its
     normalisation is 0 / 0). Needs a host sync, so it obeys the value-check switch."""
-    if not _checks.value_checks_enabled(teacher) or teacher.numel() == 0:
+    if not value_checks_enabled(teacher) or teacher.numel() == 0:
         return
     empty = teacher.sum(class_dim) <= 0
     if bool(empty.any()):
@@ -131,7 +132,7 @@ def linear_distillation_loss(
     target)`` reduced alike (``"batchmean"``/``"mean"``: the mean over kept targets; ``"sum"``; ``"none"`` per token).
     Tokens are processed in chunks: each chunk's student and teacher logits, the teacher's softened probabilities,
     the loss and the student's gradient, then its share of the student's gradients
-    (:mod:`xent.kernels.distill`). The teacher is not differentiated: teacher tensors that require grad raise.
+    (``xent.kernels.distill``). The teacher is not differentiated: teacher tensors that require grad raise.
 
     Args:
         input: the student's hidden states ``(..., D)``.
@@ -168,9 +169,16 @@ def linear_distillation_loss(
                 f"teacher without a gradient; pass {name}.detach() or compute the teacher under torch.no_grad()"
             )
     out_dtype = result_dtype(_checks.check_floating("input", input))
-    tensors = map(cast_for_linear, (input, linear_weight, linear_bias, teacher_input, teacher_linear_weight,
-                                    teacher_linear_bias))  # fmt: skip
-    input, linear_weight, linear_bias, teacher_input, teacher_linear_weight, teacher_linear_bias = tensors
+    input, linear_weight, linear_bias = (
+        cast_for_linear(input),
+        cast_for_linear(linear_weight),
+        cast_for_linear(linear_bias),
+    )
+    teacher_input, teacher_linear_weight, teacher_linear_bias = (
+        cast_for_linear(teacher_input),
+        cast_for_linear(teacher_linear_weight),
+        cast_for_linear(teacher_linear_bias),
+    )
     teacher_input = _checks.check_floating("teacher_input", teacher_input)
     if teacher_input.shape[:-1] != input.shape[:-1]:
         raise ValueError(
@@ -212,7 +220,7 @@ def linear_distillation_loss(
             soft_factor = 1.0 / max(num_tokens, 1) if averaged else 1.0
             hard = None
             if target is not None:
-                hard_factor = hard_weight
+                hard_factor: float | torch.Tensor = hard_weight
                 if averaged:
                     hard_factor = safe_divide(
                         torch.tensor(hard_weight, dtype=dtype, device=flat_input.device),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 import torch.nn.functional as F
 
@@ -43,7 +45,7 @@ class _SigmoidModulation(torch.autograd.Function):
         return torch.exp(gamma * _log_one_minus_p_t(x, t)[2])
 
     @staticmethod
-    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         x, t, gamma = inputs
         ctx.save_for_backward(x, t)
         ctx.save_for_forward(x, t)
@@ -59,7 +61,7 @@ class _SigmoidModulation(torch.autograd.Function):
         return by_x, by_t
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, t = ctx.saved_tensors
         by_x, by_t = _SigmoidModulation._partials(x, t, ctx.gamma)
         grad_x = grad * by_x if ctx.needs_input_grad[0] else None
@@ -67,7 +69,7 @@ class _SigmoidModulation(torch.autograd.Function):
         return grad_x, grad_t, None
 
     @staticmethod
-    def jvp(ctx, x_tangent: torch.Tensor | None, t_tangent: torch.Tensor | None, _: None) -> torch.Tensor:
+    def jvp(ctx: Any, x_tangent: torch.Tensor | None, t_tangent: torch.Tensor | None, _: None) -> torch.Tensor:
         x, t = ctx.saved_tensors
         by_x, by_t = _SigmoidModulation._partials(x, t, ctx.gamma)
         tangent = torch.zeros_like(by_x)
@@ -133,9 +135,15 @@ def focal_loss(
     def row_loss(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         log_p = target_log_prob(log_probs, target)
         loss = -_modulating_factor(_log_one_minus_exp(log_p), gamma) * log_p
-        return loss if alpha is None else loss * alpha.to(loss.dtype)[target]
+        # describe_focal turned alpha into a (C,) tensor
+        return loss if alpha is None else loss * cast(torch.Tensor, alpha).to(loss.dtype)[target]
 
-    options = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction, "token_weight": token_weight}
+    options: dict[str, Any] = {
+        "weight": weight,
+        "ignore_index": ignore_index,
+        "reduction": reduction,
+        "token_weight": token_weight,
+    }
     return fused_index_loss(
         "focal_loss",
         input,
@@ -147,7 +155,9 @@ def focal_loss(
     )
 
 
-def describe_focal(num_classes: int, *, gamma: float = 2.0, alpha: float | torch.Tensor | None = None) -> dict:
+def describe_focal(
+    num_classes: int, *, gamma: float = 2.0, alpha: float | torch.Tensor | None = None
+) -> dict[str, Any]:
     """The row-loss description of :func:`focal_loss` (checked options → :class:`~xent.core.rowloss.SoftmaxOptions`
     fields)."""
     return {
@@ -273,7 +283,12 @@ def poly1_cross_entropy(
     """
     description = describe_poly1(0, epsilon=epsilon, label_smoothing=label_smoothing)
     epsilon, label_smoothing = description["term"].epsilon, description["label_smoothing"]
-    options = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction, "token_weight": token_weight}
+    options: dict[str, Any] = {
+        "weight": weight,
+        "ignore_index": ignore_index,
+        "reduction": reduction,
+        "token_weight": token_weight,
+    }
 
     def first_order_term(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         p_t = torch.exp(target_log_prob(log_probs, target))
@@ -297,7 +312,7 @@ def poly1_cross_entropy(
     )
 
 
-def describe_poly1(num_classes: int, *, epsilon: float = 1.0, label_smoothing: float = 0.0) -> dict:
+def describe_poly1(num_classes: int, *, epsilon: float = 1.0, label_smoothing: float = 0.0) -> dict[str, Any]:
     """The row-loss description of :func:`poly1_cross_entropy`."""
     return {
         "term": Poly1Term(epsilon=_checks.check_in_range("epsilon", epsilon, -1.0)),

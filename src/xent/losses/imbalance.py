@@ -8,6 +8,7 @@ rule, :func:`check_class_counts`), never a silent weight of 0.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -95,7 +96,9 @@ def deferred_reweighting(
     return class_balanced_weights(counts, beta)
 
 
-def _log_prior_offset(input: torch.Tensor, class_counts, tau: float, name: str = "input") -> torch.Tensor:
+def _log_prior_offset(
+    input: torch.Tensor, class_counts: torch.Tensor | Sequence[float], tau: float, name: str = "input"
+) -> torch.Tensor:
     """τ · log π_c shaped to broadcast along the class dimension of ``input`` (the caller's argument ``name``)."""
     class_dim = class_dimension(input, name)
     counts = check_class_counts(class_counts, num_classes=input.shape[class_dim])
@@ -163,7 +166,12 @@ def logit_adjusted_cross_entropy(
     )
     label_smoothing = description["label_smoothing"]
     offset = _log_prior_offset(input, class_counts, tau)  # (C, 1, ..., 1)
-    options = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction, "token_weight": token_weight}
+    options: dict[str, Any] = {
+        "weight": weight,
+        "ignore_index": ignore_index,
+        "reduction": reduction,
+        "token_weight": token_weight,
+    }
     return fused_index_loss(
         "logit_adjusted_cross_entropy",
         input,
@@ -179,7 +187,7 @@ def logit_adjusted_cross_entropy(
 
 def describe_logit_adjusted(
     num_classes: int, *, class_counts: torch.Tensor | Sequence[float], tau: float = 1.0, label_smoothing: float = 0.0
-) -> dict:
+) -> dict[str, Any]:
     """The row-loss description of :func:`logit_adjusted_cross_entropy`: the offset τ log π of every class."""
     tau = _checks.check_in_range("tau", tau, 0.0)
     counts = check_class_counts(class_counts, num_classes=num_classes)
@@ -191,7 +199,7 @@ def describe_logit_adjusted(
 
 def describe_balanced_softmax(
     num_classes: int, *, class_counts: torch.Tensor | Sequence[float], label_smoothing: float = 0.0
-) -> dict:
+) -> dict[str, Any]:
     """The row-loss description of :func:`balanced_softmax_cross_entropy`."""
     return describe_logit_adjusted(num_classes, class_counts=class_counts, tau=1.0, label_smoothing=label_smoothing)
 
@@ -299,7 +307,12 @@ def ldam_loss(
     description = describe_ldam(input.shape[class_dim], class_counts=class_counts, max_margin=max_margin, scale=scale)
     margins, scale = description["target_margin"], description["logit_scale"]
     _checks.check_class_indices(target, margins.numel(), ignore_index)
-    options = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction, "token_weight": token_weight}
+    options: dict[str, Any] = {
+        "weight": weight,
+        "ignore_index": ignore_index,
+        "reduction": reduction,
+        "token_weight": token_weight,
+    }
 
     def readable() -> torch.Tensor:
         # Out-of-range indices only reach here with value checks off; clamping keeps the scatter in bounds and
@@ -323,7 +336,7 @@ def ldam_loss(
 
 def describe_ldam(
     num_classes: int, *, class_counts: torch.Tensor | Sequence[float], max_margin: float = 0.5, scale: float = 30.0
-) -> dict:
+) -> dict[str, Any]:
     """The row-loss description of :func:`ldam_loss`: the margin of every class and the scale."""
     counts = check_class_counts(class_counts, num_classes=num_classes)
     return {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -97,7 +98,7 @@ def linear_cross_entropy(
     For a language model's head (N tokens, hidden size D, vocabulary V) the logits are an ``N × V`` tensor — 8 GB in
     float32 for 8,192 tokens and a 256k vocabulary — and eager PyTorch keeps several. Here tokens are processed in
     chunks: a chunk's logits, its loss and gradient, then its share of ``d(input)``, ``d(linear_weight)`` and
-    ``d(linear_bias)``; the only extra memory is one chunk of logits (:mod:`xent.kernels.linear`). Each chunk's
+    ``d(linear_bias)``; the only extra memory is one chunk of logits (``xent.kernels.linear``). Each chunk's
     weight gradient is summed over its tokens in float32 inside one GEMM and added to ``d(linear_weight)`` in the
     weight's dtype: a bfloat16 head's gradient is rounded once per chunk (8 times for 8,192 tokens on a GPU), not
     once — ``weight_grad_dtype=torch.float32`` sums in float32 instead, at the price of a float32 copy of the
@@ -161,7 +162,7 @@ def linear_cross_entropy(
 
 
 # The losses linear_loss fuses: each public function with the description of its own options.
-LINEAR_LOSSES: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., dict]]] = {
+LINEAR_LOSSES: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., dict[str, Any]]]] = {
     "cross_entropy": (cross_entropy, describe_cross_entropy),
     "focal_loss": (focal.focal_loss, focal.describe_focal),
     "poly1_cross_entropy": (focal.poly1_cross_entropy, focal.describe_poly1),
@@ -173,12 +174,12 @@ LINEAR_LOSSES: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., dict]]
 }
 
 
-def describe_options(describe: Callable[..., dict]) -> set[str]:
+def describe_options(describe: Callable[..., dict[str, Any]]) -> set[str]:
     """The loss's own option names: the keyword arguments of its description."""
     return set(inspect.signature(describe).parameters) - {"num_classes"}
 
 
-def check_loss_options(describe: Callable[..., dict], options: dict) -> None:
+def check_loss_options(describe: Callable[..., dict[str, Any]], options: dict[str, Any]) -> None:
     """Check a loss's own options without its tensors, as a module's constructor does: the number of classes is
     taken from a per-class option (class counts, a per-class α) when there is one."""
     own = {key: value for key, value in options.items() if key in describe_options(describe)}
@@ -187,7 +188,7 @@ def check_loss_options(describe: Callable[..., dict], options: dict) -> None:
     describe(per_class[0] if per_class else 1, **own)
 
 
-def linear_loss_entry(loss: object) -> tuple[str, Callable[..., torch.Tensor], Callable[..., dict]]:
+def linear_loss_entry(loss: object) -> tuple[str, Callable[..., torch.Tensor], Callable[..., dict[str, Any]]]:
     names = ", ".join(LINEAR_LOSSES)
     if isinstance(loss, str):
         if loss not in LINEAR_LOSSES:
@@ -227,7 +228,7 @@ def linear_loss(
     ``loss(F.linear(input, linear_weight, linear_bias).reshape(-1, V), target.reshape(-1), **loss_options)``
     (``reduction="none"`` reshaped like ``target``), computed chunk by chunk as :func:`linear_cross_entropy` does:
     the ``N × V`` logits are never formed. The loss is described once (its logit transform, its target term
-    :math:`\psi(\log p_y)`, its options — :mod:`xent.core.rowloss`) and every chunk runs the fused row kernel on it.
+    :math:`\psi(\log p_y)`, its options — ``xent.core.rowloss``) and every chunk runs the fused row kernel on it.
 
     Args:
         loss: one of :func:`xent.cross_entropy`, :func:`xent.focal_loss`, :func:`xent.poly1_cross_entropy`,
@@ -255,7 +256,7 @@ def linear_loss(
         >>> xent.linear_loss(xent.focal_loss, hidden, head, tokens, gamma=2.0).backward()
     """
     out_dtype = result_dtype(_checks.check_floating("input", input))
-    loss = accumulated_linear_loss(
+    return accumulated_linear_loss(
         loss,
         input,
         linear_weight,
@@ -270,8 +271,7 @@ def linear_loss(
         token_weight=token_weight,
         softcap=softcap,
         **loss_options,
-    )
-    return loss.to(out_dtype)
+    ).to(out_dtype)
 
 
 def accumulated_linear_loss(
@@ -311,7 +311,11 @@ def accumulated_linear_loss(
     if own_cap:
         loss_options["softcap"] = softcap
     # Under autocast the head runs as F.linear would, in the autocast dtype, and the loss in float32.
-    input, linear_weight, linear_bias = map(cast_for_linear, (input, linear_weight, linear_bias))
+    input, linear_weight, linear_bias = (
+        cast_for_linear(input),
+        cast_for_linear(linear_weight),
+        cast_for_linear(linear_bias),
+    )
     flat_input, flat_target, batch_shape = canonicalize_linear(input, linear_weight, linear_bias, target)
     if flat_target.is_floating_point() and name != "cross_entropy":
         raise TypeError(
@@ -328,9 +332,9 @@ def accumulated_linear_loss(
             if softcap is not None and not own_cap:
                 logits = softcap * torch.tanh(logits / softcap)
             shared = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction}
-            loss = function(logits, flat_target, token_weight=flat_token_weight, impl=impl, **shared, **loss_options)
+            result = function(logits, flat_target, token_weight=flat_token_weight, impl=impl, **shared, **loss_options)
         else:
-            loss = dispatch_linear_cross_entropy(
+            result = dispatch_linear_cross_entropy(
                 impl,
                 flat_input,
                 linear_weight,
@@ -341,4 +345,4 @@ def accumulated_linear_loss(
                 chunk_size=chunk_size,
                 weight_grad_dtype=weight_grad_dtype,
             )
-    return loss.view(batch_shape) if reduction == "none" else loss
+    return result.view(batch_shape) if reduction == "none" else result

@@ -37,7 +37,7 @@ def linear_log_probs(
     and PPO's ratios, the entropy for a bonus or for monitoring) and of evaluation. Equal in value and gradient to
     ``torch.log_softmax(F.linear(input, linear_weight, linear_bias).float() / temperature, -1)`` gathered at
     ``target``, and to the entropy of the same distribution, but the ``N × V`` logits are never formed: tokens go
-    in chunks, and the only extra memory is one chunk of logits (:mod:`xent.kernels.logprobs`). The forward pass
+    in chunks, and the only extra memory is one chunk of logits (``xent.kernels.logprobs``). The forward pass
     keeps one log-sum-exp per token; the backward pass recomputes each chunk's logits, because the gradient
     :math:`\partial / \partial z_{n j} = g^{lp}_n (\delta_{j y_n} - p_{n j}) - g^{H}_n\, p_{n j} (\log p_{n j} + H_n)`
     needs both outputs' ``grad_output`` (either may be unused). The softmax runs in float32 (float64 for float64
@@ -82,7 +82,11 @@ def linear_log_probs(
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
     _checks.check_floating("input", input)
     # Under autocast the head runs as F.linear would, in the autocast dtype, and the softmax in float32.
-    input, linear_weight, linear_bias = map(cast_for_linear, (input, linear_weight, linear_bias))
+    input, linear_weight, linear_bias = (
+        cast_for_linear(input),
+        cast_for_linear(linear_weight),
+        cast_for_linear(linear_bias),
+    )
     flat_input, flat_target, batch_shape = canonicalize_linear(input, linear_weight, linear_bias, target)
     if flat_target.is_floating_point():
         raise TypeError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from xent.core.autocast import float32_under_autocast
@@ -47,7 +49,12 @@ def generalized_cross_entropy(
     def row_loss(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return -torch.expm1(q * target_log_prob(log_probs, target)) / q
 
-    options = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction, "token_weight": token_weight}
+    options: dict[str, Any] = {
+        "weight": weight,
+        "ignore_index": ignore_index,
+        "reduction": reduction,
+        "token_weight": token_weight,
+    }
     return fused_index_loss(
         "generalized_cross_entropy",
         input,
@@ -59,7 +66,7 @@ def generalized_cross_entropy(
     )
 
 
-def describe_generalized(num_classes: int, *, q: float = 0.7) -> dict:
+def describe_generalized(num_classes: int, *, q: float = 0.7) -> dict[str, Any]:
     """The row-loss description of :func:`generalized_cross_entropy`."""
     return {"term": GeneralizedTerm(q=_checks.check_in_range("q", q, 0.0, 1.0, low_inclusive=False))}
 
@@ -106,7 +113,12 @@ def symmetric_cross_entropy(
     def reverse_cross_entropy(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return beta * -log_zero * -torch.expm1(target_log_prob(log_probs, target))
 
-    options = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction, "token_weight": token_weight}
+    options: dict[str, Any] = {
+        "weight": weight,
+        "ignore_index": ignore_index,
+        "reduction": reduction,
+        "token_weight": token_weight,
+    }
 
     def readable() -> torch.Tensor:
         # Both terms share the denominator of "mean" (Σ w_y over kept targets): the sum of the reduced terms.
@@ -124,7 +136,9 @@ def symmetric_cross_entropy(
     )
 
 
-def describe_symmetric(num_classes: int, *, alpha: float = 0.1, beta: float = 1.0, log_zero: float = -4.0) -> dict:
+def describe_symmetric(
+    num_classes: int, *, alpha: float = 0.1, beta: float = 1.0, log_zero: float = -4.0
+) -> dict[str, Any]:
     """The row-loss description of :func:`symmetric_cross_entropy`."""
     alpha = _checks.check_in_range("alpha", alpha, 0.0)
     beta = _checks.check_in_range("beta", beta, 0.0)

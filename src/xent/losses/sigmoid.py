@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -77,6 +79,7 @@ def binary_cross_entropy_with_logits(
 
     Example:
         >>> xent.binary_cross_entropy_with_logits(torch.tensor([3.0, -1.0]), torch.tensor([1.0, 0.0]))
+        tensor(0.1809)
     """
     label_smoothing = check_binary_options(reduction=reduction, label_smoothing=label_smoothing)
     input, target = check_binary_pair(input, target)
@@ -108,7 +111,7 @@ class _ClampedBinaryCrossEntropy(torch.autograd.Function):
     EPSILON = 9.999999960041972e-13
 
     @staticmethod
-    def forward(ctx, probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(probs, target)
         log_p, log_not_p = _ClampedBinaryCrossEntropy.clamped_logs(probs)
         return -(target * log_p + (1.0 - target) * log_not_p)
@@ -118,7 +121,7 @@ class _ClampedBinaryCrossEntropy(torch.autograd.Function):
         return torch.log(probs).clamp_min(-100.0), torch.log1p(-probs).clamp_min(-100.0)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         # Formed from the saved inputs by differentiable operations, so that a second derivative
         # (create_graph=True) sees their dependence on the probabilities and the target.
         probs, target = ctx.saved_tensors
@@ -167,6 +170,7 @@ def binary_cross_entropy(
 
     Example:
         >>> xent.binary_cross_entropy(torch.tensor([0.9, 0.2]), torch.tensor([1.0, 0.0]))
+        tensor(0.1643)
     """
     label_smoothing = check_binary_options(reduction=reduction, label_smoothing=label_smoothing)
     input, target = check_binary_pair(input, target)

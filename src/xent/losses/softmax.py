@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -66,7 +67,7 @@ def canonicalize(
 
 def describe_cross_entropy(
     num_classes: int, *, label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None
-) -> dict:
+) -> dict[str, Any]:
     """The row-loss description of :func:`cross_entropy`'s own options."""
     label_smoothing, z_loss, softcap = check_softmax_options(
         reduction="mean", label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, ignore_index=-100
@@ -162,7 +163,7 @@ def fused_index_loss(
     weight: torch.Tensor | None,
     ignore_index: int,
     token_weight: torch.Tensor | None,
-    **description: object,
+    **description: Any,
 ) -> torch.Tensor:
     """An index-target loss of the family by the chosen implementation: ``readable()`` — the loss's own plain
     definition — for ``impl="reference"``, else the fused kernels on its description (``description``: the
@@ -221,10 +222,10 @@ def cross_entropy(
 
     .. math::
         \text{reduction} = \begin{cases}
-            \sum_n \ell_n / \sum_n w_{y_n} [y_n \ne \text{ignore}] & \text{"mean", class indices} \\
-            \sum_n \ell_n / (N d_1 \cdots d_K) & \text{"mean", probabilities} \\
-            \sum_n \ell_n & \text{"sum"} \\
-            (\ell_n)_n & \text{"none"}
+            \sum_n \ell_n / \sum_n w_{y_n} [y_n \ne \text{ignore}] & \texttt{mean}\text{, class indices} \\
+            \sum_n \ell_n / (N d_1 \cdots d_K) & \texttt{mean}\text{, probabilities} \\
+            \sum_n \ell_n & \texttt{sum} \\
+            (\ell_n)_n & \texttt{none}
         \end{cases}
 
     Values and gradients equal :func:`torch.nn.functional.cross_entropy` for every input it accepts, with three
@@ -264,7 +265,7 @@ def cross_entropy(
             token-weighted fine-tuning. Not differentiated by the fused kernels (``impl="reference"`` does).
         impl: ``None`` picks the fastest implementation for the device and problem; ``"reference"`` forces the
             plain PyTorch math of this module, ``"chunked"`` the memory-lean kernel that forms the gradient during
-            the forward pass (:mod:`xent.kernels.chunked`); ``"triton"`` the GPU kernel where available.
+            the forward pass (``xent.kernels.chunked``); ``"triton"`` the GPU kernel where available.
         inplace_backward: write the gradient into the logits' own storage (chunked and Triton kernels), saving a
             logits-sized buffer; the logits are overwritten, so use it only when nothing else needs them.
 
@@ -279,6 +280,7 @@ def cross_entropy(
     Example:
         >>> logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.0, 3.0]])
         >>> xent.cross_entropy(logits, torch.tensor([0, 2]), label_smoothing=0.1)
+        tensor(0.3431)
     """
     label_smoothing, z_loss, softcap = check_softmax_options(
         reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, ignore_index=ignore_index

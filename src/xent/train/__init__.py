@@ -4,13 +4,18 @@ The configuration is imported eagerly; the loop (and with it torchmetrics, korni
 ``xent --help`` and a bad flag answer at once.
 """
 
+from typing import TYPE_CHECKING
+
 from xent.train.config import ConfigError, TrainConfig, resolve
 
-__all__ = ["ConfigError", "TrainConfig", "TrainingDiverged", "resolve", "train"]
+if TYPE_CHECKING:
+    from xent.train.loop import Interrupted, TrainingDiverged, train
+
+__all__ = ["ConfigError", "Interrupted", "TrainConfig", "TrainingDiverged", "resolve", "train"]
 
 
 def __getattr__(name: str) -> object:
-    if name in ("TrainingDiverged", "train"):
+    if name in ("Interrupted", "TrainingDiverged", "train"):
         from xent.train import loop
 
         return getattr(loop, name)

@@ -13,9 +13,10 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from xent.train.config import ConfigError
@@ -25,7 +26,10 @@ BEST = "best.pt"
 
 
 def rng_state() -> dict[str, Any]:
-    _, keys, position, has_gauss, cached = np.random.get_state()
+    # the legacy tuple, which get_state returns by default
+    _, keys, position, has_gauss, cached = cast(
+        tuple[str, npt.NDArray[np.uint32], int, int, float], np.random.get_state()
+    )
     state = {
         "torch": torch.get_rng_state(),
         "numpy": {
@@ -118,4 +122,4 @@ def load(path: Path) -> dict[str, Any]:
     saved = state.pop("sha256", None)  # checkpoints written before the digest have none
     if saved is not None and saved != digest(state):
         raise CheckpointError(f"{path} is corrupted: its content does not match the SHA-256 saved with it")
-    return state
+    return cast(dict[str, Any], state)  # a dict: checked above

@@ -164,7 +164,7 @@ class Grid:
             for seed in self.seeds
         ]
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"study": self.name, "question": self.question, "headline": self.headline,
                 "losses": [v.label for v in self.variants], "seeds": self.seeds,
                 "varying": list(self.varying) if self.varying else None, "settings": self.settings}  # fmt: skip
@@ -225,7 +225,7 @@ def cell_finished(cell: Cell) -> bool:
     return done or (cell.directory / DIVERGED).is_file()
 
 
-def run_cell(cell: Cell, settings: dict[str, Any], threads: int | None = None) -> dict:
+def run_cell(cell: Cell, settings: dict[str, Any], threads: int | None = None) -> dict[str, Any]:
     """Train one cell through the trainer's API (resuming a killed one from its checkpoint), then fit its
     temperature; returns its row of ``results.csv``."""
     import torch
@@ -259,7 +259,9 @@ def run_cell(cell: Cell, settings: dict[str, Any], threads: int | None = None) -
     return read_row(cell)
 
 
-def run_grid(grid: Grid, *, jobs: int = 1, on_done: Callable[[Cell, dict], None] | None = None) -> list[dict]:
+def run_grid(
+    grid: Grid, *, jobs: int = 1, on_done: Callable[[Cell, dict[str, Any]], None] | None = None
+) -> list[dict[str, Any]]:
     """Every cell not yet finished, ``jobs`` at a time (one process each when ``jobs > 1``); returns all rows."""
     grid.directory.mkdir(parents=True, exist_ok=True)
     _write_study(grid)
@@ -291,7 +293,7 @@ def run_grid(grid: Grid, *, jobs: int = 1, on_done: Callable[[Cell, dict], None]
     return [read_row(cell) for cell in cells]
 
 
-def _run_task(task: tuple[int, Cell, dict[str, Any], int]) -> tuple[int, dict]:
+def _run_task(task: tuple[int, Cell, dict[str, Any], int]) -> tuple[int, dict[str, Any]]:
     index, cell, settings, threads = task
     return index, run_cell(cell, settings, threads)
 
@@ -318,7 +320,7 @@ def _write_study(grid: Grid) -> None:
 # --- aggregation ----------------------------------------------------------------------------------------------
 
 
-def read_row(cell: Cell) -> dict:
+def read_row(cell: Cell) -> dict[str, Any]:
     """A finished cell's row of ``results.csv``, read back from its run directory."""
     row: dict[str, Any] = {"loss": cell.variant.label, "seed": cell.seed}
     if cell.varying is not None:
@@ -342,19 +344,19 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def baseline_loss(rows: Sequence[dict]) -> str:
+def baseline_loss(rows: Sequence[dict[str, Any]]) -> str:
     """What every loss is compared with: cross-entropy when the grid has it, else its first loss."""
     losses = [row["loss"] for row in rows]
     return "ce" if "ce" in losses else losses[0]
 
 
-def aggregate(rows: Sequence[dict], varying: str | None) -> list[dict]:
+def aggregate(rows: Sequence[dict[str, Any]], varying: str | None) -> list[dict[str, Any]]:
     """Per loss (and varying value): the mean and sample standard deviation over seeds of every metric, and the
     *paired* gap to the baseline (:func:`baseline_loss`) — the mean and standard deviation over seeds of
     ``metric(loss, seed) − metric(baseline, seed)``. A seed fixes the data (the validation split, the long-tailed
     subset, the flipped labels) for every loss, so the paired spread measures the losses' difference, not how hard
     each seed's data happens to be."""
-    groups: dict[tuple, dict[int, dict]] = {}
+    groups: dict[tuple[Any, Any], dict[int, dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["loss"], row.get(varying) if varying else None), {})[int(row["seed"])] = row
     baseline = baseline_loss(rows) if rows else None
@@ -370,7 +372,7 @@ def aggregate(rows: Sequence[dict], varying: str | None) -> list[dict]:
     return summary
 
 
-def write_csv(rows: Sequence[dict], path: Path, study: str) -> None:
+def write_csv(rows: Sequence[dict[str, Any]], path: Path, study: str) -> None:
     columns = ["study", *dict.fromkeys(key for row in rows for key in row)]
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -379,13 +381,13 @@ def write_csv(rows: Sequence[dict], path: Path, study: str) -> None:
             writer.writerow({"study": study, **row})
 
 
-def best(summary: Sequence[dict], metric: str) -> dict:
+def best(summary: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:
     """The entry with the best mean; a diverged loss (NaN) never wins."""
     higher = next(m[2] for m in METRICS if m[0] == metric)
     finite = [entry for entry in summary if math.isfinite(entry[f"{metric}_mean"])] or list(summary)
     return (max if higher else min)(finite, key=lambda entry: entry[f"{metric}_mean"])
 
 
-def gap(entry: dict, metric: str) -> tuple[float, float]:
+def gap(entry: dict[str, Any], metric: str) -> tuple[float, float]:
     """The entry's paired gap to the baseline in ``metric``: mean and standard deviation over seeds."""
     return entry[f"{metric}_gap_mean"], entry[f"{metric}_gap_std"]

@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from xent.train.losses import LOSSES, used_by
 
@@ -33,6 +34,10 @@ def _flag(group: str, help: str, **argparse: Any) -> dict[str, Any]:
 
 @dataclass
 class TrainConfig:
+    """Everything ``xent train`` reads: each field is the flag of the same name (``label_smoothing`` is
+    ``--label-smoothing``), with the help and groups of :doc:`/cli/train`. ``None`` means "chosen per data set" by
+    :func:`resolve`; :func:`train` resolves the configuration itself."""
+
     # data
     data: str = field(
         default="digits", metadata=_flag("data", "digits | mnist1d | mnist | fashion-mnist | cifar10 | folder:PATH")
@@ -238,7 +243,7 @@ def parse_augment(text: str | None) -> list[str]:
     return names
 
 
-def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+def _choice(flag: str, value: str, choices: Collection[str]) -> None:
     if value not in choices:
         raise ConfigError(f"{flag} {value} unknown; choose from {', '.join(choices)}")
 
@@ -254,21 +259,27 @@ def resolve(config: TrainConfig) -> TrainConfig:
     for name, value in DATA_DEFAULTS[kind].items():
         if getattr(resolved, name) is None:
             setattr(resolved, name, value)
-    _choice("--model", resolved.model, MODELS)
+    # every field of DATA_DEFAULTS is set from here on
+    _choice("--model", cast(str, resolved.model), MODELS)
     _choice("--loss", resolved.loss, LOSSES)
-    _choice("--optimizer", resolved.optimizer, OPTIMIZERS)
-    _choice("--schedule", resolved.schedule, SCHEDULES)
+    _choice("--optimizer", cast(str, resolved.optimizer), OPTIMIZERS)
+    _choice("--schedule", cast(str, resolved.schedule), SCHEDULES)
     _choice("--device", resolved.device, DEVICES)
     parse_classes(resolved.classes)
     parse_augment(resolved.augment)
     checks = [
-        ("--epochs", resolved.epochs, resolved.epochs >= 1, "must be at least 1"),
-        ("--batch-size", resolved.batch_size, resolved.batch_size >= 1, "must be at least 1"),
-        ("--lr", resolved.lr, resolved.lr > 0 and math.isfinite(resolved.lr), "must be positive"),
-        ("--weight-decay", resolved.weight_decay, resolved.weight_decay >= 0, "must be non-negative"),
+        ("--epochs", resolved.epochs, cast(int, resolved.epochs) >= 1, "must be at least 1"),
+        ("--batch-size", resolved.batch_size, cast(int, resolved.batch_size) >= 1, "must be at least 1"),
+        (
+            "--lr",
+            resolved.lr,
+            cast(float, resolved.lr) > 0 and math.isfinite(cast(float, resolved.lr)),
+            "must be positive",
+        ),
+        ("--weight-decay", resolved.weight_decay, cast(float, resolved.weight_decay) >= 0, "must be non-negative"),
         ("--momentum", resolved.momentum, 0 <= resolved.momentum < 1, "must be in [0, 1)"),
         ("--warmup-epochs", resolved.warmup_epochs, resolved.warmup_epochs >= 0, "must be non-negative"),
-        ("--val-fraction", resolved.val_fraction, 0 <= resolved.val_fraction < 1, "must be in [0, 1)"),
+        ("--val-fraction", resolved.val_fraction, 0 <= cast(float, resolved.val_fraction) < 1, "must be in [0, 1)"),
         ("--imbalance-ratio", resolved.imbalance_ratio, resolved.imbalance_ratio >= 1, "must be at least 1"),
         ("--label-noise", resolved.label_noise, 0 <= resolved.label_noise < 1, "must be in [0, 1)"),
         ("--label-smoothing", resolved.label_smoothing, 0 <= resolved.label_smoothing <= 1, "must be in [0, 1]"),
@@ -285,11 +296,11 @@ def resolve(config: TrainConfig) -> TrainConfig:
     for flag, value, ok, requirement in checks:
         if not ok:
             raise ConfigError(f"{flag} {requirement}, got {value}")
-    if resolved.warmup_epochs >= resolved.epochs:
+    if resolved.warmup_epochs >= cast(int, resolved.epochs):
         raise ConfigError(f"--warmup-epochs {resolved.warmup_epochs} must be smaller than --epochs {resolved.epochs}")
     if resolved.drw_epoch is None:
         reads_it = "drw_epoch" in LOSSES[resolved.loss].flags
-        resolved.drw_epoch = max(1, int(0.8 * resolved.epochs)) if reads_it else None
-    elif not 0 <= resolved.drw_epoch < resolved.epochs:
+        resolved.drw_epoch = max(1, int(0.8 * cast(int, resolved.epochs))) if reads_it else None
+    elif not 0 <= resolved.drw_epoch < cast(int, resolved.epochs):
         raise ConfigError(f"--drw-epoch {resolved.drw_epoch} must be in [0, --epochs {resolved.epochs})")
     return resolved

@@ -20,8 +20,10 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from xent.train.config import ConfigError, TrainConfig, data_kind, parse_classes
@@ -187,12 +189,12 @@ def load_folder(path: Path) -> tuple[Split, list[str]]:
         raise DataError(f"--data folder:{path} needs at least two sub-folders (one per class) of PNG/JPEG images")
     files = []
     for label, directory in enumerate(class_dirs):
-        images = [f for f in sorted(directory.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-        if not images:  # a class with no example would train and be scored as if it were one
+        found = [f for f in sorted(directory.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        if not found:  # a class with no example would train and be scored as if it were one
             raise DataError(
                 f"--data folder:{path}: class folder {directory} holds no PNG/JPEG image; add images or remove it"
             )
-        files += [(f, label) for f in images]
+        files += [(f, label) for f in found]
     images, labels, size, mode = [], [], None, None
     for file, label in files:
         try:
@@ -295,7 +297,7 @@ def _raw(config: TrainConfig) -> tuple[Split, Split, list[str]]:
 
         data = make_dataset(get_dataset_args())  # generated here, never downloaded
 
-        def split(x, y):
+        def split(x: npt.NDArray[Any], y: npt.NDArray[Any]) -> Split:
             return Split(torch.tensor(x, dtype=torch.float32).unsqueeze(1), torch.tensor(y, dtype=torch.long))
 
         return split(data["x"], data["y"]), split(data["x_test"], data["y_test"]), [str(d) for d in range(10)]
@@ -353,7 +355,7 @@ def load_data(config: TrainConfig) -> DataBundle:
             raise ConfigError(f"--classes {bad[0]} out of range: --data {config.data} has classes 0-{len(names) - 1}")
         train, test = _keep_classes(train, classes), _keep_classes(test, classes)
         names = [names[c] for c in classes]
-    train, val = _split_off(train, config.val_fraction, _generator(config.seed, 2))
+    train, val = _split_off(train, cast(float, config.val_fraction), _generator(config.seed, 2))  # set by resolve()
     if config.imbalance_ratio > 1:
         train = long_tailed(train, config.imbalance_ratio, len(names), _generator(config.seed, 3))
     if config.label_noise > 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
@@ -12,7 +13,7 @@ from xent.train.config import ConfigError, TrainConfig, resolve
 from xent.train.data import Split, as_float, load_data
 from xent.train.loop import evaluate
 from xent.train.losses import LOSSES
-from xent.train.metrics import expected_calibration_error
+from xent.train.metrics import Metrics, expected_calibration_error
 from xent.train.models import build_model
 from xent.train.objective import build_criterion
 from xent.train.runtime import Runtime
@@ -25,7 +26,7 @@ def _logits(model: torch.nn.Module, split: Split) -> torch.Tensor:
 
 
 def evaluate_run(run_dir: Path, *, data: str | None = None, data_dir: str | None = None,
-                 temperature_scale: bool = False) -> dict:  # fmt: skip
+                 temperature_scale: bool = False) -> dict[str, Any]:  # fmt: skip
     """The test metrics of ``run_dir``'s best checkpoint, on its own data or on ``data``/``data_dir``.
 
     With ``temperature_scale`` a temperature is fitted on the validation split (:func:`xent.fit_temperature`) and
@@ -40,8 +41,8 @@ def evaluate_run(run_dir: Path, *, data: str | None = None, data_dir: str | None
     config = resolve(TrainConfig.from_dict({**saved, **overrides, "resume": None}))
     bundle = load_data(config)
     state = checkpoint.load(run_dir / checkpoint.BEST)
-    model = build_model(
-        config.model, bundle.input_shape, bundle.num_classes, cosine_scale=LOSSES[config.loss].cosine_scale
+    model = build_model(  # resolve() has set the model and the batch size
+        cast(str, config.model), bundle.input_shape, bundle.num_classes, cosine_scale=LOSSES[config.loss].cosine_scale
     )
     try:
         model.load_state_dict(state["model"])
@@ -51,7 +52,8 @@ def evaluate_run(run_dir: Path, *, data: str | None = None, data_dir: str | None
         ) from None
     criterion = build_criterion(config, bundle)
     metrics = evaluate(model, bundle.test, criterion, state["epoch"], Runtime(torch.device("cpu")),
-                       config.batch_size, bundle.num_classes)  # fmt: skip
+                       cast(int, config.batch_size), bundle.num_classes)  # fmt: skip
+    metrics = cast(Metrics, metrics)  # the test split is never empty
     result = {"run_dir": str(run_dir), "epoch": state["epoch"], "data": config.data, **metrics.headline(),
               "per_class_accuracy": dict(zip(bundle.class_names, metrics.per_class_accuracy, strict=True))}  # fmt: skip
     if temperature_scale:

@@ -15,9 +15,11 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -39,6 +41,10 @@ from xent.train.runtime import (
     shutdown,
     steps_per_epoch,
 )
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import TaskID
 
 CSV_FIELDS = ["epoch", "lr", "train_loss", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
               "test_balanced_accuracy", "test_macro_f1", "test_nll", "test_ece", "seconds"]  # fmt: skip
@@ -63,7 +69,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     augment: nn.Module | None
-    history: list[dict]
+    history: list[dict[str, Any]]
     epoch: int = 0  # completed epochs
     best_val: tuple[float, float] = (-math.inf, -math.inf)  # (accuracy, -loss) of the best epoch so far
     train_seconds: float = 0.0
@@ -108,16 +114,21 @@ def prepare(config: TrainConfig) -> Run:
     data = load_data(config)
     augment = _augmentation(parse_augment(config.augment), data.input_shape)
     directory = Path(config.resume or config.out or _new_directory(config))
-    model = build_model(config.model, data.input_shape, data.num_classes, cosine_scale=LOSSES[config.loss].cosine_scale)
+    # resolve() has set the model, the batch size and the number of epochs
+    model = build_model(
+        cast(str, config.model), data.input_shape, data.num_classes, cosine_scale=LOSSES[config.loss].cosine_scale
+    )
     model = model.to(runtime.device)
     trainer: nn.Module = model
     if config.compile:
-        trainer = torch.compile(trainer)
+        trainer = cast(nn.Module, torch.compile(trainer))  # an OptimizedModule
     if runtime.distributed:
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         trainer = nn.parallel.DistributedDataParallel(trainer, device_ids=device_ids)
     optimizer = build_optimizer(config, model.parameters())
-    scheduler = build_scheduler(config, optimizer, steps_per_epoch(len(data.train), config.batch_size, runtime))
+    scheduler = build_scheduler(
+        config, optimizer, steps_per_epoch(len(data.train), cast(int, config.batch_size), runtime)
+    )
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.amp and runtime.device.type == "cuda")
     run = Run(config, runtime, directory, data, model, trainer, build_criterion(config, data),
               optimizer, scheduler, scaler, augment, history=[])  # fmt: skip
@@ -129,7 +140,7 @@ def prepare(config: TrainConfig) -> Run:
     return run
 
 
-def _state(run: Run) -> dict:
+def _state(run: Run) -> dict[str, Any]:
     return {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
@@ -143,7 +154,7 @@ def _state(run: Run) -> dict:
     }
 
 
-def _resumable_state(directory: Path) -> dict:
+def _resumable_state(directory: Path) -> dict[str, Any]:
     """The last checkpoint of a run directory, or a ConfigError in one line that names what is wrong and the way on
     (the best checkpoint, or a new run); nothing in the directory is changed."""
     last, best = directory / checkpoint.LAST, directory / checkpoint.BEST
@@ -158,7 +169,7 @@ def _resumable_state(directory: Path) -> dict:
         raise ConfigError(f"--resume {directory}: {error}; {way_on}, or start over with --out NEW_DIR") from None
 
 
-def _restore(run: Run, state: dict) -> None:
+def _restore(run: Run, state: dict[str, Any]) -> None:
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -168,12 +179,12 @@ def _restore(run: Run, state: dict) -> None:
     checkpoint.set_rng_state(state["rng"])
 
 
-def _autocast(run: Run):
+def _autocast(run: Run) -> torch.autocast:
     dtype = torch.bfloat16 if run.runtime.device.type == "cpu" else torch.float16
     return torch.autocast(run.runtime.device.type, dtype=dtype, enabled=run.config.amp)
 
 
-def train_epoch(run: Run, progress=None) -> float:
+def train_epoch(run: Run, progress: Callable[[int, float, float], None] | None = None) -> float:
     """One pass over the training split; returns the training loss averaged over examples."""
     config, runtime = run.config, run.runtime
     run.trainer.train()
@@ -181,7 +192,7 @@ def train_epoch(run: Run, progress=None) -> float:
     total = torch.zeros((), dtype=torch.float64, device=runtime.device)
     seen = 0
     started = time.perf_counter()
-    for batch_index, (x, y) in enumerate(batches(run.data.train, order, config.batch_size, config.workers)):
+    for batch_index, (x, y) in enumerate(batches(run.data.train, order, cast(int, config.batch_size), config.workers)):
         x, y = as_float(x.to(runtime.device, non_blocking=True)), y.to(runtime.device, non_blocking=True)
         if run.augment is not None:
             x = run.augment(x)
@@ -245,7 +256,7 @@ def _write_csv(run: Run) -> None:
     os.replace(temporary, run.directory / "metrics.csv")
 
 
-def _epoch_line(run: Run, row: dict) -> str:
+def _epoch_line(run: Run, row: dict[str, Any]) -> str:
     parts = [f"epoch {row['epoch']:>3}/{run.config.epochs}", f"train {row['train_loss']:.4f}"]
     if row["val_loss"] is not None:
         parts.append(f"val {row['val_loss']:.4f}")
@@ -254,7 +265,7 @@ def _epoch_line(run: Run, row: dict) -> str:
     return "  ".join(parts)
 
 
-def fit(run: Run, console=None) -> dict:
+def fit(run: Run, console: Console | None = None) -> dict[str, Any]:
     """Train the remaining epochs, checkpointing after each, then write the summary and plots (main process)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -263,10 +274,10 @@ def fit(run: Run, console=None) -> dict:
     config, runtime = run.config, run.runtime
     show_progress = runtime.is_main and not config.quiet and console.is_terminal
     log_lines = runtime.is_main and not config.quiet and not console.is_terminal
-    steps = steps_per_epoch(len(run.data.train), config.batch_size, runtime)
+    steps = steps_per_epoch(len(run.data.train), cast(int, config.batch_size), runtime)  # set by resolve()
     if runtime.is_main and run.epoch:
         console.print(f"resuming {run.directory} after epoch {run.epoch}")
-    while run.epoch < config.epochs:
+    while run.epoch < cast(int, config.epochs):
         started = time.perf_counter()
         lr = run.optimizer.param_groups[0]["lr"]
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -274,7 +285,7 @@ def fit(run: Run, console=None) -> dict:
                       transient=True, disable=not show_progress) as bar:  # fmt: skip
             task = bar.add_task(f"epoch {run.epoch + 1}/{config.epochs}", total=steps, status="")
 
-            def progress(done: int, loss: float, rate: float, task=task) -> None:
+            def progress(done: int, loss: float, rate: float, task: TaskID = task) -> None:
                 status = f"loss {loss:.4f}  {rate:,.0f} samples/s"
                 if show_progress:
                     bar.update(task, completed=done, status=status)
@@ -283,10 +294,11 @@ def fit(run: Run, console=None) -> dict:
 
             train_loss = train_epoch(run, progress)
         run.train_seconds += time.perf_counter() - started
-        val = evaluate(run.model, run.data.val, run.criterion, run.epoch, runtime, config.batch_size,
+        val = evaluate(run.model, run.data.val, run.criterion, run.epoch, runtime, cast(int, config.batch_size),
                        run.data.num_classes)  # fmt: skip
-        test = evaluate(run.model, run.data.test, run.criterion, run.epoch, runtime, config.batch_size,
+        test = evaluate(run.model, run.data.test, run.criterion, run.epoch, runtime, cast(int, config.batch_size),
                         run.data.num_classes)  # fmt: skip
+        test = cast(Metrics, test)  # the test split is never empty
         run.epoch += 1
         row = {"epoch": run.epoch, "lr": lr, "train_loss": train_loss,
                "val_loss": val.loss if val else None, "val_accuracy": val.accuracy if val else None,
@@ -308,7 +320,7 @@ def fit(run: Run, console=None) -> dict:
     return finish(run, console)
 
 
-def finish(run: Run, console) -> dict:
+def finish(run: Run, console: Console) -> dict[str, Any]:
     """Evaluate the best checkpoint on the test split; write ``summary.json`` and the plots."""
     runtime = run.runtime
     best = checkpoint.load(run.directory / checkpoint.BEST) if runtime.is_main else None
@@ -316,9 +328,11 @@ def finish(run: Run, console) -> dict:
         payload = [best]
         torch.distributed.broadcast_object_list(payload, src=0)
         best = payload[0]
+    best = cast(dict[str, Any], best)  # on every process now: loaded by the main one, broadcast to the others
     run.model.load_state_dict(best["model"])
-    test = evaluate(run.model, run.data.test, run.criterion, best["epoch"], runtime, run.config.batch_size,
+    test = evaluate(run.model, run.data.test, run.criterion, best["epoch"], runtime, cast(int, run.config.batch_size),
                     run.data.num_classes)  # fmt: skip
+    test = cast(Metrics, test)  # the test split is never empty
     summary = {
         **{f"test_{key}": value for key, value in test.headline().items()},
         "test_per_class_accuracy": dict(zip(run.data.class_names, test.per_class_accuracy, strict=True)),
@@ -356,8 +370,12 @@ class Interrupted(Exception):
         self.directory = directory
 
 
-def train(config: TrainConfig, console=None) -> dict:
-    """Run ``xent train`` with this configuration; returns the summary. Ctrl-C raises :class:`Interrupted`."""
+def train(config: TrainConfig, console: Console | None = None) -> dict[str, Any]:
+    """Run ``xent train`` with this configuration and return the summary (the contents of ``summary.json``).
+
+    Progress goes to ``console`` (a :class:`rich.console.Console`; a new one by default). Ctrl-C raises
+    :class:`~xent.train.Interrupted`; a NaN or infinite loss raises :class:`~xent.train.TrainingDiverged`.
+    """
     run = prepare(config)
     try:
         return fit(run, console)
@@ -366,6 +384,6 @@ def train(config: TrainConfig, console=None) -> dict:
     finally:
         # DistributedDataParallel's reducer holds the process group; destroyed after the group is gone, its gloo
         # threads wait for a peer that has left, so the wrapper goes first.
-        run.trainer = None
+        run.trainer = None  # type: ignore[assignment]  # dropped on purpose before the process group goes
         gc.collect()
         shutdown(run.runtime)

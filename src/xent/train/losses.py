@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,8 @@ def _balanced_softmax(config: TrainConfig, counts: torch.Tensor) -> Criterion:
 
 def _ldam_drw(config: TrainConfig, counts: torch.Tensor) -> Criterion:
     def ldam(x: torch.Tensor, y: torch.Tensor, epoch: int, reduction: str) -> torch.Tensor:
-        weights = xent.deferred_reweighting(counts, epoch, start_epoch=config.drw_epoch, beta=config.beta)
+        # resolve() sets drw_epoch for the losses that read it
+        weights = xent.deferred_reweighting(counts, epoch, start_epoch=cast(int, config.drw_epoch), beta=config.beta)
         # x = s · cos: the logits every metric reads; LDAM subtracts its margins from the cosines, then scales by s
         return xent.ldam_loss(
             x / LDAM_SCALE, y, class_counts=counts, scale=LDAM_SCALE, weight=weights.to(x.device), reduction=reduction

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+# a layer class (Conv1d, BatchNorm2d, ...), called with its arguments
+_Layer = Callable[..., nn.Module]
 
-def _layers(input_shape: tuple[int, ...]):
+
+def _layers(input_shape: tuple[int, ...]) -> tuple[_Layer, _Layer, _Layer, _Layer]:
     """Convolution, batch-norm and pooling classes for the data's number of spatial dimensions."""
     if len(input_shape) == 2:
         return nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, nn.AdaptiveAvgPool1d
@@ -74,7 +79,7 @@ def cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 
 
 class _BasicBlock(nn.Module):
-    def __init__(self, conv, norm, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, conv: _Layer, norm: _Layer, cin: int, cout: int, stride: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
             conv(cin, cout, 3, stride=stride, padding=1, bias=False),
@@ -90,8 +95,8 @@ class _BasicBlock(nn.Module):
         )
         self.relu = nn.ReLU()
 
-    def forward(self, x):
-        return self.relu(self.body(x) + self.shortcut(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, self.relu(self.body(x) + self.shortcut(x)))
 
 
 def resnet20(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -140,6 +145,7 @@ def build_model(
     """The named model; with ``cosine_scale`` its final linear layer is a :class:`NormedLinear` of that scale."""
     model = MODELS[name](input_shape, num_classes)
     if cosine_scale is not None:
-        head = model[-1]
-        model[-1] = NormedLinear(head.in_features, head.out_features, cosine_scale)
+        # every model is a Sequential that ends in its nn.Linear head
+        head = cast(nn.Linear, cast(nn.Sequential, model)[-1])
+        cast(nn.Sequential, model)[-1] = NormedLinear(head.in_features, head.out_features, cosine_scale)
     return model

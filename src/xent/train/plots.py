@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-def _pyplot():
+
+def _pyplot() -> ModuleType:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,7 +22,7 @@ def _pyplot():
     return plt
 
 
-def curves(history: Sequence[dict], path: Path) -> None:
+def curves(history: Sequence[dict[str, Any]], path: Path) -> None:
     plt = _pyplot()
     epochs = [row["epoch"] for row in history]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
@@ -75,7 +80,7 @@ def reliability_diagram(bins: Sequence[Sequence[float]], ece: float, path: Path)
     _save(plt, figure, path)
 
 
-def _save(plt, figure, path: Path) -> None:
+def _save(plt: ModuleType, figure: Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(path, dpi=90)

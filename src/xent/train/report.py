@@ -10,22 +10,28 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from xent.train.compare import METRICS, Grid, baseline_loss, best, gap
 from xent.train.plots import _pyplot, _save
 
+if TYPE_CHECKING:
+    from rich.table import Table
+
 PLOTS = ("metrics.png", "per_class.png", "reliability.png", "curves.png")
 
 
-def _cell(entry: dict, key: str, percent: bool) -> str:
+def _cell(entry: dict[str, Any], key: str, percent: bool) -> str:
     mean, std = entry[f"{key}_mean"], entry[f"{key}_std"]
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if percent else f"{mean:.3f} ± {std:.3f}"
 
 
-def _marked_cells(summary: Sequence[dict], entry: dict, varying: str | None, mark: str) -> list[str]:
+def _marked_cells(
+    summary: Sequence[dict[str, Any]], entry: dict[str, Any], varying: str | None, mark: str
+) -> list[str]:
     """The entry's metric cells, each best of its column (among the entries of the same varying value) written
     through ``mark`` (a format string with ``{}``)."""
     peers = [e for e in summary if not varying or e[varying] == entry[varying]]
@@ -35,11 +41,11 @@ def _marked_cells(summary: Sequence[dict], entry: dict, varying: str | None, mar
     ]
 
 
-def _row_label(entry: dict, varying: str | None) -> str:
-    return entry["loss"] + (f" ({varying} {entry[varying]:g})" if varying else "")
+def _row_label(entry: dict[str, Any], varying: str | None) -> str:
+    return cast(str, entry["loss"]) + (f" ({varying} {entry[varying]:g})" if varying else "")
 
 
-def table(grid: Grid, summary: Sequence[dict]):
+def table(grid: Grid, summary: Sequence[dict[str, Any]]) -> Table:
     """A rich table: mean ± std over seeds, the best of each column (within each varying value) in bold with ★."""
     from rich.table import Table
 
@@ -57,7 +63,7 @@ def table(grid: Grid, summary: Sequence[dict]):
 # --- plots ------------------------------------------------------------------------------------------------------
 
 
-def _runs(rows: Sequence[dict], varying: str | None) -> dict[str, list[Path]]:
+def _runs(rows: Sequence[dict[str, Any]], varying: str | None) -> dict[str, list[Path]]:
     """The run directories of each loss (and varying value) that trained to the end, by label."""
     runs: dict[str, list[Path]] = {}
     for row in rows:
@@ -66,7 +72,7 @@ def _runs(rows: Sequence[dict], varying: str | None) -> dict[str, list[Path]]:
     return runs
 
 
-def plot_metrics(summary: Sequence[dict], varying: str | None, path: Path) -> None:
+def plot_metrics(summary: Sequence[dict[str, Any]], varying: str | None, path: Path) -> None:
     plt = _pyplot()
     shown = [m for m in METRICS if m[0] != "train_seconds"]
     figure, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.6))
@@ -82,7 +88,7 @@ def plot_metrics(summary: Sequence[dict], varying: str | None, path: Path) -> No
     _save(plt, figure, path)
 
 
-def plot_per_class(rows: Sequence[dict], varying: str | None, path: Path) -> None:
+def plot_per_class(rows: Sequence[dict[str, Any]], varying: str | None, path: Path) -> None:
     """Test accuracy of each class against its training-set frequency (log axis): the long-tail picture."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6.5, 4.5))
@@ -100,13 +106,17 @@ def plot_per_class(rows: Sequence[dict], varying: str | None, path: Path) -> Non
     _save(plt, figure, path)
 
 
-def plot_reliability(rows: Sequence[dict], varying: str | None, path: Path) -> None:
+def plot_reliability(rows: Sequence[dict[str, Any]], varying: str | None, path: Path) -> None:
     """One reliability diagram per loss (and varying value), the bins of its seeds pooled."""
     plt = _pyplot()
     runs = _runs(rows, varying)
     figure, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 3.4), squeeze=False)
     for axis, (loss, directories) in zip(axes[0], runs.items(), strict=True):
-        bins = sum(np.asarray(json.loads((d / "summary.json").read_text())["test_reliability"]) for d in directories)
+        # an array: every loss has at least one run
+        bins = cast(
+            npt.NDArray[Any],
+            sum(np.asarray(json.loads((d / "summary.json").read_text())["test_reliability"]) for d in directories),
+        )
         counts, confidence, correct = bins[:, 0], bins[:, 1], bins[:, 2]
         edges = np.linspace(0, 1, len(counts) + 1)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -123,7 +133,7 @@ def plot_reliability(rows: Sequence[dict], varying: str | None, path: Path) -> N
     _save(plt, figure, path)
 
 
-def plot_curves(rows: Sequence[dict], varying: str | None, headline: str, path: Path) -> None:
+def plot_curves(rows: Sequence[dict[str, Any]], varying: str | None, headline: str, path: Path) -> None:
     """The headline metric on the test split per epoch, mean over seeds, one line per loss."""
     plt = _pyplot()
     column = {"balanced_accuracy": "test_balanced_accuracy", "ece": "test_ece"}.get(headline, "test_accuracy")
@@ -146,7 +156,7 @@ def plot_curves(rows: Sequence[dict], varying: str | None, headline: str, path: 
     _save(plt, figure, path)
 
 
-def plots(grid: Grid, rows: Sequence[dict], summary: Sequence[dict]) -> list[Path]:
+def plots(grid: Grid, rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]]) -> list[Path]:
     directory = grid.directory / "plots"
     varying = grid.varying[0] if grid.varying else None
     plot_metrics(summary, varying, directory / PLOTS[0])
@@ -171,13 +181,13 @@ def _placeholder(path: Path, message: str) -> None:
 # --- the written report -----------------------------------------------------------------------------------------
 
 
-def findings(grid: Grid, summary: Sequence[dict]) -> list[str]:
+def findings(grid: Grid, summary: Sequence[dict[str, Any]]) -> list[str]:
     """What won and by how much, in sentences: the headline metric's winner against cross-entropy (or the first
     loss) per varying value, each loss's paired gap to it and whether that gap exceeds its standard deviation over
     seeds, and what temperature scaling did."""
     varying = grid.varying[0] if grid.varying else None
     sentences = []
-    values = sorted({e.get(varying) for e in summary}) if varying else [None]
+    values = sorted({cast(float, e.get(varying)) for e in summary}) if varying else [None]
     key, heading, higher, percent = next(m for m in METRICS if m[0] == grid.headline)
     scale = 100 if percent else 1
     for value in values:
@@ -226,7 +236,7 @@ def findings(grid: Grid, summary: Sequence[dict]) -> list[str]:
 
 
 def _winner_sentence(
-    winner: dict, baseline: dict, key: str, heading: str, percent: bool, where: str, judged: bool
+    winner: dict[str, Any], baseline: dict[str, Any], key: str, heading: str, percent: bool, where: str, judged: bool
 ) -> str:
     """The winner against the baseline; ``judged``: there are seeds enough for a spread to judge the gap by."""
     mean, spread = gap(winner, key)
@@ -245,7 +255,7 @@ def _winner_sentence(
     )
 
 
-def _markdown_table(grid: Grid, summary: Sequence[dict]) -> list[str]:
+def _markdown_table(grid: Grid, summary: Sequence[dict[str, Any]]) -> list[str]:
     varying = grid.varying[0] if grid.varying else None
     lines = ["| loss | " + " | ".join(f"{h} {'↑' if up else '↓'}" for _, h, up, _ in METRICS) + " |",
              "|---|" + "---:|" * len(METRICS)]  # fmt: skip
@@ -255,7 +265,9 @@ def _markdown_table(grid: Grid, summary: Sequence[dict]) -> list[str]:
     return lines
 
 
-def write_reports(grid: Grid, rows: Sequence[dict], summary: Sequence[dict], figures: Sequence[Path]) -> None:
+def write_reports(
+    grid: Grid, rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]], figures: Sequence[Path]
+) -> None:
     """``report.md`` (plots linked) and ``report.html`` (one file, plots embedded)."""
     settings = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in grid.settings.items())
     runs = [Path(row["run_dir"]).relative_to(grid.directory) for row in rows]
@@ -286,7 +298,7 @@ img{{max-width:100%;display:block;margin:1em 0}}</style></head><body>
     (grid.directory / "report.html").write_text(page)
 
 
-def _html_row(grid: Grid, summary: Sequence[dict], entry: dict[str, Any]) -> str:
+def _html_row(grid: Grid, summary: Sequence[dict[str, Any]], entry: dict[str, Any]) -> str:
     varying = grid.varying[0] if grid.varying else None
     cells = "".join(f"<td>{cell}</td>" for cell in _marked_cells(summary, entry, varying, "<b>{}</b>"))
     return f"<tr><td>{html.escape(_row_label(entry, varying))}</td>{cells}</tr>"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -54,8 +55,8 @@ def shutdown(runtime: Runtime) -> None:
         dist.destroy_process_group()
 
 
-def build_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
-    lr, decay = config.lr, config.weight_decay
+def build_optimizer(config: TrainConfig, parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    lr, decay = cast(float, config.lr), cast(float, config.weight_decay)  # set by resolve()
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             parameters, lr=lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=decay
@@ -87,9 +88,14 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     return 0.5 * (1.0 + math.cos(math.pi * (progress - 0.3) / 0.7))
 
 
-def build_scheduler(config: TrainConfig, optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    total, warmup = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, config.schedule))
+def build_scheduler(
+    config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    # resolve() has set the epochs and the schedule
+    total, warmup = cast(int, config.epochs) * steps_per_epoch, config.warmup_epochs * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, warmup, cast(str, config.schedule))
+    )
 
 
 def steps_per_epoch(size: int, batch_size: int, runtime: Runtime) -> int:

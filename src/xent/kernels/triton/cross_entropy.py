@@ -21,12 +21,14 @@ Only ``tl.*`` math is used (tanh through ``exp``), so the same kernel runs under
 
 from __future__ import annotations
 
+from typing import cast, overload
+
 import torch
 import triton
 import triton.language as tl
 
 from xent.core.reduce import accumulation_dtype
-from xent.core.rowloss import SoftmaxOptions
+from xent.core.rowloss import FocalTerm, GeneralizedTerm, Poly1Term, SoftmaxOptions, SymmetricTerm, TargetTerm
 
 MAX_BLOCK = 4096  # columns per block on a GPU; the interpreter uses small blocks (see block_size)
 
@@ -84,13 +86,17 @@ def _block_weights(weight_ptr, t_row, offs, mask, smoothing, num_classes, HAS_WE
 TERMS = {"cross_entropy": 0, "focal": 1, "poly1": 2, "generalized": 3, "symmetric": 4}
 
 
-def term_parameters(term) -> tuple[int, float, float, float]:
+def term_parameters(term: TargetTerm) -> tuple[int, float, float, float]:
     """The kernel's (TERM id, p0, p1, p2) for a :class:`xent.core.rowloss.TargetTerm`."""
-    parameters = {
-        "focal": lambda: (term.gamma, 0.0, 0.0),
-        "poly1": lambda: (term.epsilon, 0.0, 0.0),
-        "generalized": lambda: (term.q, 0.0, 0.0),
-        "symmetric": lambda: (term.alpha, term.beta, term.log_zero),
+    parameters = {  # term.name tells which subclass term is
+        "focal": lambda: (cast(FocalTerm, term).gamma, 0.0, 0.0),
+        "poly1": lambda: (cast(Poly1Term, term).epsilon, 0.0, 0.0),
+        "generalized": lambda: (cast(GeneralizedTerm, term).q, 0.0, 0.0),
+        "symmetric": lambda: (
+            cast(SymmetricTerm, term).alpha,
+            cast(SymmetricTerm, term).beta,
+            cast(SymmetricTerm, term).log_zero,
+        ),
     }.get(term.name, lambda: (0.0, 0.0, 0.0))()
     return (TERMS[term.name], *parameters)
 
@@ -255,7 +261,7 @@ def block_size(num_classes: int) -> int:
     """Columns per block: the row rounded up to a power of two, at most :data:`MAX_BLOCK` (16 in the interpreter,
     where every block is simulated in NumPy and small blocks keep the tests quick)."""
     limit = 16 if _interpreted() else MAX_BLOCK
-    return min(limit, triton.next_power_of_2(num_classes))
+    return min(limit, cast(int, triton.next_power_of_2(num_classes)))
 
 
 def _interpreted() -> bool:
@@ -289,7 +295,11 @@ def loss_and_grad_(
     if probs:
         target = target.contiguous()
 
-    def float32(tensor):
+    @overload
+    def float32(tensor: torch.Tensor) -> torch.Tensor: ...
+    @overload
+    def float32(tensor: None) -> None: ...
+    def float32(tensor: torch.Tensor | None) -> torch.Tensor | None:
         return None if tensor is None else tensor.to(device=logits.device, dtype=torch.float32).contiguous()
 
     weight, offset, token_weight = float32(options.weight), float32(options.class_offset), float32(options.token_weight)

@@ -1,32 +1,12 @@
-"""The README's code runs, and so does the command-line entry point."""
+"""The command-line entry point's demo. (README's and the docs' code blocks run through Sybil: conftest.py.)"""
 
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import xent
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _readme_python_blocks() -> list:
-    """Each ```python block of README.md, named by the line its code starts on."""
-    text = (ROOT / "README.md").read_text()
-    blocks = []
-    for match in re.finditer(r"```python\n(.*?)```", text, flags=re.DOTALL):
-        line = text.count("\n", 0, match.start(1)) + 1
-        blocks.append(pytest.param(line, match.group(1), id=f"README.md line {line}"))
-    assert blocks, "README has no python example"
-    return blocks
-
-
-@pytest.mark.parametrize(("line", "block"), _readme_python_blocks())
-def test_each_readme_python_block_runs_on_its_own(line, block):
-    """In a fresh namespace, as a reader who copies that one block runs it: every block brings its own imports."""
-    exec(compile("\n" * (line - 1) + block, "README.md", "exec"), {})  # a traceback shows README's line numbers
 
 
 def test_python_m_xent_prints_version_and_example():
