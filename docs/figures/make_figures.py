@@ -17,22 +17,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-# figure file -> (the command that produces it, the file it writes relative to its --out/--plot directory)
+# figure -> the bench command that draws it (with --plot FIGURE)
 BENCH = {
-    "bench-ce.png": ["bench", "ce", "--n", "4096", "--v", "4096,8192,16384,32768", "--repeat", "5"],
-    "bench-linear-ce.png": [
-        "bench",
-        "linear-ce",
-        "--n",
-        "1024",
-        "--d",
-        "512",
-        "--v",
-        "8192,16384,32768",
-        "--repeat",
-        "3",
-    ],
+    "bench-ce.png": "bench ce --n 4096 --v 4096,8192,16384,32768 --repeat 5",
+    "bench-linear-ce.png": "bench linear-ce --n 4096 --d 512 --v 8192,16384,32768 --repeat 3",
 }
+# figure -> (the xent compare study, the plot of its study directory that is the figure)
 COMPARE = {
     "long-tail-per-class.png": ("long-tail", "plots/per_class.png"),
     "calibration-reliability.png": ("calibration", "plots/reliability.png"),
@@ -51,7 +41,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for name, command in BENCH.items():
             if args.only in (None, name):
-                xent(*command, "--plot", str(HERE / name))
+                xent(*command.split(), "--plot", str(HERE / name))
         for name, (study, plot) in COMPARE.items():
             if args.only in (None, name):
                 out = Path(scratch) / study
