@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import faulthandler
 import time
 
 import pytest
 import torch
 
 DEADLINE_S = 240
+# A rank still running this long before the deadline prints every thread's stack to its stderr, which the failed
+# test shows: a hang says where it is (a collective, gloo's teardown — pytorch/pytorch#75097 — or the test's code).
+STACKS_BEFORE_DEADLINE_S = 30
+
+
+def _traced(rank: int, worker, *args) -> None:
+    faulthandler.dump_traceback_later(DEADLINE_S - STACKS_BEFORE_DEADLINE_S)
+    worker(rank, *args)
 
 
 def spawn_and_wait(worker, args: tuple, world: int) -> None:
     """``torch.multiprocessing.spawn(worker, args, nprocs=world)``, failing the test when the ranks have not all
     finished within :data:`DEADLINE_S` (a collective one rank never joins would otherwise hang the suite)."""
-    context = torch.multiprocessing.spawn(worker, args=args, nprocs=world, join=False)
+    context = torch.multiprocessing.spawn(_traced, args=(worker, *args), nprocs=world, join=False)
     deadline = time.monotonic() + DEADLINE_S
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
