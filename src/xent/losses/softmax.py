@@ -214,11 +214,11 @@ def cross_entropy(
     .. math::
         \ell_n = (1 - \varepsilon)\, w_{y_n} \bigl(-\log p_{n,y_n}\bigr)
                  + \frac{\varepsilon}{C} \sum_c w_c \bigl(-\log p_{n,c}\bigr)
-                 + z\, w_{y_n} \operatorname{lse}(x_n)^2,
-        \qquad p_n = \operatorname{softmax}(x_n),
+                 + z\, w_{y_n} \operatorname{lse}(x_n)^2
 
-    and with probabilities :math:`t_n` it is :math:`-\sum_c w_c\, t'_{n,c} \log p_{n,c} + z \operatorname{lse}(x_n)^2`
-    with :math:`t' = (1 - \varepsilon) t + \varepsilon / C`. Targets equal to ``ignore_index`` contribute 0.
+    with :math:`p_n = \operatorname{softmax}(x_n)`; with probabilities :math:`t_n` it is
+    :math:`-\sum_c w_c\, t'_{n,c} \log p_{n,c} + z \operatorname{lse}(x_n)^2` with
+    :math:`t' = (1 - \varepsilon) t + \varepsilon / C`. Targets equal to ``ignore_index`` contribute 0.
 
     .. math::
         \text{reduction} = \begin{cases}
