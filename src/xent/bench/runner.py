@@ -54,24 +54,27 @@ class _Worker:
             stderr=subprocess.PIPE,
             text=True,
         )
+        # the three pipes, typed once (Popen types each as IO[str] | None)
+        self.stdin, self.stdout, self.stderr = (
+            cast(IO[str], pipe) for pipe in (self.process.stdin, self.process.stdout, self.process.stderr)
+        )
 
-    # stdin, stdout and stderr are pipes (Popen types each as IO[str] | None)
     def read(self) -> dict[str, Any]:
-        line = cast(IO[str], self.process.stdout).readline()
+        line = self.stdout.readline()
         if not line:
-            error = cast(IO[str], self.process.stderr).read().strip().splitlines()
+            error = self.stderr.read().strip().splitlines()
             raise RuntimeError(error[-1] if error else "the worker exited without an answer")
         return cast(dict[str, Any], json.loads(line))
 
     def run(self) -> dict[str, Any]:
-        cast(IO[str], self.process.stdin).write("run\n")
-        cast(IO[str], self.process.stdin).flush()
+        self.stdin.write("run\n")
+        self.stdin.flush()
         return self.read()
 
     def close(self) -> None:
         if self.process.poll() is None:
-            cast(IO[str], self.process.stdin).write("exit\n")
-            cast(IO[str], self.process.stdin).close()
+            self.stdin.write("exit\n")
+            self.stdin.close()
             self.process.wait(timeout=60)
 
 
