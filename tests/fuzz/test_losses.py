@@ -136,6 +136,8 @@ def _smoothed_ce(x, y, w, smoothing):
     """PyTorch's weighted, smoothed cross-entropy per row: (1 − ε) w_y (−log p_y) + ε/C Σ_c w_c (−log p_c)."""
     log_p = x.log_softmax(-1)
     nll = -log_p.gather(1, y[:, None])[:, 0]
+    if not smoothing:  # a masked class (log p = -inf) is no part of the loss then: not 0 · -inf
+        return w[y] * nll
     return (1 - smoothing) * w[y] * nll - smoothing * (log_p * w).sum(1) / x.shape[1]
 
 
@@ -198,11 +200,13 @@ def _alpha(options, y, x):
 
 
 def family_reference(name, logits, target, weight, token_weight, ignore_index, reduction, options, class_dim=1):
-    """Every softmax-family loss over class indices: the row loss, ignored rows zeroed, times the token weight,
-    reduced; ``"mean"`` divides by Σ r_n w_{y_n} over kept rows and is 0 when that is 0."""
+    """Every softmax-family loss over class indices: the row loss of the kept rows (an ignored row is absent, whatever
+    it holds: it is dropped before any arithmetic), times the token weight, reduced; ``"mean"`` divides by Σ r_n w_{y_n}
+    over kept rows and is 0 when that is 0."""
     x = _rows(logits, class_dim)
     y = target.reshape(-1)
     kept = y != ignore_index
+    x = torch.where(kept[:, None], x, 0.0)
     y_safe = torch.where(kept, y, 0)
     w = torch.ones(x.shape[1], dtype=x.dtype) if weight is None else weight
     options = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in options.items()}
@@ -294,6 +298,26 @@ FAMILY: dict[str, tuple[type, Callable, dict[str, list]]] = {
 }
 
 
+# What an ignored row may hold (logits of the masked rows, hidden states of a linear head's), or a masked class 0
+# (an action mask, or a pad token masked through the head's bias) that the kept rows never target.
+POISONS = (None, None, None, "nan", "inf", "-inf", "masked class")
+
+
+def _poison(logits, target, ignore_index, poison, class_dim=1):
+    """Writes ``poison`` into ``logits`` in place: NaN/±inf at the last class of the ignored rows (-inf: the whole
+    row), or -inf at class 0 of every row, whose kept targets are then moved off class 0 (``target`` changes)."""
+    rows = logits.unsqueeze(0) if logits.dim() == 1 else logits.movedim(class_dim, -1)  # a view (..., C)
+    ignored = (target == ignore_index).reshape(rows.shape[:-1]).unsqueeze(-1)
+    if poison == "masked class":
+        rows[..., 0] = -math.inf
+        target[(target == 0) & (ignore_index != 0)] = 1
+    elif poison == "-inf":
+        rows.masked_fill_(ignored, -math.inf)
+    else:
+        last = torch.arange(rows.shape[-1]) == rows.shape[-1] - 1
+        rows.masked_fill_(ignored & last, math.nan if poison == "nan" else math.inf)
+
+
 def _logits(draw, shape, dtype, scale):
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
     return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype), generator
@@ -315,6 +339,11 @@ def family_cases(draw, names=tuple(FAMILY)):
     ignore_index = draw(st.sampled_from([-100, -1, 0]))
     target = torch.randint(c, batch, generator=generator)
     target[torch.rand(batch, generator=generator) < draw(st.sampled_from([0.0, 0.3, 1.0]))] = ignore_index
+    poison = draw(st.sampled_from(POISONS if c > 1 else POISONS[:-1]))
+    if poison is not None:
+        _poison(logits, target, ignore_index, poison)
+        if poison == "masked class" and "label_smoothing" in options:
+            options["label_smoothing"] = 0.0  # smoothing over a masked class is an infinite loss, as in PyTorch
     weight = draw(st.sampled_from([None, "positive", "some zero"]))
     if weight is not None:
         weight = (torch.rand(c, generator=generator, dtype=torch.float64) + 0.1).to(dtype)
@@ -671,12 +700,22 @@ def linear_cases(draw):
         options["softcap"] = draw(st.sampled_from([None, 5.0]))
     target = torch.randint(v, batch, generator=generator)
     target[torch.rand(batch, generator=generator) < 0.3] = -100
+    poison = draw(st.sampled_from([None, None, "nan", "inf", "masked class"] if v > 1 else [None, "nan", "inf"]))
+    if poison in ("nan", "inf"):  # in an ignored token's hidden state
+        hidden[target == -100] = math.nan if poison == "nan" else math.inf
+    elif poison == "masked class":  # through the bias; the kept tokens target other classes
+        tensors["linear_bias"] = tensors.get("linear_bias", torch.zeros(v, dtype=dtype)).clone()
+        tensors["linear_bias"][0] = -math.inf
+        target[target == 0] = 1
+        if "label_smoothing" in options:
+            options["label_smoothing"] = 0.0  # smoothing over a masked class is an infinite loss, as in PyTorch
     tensors["target"] = target
     reduction = draw(st.sampled_from(["none", "mean", "sum"]))
     impl = draw(st.sampled_from([None, "reference", "chunked"]))
     chunk_size = draw(st.sampled_from([None, 1, 3]))
     requires = tuple(k for k in tensors if k != "target" and draw(st.booleans()))
-    scale = float(hidden.double().abs().max() * head.abs().sum(1).max()) + 10.0 if hidden.numel() else 10.0
+    finite = hidden[target != -100]
+    scale = float(finite.double().abs().max() * head.abs().sum(1).max()) + 10.0 if finite.numel() else 10.0
     if "softcap" in options and options["softcap"] is not None:
         scale = min(scale, options["softcap"]) + 1.0
     broken = draw(st.sampled_from([None, None, "linear_weight", "target", "chunk_size", "reduction"]))
@@ -697,7 +736,9 @@ def linear_cases(draw):
         return xent.linear_loss(getattr(xent, loss_name), t["input"], t["linear_weight"], t["target"], **common)
 
     def reference(t):
-        logits = F.linear(t["input"], t["linear_weight"], t.get("linear_bias"))
+        # an ignored token is absent: its hidden state is not read
+        kept = (t["target"] != -100).unsqueeze(-1)
+        logits = F.linear(torch.where(kept, t["input"], 0.0), t["linear_weight"], t.get("linear_bias"))
         row_options = dict(options)
         if loss_name != "cross_entropy":
             logits = _cap(logits, row_options)

@@ -46,6 +46,10 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, options: Soft
     valid = None if soft else target != options.ignore_index
     safe_target = None if valid is None else torch.where(valid, target, torch.zeros_like(target))
     x = transformed_logits(logits, safe_target, options)
+    if valid is not None:
+        # An ignored row is absent whatever it holds (-inf of a masked class at its placeholder target, NaN, ±inf):
+        # replaced by zeros, its loss and its gradient are 0 and cannot turn NaN.
+        x = torch.where(valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
     lse = torch.logsumexp(x, dim=-1)  # (M,)
     log_probs = x - lse.unsqueeze(-1)  # (M, C)
     weight = None if options.weight is None else options.weight.to(device=x.device, dtype=x.dtype)
@@ -88,6 +92,18 @@ def reference_cross_entropy(
     return reduce_loss(rows, reduction, denominator)
 
 
+def without_ignored_rows(input: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``input (N, D)`` with the rows of ignored class-index targets read as zeros (probabilities: unchanged).
+
+    An ignored token is absent whatever its hidden state holds; through the head's GEMM a NaN there would reach the
+    weight's gradient as ``0 · NaN``, although the row's gradient is 0.
+    """
+    if target.is_floating_point():
+        return input
+    kept = (target != ignore_index).unsqueeze(-1)
+    return torch.where(kept, input, torch.zeros((), dtype=input.dtype, device=input.device))
+
+
 def reference_linear_cross_entropy(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
@@ -96,6 +112,8 @@ def reference_linear_cross_entropy(
     options: SoftmaxOptions,
     reduction: str,
 ) -> torch.Tensor:
-    """The reference on canonical tensors (``input (N, D)``): the logits in full, then the reference loss."""
+    """The reference on canonical tensors (``input (N, D)``): the logits in full (ignored tokens' hidden states read
+    as zeros, :func:`without_ignored_rows`), then the reference loss."""
+    input = without_ignored_rows(input, target, options.ignore_index)
     logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
     return reference_cross_entropy(logits, target, options, reduction)

@@ -124,6 +124,8 @@ class _RowTerms:
         self.safe_target = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)  # (M, 1)
         safe_target = self.safe_target.squeeze(1)
         self.valid = valid.to(dtype)
+        self.kept = valid
+        self.ignored_rows = _IgnoredRows(valid)
         # w_y, zero for ignored rows; w_y α_y for the target term
         self.target_weight = self.valid if self.weight is None else self.weight[safe_target] * self.valid
         self.main_weight = self.target_weight
@@ -207,6 +209,8 @@ class _RowTerms:
             work.mul_(options.logit_scale)
         if capped is not None:
             work.mul_(capped.square_().neg_().add_(1.0))
+        if not self.soft:
+            self.ignored_rows.zero_(work, rows)
         if grad is not None and work is not grad:
             grad.copy_(work)
 
@@ -229,7 +233,34 @@ class _RowTerms:
             z_weight = self.target_weight
         if options.z_loss:
             loss = loss + options.z_loss * z_weight * lse.square()
+        if not self.soft:  # an ignored row's terms are 0 · ψ(u) and the like: NaN when its logits hold NaN or ±inf
+            loss = torch.where(self.kept, loss, 0.0)
         return loss if self.token_weight is None else loss * self.token_weight
+
+
+class _IgnoredRows:
+    """Zeroes the gradient rows of ignored targets in a block. They are 0 by construction when the row is finite,
+    but a row holding NaN or ±inf (a masked class at the placeholder target, a NaN activation) gives a NaN softmax
+    that the zero coefficient cannot cancel (0 · NaN). On the CPU the ignored rows are listed once (no device sync
+    there) and only their rows are written; elsewhere a mask over each block avoids the host read."""
+
+    def __init__(self, kept: torch.Tensor):
+        self.on_cpu = kept.device.type == "cpu"
+        if self.on_cpu:
+            self.rows = (~kept).nonzero().squeeze(1)  # (I,) sorted
+            self.count = self.rows.numel()
+        else:
+            self.mask = (~kept).unsqueeze(1)  # (M, 1)
+
+    def zero_(self, work: torch.Tensor, rows: slice) -> None:
+        if not self.on_cpu:
+            work.masked_fill_(self.mask[rows], 0.0)
+            return
+        if not self.count:
+            return
+        first, last = torch.searchsorted(self.rows, torch.tensor([rows.start, rows.stop])).tolist()
+        if first < last:
+            work.index_fill_(0, self.rows[first:last] - rows.start, 0.0)
 
 
 # A row kernel: `kernel(logits, grad, target, options, grad_scale) -> losses`, with the contract of

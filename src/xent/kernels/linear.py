@@ -104,6 +104,7 @@ def _fused_pass(
     grad_scale: torch.Tensor,
     chunk_size: int,
     grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    kept: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token losses ``(N,)``; the gradients, each scaled per token by ``grad_scale``, into ``grads``.
 
@@ -115,6 +116,9 @@ def _fused_pass(
         grad_scale: ``(N,)`` factor of each token's gradient.
         grads: ``dX (N, D)`` overwritten, ``dW (V, D)`` and ``db (V,)`` (float32 or float64) accumulated into;
             each ``None`` when not needed.
+        kept: ``(N,)`` bool, the tokens that count (``None``: all). The others are absent whatever their hidden
+            state holds: it is read as zeros, so a NaN there cannot reach ``dW`` through ``0 · NaN`` (their rows of
+            the logits' gradient are 0). A copy of one ``(c, D)`` chunk, against the chunk's ``c × V`` logits.
     """
     grad_input, grad_weight, grad_bias = grads
     needs_grad = any(g is not None for g in grads)
@@ -122,6 +126,8 @@ def _fused_pass(
     logits_buffer = None
     for rows in _chunks(input.shape[0], chunk_size):
         x = input[rows]  # (c, D)
+        if kept is not None:
+            x = torch.where(kept[rows].unsqueeze(1), x, torch.zeros((), dtype=x.dtype, device=x.device))
         if logits_buffer is None or logits_buffer.shape[0] < x.shape[0]:
             logits_buffer = input.new_empty(x.shape[0], linear_weight.shape[0])
         logits = logits_buffer[: x.shape[0]]  # (c, V)
@@ -160,29 +166,33 @@ class ChunkedLinearLoss(torch.autograd.Function):
         allow_retain_graph: bool,
         weight_grad_dtype: torch.dtype,
         reference: Callable[..., torch.Tensor] | None,
+        kept: torch.Tensor | None,
     ) -> torch.Tensor:
         dtype = accumulation_dtype(input.dtype)
         needs = ctx.needs_input_grad[:3]
         ctx.reduction, ctx.chunk_loss, ctx.chunk_size, ctx.reference = reduction, chunk_loss, chunk_size, reference
+        ctx.kept = kept
         ctx.allow_retain_graph, ctx.weight_grad_dtype = allow_retain_graph, weight_grad_dtype
         if reduction == "none" or any(ctx.needs_input_grad[3:5]):
             ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
         ones = torch.ones(input.shape[0], dtype=dtype, device=input.device)
         if reduction == "none":
             # Gradients wait for the per-token grad_output: recompute in backward.
-            return _fused_pass(input, linear_weight, linear_bias, chunk_loss, ones, chunk_size, (None,) * 3)
+            return _fused_pass(input, linear_weight, linear_bias, chunk_loss, ones, chunk_size, (None,) * 3, kept)
         scale = torch.ones((), dtype=dtype, device=input.device)
         if reduction == "mean":
             scale = safe_divide(scale, cast(torch.Tensor, denominator).to(dtype))  # a mean comes with its denominator
         grads = _new_grads(input, linear_weight, linear_bias, needs, weight_grad_dtype)
-        losses = _fused_pass(input, linear_weight, linear_bias, chunk_loss, scale.expand_as(ones), chunk_size, grads)
+        losses = _fused_pass(
+            input, linear_weight, linear_bias, chunk_loss, scale.expand_as(ones), chunk_size, grads, kept
+        )
         ctx.grads = _cast_grads(grads, input, linear_weight, linear_bias)
         return losses.sum() * scale
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         chunked.refuse_second_order()
-        unused = (None,) * 7
+        unused = (None,) * 8
         grad_target = grad_weight = None
         if any(ctx.needs_input_grad[3:5]):
             input, linear_weight, linear_bias, target, weight = ctx.saved_tensors
@@ -196,7 +206,7 @@ class ChunkedLinearLoss(torch.autograd.Function):
             input, linear_weight, linear_bias, _, _ = ctx.saved_tensors
             grads = _new_grads(input, linear_weight, linear_bias, ctx.needs_input_grad[:3], ctx.weight_grad_dtype)
             scale = grad_output.to(accumulation_dtype(input.dtype))
-            _fused_pass(input, linear_weight, linear_bias, ctx.chunk_loss, scale, ctx.chunk_size, grads)
+            _fused_pass(input, linear_weight, linear_bias, ctx.chunk_loss, scale, ctx.chunk_size, grads, ctx.kept)
             return *_cast_grads(grads, input, linear_weight, linear_bias), grad_target, grad_weight, *unused
         grads = ctx.grads
         if grads is None:
@@ -297,6 +307,7 @@ def chunked_linear_cross_entropy(
             allow_retain_graph,
             weight_grad_dtype or linear_weight.dtype,
             reference,
+            None if target.is_floating_point() else target != options.ignore_index,
         ),
     )
 
@@ -330,6 +341,7 @@ def fused_linear_loss(
             chunk_size,
             False,
             weight_grad_dtype or linear_weight.dtype,
+            None,
             None,
         ),
     )

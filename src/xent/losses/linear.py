@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from xent.core.autocast import autocast_off, cast_for_linear, result_dtype
+from xent.core.reference import without_ignored_rows
 from xent.core.rowloss import SoftmaxOptions
 from xent.kernels.dispatch import dispatch_linear_cross_entropy
 from xent.losses import _checks, focal, imbalance, robust
@@ -328,7 +329,9 @@ def accumulated_linear_loss(
     options = checked_options(options, weight, flat_target, vocab)
     with autocast_off(input):
         if impl == "reference":
-            logits = torch.nn.functional.linear(flat_input, linear_weight, linear_bias)
+            logits = torch.nn.functional.linear(
+                without_ignored_rows(flat_input, flat_target, ignore_index), linear_weight, linear_bias
+            )
             if softcap is not None and not own_cap:
                 logits = softcap * torch.tanh(logits / softcap)
             shared = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction}

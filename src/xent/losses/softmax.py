@@ -139,8 +139,10 @@ def class_index_loss(
         token_weight=check_token_weight(token_weight, batch_shape),
     )
     _checks.check_class_indices(target, num_classes, ignore_index)
-    log_probs = torch.log_softmax(logits.to(accumulation_dtype(logits.dtype)), dim=-1)
     valid = target != ignore_index
+    # an ignored row is absent whatever it holds: read as zeros, it cannot turn the loss or the gradient NaN
+    logits = torch.where(valid.unsqueeze(-1), logits.to(accumulation_dtype(logits.dtype)), 0.0)
+    log_probs = torch.log_softmax(logits, dim=-1)
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     loss = row_loss(log_probs, safe_target)
     if options.weight is not None:

@@ -224,8 +224,12 @@ def cross_entropy_kernel(
         value, derivative = _target_term(u, smoothing, num_classes, p0, p1, p2, TERM)
         hard = -main_weight * derivative  # g = -w_y α_y ψ'(u), the gradient's weight at the target
         loss = main_weight * value
-        loss += uniform * (total_weight * lse - weighted_sum) + z_loss * target_weight * lse * lse
+        # without smoothing Σ w_c z_c is not part of the loss: a masked class (-inf) must not make it 0 · -inf
+        loss += tl.where(uniform != 0.0, uniform * (total_weight * lse - weighted_sum), 0.0)
+        loss += z_loss * target_weight * lse * lse
         coefficient = hard + uniform * total_weight + 2.0 * z_loss * target_weight * lse
+        # an ignored row is absent whatever it holds: 0 · ψ(u) is NaN when its logits hold NaN or ±inf
+        loss = tl.where(valid, loss, 0.0)
     tl.store(loss_ptr + row, loss)
 
     # pass 2: the gradient, scaled, in the output dtype
@@ -254,6 +258,8 @@ def cross_entropy_kernel(
             grad *= logit_scale
             if HAS_SOFTCAP:
                 grad *= 1.0 - capped * capped
+            if not PROBS:
+                grad = tl.where(valid, grad, 0.0)
             tl.store(g_row + offs, (grad * scale).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
