@@ -234,7 +234,8 @@ def cross_entropy(
     deliberate differences:
 
     1. ``reduction="mean"`` with no non-ignored target (or an empty batch) returns 0 with a zero gradient, where
-       PyTorch returns NaN.
+       PyTorch returns NaN; and an ignored row is absent whatever it holds (NaN or ±inf there leaves the loss and
+       the gradient as without the row, where PyTorch's gradient of a NaN row is NaN).
     2. ``z_loss=z`` adds the auxiliary loss :math:`z \cdot \operatorname{lse}(x)^2` of PaLM (Chowdhery et al., 2022),
        which keeps the log-partition near 0; it is weighted by :math:`w_{y_n}` and reduced like the main term,
        ignored targets excluded.
