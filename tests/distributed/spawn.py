@@ -14,18 +14,18 @@ DEADLINE_S = 240
 STACKS_BEFORE_DEADLINE_S = 30
 
 
-def _traced(rank: int, worker, *args) -> None:
-    faulthandler.dump_traceback_later(DEADLINE_S - STACKS_BEFORE_DEADLINE_S)
+def _traced(rank: int, deadline_s: float, worker, *args) -> None:
+    faulthandler.dump_traceback_later(max(1.0, deadline_s - STACKS_BEFORE_DEADLINE_S))
     worker(rank, *args)
 
 
-def spawn_and_wait(worker, args: tuple, world: int) -> None:
+def spawn_and_wait(worker, args: tuple, world: int, deadline_s: float = DEADLINE_S) -> None:
     """``torch.multiprocessing.spawn(worker, args, nprocs=world)``, failing the test when the ranks have not all
-    finished within :data:`DEADLINE_S` (a collective one rank never joins would otherwise hang the suite)."""
-    context = torch.multiprocessing.spawn(_traced, args=(worker, *args), nprocs=world, join=False)
-    deadline = time.monotonic() + DEADLINE_S
+    finished within ``deadline_s`` (a collective one rank never joins would otherwise hang the suite)."""
+    context = torch.multiprocessing.spawn(_traced, args=(deadline_s, worker, *args), nprocs=world, join=False)
+    deadline = time.monotonic() + deadline_s
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
-            pytest.fail(f"the {world} ranks did not finish within {DEADLINE_S} s")
+            pytest.fail(f"the {world} ranks did not finish within {deadline_s:g} s")

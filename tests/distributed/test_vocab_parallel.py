@@ -160,6 +160,49 @@ def _check_family(rank, sizes):
         _close(head_shard.grad, _slice(head.grad, sizes, rank, dim=0), torch.float64, "linear " + what + " d(weight)")
 
 
+def _check_ignored_rows_are_absent(rank, sizes):
+    """NaN/inf in ignored rows (of the logits, of a head's hidden states) and class 0 masked with -inf: the loss and
+    gradients of the kept rows alone, by the reference on one process."""
+    for (loss_fn, options), reduction in itertools.product([(xent.cross_entropy, {}), *FAMILY[::3]], ["mean", "none"]):
+        t = _problem(torch.float64, seed=3, dim=6)
+        target = torch.where(t["target"] == 0, 1, t["target"])  # class 0 is masked: no kept row targets it
+        ignored = target == -100
+        logits = t["logits"].clone()
+        logits[..., 0] = -float("inf")
+        logits[ignored] = float("nan")
+        kept_logits = logits[~ignored].clone().requires_grad_()
+        expected = loss_fn(kept_logits, target[~ignored], reduction=reduction, impl="reference", **options)
+        shard = _slice(logits, sizes, rank).clone().requires_grad_()
+        loss = vocab_parallel_loss(loss_fn, shard, target, reduction=reduction, **options)
+        what = f"rank {rank} {loss_fn.__name__} {reduction} with poisoned ignored rows"
+        _close(loss[~ignored] if reduction == "none" else loss, expected, torch.float64, what)
+        scale = t["grad"] if reduction == "none" else torch.ones((), dtype=torch.float64)
+        (expected * (scale[~ignored] if reduction == "none" else scale)).sum().backward()
+        (loss * scale).sum().backward()
+        _close(shard.grad[~ignored], _slice(kept_logits.grad, sizes, rank), torch.float64, what + " gradient")
+        assert (shard.grad[ignored] == 0).all(), what
+
+        hidden = t["input"].clone()
+        hidden[ignored] = float("nan")
+        bias = t["bias"].clone()
+        bias[0] = -float("inf")
+        kept_hidden, head, kept_bias = (x.clone().requires_grad_() for x in (hidden[~ignored], t["head"], bias))
+        expected = xent.linear_loss(loss_fn, kept_hidden, head, target[~ignored], linear_bias=kept_bias,
+                                    reduction=reduction, impl="reference", **options)  # fmt: skip
+        my_hidden = hidden.clone().requires_grad_()
+        head_shard = _slice(t["head"], sizes, rank, dim=0).clone().requires_grad_()
+        bias_shard = _slice(bias, sizes, rank).clone().requires_grad_()
+        loss = vocab_parallel_linear_loss(loss_fn, my_hidden, head_shard, target, linear_bias_shard=bias_shard,
+                                          chunk_size=5, reduction=reduction, **options)  # fmt: skip
+        _close(loss[~ignored] if reduction == "none" else loss, expected, torch.float64, "linear " + what)
+        (expected * (scale[~ignored] if reduction == "none" else scale)).sum().backward()
+        (loss * scale).sum().backward()
+        _close(my_hidden.grad[~ignored], kept_hidden.grad, torch.float64, "linear " + what + " d(input)")
+        assert (my_hidden.grad[ignored] == 0).all(), what
+        _close(head_shard.grad, _slice(head.grad, sizes, rank, dim=0), torch.float64, "linear " + what + " d(weight)")
+        _close(bias_shard.grad, _slice(kept_bias.grad, sizes, rank), torch.float64, "linear " + what + " d(bias)")
+
+
 class Communication:
     """Counts the elements this rank sends through the collectives the vocab-parallel losses use."""
 
@@ -181,23 +224,27 @@ class Communication:
         dist.all_reduce, dist.all_gather = self.saved
 
 
+AGREEMENT = 11  # the one agreement step: a fixed-size vector per rank (xent.distributed.agreement)
+
+
 def _check_communication(rank, sizes):
-    """O(rows) per rank: the shard sizes once (2 numbers), then per row its max and three sums (target logit, sum
-    of exponentials, smoothing sum) — plus its target's weight when weighted; d(input) once for a linear head."""
+    """O(rows) per rank: the agreement's vector once, then per row its max and four sums (target logit, sum of
+    exponentials, smoothing sum, shards holding the target) — plus its target's weight when weighted; d(input) once
+    for a linear head."""
     t = _problem(torch.float32, seed=3, shape=(4, 10), dim=6)
     rows = 40
     shard = _slice(t["logits"], sizes, rank).clone().requires_grad_()
     with Communication() as sent:
         vocab_parallel_cross_entropy(shard, t["target"], label_smoothing=0.1).backward()
-    assert sent.elements == 2 + 4 * rows
+    assert sent.elements == AGREEMENT + 5 * rows
     with Communication() as sent:
         vocab_parallel_cross_entropy(shard, t["target"], weight=_slice(t["weight"], sizes, rank)).backward()
-    assert sent.elements == 2 + (rows + 1) + 4 * rows
+    assert sent.elements == AGREEMENT + (rows + 1) + 5 * rows
     hidden = t["input"].clone().requires_grad_()
     head = _slice(t["head"], sizes, rank, dim=0).clone().requires_grad_()
     with Communication() as sent:
         vocab_parallel_linear_cross_entropy(hidden, head, t["target"], chunk_size=7).backward()
-    assert sent.elements == 2 + 4 * rows + rows * 6  # the statistics chunk by chunk, then d(input) (N × D) once
+    assert sent.elements == AGREEMENT + 5 * rows + rows * 6  # statistics chunk by chunk, then d(input) (N × D) once
 
 
 def _check_edges_and_errors(rank, sizes, world):
@@ -224,9 +271,9 @@ def _check_edges_and_errors(rank, sizes, world):
     loss = vocab_parallel_linear_cross_entropy(hidden, head, t["target"])
     with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
         torch.autograd.grad(loss, (hidden, head), create_graph=True)
-    # a bad weight on one rank only: that rank names it, the others say where to look — none hangs
+    # a bad weight on one rank only: every rank raises its error, naming it — none hangs (more in test_agreement.py)
     bad_weight = torch.ones(sizes[rank]) if rank else -torch.ones(sizes[rank])
-    with pytest.raises(ValueError, match="weight" if rank == 0 else "rank 0 of the group"):
+    with pytest.raises(ValueError, match=r"^rank 0: weight must be non-negative"):
         vocab_parallel_cross_entropy(shard, t["target"], weight=bad_weight)
     with pytest.raises(TypeError, match="focal_loss has no option 'q'"):
         vocab_parallel_loss(xent.focal_loss, shard, t["target"], q=0.5)
@@ -272,8 +319,10 @@ def _worker(rank, world, store_path, failures):
         _check_linear_shards(rank, sizes, options_grid, [dtype for dtype in dtypes if dtype != torch.bfloat16])
         if world == 2:
             _check_family(rank, sizes)
+            _check_ignored_rows_are_absent(rank, sizes)
             _check_communication(rank, sizes)
         _check_edges_and_errors(rank, sizes, world)
+        dist.barrier()  # no rank leaves while another is still in a collective (gloo aborts the latter otherwise)
     except BaseException:
         failures.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise

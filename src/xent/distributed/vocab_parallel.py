@@ -5,16 +5,23 @@ of the fused family is one row-loss description (:mod:`xent.core.rowloss`): a tr
 to each column (cap, per-class offset, the target's margin, scale), and a function of a few per-row numbers. So each
 rank reduces its own slice and the ranks all-reduce those numbers::
 
+    agree  = all_gather(checks, sizes, fingerprints)   O(world), once: every rank raises alike, or none does
     z      = s (cap(x) + o − m_y e_y)            the rank's columns, float32
     m      = all_reduce_max(max_c z)              O(rows)
     lse    = m + log all_reduce_sum(Σ_c e^(z − m))
     z_y    = all_reduce_sum(z[y] on the rank that holds y, 0 elsewhere);   u = z_y − lse = log p_y
+    h      = all_reduce_sum(1 on the rank that holds y, 0 elsewhere)      h = 0: y ∉ [0, V), the row is NaN
     S      = all_reduce_sum(Σ_c w_c z_c)          label smoothing only
     loss   = w_y α_y ψ(u) + ε/V (W lse − S) + ζ w_y lse²                  W = Σ_c w_c (w ≡ 1 without class weights)
     ∂loss/∂z_c = p_c [−w_y α_y ψ'(u) + ε W / V + 2 ζ w_y lse] + w_y α_y ψ'(u) [c = y] − ε w_c / V
 
-and the gradient of a shard is formed from the shard and the saved ``lse`` and ``u``, with no communication at
-all. :func:`vocab_parallel_linear_loss` does the same per chunk of tokens of a head whose weight is split over the
+(the sums go in one all-reduce) and the gradient of a shard is formed from the shard and the saved ``lse`` and ``u``,
+with no communication at all. Before any of it, the agreement step (:mod:`xent.distributed.agreement`) gathers what
+each rank checked alone and what the ranks must pass alike — the loss and its options, the target (a checksum), the
+dtype, the shapes — so a bad or differing argument on any rank raises on every rank, naming the rank and the
+argument, instead of leaving the others in a collective or combining statistics of different losses.
+
+:func:`vocab_parallel_linear_loss` does the same per chunk of tokens of a head whose weight is split over the
 vocabulary: the ``N × V_r`` logits are never formed, and ``d(input)`` — a sum over every rank's classes — is
 all-reduced once in backward.
 """
@@ -28,10 +35,12 @@ import torch
 import torch.distributed as dist
 
 from xent.core.reduce import accumulation_dtype, reduce_loss
+from xent.core.reference import without_ignored_rows
 from xent.core.rowloss import SoftmaxOptions
+from xent.distributed.agreement import GIVEN, Terms, agree
 from xent.kernels.linear import default_chunk_size
 from xent.losses import _checks
-from xent.losses.linear import check_head, describe_options, linear_loss_entry
+from xent.losses.linear import check_head, check_loss_options, describe_options, linear_loss_entry
 from xent.losses.softmax import check_softmax_options, cross_entropy
 
 __all__ = [
@@ -82,7 +91,10 @@ def vocab_parallel_loss(
             follow the ranks' shard sizes in rank order (sizes may differ; every rank holds at least one class). A
             ``DTensor`` sharded on its last dimension (``Shard(-1)`` on a 1-D mesh, as a column-parallel head with
             ``use_local_output=False`` produces) is accepted too; its mesh gives the group.
-        target: ``(...)`` global class indices in ``[0, V)`` or ``ignore_index``, the same on every rank.
+        target: ``(...)`` global class indices in ``[0, V)`` or ``ignore_index``, the same on every rank. With value
+            checks off (:func:`xent.value_checks`, the default for GPU tensors) a target outside ``[0, V)`` is not
+            caught up front: no shard holds it, and its row's loss (and its gradient, where the loss is used) is
+            NaN — so a mean over the batch is NaN too — never a finite wrong value.
         group: the process group the vocabulary is split over (default: the world).
         weight: the rank's ``(V_r,)`` slice of the class weight, or ``None``.
         ignore_index, reduction: as in the loss.
@@ -95,25 +107,36 @@ def vocab_parallel_loss(
         for half-precision logits, as the statistics are.
 
     Raises:
-        ValueError: a bad option or shape, or a target outside ``[0, V)`` — raised on every rank alike, before any
-            rank waits on a collective that another will not join.
+        ValueError, TypeError: a bad argument on any rank — an option, a shape or dtype, the rank's weight slice, a
+            target outside ``[0, V)`` (value checks on) — or an argument that differs between ranks (the loss, its
+            options, ``reduction``, ``ignore_index``, ``softcap``, whether ``weight`` is given, the target's shape
+            and contents, the dtype). Raised on every rank alike, with one message naming the rank(s) and the
+            argument (``"rank 1: target holds class index 70 at position 3 …"``, ``"label_smoothing differs between
+            ranks: 0.0 on rank 0; 0.1 on rank 1 …"``), before any collective that a rank would wait in. They cost
+            one all-gather of 11 numbers per rank (and, on the error path only, one ``all_gather_object``).
 
     Example (on each rank, e.g. under ``torchrun --nproc-per-node 2``)::
 
         shard = full_logits.tensor_split(world_size, dim=-1)[rank]          # (N, V_r)
         loss = vocab_parallel_loss(xent.focal_loss, shard, target, gamma=2.0)
     """
-    logits_shard, group = _local(logits_shard, group)
-    logits_shard = _checks.check_floating("logits_shard", logits_shard)
-    target = _checks.check_tensor("target", target)
-    if logits_shard.dim() == 0 or logits_shard.shape[:-1] != target.shape:
-        raise ValueError(
-            f"logits_shard must have shape (..., V_r) with target's shape (...) in front; got logits_shard "
-            f"{_checks.shape_str(logits_shard.shape)} and target {_checks.shape_str(target.shape)}"
-        )
-    shard, weight = _shard(loss, logits_shard.shape[-1], logits_shard.device, group, ignore_index, reduction, softcap,
-                           loss_options, weight)  # fmt: skip
-    flat_target = _checked_target(target.reshape(-1), shard)
+    group = _group_of(logits_shard, group)
+    terms = Terms()
+    try:  # every local check, its error kept for the agreement step, so that every rank raises it
+        logits_shard = _checks.check_floating("logits_shard", _local(logits_shard, group))
+        target = _checks.check_tensor("target", target)
+        if logits_shard.dim() == 0 or logits_shard.shape[:-1] != target.shape:
+            raise ValueError(
+                f"logits_shard must have shape (..., V_r) with target's shape (...) in front; got logits_shard "
+                f"{_checks.shape_str(logits_shard.shape)} and target {_checks.shape_str(target.shape)}"
+            )
+        terms.agreed["logits_shard's dtype"] = logits_shard.dtype
+        weight = _check_locally(terms, loss, target, logits_shard.shape[-1], logits_shard.device, weight,
+                                ignore_index, reduction, softcap, loss_options)  # fmt: skip
+    except Exception as error:  # whatever it is, every rank must hear of it, or the others hang
+        terms.error = error
+    shard, _ = _agree(terms, group, _device(group, logits_shard, target), loss, ignore_index, softcap, loss_options)
+    flat_target = _flat_target(terms)
     target_weight, total_weight = _target_weight(flat_target, weight, shard, logits_shard.dtype)
     rows = _VocabParallelRows.apply(
         logits_shard.reshape(-1, shard.size), flat_target, weight, target_weight, total_weight, shard
@@ -178,30 +201,44 @@ def vocab_parallel_linear_loss(
         target: ``(...)`` global class indices, the same on every rank.
         linear_bias_shard: ``(V_r,)`` or ``None``.
         group: the process group (default: the world).
-        chunk_size: tokens per chunk (default as :func:`xent.linear_cross_entropy` on the rank's shard).
+        chunk_size: tokens per chunk (default as :func:`xent.linear_cross_entropy` on the rank's shard); the ranks
+            all use the smallest rank's, so that they run the same number of chunks.
         weight, ignore_index, reduction, softcap, loss_options: as in :func:`vocab_parallel_loss`.
 
     Returns:
         The loss, the same on every rank, as :func:`vocab_parallel_loss` returns it.
+
+    Raises:
+        ValueError, TypeError: as :func:`vocab_parallel_loss`, on every rank alike; ``input``'s shape and dtype are
+            agreed on too (it is replicated).
     """
-    linear_weight_shard, group = _local(linear_weight_shard, group, dim=0)
-    if linear_bias_shard is not None:
-        linear_bias_shard, _ = _local(linear_bias_shard, group, dim=0)
-    size = check_head(
-        input, linear_weight_shard, linear_bias_shard, ("input", "linear_weight_shard", "linear_bias_shard")
-    )
-    target = _checks.check_tensor("target", target)
-    if input.shape[:-1] != target.shape:
-        raise ValueError(
-            f"input must have shape (..., D) with target's shape (...) in front; got input "
-            f"{_checks.shape_str(input.shape)} and target {_checks.shape_str(target.shape)}"
+    group = _group_of(linear_weight_shard, group)
+    terms = Terms()
+    try:  # every local check, its error kept for the agreement step, so that every rank raises it
+        linear_weight_shard = _local(linear_weight_shard, group, dim=0)
+        if linear_bias_shard is not None:
+            linear_bias_shard = _local(linear_bias_shard, group, dim=0)
+        size = check_head(
+            input, linear_weight_shard, linear_bias_shard, ("input", "linear_weight_shard", "linear_bias_shard")
         )
-    _checks.check_chunk_size(chunk_size)
-    shard, weight = _shard(loss, size, input.device, group, ignore_index, reduction, softcap, loss_options, weight)
-    flat_target = _checked_target(target.reshape(-1), shard)
+        target = _checks.check_tensor("target", target)
+        if input.shape[:-1] != target.shape:
+            raise ValueError(
+                f"input must have shape (..., D) with target's shape (...) in front; got input "
+                f"{_checks.shape_str(input.shape)} and target {_checks.shape_str(target.shape)}"
+            )
+        # the input is replicated: its shape and dtype size the collectives (per chunk, and d(input) in backward)
+        terms.agreed.update({"input's shape": tuple(input.shape), "input's dtype": input.dtype})
+        _checks.check_chunk_size(chunk_size)
+        weight = _check_locally(terms, loss, target, size, input.device, weight, ignore_index, reduction, softcap,
+                                loss_options)  # fmt: skip
+        terms.chunk_size = chunk_size or default_chunk_size(target.numel(), size, input.device)
+    except Exception as error:  # whatever it is, every rank must hear of it, or the others hang
+        terms.error = error
+    shard, chunk_size = _agree(terms, group, _device(group, input, target), loss, ignore_index, softcap, loss_options)
+    flat_target = _flat_target(terms)
     target_weight, total_weight = _target_weight(flat_target, weight, shard, input.dtype)
     flat_input = input.reshape(-1, input.shape[-1]).contiguous()
-    chunk_size = chunk_size or default_chunk_size(flat_input.shape[0], size, input.device)
     rows = _VocabParallelLinearRows.apply(
         flat_input, linear_weight_shard, linear_bias_shard, flat_target, weight, target_weight, total_weight, shard,
         chunk_size,
@@ -241,39 +278,64 @@ def vocab_parallel_linear_cross_entropy(
 # --- checks and set-up -------------------------------------------------------------------------------------------
 
 
-def _local(tensor: torch.Tensor, group: Any, dim: int = -1) -> tuple[torch.Tensor, Any]:
-    """A DTensor sharded on ``dim`` of a 1-D mesh → its local shard and the mesh's group; anything else as is."""
+def _group_of(tensor: Any, group: Any) -> Any:
+    """The group the ranks agree in: ``group``, else a DTensor's mesh's, else the world (None)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("vocab-parallel losses need torch.distributed initialised (init_process_group)")
+    if group is not None:
+        return group
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch builds without distributed tensors
+        return None
+    if isinstance(tensor, DTensor) and tensor.device_mesh.ndim == 1:
+        return tensor.device_mesh.get_group()
+    return None
+
+
+def _local(tensor: torch.Tensor, group: Any, dim: int = -1) -> torch.Tensor:
+    """A DTensor sharded on ``dim`` of a 1-D mesh (whose group is ``group``) → its local shard; anything else as
+    is."""
     try:
         from torch.distributed.tensor import DTensor, Shard
     except ImportError:  # pragma: no cover - torch builds without distributed tensors
-        return tensor, group
+        return tensor
     if not isinstance(tensor, DTensor):
-        return tensor, group
+        return tensor
     placements, mesh = tensor.placements, tensor.device_mesh
     wanted = dim % tensor.dim()
     if mesh.ndim != 1 or len(placements) != 1 or not (isinstance(placements[0], Shard) and
                                                        placements[0].dim % tensor.dim() == wanted):  # fmt: skip
         raise ValueError(f"a DTensor must be sharded on dimension {dim} of a 1-D mesh, got placements {placements}")
-    if group is not None and group is not mesh.get_group():
+    if group is not mesh.get_group():
         raise ValueError("group differs from the DTensor's mesh: pass one or the other")
-    return tensor.to_local(), mesh.get_group()
+    return tensor.to_local()
 
 
-def _shard(
+def _device(group: Any, *tensors: Any) -> torch.device:
+    """Where the agreement's vector lives: the first tensor argument's device (NCCL needs the rank's GPU)."""
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor):
+            return tensor.device
+    if dist.get_backend(group) == "nccl":  # pragma: no cover - GPUs
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _check_locally(
+    terms: Terms,
     loss: Any,
+    target: torch.Tensor,
     size: int,
     device: torch.device,
-    group: Any,
+    weight: torch.Tensor | None,
     ignore_index: int,
     reduction: str,
     softcap: float | None,
     loss_options: dict[str, Any],
-    weight: torch.Tensor | None,
-) -> tuple[_Shard, torch.Tensor | None]:
-    """The loss's description, the rank's offset and the whole vocabulary — one all-gather of the shard sizes
-    (O(world)) — and the checked class weight. Options are checked before it, alike on every rank; what only this
-    rank can check (its weight) is checked before it too, and whether it failed travels with the sizes, so that
-    every rank raises rather than some waiting forever in the next collective."""
+) -> torch.Tensor | None:
+    """The checks of the loss, its options, the target and the rank's weight slice that need no other rank, and
+    what the ranks must agree on, into ``terms``; returns the checked weight. Raises the first failure."""
     name, _, describe = linear_loss_entry(loss)
     _, _, softcap = check_softmax_options(
         reduction=reduction, label_smoothing=0.0, z_loss=0.0, softcap=softcap, ignore_index=ignore_index
@@ -282,39 +344,55 @@ def _shard(
     unknown = sorted(set(loss_options) - accepted)
     if unknown:
         raise TypeError(f"{name} has no option {unknown[0]!r}; its options: {', '.join(sorted(accepted))}")
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("vocab-parallel losses need torch.distributed initialised (init_process_group)")
-    local_error = None
-    try:
-        weight = _checked_weight(weight, size, device)
-    except (TypeError, ValueError) as error:
-        local_error = error
-    gathered = [torch.zeros(2, dtype=torch.long, device=device) for _ in range(dist.get_world_size(group))]
-    mine = torch.tensor([size, local_error is not None], dtype=torch.long, device=device)
-    dist.all_gather(gathered, mine, group=group)
-    if local_error is not None:
-        raise local_error
-    failed = [rank for rank, (_, bad) in enumerate(gathered) if bad]
-    if failed:
-        raise ValueError(f"the arguments of rank {failed[0]} of the group are invalid (the error is raised there)")
-    sizes = [int(entry[0]) for entry in gathered]
-    if min(sizes) == 0:  # every rank sees every size, so every rank raises
-        raise ValueError(f"every rank must hold at least one class of the vocabulary; shard sizes by rank: {sizes}")
-    vocab = sum(sizes)
-    if "softcap" in accepted:
+    check_loss_options(describe, loss_options)  # the vocabulary's size is not known yet: that part comes after
+    weight = _checked_weight(weight, size, device)
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+    # what every rank must pass alike: the row-loss options, the target (shape and contents), whether it is weighted
+    terms.agreed.update({"loss": name, "reduction": reduction, "ignore_index": ignore_index, "softcap": softcap})
+    terms.agreed.update({key: _agreed_value(value) for key, value in sorted(loss_options.items())})
+    terms.agreed.update({"weight": None if weight is None else GIVEN, "target": target.long()})
+    terms.size, terms.target, terms.ignore_index = size, target.reshape(-1).long(), ignore_index
+    return weight
+
+
+def _agreed_value(value: Any) -> Any:
+    """An option as the ranks compare it: numbers as floats (``0`` and ``0.0`` agree), tensors and the rest as is."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _agree(
+    terms: Terms,
+    group: Any,
+    device: torch.device,
+    loss: Any,
+    ignore_index: int,
+    softcap: float | None,
+    loss_options: dict[str, Any],
+) -> tuple[_Shard, int]:
+    """The one agreement step (:mod:`xent.distributed.agreement`) — every rank raises alike there, or none does —
+    then the loss's description over the whole vocabulary and the rank's offset; and the chunk size every rank
+    uses."""
+    agreement = agree(terms, group, device)
+    _, _, describe = linear_loss_entry(loss)
+    vocab = sum(agreement.sizes)
+    if softcap is not None:
+        softcap = float(softcap)
+    if "softcap" in describe_options(describe):
         loss_options = {**loss_options, "softcap": softcap}
+    # the options agree on every rank, so the description's checks (per-class lengths against V) fail alike
     description = {"softcap": softcap, **describe(vocab, **loss_options)}
     options = SoftmaxOptions(ignore_index=ignore_index, **description)
-    return _Shard(group, sum(sizes[: dist.get_rank(group)]), size, vocab, options), weight
+    rank = dist.get_rank(group)
+    return _Shard(group, sum(agreement.sizes[:rank]), agreement.sizes[rank], vocab, options), agreement.chunk_size
 
 
-def _checked_target(target: torch.Tensor, shard: _Shard) -> torch.Tensor:
-    """Global class ids, checked on every rank alike (the target is the same everywhere, so all ranks raise)."""
-    if target.is_floating_point() or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
-    target = target.long()
-    _checks.check_class_indices(target, shard.vocab, shard.options.ignore_index)
-    return target
+def _flat_target(terms: Terms) -> torch.Tensor:
+    if terms.target is None:  # pragma: no cover - the agreement raised
+        raise RuntimeError("the agreement step passed without a checked target")
+    return terms.target
 
 
 def _checked_weight(weight: torch.Tensor | None, size: int, device: torch.device) -> torch.Tensor | None:
@@ -376,8 +454,7 @@ def _transformed(
         z += options.class_offset[shard.columns].to(device=z.device, dtype=z.dtype)
     if options.target_margin is not None:
         local, inside = _local_target(target, shard)
-        safe = torch.where(target != options.ignore_index, target, torch.zeros_like(target))
-        margin = options.target_margin.to(device=z.device, dtype=z.dtype)[safe] * inside
+        margin = options.target_margin.to(device=z.device, dtype=z.dtype)[_in_vocabulary(target, shard)] * inside
         z.scatter_add_(1, local.unsqueeze(1), -margin.unsqueeze(1))
     if options.logit_scale != 1.0:
         z *= options.logit_scale
@@ -388,8 +465,14 @@ def _per_target(tensor: torch.Tensor | None, target: torch.Tensor, shard: _Shard
     """A per-class tensor of the whole vocabulary at each row's target (1 without one)."""
     if tensor is None:
         return torch.ones_like(like)
-    safe = torch.where(target != shard.options.ignore_index, target, torch.zeros_like(target))
-    return tensor.to(device=like.device, dtype=like.dtype)[safe]
+    return tensor.to(device=like.device, dtype=like.dtype)[_in_vocabulary(target, shard)]
+
+
+def _in_vocabulary(target: torch.Tensor, shard: _Shard) -> torch.Tensor:
+    """Each row's target where it is a class of the vocabulary, 0 elsewhere (ignored rows, and — value checks off —
+    targets outside ``[0, V)``, whose rows are NaN): an index that is safe to read a per-class tensor at."""
+    inside = (target >= 0) & (target < shard.vocab)
+    return torch.where(inside, target, torch.zeros_like(target))
 
 
 def _row_losses(
@@ -400,7 +483,9 @@ def _row_losses(
     total_weight: torch.Tensor,
     shard: _Shard,
 ) -> tuple[torch.Tensor, ...]:
-    """``(losses, lse, u)`` of rows whose transformed shard is ``z (B, V_r)`` (overwritten): two all-reduces."""
+    """``(losses, lse, u)`` of rows whose transformed shard is ``z (B, V_r)`` (overwritten): two all-reduces. A row
+    whose target no shard holds (outside ``[0, V)``, which only value checks catch up front) gets NaN for its loss
+    and ``u``: the shards holding each target are counted in the second all-reduce, with no host sync."""
     options = shard.options
     eps = options.label_smoothing
     row_max = z.amax(dim=1)
@@ -411,18 +496,20 @@ def _row_losses(
         smooth = z.sum(dim=1) if weight is None else z @ weight.to(z.dtype)
     target_logit = torch.where(inside, z.gather(1, local.unsqueeze(1)).squeeze(1), 0.0)
     sum_exp = z.sub_(row_max.unsqueeze(1)).exp_().sum(dim=1)  # in place: z is not read again
-    sums = torch.stack([sum_exp, target_logit, smooth])
+    sums = torch.stack([sum_exp, target_logit, smooth, inside.to(sum_exp.dtype)])
     dist.all_reduce(sums, group=shard.group)
-    sum_exp, target_logit, smooth = sums
+    sum_exp, target_logit, smooth, holders = sums
     lse = row_max + torch.log(sum_exp)
-    u = target_logit - lse
+    valid = target != options.ignore_index
+    unheld = valid & (holders == 0)  # its target's logit was taken as 0: a finite, wrong loss without this
+    u = torch.where(unheld, torch.nan, target_logit - lse)
     alpha = _per_target(options.alpha, target, shard, u)
     loss = target_weight * alpha * options.term.value(u, eps, shard.vocab)
     if eps:
         loss = loss + eps / shard.vocab * (total_weight * lse - smooth)
     if options.z_loss:
         loss = loss + options.z_loss * target_weight * lse.square()
-    valid = target != options.ignore_index
+    loss = torch.where(unheld, torch.nan, loss)  # whatever the loss's ψ makes of NaN, and 0 × NaN of a 0 weight
     return torch.where(valid, loss, torch.zeros_like(loss)), lse, u
 
 
@@ -442,10 +529,12 @@ def _row_gradient_(
     options = shard.options
     eps = options.label_smoothing
     scale = torch.where(target != options.ignore_index, grad_rows.to(z.dtype), torch.zeros_like(lse))
+    u = torch.where(scale != 0, u, 0.0)  # a NaN row (no shard holds its target) whose loss is unused: gradient 0
     hard = target_weight * _per_target(options.alpha, target, shard, u) * options.term.derivative(u, eps, shard.vocab)
     coefficient = -hard + eps * total_weight / shard.vocab
     if options.z_loss:
         coefficient = coefficient + 2.0 * options.z_loss * target_weight * lse
+    coefficient = torch.where(u.isnan(), torch.nan, coefficient)  # ψ' may be constant (−1 for cross-entropy)
     grad = z.sub_(lse.unsqueeze(1)).exp_().mul_((coefficient * scale).unsqueeze(1))  # p_c · coefficient · g
     local, inside = _local_target(target, shard)
     grad.scatter_add_(1, local.unsqueeze(1), (hard * scale * inside).unsqueeze(1))
@@ -456,7 +545,9 @@ def _row_gradient_(
         grad.mul_(options.logit_scale)
     if tanh is not None:
         grad.mul_(1.0 - tanh.square())
-    return grad
+    # an ignored row is absent whatever it holds: NaN or ±inf there makes its softmax NaN, which a zero scale cannot
+    # cancel (0 · NaN)
+    return grad.masked_fill_((target == options.ignore_index).unsqueeze(1), 0.0)
 
 
 class _VocabParallelRows(torch.autograd.Function):
@@ -504,6 +595,7 @@ class _VocabParallelLinearRows(torch.autograd.Function):
         chunk: int,
     ) -> torch.Tensor:
         losses, lses, us = [], [], []
+        input = without_ignored_rows(input, target, shard.options.ignore_index)  # absent, whatever they hold
         for start in range(0, input.shape[0], chunk):
             rows = slice(start, start + chunk)
             z, _ = _transformed(_chunk_logits(input[rows], linear_weight, linear_bias), target[rows], shard, True)
@@ -526,6 +618,7 @@ class _VocabParallelLinearRows(torch.autograd.Function):
         grad_input = torch.zeros_like(input) if needs[0] else None
         grad_weight = torch.zeros(linear_weight.shape, dtype=dtype, device=input.device) if needs[1] else None
         grad_bias = torch.zeros(linear_weight.shape[0], dtype=dtype, device=input.device) if needs[2] else None
+        input = without_ignored_rows(input, target, shard.options.ignore_index)  # a NaN there must not reach dW
         for start in range(0, input.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             z, tanh = _transformed(_chunk_logits(input[rows], linear_weight, linear_bias), target[rows], shard, True)
