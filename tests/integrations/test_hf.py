@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 import subprocess
 import sys
 
@@ -202,7 +203,6 @@ def test_unpatch_restores_the_instance_exactly():
     xent.hf.patch(model)
     assert xent.hf.is_patched(model)
     assert inspect.signature(model.forward) == signature  # Trainer reads the columns it keeps from it
-    xent.hf.patch(model, z_loss=1e-3)  # patching again replaces the options
     xent.hf.unpatch(model)
     assert not xent.hf.is_patched(model)
     assert model.__dict__.keys() == before.keys()
@@ -272,7 +272,7 @@ def test_models_that_do_not_fit_are_refused_by_name():
         xent.hf.patch(AddsToLogits(config))(input_ids=ids, labels=labels)
     with pytest.raises(TypeError, match=r"ComputesItsOwnLoss\.forward passed logits it formed itself to its loss"):
         xent.hf.patch(ComputesItsOwnLoss(config))(input_ids=ids, labels=labels)
-    with pytest.raises(TypeError, match="Hugging Face PreTrainedModel, got Linear"):
+    with pytest.raises(TypeError, match="Hugging Face PreTrainedModel or a PEFT model of one, got Linear"):
         xent.hf.patch(torch.nn.Linear(2, 2))
     headless = transformers.LlamaModel(config)
     with pytest.raises(TypeError, match="LlamaModel has no output embeddings"):
@@ -281,6 +281,71 @@ def test_models_that_do_not_fit_are_refused_by_name():
     custom.loss_function = lambda logits, labels, vocab_size, **kwargs: logits.sum()
     with pytest.raises(TypeError, match="not transformers' causal-LM loss"):
         xent.hf.patch(custom)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["training step", "no_grad"])
+def test_labels_of_another_shape_than_the_input_are_refused_with_both_shapes(grad):
+    """(B, T, 1) labels were shifted along their last dimension: every label -100, loss 0 (NaN unpatched)."""
+    patched, _ = pair("llama")
+    ids, labels = batch()
+    with torch.set_grad_enabled(grad):
+        for bad in (labels[..., None], labels.reshape(-1), labels[:, :-1]):
+            shown = re.escape(str(tuple(bad.shape)))
+            with pytest.raises(ValueError, match=rf"labels has shape {shown} but input_ids has shape \(2, 32\)"):
+                patched(input_ids=ids, labels=bad)
+            with pytest.raises(ValueError, match=rf"shift_labels has shape {shown} but input_ids has shape"):
+                patched(input_ids=ids, labels=labels, shift_labels=bad)
+        embeds = patched.get_input_embeddings()(ids)
+        with pytest.raises(
+            ValueError, match=r"labels has shape \(2, 32, 1\) but inputs_embeds has shape \(2, 32, 16\)"
+        ):
+            patched(inputs_embeds=embeds, labels=labels[..., None])
+
+
+def test_label_errors_name_labels_and_their_shape_not_the_flattened_target():
+    patched, _ = pair("llama")
+    ids, labels = batch()
+    for bad in (labels.float(), labels > 5):
+        with pytest.raises(
+            TypeError, match=rf"labels of shape \(2, 32\) must hold token ids .* got {bad.dtype}"
+        ) as error:
+            patched(input_ids=ids, labels=bad)
+        assert "target" not in str(error.value)
+    with pytest.raises(ValueError, match=r"labels hold token id 97, outside \[0, 97\)") as error:
+        patched(input_ids=ids, labels=labels.index_put((torch.tensor(1), torch.tensor(10)), torch.tensor(VOCAB)))
+    assert "target" not in str(error.value)
+    with pytest.raises(TypeError, match="labels must be a tensor"):
+        patched(input_ids=ids, labels=labels.tolist())
+
+
+def test_what_can_be_known_at_patch_time_is_refused_at_patch_time():
+    marian = transformers.MarianForCausalLM(
+        transformers.MarianConfig(
+            vocab_size=VOCAB,
+            d_model=16,
+            decoder_layers=1,
+            encoder_layers=1,
+            decoder_attention_heads=2,
+            encoder_attention_heads=2,
+            decoder_ffn_dim=16,
+            encoder_ffn_dim=16,
+            pad_token_id=0,
+            decoder_start_token_id=0,
+        )
+    )
+    with pytest.raises(TypeError, match=r"MarianForCausalLM\.forward computes its loss itself"):
+        xent.hf.patch(marian)
+    assert not xent.hf.is_patched(marian)
+    model = xent.hf.patch(tiny_model("llama"), z_loss=1e-3)
+    with pytest.raises(ValueError, match=r"already patched by xent\.hf.*xent\.hf\.unpatch\(model\)"):
+        xent.hf.patch(model, z_loss=1e-2)
+    # a second model sharing the patched head would route its steps through the first one's patch
+    twin = tiny_model("llama")
+    twin.lm_head = model.lm_head
+    with pytest.raises(ValueError, match="output embeddings are already patched"):
+        xent.hf.patch(twin)
+    xent.hf.unpatch(model)
+    xent.hf.patch(model, z_loss=1e-2)  # patched again after unpatch
 
 
 def test_bad_options_are_refused_at_patch_time():

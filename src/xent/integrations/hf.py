@@ -23,12 +23,14 @@ per instance: :func:`unpatch` deletes what :func:`patch` set.
 from __future__ import annotations
 
 import builtins
+import contextlib
+import copy
 import functools
 import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -39,6 +41,7 @@ try:
 except ImportError as error:  # pragma: no cover - exercised without the extra only
     raise ImportError('xent.hf needs transformers: pip install "xent[hf]"') from error
 
+from xent._config import value_checks, value_checks_enabled
 from xent.losses import _checks
 from xent.losses.linear import accumulated_linear_loss, check_loss_options, describe_options, linear_loss_entry
 
@@ -65,18 +68,31 @@ def patch(model: nn.Module, *, loss: Any = None, **loss_options: Any) -> nn.Modu
     the model itself. For half-precision models the head's products run in that precision and the loss in float32,
     as transformers upcasts the logits.
 
+    ``labels`` (and ``shift_labels``) must hold integer token ids of the input's shape ``(B, T)``, as transformers'
+    causal-LM loss reads them; any other shape or dtype is refused naming them (the unpatched model would shift
+    ``(B, T, 1)`` labels along their last dimension and return NaN).
+
+    With PEFT, the model may be patched before or after ``peft.get_peft_model``, and ``patch`` takes the PEFT model
+    itself: a LoRA head (``target_modules`` with ``lm_head``) is fused exactly — ``x Wᵀ + s·B(A(dropout(x)))`` is one
+    fused product of the hidden states widened by their rank-``r`` projection ``s·A(dropout(x))`` with the weight
+    widened by ``B`` — and a head in ``modules_to_save`` is fused through its active copy. Other PEFT heads (DoRA and
+    the other LoRA variants) are refused naming PEFT's class.
+
     Args:
         model: a Hugging Face ``*ForCausalLM`` instance (a ``PreTrainedModel`` whose output embeddings are an
-            ``nn.Linear`` and whose loss is transformers' causal-LM loss).
+            ``nn.Linear`` and whose loss is transformers' causal-LM loss through ``self.loss_function``), or a PEFT
+            model of one (its base model is patched).
         loss: a fused softmax loss of xent (``xent.focal_loss``, or its name); ``None`` is cross-entropy.
         **loss_options: options of that loss and of the fused path: ``z_loss=1e-4``, ``label_smoothing=0.1``,
             ``weight=``, ``chunk_size=``, ``impl=``, ``gamma=2.0`` for ``xent.focal_loss``…
 
     Returns:
-        ``model``, patched. Patching a patched model replaces its loss and options.
+        ``model``, patched.
 
     Raises:
         TypeError: the model does not fit the layout (its class and the reason are named), or an option is unknown.
+        ValueError: the model is already patched (:func:`unpatch` it first to change its loss or options), or its
+            output embeddings are, through another model that shares them.
 
     Example:
         >>> import transformers
@@ -89,53 +105,60 @@ def patch(model: nn.Module, *, loss: Any = None, **loss_options: Any) -> nn.Modu
         >>> xent.hf.is_patched(model)
         True
     """
-    name = type(model).__name__
-    if not isinstance(model, transformers.PreTrainedModel):
-        raise TypeError(f"patch takes a Hugging Face PreTrainedModel, got {name}")
+    target = _causal_lm(model)
+    name = type(target).__name__
+    if not isinstance(target, transformers.PreTrainedModel):
+        raise TypeError(f"patch takes a Hugging Face PreTrainedModel or a PEFT model of one, got {name}")
+    if is_patched(target):
+        raise ValueError(
+            f"{name} is already patched by xent.hf; call xent.hf.unpatch(model) first to patch it with other options"
+        )
     fused = FusedLoss.build(loss, loss_options)
-    if is_patched(model):
-        unpatch(model)
-    head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
-        shown = "no output embeddings" if head is None else f"output embeddings of type {type(head).__name__}"
-        raise TypeError(f"{name} has {shown}; xent.hf fuses an nn.Linear head")
-    if "labels" not in inspect.signature(type(model).forward).parameters:
+    head = target.get_output_embeddings()
+    _head_parts(head, name)  # refuses a head it cannot fuse, by its class
+    if isinstance(head.__dict__.get("forward"), _HeadForward):
+        raise ValueError(
+            f"{name}'s output embeddings are already patched by xent.hf through another model that shares them; "
+            "unpatch that model first"
+        )
+    forward = type(target).forward
+    if "labels" not in inspect.signature(forward).parameters:
         raise TypeError(f"{name}.forward takes no labels: it is not a causal LM that computes its own loss")
     causal_lm_loss = LOSS_MAPPING["ForCausalLM"]
-    if model.loss_function is not causal_lm_loss:
-        shown = getattr(model.loss_function, "__name__", repr(model.loss_function))
+    if target.loss_function is not causal_lm_loss:
+        shown = getattr(target.loss_function, "__name__", repr(target.loss_function))
         raise TypeError(f"{name} computes its loss with {shown}, not transformers' causal-LM loss (ForCausalLMLoss)")
-    state = _Patch(model_name=name, head=head, fused=fused, original_loss=causal_lm_loss)
-    state.saved = {
-        (owner, attribute): owner.__dict__[attribute]
-        for owner, attribute in ((model, "forward"), (head, "forward"), (model, "_loss_function"))
-        if attribute in owner.__dict__
-    }
+    if _never_calls_loss_function(forward):
+        raise TypeError(
+            f"{name}.forward computes its loss itself: its source never calls self.loss_function (Bart-era decoders "
+            "such as Marian's form their logits and call CrossEntropyLoss on logits.view(…)), so xent.hf cannot "
+            "fuse it; train it unpatched"
+        )
+    state = _Patch(model_name=name, model=target, head=head, fused=fused, original_loss=causal_lm_loss)
     # Callable objects, not closures: a deep copy of the model (an EMA or a reference model) copies them with it and
     # they then drive the copy, and the model still pickles.
-    model.forward = _Forward(state, model.forward)
-    head.forward = _HeadForward(state, head.forward)  # type: ignore[method-assign,assignment]  # undone by unpatch
-    model.loss_function = state.loss_function
-    setattr(model, _STATE, state)
+    state.install(target, "forward", _Forward(state, target.forward))
+    state.install(head, "forward", _HeadForward(state, head, head.forward))
+    state.install(target, "_loss_function", state.loss_function)  # what the loss_function property's setter sets
+    setattr(target, _STATE, state)
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: the instance behaves and is stored exactly as before it (returns ``model``)."""
-    state = getattr(model, _STATE, None)
+    target = _causal_lm(model)
+    state = target.__dict__.get(_STATE)
     if state is None:
-        raise ValueError(f"{type(model).__name__} is not patched by xent.hf")
-    for owner, attribute in ((model, "forward"), (state.head, "forward"), (model, "_loss_function")):
-        owner.__dict__.pop(attribute, None)
-        if (owner, attribute) in state.saved:
-            owner.__dict__[attribute] = state.saved[owner, attribute]
-    delattr(model, _STATE)
+        raise ValueError(f"{type(target).__name__} is not patched by xent.hf")
+    for owner, attribute in list(state.saved):
+        state.restore(owner, attribute)
+    delattr(target, _STATE)
     return model
 
 
 def is_patched(model: nn.Module) -> bool:
-    """Whether :func:`patch` has patched this instance."""
-    return _STATE in model.__dict__
+    """Whether :func:`patch` has patched this instance (or the model a PEFT model wraps)."""
+    return _STATE in _causal_lm(model).__dict__
 
 
 @dataclass(frozen=True)
@@ -172,7 +195,7 @@ class FusedLoss:
     # value checks that a graph would unroll or break on, at no gain.
     @torch.compiler.disable  # type: ignore[untyped-decorator]  # torch.compiler.disable is unannotated
     def __call__(
-        self, hidden: torch.Tensor, head: nn.Linear, target: torch.Tensor, ignore_index: int, reduction: str, cap: Any
+        self, hidden: torch.Tensor, head: _LinearHead, target: torch.Tensor, ignore_index: int, reduction: str, cap: Any
     ) -> torch.Tensor:
         options = dict(self.options)
         own_cap = options.pop("softcap", None)
@@ -196,9 +219,31 @@ class FusedLoss:
         )
 
 
+class _LinearHead(Protocol):
+    """What the fused loss reads of a head: logits ``hidden @ weight.T + bias``."""
+
+    @property
+    def weight(self) -> torch.Tensor: ...
+
+    @property
+    def bias(self) -> torch.Tensor | None: ...
+
+
+@dataclass(frozen=True)
+class _WidenedHead:
+    """A LoRA head as one linear map of the widened hidden states (see :func:`_widen`)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
 class HeadOutput:
     """What a patched model's output embeddings return during a fused step, in place of the logits: the hidden
     states, and the elementwise steps the model applies to the logits before its loss.
+
+    ``head`` is anything with the ``weight`` ``(V, D)`` and ``bias`` of the logits ``hidden @ weight.T + bias``: the
+    output embeddings (an ``nn.Linear``), or for a LoRA head the weight and hidden states widened by the update's
+    rank.
 
     A scalar multiplication or division and ``tanh`` are recorded (they are what logit scales and soft caps are made
     of); ``float()``, ``to(dtype)`` and ``contiguous()`` change nothing (the loss is computed in float32);
@@ -207,7 +252,7 @@ class HeadOutput:
     """
 
     def __init__(
-        self, model_name: str, hidden: torch.Tensor, head: nn.Linear, steps: tuple[tuple[Any, ...], ...] = ()
+        self, model_name: str, hidden: torch.Tensor, head: _LinearHead, steps: tuple[tuple[Any, ...], ...] = ()
     ) -> None:
         self.model_name, self.hidden, self.head, self.steps = model_name, hidden, head, steps
 
@@ -252,7 +297,7 @@ class HeadOutput:
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((*self.hidden.shape[:-1], self.head.out_features))
+        return torch.Size((*self.hidden.shape[:-1], self.head.weight.shape[0]))
 
     def size(self, dim: int | None = None) -> torch.Size | int:
         return self.shape if dim is None else self.shape[dim]
@@ -317,22 +362,61 @@ class _Patch:
     """What :func:`patch` holds for one instance."""
 
     model_name: str
-    head: nn.Linear
+    model: transformers.PreTrainedModel = field(repr=False)
+    head: nn.Module = field(repr=False)  # the output embeddings whose forward is patched
     fused: FusedLoss
     original_loss: Callable[..., torch.Tensor]
-    saved: dict[tuple[Any, str], Any] = field(default_factory=dict)
+    saved: dict[tuple[Any, str], Any] = field(default_factory=dict)  # (owner, attribute) → what it held, or _ABSENT
     active: bool = False
     calls: int = 0
     consumed: int = 0
+    input: tuple[str, torch.Size] | None = None  # the forward's input_ids or inputs_embeds: (name, shape)
+
+    def install(self, owner: Any, attribute: str, value: Any) -> None:
+        self.saved[owner, attribute] = owner.__dict__.get(attribute, _ABSENT)
+        owner.__dict__[attribute] = value
+
+    def restore(self, owner: Any, attribute: str) -> None:
+        previous = self.saved.pop((owner, attribute))
+        owner.__dict__.pop(attribute, None)
+        if previous is not _ABSENT:
+            owner.__dict__[attribute] = previous
+
+    def follow_head(self) -> None:
+        """Move the head's patch to the model's output embeddings if they changed since :func:`patch`: PEFT wraps
+        the head (LoRA, modules_to_save) in a new module when the model is patched first."""
+        head = self.model.get_output_embeddings()
+        if head is self.head:
+            return
+        _head_parts(head, self.model_name)  # refused before anything changes
+        self.restore(self.head, "forward")
+        for module in head.modules():  # PEFT's copies of the patched head (modules_to_save) become plain again
+            copied = module.__dict__.get("forward")
+            if isinstance(copied, _HeadForward) and copied.state is self:
+                del module.__dict__["forward"]
+                if getattr(copied.forward, "__func__", None) is not type(module).forward:
+                    module.__dict__["forward"] = copied.forward
+        self.install(head, "forward", _HeadForward(self, head, head.forward))
+        self.head = head
 
     def run(self, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any], skip_logits: bool | None) -> Any:
-        has_labels = _bound(forward, args, kwargs).get("labels") is not None
+        arguments = _bound(forward, args, kwargs)
+        has_labels = arguments.get("labels") is not None
+        self.input = next(
+            (
+                (name, arguments[name].shape)
+                for name in ("input_ids", "inputs_embeds")
+                if isinstance(arguments.get(name), torch.Tensor)
+            ),
+            None,
+        )
         if skip_logits is None:
             skip_logits = has_labels and torch.is_grad_enabled()
         elif skip_logits and not has_labels:
             raise ValueError("skip_logits=True needs labels: without them the loss cannot be computed")
         if not skip_logits:
             return forward(*args, **kwargs)
+        self.follow_head()
         self.active, self.calls, self.consumed = True, 0, 0
         try:
             outputs = forward(*args, **kwargs)
@@ -347,6 +431,37 @@ class _Patch:
             raise TypeError(f"{self.model_name}.forward did not pass its head's logits to self.loss_function")
         return _without_logits(outputs)
 
+    def check_labels(self, name: str, labels: Any, positions: torch.Size) -> torch.Tensor:
+        """``labels`` (or ``shift_labels``) as transformers' causal-LM loss reads them: integer token ids, one per
+        position of the logits — the input's shape — named as the user passed them (not as the flattened target)."""
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor of token ids, got {type(labels).__name__}")
+        shown = _checks.shape_str(labels.shape)
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(
+                f"{name} of shape {shown} must hold token ids (an integer dtype), got {labels.dtype} "
+                f"(use {name}.long())"
+            )
+        if labels.shape == positions:
+            return labels
+        given = self.input
+        expected = None if given is None else given[1] if given[0] == "input_ids" else given[1][:-1]
+        if given is not None and expected == positions:
+            raise ValueError(
+                f"{name} has shape {shown} but {given[0]} has shape {_checks.shape_str(given[1])}; "
+                f"{self.model_name}'s loss takes {name} of shape {_checks.shape_str(positions)}, one token id per "
+                "position"
+            )
+        if expected is not None:  # the model kept fewer positions than its input has
+            raise ValueError(
+                f"{self.model_name} kept {positions.numel()} positions for the loss (logits_to_keep?) but {name} "
+                f"has shape {shown}"
+            )
+        raise ValueError(
+            f"{name} has shape {shown} but {self.model_name}'s logits have positions of shape "
+            f"{_checks.shape_str(positions)}; its loss takes one token id per position"
+        )
+
     def loss_function(
         self,
         logits: Any,
@@ -358,6 +473,11 @@ class _Patch:
         **kwargs: Any,
     ) -> torch.Tensor:
         """transformers' causal-LM loss, fused: the same shift, ``ignore_index`` and normalisation."""
+        positions = logits.shape[:-1]
+        if shift_labels is None:
+            named, labels = "labels", self.check_labels("labels", labels, positions)
+        else:
+            named, shift_labels = "shift_labels", self.check_labels("shift_labels", shift_labels, positions)
         if not isinstance(logits, HeadOutput):
             if self.active:
                 raise TypeError(f"{self.model_name}.forward passed logits it formed itself to its loss")
@@ -366,27 +486,31 @@ class _Patch:
             )
         self.consumed += 1
         hidden, head = logits.hidden, logits.head
-        if head.out_features != vocab_size:
+        if head.weight.shape[0] != vocab_size:
             raise TypeError(
-                f"{self.model_name}'s head has {head.out_features} outputs but its loss reads {vocab_size} classes"
+                f"{self.model_name}'s head has {head.weight.shape[0]} outputs but its loss reads {vocab_size} classes"
             )
         if shift_labels is None:
             labels = nn.functional.pad(labels, (0, 1), value=ignore_index)
             shift_labels = labels[..., 1:]
         target = shift_labels.reshape(-1).to(hidden.device)
         hidden = hidden.reshape(-1, hidden.shape[-1])
-        if hidden.shape[0] != target.shape[0]:
-            raise ValueError(
-                f"{self.model_name} kept {hidden.shape[0]} positions for the loss (logits_to_keep?) but the labels "
-                f"have {target.shape[0]}"
-            )
+        checked = value_checks_enabled(target)
+        if checked and target.numel():
+            bad = ((target < 0) | (target >= vocab_size)) & (target != ignore_index)
+            if bool(bad.any()):  # a host sync, as every value check
+                raise ValueError(
+                    f"{named} hold token id {int(target[bad][0])}, outside [0, {vocab_size}) for "
+                    f"{self.model_name}'s vocabulary of {vocab_size} (and not ignore_index={ignore_index})"
+                )
         scale, cap = logits.transform()
         if scale != 1.0:
             if head.bias is not None:  # s·(x Wᵀ + b) is not (s·x) Wᵀ + b
                 raise logits._refuse("a logit scale to a head with a bias")
             hidden = hidden * scale  # s·(x Wᵀ) = (s·x) Wᵀ
         reduction = "mean" if num_items_in_batch is None else "sum"
-        loss: torch.Tensor = self.fused(hidden, head, target, ignore_index, reduction, cap)
+        with value_checks(False) if checked else contextlib.nullcontext():  # checked above, naming the labels
+            loss: torch.Tensor = self.fused(hidden, head, target, ignore_index, reduction, cap)
         if num_items_in_batch is not None:
             if torch.is_tensor(num_items_in_batch):
                 num_items_in_batch = num_items_in_batch.to(loss.device)
@@ -408,14 +532,141 @@ class _Forward:
 class _HeadForward:
     """The patched head's forward: its hidden states in a :class:`HeadOutput` during a fused step, else its logits."""
 
-    def __init__(self, state: _Patch, forward: Any) -> None:
-        self.state, self.forward = state, forward
+    def __init__(self, state: _Patch, head: nn.Module, forward: Any) -> None:
+        self.state, self.head, self.forward = state, head, forward
 
-    def __call__(self, hidden: torch.Tensor) -> Any:
+    def __call__(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if not self.state.active:
-            return self.forward(hidden)
+            return self.forward(hidden, *args, **kwargs)
         self.state.calls += 1
-        return HeadOutput(self.state.model_name, hidden, self.state.head)
+        # read now, as the head's own forward would: PEFT's active adapter, disable_adapter(), LoRA's dropout
+        base, updates = _head_parts(self.head, self.state.model_name)
+        widened, head = _widen(hidden, base, updates)
+        return HeadOutput(self.state.model_name, widened, head)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _HeadForward:
+        # A copy of the whole model (EMA, reference model) copies the patch with it. A copy of the head alone (PEFT's
+        # modules_to_save makes one) shares this patch: copying it would copy the whole model it refers to.
+        state = copy.deepcopy(self.state, memo) if id(self.state.model) in memo else self.state
+        return _HeadForward(state, copy.deepcopy(self.head, memo), copy.deepcopy(self.forward, memo))
+
+
+@dataclass(frozen=True)
+class _LowRankUpdate:
+    """One LoRA adapter of a head: ``scaling · up(down(dropout(x)))``."""
+
+    down: nn.Module  # lora_A: D → r
+    up: nn.Linear  # lora_B: r → V
+    scaling: float
+    dropout: nn.Module
+
+
+def _head_parts(head: nn.Module | None, model_name: str) -> tuple[nn.Linear, list[_LowRankUpdate]]:
+    """The output embeddings as their logits are computed now: a base ``nn.Linear`` plus the active LoRA updates,
+    read through PEFT's wrappers (as their forwards choose); anything else is refused by its class."""
+    if head is None:
+        raise TypeError(f"{model_name} has no output embeddings; xent.hf fuses an nn.Linear head")
+    peft_class = _peft_class(head)
+    wrapper: Any = head  # PEFT's attributes, unannotated
+    if peft_class == "ModulesToSaveWrapper":
+        active = list(wrapper.active_adapters)
+        copies = wrapper.modules_to_save
+        if wrapper.disable_adapters or not active or any(adapter not in copies for adapter in active):
+            return _head_parts(wrapper.original_module, model_name)
+        return _head_parts(copies[active[0]], model_name)
+    if peft_class == "lora.Linear":
+        base, _ = _head_parts(wrapper.get_base_layer(), model_name)  # the innermost layer: an nn.Linear or refused
+        if wrapper.disable_adapters or wrapper.merged:  # merged: the update is in the base weight
+            return base, []
+        updates = []
+        for adapter in wrapper.active_adapters:
+            if adapter not in wrapper.lora_A:
+                continue
+            variant = getattr(wrapper, "lora_variant", {}).get(adapter)
+            if variant is not None or getattr(wrapper, "use_dora", {}).get(adapter):
+                kind = "DoRA" if variant is None or "Dora" in type(variant).__name__ else type(variant).__name__
+                raise TypeError(
+                    f"{model_name}'s output embeddings are PEFT's lora.Linear with a {kind} adapter ({adapter!r}); "
+                    "xent.hf fuses plain LoRA on a head (base weight + low-rank update): leave lm_head out of "
+                    "target_modules or use plain LoRA on it, or call xent.hf.unpatch(model) to train it unfused"
+                )
+            updates.append(
+                _LowRankUpdate(
+                    wrapper.lora_A[adapter],
+                    wrapper.lora_B[adapter],
+                    wrapper.scaling[adapter],
+                    wrapper.lora_dropout[adapter],
+                )
+            )
+        return base, updates
+    if peft_class is not None:
+        raise TypeError(
+            f"{model_name}'s output embeddings are PEFT's {peft_class}; xent.hf fuses an nn.Linear head, a plain LoRA "
+            "one (lora.Linear) or one in modules_to_save: change the PEFT config of lm_head, or call "
+            "xent.hf.unpatch(model) to train it unfused"
+        )
+    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
+        shown = f"{type(head).__module__}.{type(head).__qualname__}"
+        raise TypeError(f"{model_name} has output embeddings of type {shown}; xent.hf fuses an nn.Linear head")
+    return head, []
+
+
+def _widen(hidden: torch.Tensor, base: nn.Linear, updates: list[_LowRankUpdate]) -> tuple[torch.Tensor, _LinearHead]:
+    """LoRA's logits ``x Wᵀ + b + Σ s·B(A(dropout(x)))`` as one linear map: ``[x, s·A(dropout(x)), …]`` times
+    ``[W, B, …]ᵀ`` plus ``b + Σ s·b_B``. Exact, dropout included, and the fused loss differentiates x, A and B (and
+    W when it trains) through the concatenations; the widened weight is the head's size plus ``V × r``."""
+    if not updates:
+        return hidden, base
+    inputs, weights = [hidden], [base.weight]
+    bias: torch.Tensor | None = base.bias
+    for update in updates:
+        down_dtype = getattr(update.down, "weight", hidden).dtype  # PEFT casts x to lora_A's dtype
+        inputs.append((update.down(update.dropout(hidden.to(down_dtype))) * update.scaling).to(hidden.dtype))
+        weights.append(update.up.weight.to(base.weight.dtype))
+        if update.up.bias is not None:  # lora_bias=True: s·(a Bᵀ + b_B)
+            update_bias = update.scaling * update.up.bias
+            bias = update_bias if bias is None else bias + update_bias
+    return torch.cat(inputs, dim=-1), _WidenedHead(torch.cat(weights, dim=1), bias)
+
+
+def _peft_class(module: nn.Module) -> str | None:
+    """PEFT's name of a module's class (``lora.Linear``, ``ModulesToSaveWrapper``…), or None outside PEFT."""
+    cls = type(module)
+    path = cls.__module__.split(".")
+    if path[0] != "peft":
+        return None
+    if len(path) > 2 and path[1] == "tuners":  # peft.tuners.lora.layer.Linear → lora.Linear
+        return f"{path[2]}.{cls.__name__}"
+    return cls.__name__
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model to patch: a PEFT model's base model, else ``model``."""
+    if _peft_class(model) is not None and callable(getattr(model, "get_base_model", None)):
+        peft_model: Any = model
+        base: nn.Module = peft_model.get_base_model()
+        return base
+    return model
+
+
+def _never_calls_loss_function(forward: Any) -> bool:
+    """Whether a model class's forward computes its loss without ``self.loss_function``, read from its source (no
+    source: not known here, the first training step tells)."""
+    try:
+        source = inspect.getsource(inspect.unwrap(forward))
+    except (OSError, TypeError):
+        return False
+    return "loss_function" not in source
+
+
+class _Absent:
+    """What :attr:`_Patch.saved` holds for an attribute the instance did not have (the same object once unpickled)."""
+
+    def __reduce__(self) -> str:
+        return "_ABSENT"
+
+
+_ABSENT = _Absent()
 
 
 def _bound(forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
