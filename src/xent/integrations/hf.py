@@ -30,7 +30,7 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,6 +42,7 @@ except ImportError as error:  # pragma: no cover - exercised without the extra o
     raise ImportError('xent.hf needs transformers: pip install "xent[hf]"') from error
 
 from xent._config import value_checks, value_checks_enabled
+from xent.integrations.heads import LinearHead, causal_lm, head_parts, widen
 from xent.losses import _checks
 from xent.losses.linear import accumulated_linear_loss, check_loss_options, describe_options, linear_loss_entry
 
@@ -105,7 +106,7 @@ def patch(model: nn.Module, *, loss: Any = None, **loss_options: Any) -> nn.Modu
         >>> xent.hf.is_patched(model)
         True
     """
-    target = _causal_lm(model)
+    target = causal_lm(model)
     name = type(target).__name__
     if not isinstance(target, transformers.PreTrainedModel):
         raise TypeError(f"patch takes a Hugging Face PreTrainedModel or a PEFT model of one, got {name}")
@@ -115,7 +116,7 @@ def patch(model: nn.Module, *, loss: Any = None, **loss_options: Any) -> nn.Modu
         )
     fused = FusedLoss.build(loss, loss_options)
     head = target.get_output_embeddings()
-    _head_parts(head, name)  # refuses a head it cannot fuse, by its class
+    head_parts(head, name)  # refuses a head it cannot fuse, by its class
     if isinstance(head.__dict__.get("forward"), _HeadForward):
         raise ValueError(
             f"{name}'s output embeddings are already patched by xent.hf through another model that shares them; "
@@ -146,7 +147,7 @@ def patch(model: nn.Module, *, loss: Any = None, **loss_options: Any) -> nn.Modu
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: the instance behaves and is stored exactly as before it (returns ``model``)."""
-    target = _causal_lm(model)
+    target = causal_lm(model)
     state = target.__dict__.get(_STATE)
     if state is None:
         raise ValueError(f"{type(target).__name__} is not patched by xent.hf")
@@ -158,7 +159,7 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 def is_patched(model: nn.Module) -> bool:
     """Whether :func:`patch` has patched this instance (or the model a PEFT model wraps)."""
-    return _STATE in _causal_lm(model).__dict__
+    return _STATE in causal_lm(model).__dict__
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ class FusedLoss:
     # value checks that a graph would unroll or break on, at no gain.
     @torch.compiler.disable  # type: ignore[untyped-decorator]  # torch.compiler.disable is unannotated
     def __call__(
-        self, hidden: torch.Tensor, head: _LinearHead, target: torch.Tensor, ignore_index: int, reduction: str, cap: Any
+        self, hidden: torch.Tensor, head: LinearHead, target: torch.Tensor, ignore_index: int, reduction: str, cap: Any
     ) -> torch.Tensor:
         options = dict(self.options)
         own_cap = options.pop("softcap", None)
@@ -219,24 +220,6 @@ class FusedLoss:
         )
 
 
-class _LinearHead(Protocol):
-    """What the fused loss reads of a head: logits ``hidden @ weight.T + bias``."""
-
-    @property
-    def weight(self) -> torch.Tensor: ...
-
-    @property
-    def bias(self) -> torch.Tensor | None: ...
-
-
-@dataclass(frozen=True)
-class _WidenedHead:
-    """A LoRA head as one linear map of the widened hidden states (see :func:`_widen`)."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-
-
 class HeadOutput:
     """What a patched model's output embeddings return during a fused step, in place of the logits: the hidden
     states, and the elementwise steps the model applies to the logits before its loss.
@@ -252,7 +235,7 @@ class HeadOutput:
     """
 
     def __init__(
-        self, model_name: str, hidden: torch.Tensor, head: _LinearHead, steps: tuple[tuple[Any, ...], ...] = ()
+        self, model_name: str, hidden: torch.Tensor, head: LinearHead, steps: tuple[tuple[Any, ...], ...] = ()
     ) -> None:
         self.model_name, self.hidden, self.head, self.steps = model_name, hidden, head, steps
 
@@ -388,7 +371,7 @@ class _Patch:
         head = self.model.get_output_embeddings()
         if head is self.head:
             return
-        _head_parts(head, self.model_name)  # refused before anything changes
+        head_parts(head, self.model_name)  # refused before anything changes
         self.restore(self.head, "forward")
         for module in head.modules():  # PEFT's copies of the patched head (modules_to_save) become plain again
             copied = module.__dict__.get("forward")
@@ -540,8 +523,8 @@ class _HeadForward:
             return self.forward(hidden, *args, **kwargs)
         self.state.calls += 1
         # read now, as the head's own forward would: PEFT's active adapter, disable_adapter(), LoRA's dropout
-        base, updates = _head_parts(self.head, self.state.model_name)
-        widened, head = _widen(hidden, base, updates)
+        base, updates = head_parts(self.head, self.state.model_name)
+        widened, head = widen(hidden, base, updates)
         return HeadOutput(self.state.model_name, widened, head)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _HeadForward:
@@ -549,104 +532,6 @@ class _HeadForward:
         # modules_to_save makes one) shares this patch: copying it would copy the whole model it refers to.
         state = copy.deepcopy(self.state, memo) if id(self.state.model) in memo else self.state
         return _HeadForward(state, copy.deepcopy(self.head, memo), copy.deepcopy(self.forward, memo))
-
-
-@dataclass(frozen=True)
-class _LowRankUpdate:
-    """One LoRA adapter of a head: ``scaling · up(down(dropout(x)))``."""
-
-    down: nn.Module  # lora_A: D → r
-    up: nn.Linear  # lora_B: r → V
-    scaling: float
-    dropout: nn.Module
-
-
-def _head_parts(head: nn.Module | None, model_name: str) -> tuple[nn.Linear, list[_LowRankUpdate]]:
-    """The output embeddings as their logits are computed now: a base ``nn.Linear`` plus the active LoRA updates,
-    read through PEFT's wrappers (as their forwards choose); anything else is refused by its class."""
-    if head is None:
-        raise TypeError(f"{model_name} has no output embeddings; xent.hf fuses an nn.Linear head")
-    peft_class = _peft_class(head)
-    wrapper: Any = head  # PEFT's attributes, unannotated
-    if peft_class == "ModulesToSaveWrapper":
-        active = list(wrapper.active_adapters)
-        copies = wrapper.modules_to_save
-        if wrapper.disable_adapters or not active or any(adapter not in copies for adapter in active):
-            return _head_parts(wrapper.original_module, model_name)
-        return _head_parts(copies[active[0]], model_name)
-    if peft_class == "lora.Linear":
-        base, _ = _head_parts(wrapper.get_base_layer(), model_name)  # the innermost layer: an nn.Linear or refused
-        if wrapper.disable_adapters or wrapper.merged:  # merged: the update is in the base weight
-            return base, []
-        updates = []
-        for adapter in wrapper.active_adapters:
-            if adapter not in wrapper.lora_A:
-                continue
-            variant = getattr(wrapper, "lora_variant", {}).get(adapter)
-            if variant is not None or getattr(wrapper, "use_dora", {}).get(adapter):
-                kind = "DoRA" if variant is None or "Dora" in type(variant).__name__ else type(variant).__name__
-                raise TypeError(
-                    f"{model_name}'s output embeddings are PEFT's lora.Linear with a {kind} adapter ({adapter!r}); "
-                    "xent.hf fuses plain LoRA on a head (base weight + low-rank update): leave lm_head out of "
-                    "target_modules or use plain LoRA on it, or call xent.hf.unpatch(model) to train it unfused"
-                )
-            updates.append(
-                _LowRankUpdate(
-                    wrapper.lora_A[adapter],
-                    wrapper.lora_B[adapter],
-                    wrapper.scaling[adapter],
-                    wrapper.lora_dropout[adapter],
-                )
-            )
-        return base, updates
-    if peft_class is not None:
-        raise TypeError(
-            f"{model_name}'s output embeddings are PEFT's {peft_class}; xent.hf fuses an nn.Linear head, a plain LoRA "
-            "one (lora.Linear) or one in modules_to_save: change the PEFT config of lm_head, or call "
-            "xent.hf.unpatch(model) to train it unfused"
-        )
-    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
-        shown = f"{type(head).__module__}.{type(head).__qualname__}"
-        raise TypeError(f"{model_name} has output embeddings of type {shown}; xent.hf fuses an nn.Linear head")
-    return head, []
-
-
-def _widen(hidden: torch.Tensor, base: nn.Linear, updates: list[_LowRankUpdate]) -> tuple[torch.Tensor, _LinearHead]:
-    """LoRA's logits ``x Wᵀ + b + Σ s·B(A(dropout(x)))`` as one linear map: ``[x, s·A(dropout(x)), …]`` times
-    ``[W, B, …]ᵀ`` plus ``b + Σ s·b_B``. Exact, dropout included, and the fused loss differentiates x, A and B (and
-    W when it trains) through the concatenations; the widened weight is the head's size plus ``V × r``."""
-    if not updates:
-        return hidden, base
-    inputs, weights = [hidden], [base.weight]
-    bias: torch.Tensor | None = base.bias
-    for update in updates:
-        down_dtype = getattr(update.down, "weight", hidden).dtype  # PEFT casts x to lora_A's dtype
-        inputs.append((update.down(update.dropout(hidden.to(down_dtype))) * update.scaling).to(hidden.dtype))
-        weights.append(update.up.weight.to(base.weight.dtype))
-        if update.up.bias is not None:  # lora_bias=True: s·(a Bᵀ + b_B)
-            update_bias = update.scaling * update.up.bias
-            bias = update_bias if bias is None else bias + update_bias
-    return torch.cat(inputs, dim=-1), _WidenedHead(torch.cat(weights, dim=1), bias)
-
-
-def _peft_class(module: nn.Module) -> str | None:
-    """PEFT's name of a module's class (``lora.Linear``, ``ModulesToSaveWrapper``…), or None outside PEFT."""
-    cls = type(module)
-    path = cls.__module__.split(".")
-    if path[0] != "peft":
-        return None
-    if len(path) > 2 and path[1] == "tuners":  # peft.tuners.lora.layer.Linear → lora.Linear
-        return f"{path[2]}.{cls.__name__}"
-    return cls.__name__
-
-
-def _causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers model to patch: a PEFT model's base model, else ``model``."""
-    if _peft_class(model) is not None and callable(getattr(model, "get_base_model", None)):
-        peft_model: Any = model
-        base: nn.Module = peft_model.get_base_model()
-        return base
-    return model
 
 
 def _never_calls_loss_function(forward: Any) -> bool:
