@@ -179,13 +179,14 @@ class CommandError(Exception):
     """A bad flag or value: printed as one line naming the flag, exit status 2, no traceback."""
 
 
-STUDY_OWNED = ("out", "resume", "quiet", "seed", "loss")  # set per run by xent compare, not shared flags
+STUDY_OWNED = ("out", "name", "resume", "quiet", "seed", "loss")  # set per run by xent compare, not shared flags
 
 
 def _train_arguments(parser: argparse.ArgumentParser, *, shared: bool = False) -> None:
-    """One flag per field of :class:`xent.train.TrainConfig`, grouped and documented by its metadata. ``shared``:
-    the flags as settings of every run of a study — only those given are set, and the run's own place, resumption
-    and verbosity are the study's."""
+    """One flag per field of :class:`xent.train.TrainConfig`, grouped and documented by its metadata; only the flags
+    given are set on the namespace (the configuration holds the defaults), so that a flag given at its default value
+    still counts as given. ``shared``: the flags as settings of every run of a study — the run's own place,
+    resumption and verbosity are the study's."""
     import dataclasses
     import typing
 
@@ -205,12 +206,10 @@ def _train_arguments(parser: argparse.ArgumentParser, *, shared: bool = False) -
         if shared:
             help_text = field.metadata["help"]
         if kind is bool:
-            group.add_argument(flag, action="store_true", help=help_text,
-                               **cast(dict[str, Any], {"default": argparse.SUPPRESS} if shared else {}))  # fmt: skip
+            group.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
             continue
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-        group.add_argument(flag, type=base, default=argparse.SUPPRESS if shared else default,
-                           metavar=field.name.upper(), help=help_text)  # fmt: skip
+        group.add_argument(flag, type=base, default=argparse.SUPPRESS, metavar=field.name.upper(), help=help_text)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -219,11 +218,16 @@ def _train(args: argparse.Namespace) -> int:
 
     from xent.train import ConfigError, TrainConfig, TrainingDiverged, train
     from xent.train.checkpoint import LAST
+    from xent.train.config import refuse_unread_flags
     from xent.train.loop import Interrupted
 
-    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)}
+    given = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)
+             if hasattr(args, field.name)}  # fmt: skip
+    config = TrainConfig(**given)
     try:
-        train(TrainConfig(**values), _console())
+        if config.resume is None:  # a resumed run reads its loss's settings from its config.json
+            refuse_unread_flags(config.loss, given)
+        train(config, _console())
     except ConfigError as error:
         raise CommandError(str(error)) from None
     except OSError as error:  # the run directory cannot be written: a full disk, a read-only or missing place
@@ -249,13 +253,15 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--temperature-scale",
         action="store_true",
-        help="fit a temperature on the validation split (minimising NLL); report test NLL and ECE before and after",
+        help="fit a temperature on the validation split (minimising NLL); report test NLL and ECE before and after, "
+        "and save them with the temperature to RUN_DIR/calibration.json",
     )
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
 
 
 def _eval(args: argparse.Namespace) -> int:
     """Reload a run's best checkpoint and print its test metrics."""
-    from rich.table import Table
+    import json
 
     from xent.train import ConfigError
     from xent.train.evaluate import evaluate_run
@@ -265,6 +271,14 @@ def _eval(args: argparse.Namespace) -> int:
                               temperature_scale=args.temperature_scale)  # fmt: skip
     except ConfigError as error:
         raise CommandError(str(error)) from None
+    except OSError as error:  # calibration.json cannot be written
+        where = f"{error.filename}: " if error.filename else ""
+        raise CommandError(f"cannot write the calibration: {where}{error.strerror or error}") from None
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    from rich.table import Table
+
     table = Table(title=f"{result['run_dir']} — best epoch {result['epoch']}, test split of {result['data']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -329,10 +343,10 @@ def _compare(args: argparse.Namespace) -> int:
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from xent.train.compare import aggregate, build_grid, run_grid, write_csv
+    from xent.train.compare import build_grid, lock_study, run_grid
     from xent.train.config import ConfigError, TrainConfig
     from xent.train.loop import Interrupted
-    from xent.train.report import findings, plots, table, write_reports
+    from xent.train.report import findings, table, write_study
 
     if args.jobs < 1:
         raise CommandError(f"--jobs must be at least 1, got {args.jobs}")
@@ -356,20 +370,23 @@ def _compare(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from None
     console = _console()
     cells = grid.cells()
-    console.print(f"xent compare {grid.name}: {len(grid.variants)} losses × {len(grid.seeds)} seeds"
-                  + (f" × {len(grid.varying[1])} values of {grid.varying[0]}" if grid.varying else "")
-                  + f" = {len(cells)} runs in {directory}")  # fmt: skip
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
-        with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task("cells", total=len(cells))
+        with lock_study(directory):  # one process per study directory: a second is refused, naming the first
+            console.print(f"xent compare {grid.name}: {len(grid.variants)} losses × {len(grid.seeds)} seeds"
+                          + (f" × {len(grid.varying[1])} values of {grid.varying[0]}" if grid.varying else "")
+                          + f" = {len(cells)} runs in {directory}")  # fmt: skip
+            with Progress(*columns, console=console, transient=True) as progress:
+                task = progress.add_task("cells", total=len(cells))
 
-            def done(cell: Cell, row: dict[str, Any]) -> None:
-                progress.advance(task)
-                progress.console.print(f"  {cell.directory.name}: accuracy {100 * row['accuracy']:.2f}%, balanced "
-                                       f"{100 * row['balanced_accuracy']:.2f}%, ECE {row['ece']:.3f}")  # fmt: skip
+                def done(cell: Cell, row: dict[str, Any]) -> None:
+                    progress.advance(task)
+                    line = (f"  {cell.directory.name}: accuracy {100 * row['accuracy']:.2f}%, balanced "
+                            f"{100 * row['balanced_accuracy']:.2f}%, ECE {row['ece']:.3f}")  # fmt: skip
+                    progress.console.print(line)
 
-            rows = run_grid(grid, jobs=args.jobs, on_done=done)
+                rows = run_grid(grid, jobs=args.jobs, on_done=done)
+            summary, unwritten = write_study(grid, rows)
     except ConfigError as error:
         raise CommandError(str(error)) from None
     except OSError as error:
@@ -379,14 +396,12 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"xent compare: interrupted; run the same command again to continue (finished cells in {directory} "
               "are kept)", file=sys.stderr)  # fmt: skip
         return 130
-    varying_name = grid.varying[0] if grid.varying else None
-    summary = aggregate(rows, varying_name)
-    write_csv(rows, directory / "results.csv", grid.name)
-    write_csv(summary, directory / "summary.csv", grid.name)
-    figures = plots(grid, rows, summary)
-    write_reports(grid, rows, summary, figures)
+    if unwritten:  # a finished study in a read-only directory, say: the results below are still its runs'
+        names = ", ".join(os.path.relpath(e.filename, directory) if e.filename else str(e) for e in unwritten)
+        print(f"xent compare: could not write {names} in {directory} ({unwritten[0].strerror or unwritten[0]}); "
+              "the table and findings below are read from its runs", file=sys.stderr)  # fmt: skip
     console.print(table(grid, summary))
-    for sentence in findings(grid, summary):
+    for sentence in findings(grid, summary, rows):
         console.print(f"• {sentence}")
     console.print(f"report: {directory / 'report.html'} (and report.md, results.csv, summary.csv, plots/)")
     return 0
@@ -420,6 +435,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The optional packages each extra brings (import name: distribution name); a command's own extra comes first.
+EXTRAS: dict[str, dict[str, str]] = {
+    "train": {"rich": "rich", "matplotlib": "matplotlib", "sklearn": "scikit-learn", "torchmetrics": "torchmetrics",
+              "kornia": "kornia", "mnist1d": "mnist1d", "PIL": "Pillow"},
+    "bench": {"rich": "rich", "matplotlib": "matplotlib", "psutil": "psutil"},
+    "hf": {"transformers": "transformers", "accelerate": "accelerate"},
+    "triton": {"triton": "triton"},
+}  # fmt: skip
+COMMAND_EXTRA = {"train": "train", "eval": "train", "compare": "train", "bench": "bench"}
+
+
+def missing_extra(command: str, error: ModuleNotFoundError) -> str | None:
+    """The one line that says which extra installs the package ``error`` misses, or None for a package no extra
+    brings (a bug, not an install to complete)."""
+    import re
+
+    found = error.name or next(iter(re.findall(r"No module named '([^']+)'", str(error))), "")  # a worker's: no name
+    module = found.split(".")[0]
+    own = COMMAND_EXTRA.get(command)
+    for extra in ([own] if own else []) + list(EXTRAS):
+        if module in EXTRAS[extra]:
+            package = EXTRAS[extra][module]
+            named = module if package == module else f"{module} ({package})"
+            return f'{named} is not installed; xent {command} needs the "{extra}" extra: pip install "xent[{extra}]"'
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -429,6 +471,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cast(int, args.run(args))
     except CommandError as error:
         print(f"xent {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:  # a core-only install (pip install xent) running a command of an extra
+        line = missing_extra(args.command, error)
+        if line is None:
+            raise
+        print(f"xent {args.command}: error: {line}", file=sys.stderr)
         return 2
 
 

@@ -142,11 +142,35 @@ def test_long_tailed_profile_and_symmetric_noise():
     assert 0.25 < changed < 0.35  # a flipped label always changes class
 
 
-def test_config_errors_name_the_flag():
+def test_config_errors_name_the_flag(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # an empty cache, whatever this machine holds
     with pytest.raises(ConfigError, match=r"--classes 12 out of range: --data digits has classes 0-9"):
         data.load_data(resolve(TrainConfig(classes="0,12")))
     with pytest.raises(ConfigError, match=r"--data mnist reads its files from --data-dir DIR"):
         data.load_data(resolve(TrainConfig(data="mnist")))
+
+
+@pytest.mark.parametrize("xdg", [True, False])
+def test_download_without_data_dir_uses_the_cache_folder(tmp_path, monkeypatch, xdg):
+    """$XDG_CACHE_HOME/xent/DATA, else ~/.cache/xent/DATA; a later run without --download finds the files there."""
+    if xdg:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        cache = tmp_path / "xdg" / "xent" / "mnist"
+    else:
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        cache = tmp_path / "home" / ".cache" / "xent" / "mnist"
+    fetched = []
+
+    def fake_download(dataset: str, directory: Path, base_url: str | None = None) -> None:  # no network in tests
+        fetched.append((dataset, directory))
+        make_mnist(directory, compress=True)
+
+    monkeypatch.setattr(data, "download", fake_download)
+    bundle = data.load_data(resolve(TrainConfig(data="mnist", download=True)))
+    assert fetched == [("mnist", cache)] and bundle.num_classes == 10
+    again = data.load_data(resolve(TrainConfig(data="mnist")))
+    assert fetched == [("mnist", cache)] and len(again.train) == len(bundle.train)
 
 
 class _Files(http.server.SimpleHTTPRequestHandler):

@@ -7,6 +7,7 @@ rate and length of its paper); the resolved configuration is what a run director
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from collections.abc import Collection
@@ -43,11 +44,15 @@ class TrainConfig:
         default="digits", metadata=_flag("data", "digits | mnist1d | mnist | fashion-mnist | cifar10 | folder:PATH")
     )
     data_dir: str | None = field(
-        default=None, metadata=_flag("data", "directory of the mnist / fashion-mnist / cifar10 files")
-    )
+        default=None,
+        metadata=_flag("data", "directory of the mnist / fashion-mnist / cifar10 files (default: the cache folder "
+                       "$XDG_CACHE_HOME/xent/DATA, i.e. ~/.cache/xent/DATA)"),
+    )  # fmt: skip
     download: bool = field(
-        default=False, metadata=_flag("data", "fetch missing mnist / fashion-mnist / cifar10 files into --data-dir")
-    )
+        default=False,
+        metadata=_flag("data", "fetch missing mnist / fashion-mnist / cifar10 files into --data-dir (default: the "
+                       "cache folder)"),
+    )  # fmt: skip
     val_fraction: float | None = field(
         default=None,
         metadata=_flag("data", "fraction of the training split held out for validation (default: per data set)"),
@@ -122,7 +127,12 @@ class TrainConfig:
     workers: int = field(default=0, metadata=_flag("runtime", "data-loading worker processes"))
     log_interval: int = field(default=50, metadata=_flag("runtime", "log the running loss every N batches"))
     out: str | None = field(
-        default=None, metadata=_flag("runtime", "run directory (default: a new timestamped folder under runs/)")
+        default=None,
+        metadata=_flag("runtime", "run directory (default: runs/NAME, NAME from --name or the time, data, model, "
+                       "loss, imbalance and noise)"),
+    )  # fmt: skip
+    name: str | None = field(
+        default=None, metadata=_flag("runtime", "name of the run directory under runs/ (instead of --out)")
     )
     resume: str | None = field(
         default=None, metadata=_flag("runtime", "continue the run in this directory from its last checkpoint")
@@ -298,9 +308,44 @@ def resolve(config: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{flag} {requirement}, got {value}")
     if resolved.warmup_epochs >= cast(int, resolved.epochs):
         raise ConfigError(f"--warmup-epochs {resolved.warmup_epochs} must be smaller than --epochs {resolved.epochs}")
+    if resolved.out is not None and resolved.name is not None:
+        raise ConfigError("give --out or --name, not both")
+    if resolved.name is not None and (not resolved.name or "/" in resolved.name or resolved.name in (".", "..")):
+        raise ConfigError(f"--name {resolved.name!r} must be a folder name, without '/'")
     if resolved.drw_epoch is None:
         reads_it = "drw_epoch" in LOSSES[resolved.loss].flags
         resolved.drw_epoch = max(1, int(0.8 * cast(int, resolved.epochs))) if reads_it else None
     elif not 0 <= resolved.drw_epoch < cast(int, resolved.epochs):
         raise ConfigError(f"--drw-epoch {resolved.drw_epoch} must be in [0, --epochs {resolved.epochs})")
     return resolved
+
+
+# Where a run's files are or how it reports, not what it computes: a run moved, resumed on another device or with
+# more loader processes is the same run.
+NOT_IDENTITY = ("data_dir", "download", "device", "workers", "log_interval", "out", "name", "resume", "quiet")
+
+
+def run_identity(config: TrainConfig) -> dict[str, Any]:
+    """What makes a (resolved) run itself — every field that changes what it computes — with their SHA-256 under
+    ``"sha256"``. Each checkpoint carries it: a checkpoint of another run is refused by name, before any model is
+    built from it."""
+    floats = {f.name for f in dataclasses.fields(TrainConfig) if "float" in str(f.type)}
+    fields = {key: float(value) if key in floats and isinstance(value, int) else value  # 10 and 10.0: one run
+              for key, value in config.to_dict().items() if key not in NOT_IDENTITY}  # fmt: skip
+    text = json.dumps(fields, sort_keys=True)
+    return {**fields, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+LOSS_FLAGS = tuple(dict.fromkeys(name for loss in LOSSES.values() for name in loss.flags))  # fields only losses read
+
+
+def refuse_unread_flags(loss: str, given: Collection[str]) -> None:
+    """A ConfigError for the first of the ``given`` fields that ``--loss loss`` does not read (``--gamma`` with
+    ``--loss ce``): set on the command line, it would be ignored silently. Unknown losses are left to resolve()."""
+    if loss not in LOSSES:
+        return
+    for name in LOSS_FLAGS:
+        if name in given and name not in LOSSES[loss].flags:
+            readers = ", ".join(key for key, entry in LOSSES.items() if name in entry.flags)
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} is not read by --loss {loss}; it is read by: {readers}")

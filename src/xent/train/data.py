@@ -214,6 +214,13 @@ def load_folder(path: Path) -> tuple[Split, list[str]]:
 # --- downloads --------------------------------------------------------------------------------------------------
 
 
+def cache_directory(dataset: str) -> Path:
+    """Where a data set's files are kept without --data-dir: ``$XDG_CACHE_HOME/xent/DATASET``, by default
+    ``~/.cache/xent/DATASET`` (the XDG base directory convention)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "xent" / dataset
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -305,9 +312,10 @@ def _raw(config: TrainConfig) -> tuple[Split, Split, list[str]]:
         full, names = load_folder(Path(config.data[len("folder:") :]))
         train, test = _split_off(full, FOLDER_TEST_FRACTION, _generator(0, 1))
         return train, test, names
-    if config.data_dir is None:
-        raise DataError(f"--data {kind} reads its files from --data-dir DIR; none was given ({SOURCES[kind]})")
-    directory = Path(config.data_dir)
+    directory = Path(config.data_dir) if config.data_dir is not None else cache_directory(kind)
+    if config.data_dir is None and not config.download and not directory.is_dir():
+        raise DataError(f"--data {kind} reads its files from --data-dir DIR; none was given, and {directory} does "
+                        f"not exist: pass --download to fetch them there ({SOURCES[kind]})")  # fmt: skip
     if config.download:
         download(kind, directory)
     if kind == "cifar10":

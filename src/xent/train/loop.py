@@ -1,9 +1,10 @@
 """``xent train``: the training loop, its run directory, checkpoints and exact resume.
 
 A run directory holds ``config.json`` (the resolved configuration), ``metrics.csv`` (one row per completed epoch),
-``last.pt`` and ``best.pt`` (atomic checkpoints), ``summary.json`` and ``plots/``. The best checkpoint is chosen on
-the validation split — highest accuracy, then lowest loss — never on the test set; ``summary.json`` reports the
-test metrics of that model (of the last epoch when there is no validation split).
+``last.pt`` and ``best.pt`` (atomic checkpoints that carry the run's identity), ``summary.json`` and ``plots/``, and
+``.lock``, held by the one process that writes the directory. The best checkpoint is chosen on the validation split
+— highest accuracy, then lowest loss — never on the test set; ``summary.json`` reports the test metrics of that
+model (of the last epoch when there is no validation split).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import gc
 import io
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from xent.train import checkpoint, plots
-from xent.train.config import ConfigError, TrainConfig, parse_augment, resolve
+from xent.train.config import ConfigError, TrainConfig, parse_augment, resolve, run_identity
 from xent.train.data import DataBundle, Split, as_float, load_data
 from xent.train.losses import LOSSES
-from xent.train.metrics import Metrics, MetricSet
+from xent.train.metrics import Metrics, MetricSet, labelled_bins
 from xent.train.models import build_model
 from xent.train.objective import Criterion, build_criterion
 from xent.train.runtime import (
@@ -61,6 +61,8 @@ class Run:
     config: TrainConfig
     runtime: Runtime
     directory: Path
+    identity: dict[str, Any]  # run_identity(config): what every checkpoint of this run carries
+    lock: checkpoint.Lock | None  # held by the main process for the run's life
     data: DataBundle
     model: nn.Module  # the plain module: what checkpoints hold and evaluation runs
     trainer: nn.Module  # what training calls: compiled and/or DistributedDataParallel around `model`
@@ -89,13 +91,38 @@ def _augmentation(names: list[str], input_shape: tuple[int, ...]) -> nn.Module |
     return nn.Sequential(*(layers[name] for name in names))
 
 
-def _new_directory(config: TrainConfig) -> Path:
+def default_run_name(config: TrainConfig) -> str:
+    """``20260105-101500-123456-digits-mlp-focal-imbalance100-noise0.2``: the time, then what tells runs apart."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    return Path("runs") / f"{stamp}-{config.data.replace(':', '-').replace('/', '_')}-{config.model}"
+    parts = [stamp, config.data.replace(":", "-").replace("/", "_"), str(config.model), config.loss]
+    if config.imbalance_ratio > 1:
+        parts.append(f"imbalance{config.imbalance_ratio:g}")
+    if config.label_noise > 0:
+        parts.append(f"noise{config.label_noise:g}")
+    return "-".join(parts)
+
+
+def _directory(config: TrainConfig) -> Path:
+    """The run directory of a resolved configuration: --resume, --out, runs/--name, or a new name under runs/."""
+    if config.resume is not None or config.out is not None:
+        return Path(cast(str, config.resume or config.out))
+    if config.name is not None:
+        directory = Path("runs") / config.name
+        if (directory / "config.json").is_file():
+            raise ConfigError(f"--name {config.name}: {directory} already holds a run; choose another --name, or "
+                              f"continue it with --resume {directory}")  # fmt: skip
+        return directory
+    return Path("runs") / default_run_name(config)
+
+
+# The files the trainer writes atomically, whose temporary files a killed writer may have left
+WRITTEN = (checkpoint.LAST, checkpoint.BEST, "metrics.csv", "summary.json", "config.json")
 
 
 def prepare(config: TrainConfig) -> Run:
-    """Resolve the configuration, build data, model and optimizer; on ``--resume`` restore the last checkpoint."""
+    """Resolve the configuration, lock the run directory, build data, model and optimizer; on ``--resume`` check
+    that the checkpoints are this run's and restore the last one. The caller releases ``run.lock``
+    (:func:`train` does)."""
     if config.resume is not None:
         directory = Path(config.resume)
         if not (directory / checkpoint.LAST).is_file():
@@ -109,11 +136,37 @@ def prepare(config: TrainConfig) -> Run:
         }
         config = TrainConfig.from_dict({**saved, **overrides})
     config = resolve(config)
+    directory = _directory(config)
+    identity = run_identity(config)
     runtime = setup_runtime(config)
+    held = None
+    try:
+        if config.resume is not None:
+            # before anything is read: the checkpoints are this process's to read and write from here on
+            held = checkpoint.lock(directory, f"--resume {directory}") if runtime.is_main else None
+            state = _resumable_state(directory, identity)
+        run = _build(config, runtime, directory, identity)
+        if config.resume is None and runtime.is_main:
+            flag = f"--out {config.out}" if config.out is not None else f"--name {config.name or directory.name}"
+            held = checkpoint.lock(directory, flag)  # makes the directory
+        run.lock = held
+        if runtime.is_main:
+            checkpoint.remove_stale_temporaries(directory, WRITTEN)  # a killed writer's: under the lock, no one's
+        if config.resume is not None:
+            _restore(run, state)
+        elif runtime.is_main:
+            checkpoint.write_atomic(directory / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+        return run
+    except BaseException:
+        if held is not None:
+            held.release()
+        raise
+
+
+def _build(config: TrainConfig, runtime: Runtime, directory: Path, identity: dict[str, Any]) -> Run:
     torch.manual_seed(config.seed)
     data = load_data(config)
     augment = _augmentation(parse_augment(config.augment), data.input_shape)
-    directory = Path(config.resume or config.out or _new_directory(config))
     # resolve() has set the model, the batch size and the number of epochs
     model = build_model(
         cast(str, config.model), data.input_shape, data.num_classes, cosine_scale=LOSSES[config.loss].cosine_scale
@@ -130,14 +183,8 @@ def prepare(config: TrainConfig) -> Run:
         config, optimizer, steps_per_epoch(len(data.train), cast(int, config.batch_size), runtime)
     )
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.amp and runtime.device.type == "cuda")
-    run = Run(config, runtime, directory, data, model, trainer, build_criterion(config, data),
-              optimizer, scheduler, scaler, augment, history=[])  # fmt: skip
-    if config.resume is not None:
-        _restore(run, _resumable_state(directory))
-    elif runtime.is_main:
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    return run
+    return Run(config, runtime, directory, identity, None, data, model, trainer, build_criterion(config, data),
+               optimizer, scheduler, scaler, augment, history=[])  # fmt: skip
 
 
 def _state(run: Run) -> dict[str, Any]:
@@ -154,29 +201,46 @@ def _state(run: Run) -> dict[str, Any]:
     }
 
 
-def _resumable_state(directory: Path) -> dict[str, Any]:
-    """The last checkpoint of a run directory, or a ConfigError in one line that names what is wrong and the way on
-    (the best checkpoint, or a new run); nothing in the directory is changed."""
+def _resumable_state(directory: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """The last checkpoint of a run directory, once it and the best one are known to be this run's (``identity``);
+    else a ConfigError in one line that names the file, what is wrong and the way on (the best checkpoint, or a new
+    run). Nothing in the directory is changed."""
     last, best = directory / checkpoint.LAST, directory / checkpoint.BEST
     try:
-        return checkpoint.load(last)
+        state = checkpoint.load(last, run=identity)
     except checkpoint.CheckpointError as error:
         try:
-            epoch = checkpoint.load(best)["epoch"]
+            epoch = checkpoint.load(best, run=identity)["epoch"]
             way_on = f"{best} is intact (epoch {epoch}): copy it over {last} to resume from there"
         except (checkpoint.CheckpointError, FileNotFoundError):
             way_on = "no intact checkpoint is left"
         raise ConfigError(f"--resume {directory}: {error}; {way_on}, or start over with --out NEW_DIR") from None
+    if best.is_file():  # checked now, not after training every remaining epoch: finish() reads it
+        try:
+            checkpoint.load(best, run=identity)
+        except checkpoint.CheckpointError as error:
+            raise ConfigError(f"--resume {directory}: {error}; this run's best model is not there: start over "
+                              "with --out NEW_DIR") from None  # fmt: skip
+    return state
 
 
 def _restore(run: Run, state: dict[str, Any]) -> None:
-    run.model.load_state_dict(state["model"])
+    try:  # a checkpoint written before run identities can still hold another model
+        run.model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        last = run.directory / checkpoint.LAST
+        raise ConfigError(f"--resume {run.directory}: {last} does not fit this run's model ({_first_line(error)}); "
+                          "it belongs to another run: start over with --out NEW_DIR") from None  # fmt: skip
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
     run.epoch, run.best_val = state["epoch"], tuple(state["best_val"])
     run.train_seconds, run.history = state["train_seconds"], list(state["history"])
     checkpoint.set_rng_state(state["rng"])
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
 
 
 def _autocast(run: Run) -> torch.autocast:
@@ -251,15 +315,18 @@ def _write_csv(run: Run) -> None:
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(run.history)
-    temporary = run.directory / ".metrics.csv.tmp"
-    temporary.write_text(buffer.getvalue())
-    os.replace(temporary, run.directory / "metrics.csv")
+    checkpoint.write_atomic(run.directory / "metrics.csv", buffer.getvalue())
 
 
-def _epoch_line(run: Run, row: dict[str, Any]) -> str:
+SELECTION = "best epoch: highest validation accuracy, then lowest validation loss; each new best is marked (best)"
+
+
+def _epoch_line(run: Run, row: dict[str, Any], improved: bool) -> str:
+    """The epoch's line: what selects the best epoch first (validation accuracy, then loss), then the test split."""
     parts = [f"epoch {row['epoch']:>3}/{run.config.epochs}", f"train {row['train_loss']:.4f}"]
     if row["val_loss"] is not None:
-        parts.append(f"val {row['val_loss']:.4f}")
+        parts.append(f"val acc {100 * row['val_accuracy']:.2f}%" + (" (best)" if improved else ""))
+        parts.append(f"val loss {row['val_loss']:.4f}")
     parts += [f"test {row['test_loss']:.4f}", f"acc {100 * row['test_accuracy']:.2f}%",
               f"bal {100 * row['test_balanced_accuracy']:.2f}%", f"{row['seconds']:.1f} s"]  # fmt: skip
     return "  ".join(parts)
@@ -277,6 +344,8 @@ def fit(run: Run, console: Console | None = None) -> dict[str, Any]:
     steps = steps_per_epoch(len(run.data.train), cast(int, config.batch_size), runtime)  # set by resolve()
     if runtime.is_main and run.epoch:
         console.print(f"resuming {run.directory} after epoch {run.epoch}")
+    if runtime.is_main and run.epoch < cast(int, config.epochs):
+        console.print(SELECTION if len(run.data.val) else "best epoch: the last (no validation split)")
     while run.epoch < cast(int, config.epochs):
         started = time.perf_counter()
         lr = run.optimizer.param_groups[0]["lr"]
@@ -313,17 +382,17 @@ def fit(run: Run, console: Console | None = None) -> dict[str, Any]:
         if runtime.is_main:
             state = _state(run)
             if improved:
-                checkpoint.save_atomic(state, run.directory / checkpoint.BEST)
-            checkpoint.save_atomic(state, run.directory / checkpoint.LAST)
+                checkpoint.save_atomic(state, run.directory / checkpoint.BEST, run=run.identity)
+            checkpoint.save_atomic(state, run.directory / checkpoint.LAST, run=run.identity)
             _write_csv(run)
-            console.print(_epoch_line(run, row))
+            console.print(_epoch_line(run, row, improved and score is not None))
     return finish(run, console)
 
 
 def finish(run: Run, console: Console) -> dict[str, Any]:
     """Evaluate the best checkpoint on the test split; write ``summary.json`` and the plots."""
     runtime = run.runtime
-    best = checkpoint.load(run.directory / checkpoint.BEST) if runtime.is_main else None
+    best = checkpoint.load(run.directory / checkpoint.BEST, run=run.identity) if runtime.is_main else None
     if runtime.distributed:
         payload = [best]
         torch.distributed.broadcast_object_list(payload, src=0)
@@ -336,7 +405,9 @@ def finish(run: Run, console: Console) -> dict[str, Any]:
     summary = {
         **{f"test_{key}": value for key, value in test.headline().items()},
         "test_per_class_accuracy": dict(zip(run.data.class_names, test.per_class_accuracy, strict=True)),
-        "test_reliability": test.reliability,  # per confidence bin: count, Σ confidence, Σ correct
+        "test_reliability_bins": labelled_bins(test.reliability),
+        # the same bins as [count, Σ confidence, Σ correct]: what xent compare's report reads today
+        "test_reliability": test.reliability,
         "best_epoch": best["epoch"],
         "epochs_completed": run.epoch,
         "train_seconds": run.train_seconds,
@@ -345,7 +416,7 @@ def finish(run: Run, console: Console) -> dict[str, Any]:
         "run_dir": str(run.directory),
     }
     if runtime.is_main:
-        (run.directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        checkpoint.write_atomic(run.directory / "summary.json", json.dumps(summary, indent=2) + "\n")
         plots.curves(run.history, run.directory / "plots" / "curves.png")
         plots.confusion_matrix(test.confusion_matrix, run.data.class_names, run.directory / "plots" / "confusion.png")
         plots.reliability_diagram(test.reliability, test.ece, run.directory / "plots" / "reliability.png")
@@ -387,3 +458,5 @@ def train(config: TrainConfig, console: Console | None = None) -> dict[str, Any]
         run.trainer = None  # type: ignore[assignment]  # dropped on purpose before the process group goes
         gc.collect()
         shutdown(run.runtime)
+        if run.lock is not None:
+            run.lock.release()

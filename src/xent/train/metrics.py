@@ -104,6 +104,17 @@ def per_class_recall(confusion: torch.Tensor) -> list[float | None]:
     return [c / n if n else None for c, n in zip(correct, support, strict=True)]
 
 
+def labelled_bins(reliability: list[list[float]]) -> list[dict[str, float | None]]:
+    """The reliability bins as ``{"lower", "upper", "count", "confidence", "accuracy"}``: the bin's confidence
+    interval, its number of examples, and their mean confidence and accuracy (``None`` for an empty bin)."""
+    bins: list[dict[str, float | None]] = []
+    for index, (count, confidence_sum, correct_sum) in enumerate(reliability):
+        bins.append({"lower": index / len(reliability), "upper": (index + 1) / len(reliability), "count": int(count),
+                     "confidence": confidence_sum / count if count else None,
+                     "accuracy": correct_sum / count if count else None})  # fmt: skip
+    return bins
+
+
 def expected_calibration_error(logits: torch.Tensor, target: torch.Tensor) -> float:
     """ECE of softmax(logits) with 15 bins (for temperature scaling reports)."""
     metric = MulticlassCalibrationError(logits.shape[1], n_bins=ECE_BINS, norm="l1")
