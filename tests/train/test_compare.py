@@ -4,10 +4,12 @@ summary.csv recomputed here from the run directories."""
 import csv
 import json
 import math
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -214,3 +216,262 @@ def test_a_bad_grid_is_one_line_before_any_work(arguments, message, tmp_path, ca
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert message in error, error
     assert not out.exists()  # nothing was started
+
+
+# --- a study's directory: damaged results, two processes, kill -9, read-only -------------------------------------
+
+STUDY_ARGUMENTS = ("--losses", "ce,la:tau=0.5", "--seeds", "2", "--epochs", "2", "--imbalance-ratio", "10")
+
+
+def _files(directory: Path) -> dict[str, int]:
+    return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_rerun_of_a_finished_study_only_reads(study):
+    directory, _ = study
+    before = {name: mtime for name, mtime in _files(directory).items() if name != "study.lock"}
+    result = run_xent("compare", *STUDY_ARGUMENTS, "--jobs", "2", "--out", str(directory))
+    after = {name: mtime for name, mtime in _files(directory).items() if name != "study.lock"}
+    assert after == before  # nothing rewritten: the same runs give the same results, plots and reports
+    assert "report:" in result.stdout and "Traceback" not in result.stderr
+
+
+def test_a_damaged_or_foreign_summary_is_named_and_its_cell_run_again(study, tmp_path, capsys):
+    """A truncated, empty, binary summary.json, or one copied from another cell (its run_dir is that cell's): the
+    cell is run again (from its last checkpoint) with one line naming the file — the study moved elsewhere is kept."""
+    original, _ = study
+    directory = tmp_path / "moved"
+    shutil.copytree(original, directory)
+    runs = directory / "runs"
+    text = (runs / "ce__seed0" / "summary.json").read_text()
+    (runs / "ce__seed0" / "summary.json").write_text(text[: len(text) // 2])
+    (runs / "ce__seed1" / "summary.json").write_text("{}\n")
+    (runs / "la_tau=0.5__seed0" / "summary.json").write_bytes(bytes(range(256)))
+    (runs / "la_tau=0.5__seed1" / "summary.json").write_text(text)
+    assert main(["compare", *STUDY_ARGUMENTS, "--jobs", "1", "--out", str(directory)]) == 0
+    stderr = capsys.readouterr().err
+    warnings = [line for line in stderr.splitlines() if line.strip()]
+    assert len(warnings) == 4 and all("summary.json" in line for line in warnings), stderr
+    for run in ("ce__seed0", "ce__seed1", "la_tau=0.5__seed0", "la_tau=0.5__seed1"):
+        assert any(str(runs / run / "summary.json") in line for line in warnings), (run, warnings)
+        summary = json.loads((runs / run / "summary.json").read_text())
+        assert Path(summary["run_dir"]).name == run  # the cell's own result again
+    assert any("ce__seed0" in line and "run_dir" in line for line in warnings)  # says whose summary it is
+    rows = {(r["loss"], r["seed"]): r for r in _csv(directory / "results.csv")}
+    for (loss, seed), row in rows.items():
+        summary = json.loads((runs / Path(row["run_dir"]).name / "summary.json").read_text())
+        assert float(row["accuracy"]) == pytest.approx(summary["test_accuracy"]), (loss, seed)
+    assert rows[("la:tau=0.5", "1")]["run_dir"].endswith("la_tau=0.5__seed1")
+
+
+def test_outputs_that_cannot_be_written_are_one_line_not_a_traceback(study, tmp_path, capsys):
+    """A rerun of a finished study in a directory it cannot write: the table and findings are shown, and one line
+    names what was not written (a directory in report.md's place stands for a read-only file, even for root)."""
+    original, _ = study
+    directory = tmp_path / "copy"
+    shutil.copytree(original, directory)
+    (directory / "report.md").unlink()
+    (directory / "report.md").mkdir()
+    (directory / "results.csv").write_text("stale\n")  # differs: rewritten
+    code = main(["compare", *STUDY_ARGUMENTS, "--jobs", "1", "--out", str(directory)])
+    captured = capsys.readouterr()
+    assert code == 0
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "could not write report.md in" in lines[0], lines
+    assert "balanced acc." in captured.out
+    assert (directory / "results.csv").read_text() != "stale\n"
+
+
+def _writes_read_only_files() -> bool:
+    """Whether this process may write a file without write permission (root, CAP_DAC_OVERRIDE)."""
+    with tempfile.TemporaryDirectory() as directory:
+        probe = Path(directory) / "probe"
+        probe.write_text("")
+        probe.chmod(0o444)
+        try:
+            probe.open("a").close()
+        except PermissionError:
+            return False
+        return True
+
+
+@pytest.mark.skipif(_writes_read_only_files(), reason="this process writes read-only files (root)")
+def test_a_read_only_finished_study_reruns(study, tmp_path, capsys):
+    original, _ = study
+    directory = tmp_path / "copy"
+    shutil.copytree(original, directory)
+    (directory / "summary.csv").write_text("stale\n")
+    paths = [directory, *directory.rglob("*")]
+    for path in paths:
+        path.chmod(path.stat().st_mode & ~0o222)
+    try:
+        code = main(["compare", *STUDY_ARGUMENTS, "--jobs", "1", "--out", str(directory)])
+    finally:
+        for path in paths:
+            path.chmod(path.stat().st_mode | 0o200)
+    captured = capsys.readouterr()
+    assert code == 0
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    # results.csv names each run's directory, which moved with the copy; summary.csv is stale
+    assert len(lines) == 1 and "could not write results.csv, summary.csv in" in lines[0], lines
+    assert "Permission denied" in lines[0] and "Traceback" not in captured.err
+
+
+def _children(pid: int) -> list[int]:
+    """The multiprocessing workers started by process ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+            command = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in command:  # not the resource tracker
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_one_process_per_study_and_its_workers_die_with_it(tmp_path, capsys):
+    """A second xent compare on a study in use is refused in one line naming the first; kill -9 of the first takes
+    its workers with it, and the same command then finishes the study, each epoch of each cell trained once."""
+    out = tmp_path / "study"
+    arguments = ["compare", "--losses", "ce,gce", "--seeds", "1", "--epochs", "12", "--jobs", "2", "--out", str(out)]
+    first = subprocess.Popen([sys.executable, "-m", "xent", *arguments], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list(out.glob("runs/*/config.json"))) < 2:
+            time.sleep(0.05)
+        workers = _children(first.pid)
+        assert len(workers) == 2, workers
+        assert main(arguments) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and f"pid {first.pid}" in error[0] and str(out) in error[0], error
+        assert "in use by xent compare" in error[0]
+        first.kill()  # kill -9
+        first.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in workers)  # no orphan trains a cell beside the rerun
+    finally:
+        first.kill()
+        first.wait()
+    run_xent(*arguments)
+    for run in ("ce__seed0", "gce__seed0"):
+        history = _csv(out / "runs" / run / "metrics.csv")
+        assert [int(row["epoch"]) for row in history] == list(range(1, 13))
+        assert json.loads((out / "runs" / run / "summary.json").read_text())["epochs_completed"] == 12
+        assert not list((out / "runs" / run).glob(".*.tmp"))
+
+
+# --- the report: leaders paired with each other, ties, a recommendation ------------------------------------------
+
+KEYS = ["accuracy", "balanced_accuracy", "macro_f1", "nll", "ece", "ece_after_ts", "nll_after_ts", "train_seconds"]
+
+
+def _rows(values: dict[str, list[tuple[float, float]]]) -> list[dict]:
+    """Rows of results.csv from (balanced accuracy, NLL) per seed for each loss; the other metrics follow them."""
+    rows = []
+    for loss, per_seed in values.items():
+        for seed, (accuracy, nll) in enumerate(per_seed):
+            row = {"loss": loss, "seed": seed, **dict.fromkeys(KEYS, 0.1), "run_dir": f"runs/{loss}__seed{seed}"}
+            row |= {"accuracy": accuracy, "balanced_accuracy": accuracy, "macro_f1": accuracy, "nll": nll,
+                    "train_seconds": {"ce": 1.0}.get(loss, 5.0 + seed)}  # fmt: skip
+            rows.append(row)
+    return rows
+
+
+# the long-tail study of the issue: cb and la tied on balanced accuracy, la with the clearly better NLL, balanced
+# softmax identical to la (τ = 1), cross-entropy behind and the fastest to train
+LONG_TAIL = {
+    "ce": [(0.70, 0.98), (0.73, 0.95), (0.72, 1.00)],
+    "cb": [(0.80, 0.95), (0.77, 0.85), (0.822, 1.05)],
+    "la": [(0.79, 0.68), (0.78, 0.60), (0.812, 0.75)],
+    "balanced-softmax": [(0.79, 0.68), (0.78, 0.60), (0.812, 0.75)],
+}
+
+
+def _findings(tmp_path: Path, values: dict[str, list[tuple[float, float]]]) -> tuple[list[str], list[str]]:
+    from xent.train.report import _markdown_table, findings
+
+    seeds = len(next(iter(values.values())))
+    grid = build_grid(tmp_path / "s", losses=list(values), seeds=seeds, settings=TINY)
+    rows = _rows(values)
+    summary = aggregate(rows, None)
+    return findings(grid, summary, rows), _markdown_table(grid, summary)
+
+
+def test_the_report_pairs_the_leaders_calls_a_tie_and_recommends_on_calibration_too(tmp_path):
+    sentences, table = _findings(tmp_path, LONG_TAIL)
+    text = "\n".join(sentences)
+    leader = next(s for s in sentences if s.startswith("Top on balanced acc."))
+    assert "tie" in leader and "cb" in leader and "la" in leader, leader  # cb − la paired over seeds: within noise
+    ranking = next(s for s in sentences if s.startswith("Ranking"))
+    assert "cb > la" not in ranking and "cb ≈ la" in ranking and "la = balanced-softmax" in ranking, ranking
+    recommendation = sentences[-1]
+    assert recommendation.startswith("Recommendation: la"), recommendation  # tied on the metric, better NLL
+    assert "NLL" in recommendation
+    identical = next(s for s in sentences if "identical" in s)
+    assert "balanced-softmax" in identical and "τ = 1" in identical, identical
+    assert "train s" not in text and "fastest" not in text
+    assert all("**" not in line.split("|")[-2] for line in table[2:])  # training seconds: no best to crown
+
+
+def test_a_clear_leader_is_recommended_and_two_seeds_are_no_standard_deviation(tmp_path):
+    values = {"ce": [(0.70, 0.9), (0.72, 0.9)], "la": [(0.80, 0.7), (0.81, 0.7)], "focal": [(0.71, 0.8), (0.75, 0.8)]}
+    sentences, _ = _findings(tmp_path, values)
+    text = "\n".join(sentences)
+    assert "standard deviation" not in text and "std" not in text and "one std" not in text, text
+    leader = next(s for s in sentences if s.startswith("Top on balanced acc."))
+    assert leader.startswith("Top on balanced acc.: la") and "tie" not in leader, leader
+    assert "2 seeds" in leader  # too few to judge by a spread: says so
+    assert sentences[-1].startswith("Recommendation: la"), sentences[-1]
+    one_seed, _ = _findings(tmp_path, {loss: per_seed[:1] for loss, per_seed in LONG_TAIL.items()})
+    assert "standard deviation of the per-seed" not in "\n".join(one_seed)
+
+
+def _captured_figures(monkeypatch):
+    from xent.train import report
+
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda plt, figure, path: figures.append(figure))
+    return figures
+
+
+def test_the_plots_show_the_differences_and_every_loss(tmp_path, monkeypatch):
+    from xent.train.report import plot_metrics, plot_per_class
+
+    figures = _captured_figures(monkeypatch)
+    summary = aggregate(_rows(LONG_TAIL), None)
+    plot_metrics(summary, None, tmp_path / "metrics.png")
+    for axis in figures[0].axes:
+        bottom, top = axis.get_ylim()
+        values = [line for line in axis.get_lines() if len(line.get_ydata())]
+        assert bottom > 0, axis.get_title()  # the axis spans the values, not 0 to the values
+        assert values and top > bottom
+    rows = []
+    counts = [100, 40, 40, 40, 10, 10, 2]  # classes with equal training counts
+    for loss in ("la", "balanced-softmax"):  # identical results: neither may hide the other
+        for seed in (0, 1):
+            run = tmp_path / f"{loss}__seed{seed}"
+            run.mkdir()
+            accuracy = {str(c): round(0.9 - 0.1 * c + 0.05 * seed, 2) for c in range(len(counts))}
+            (run / "summary.json").write_text(json.dumps({"class_counts": counts, "test_per_class_accuracy": accuracy}))
+            rows.append({"loss": loss, "seed": seed, "run_dir": str(run)})
+    plot_per_class(rows, None, tmp_path / "per_class.png")
+    lines = [line for line in figures[1].axes[0].get_lines() if line.get_label() in ("la", "balanced-softmax")]
+    assert len(lines) == 2
+    for line in lines:
+        x = list(line.get_xdata())
+        assert x == sorted(x) and len(set(x)) == len(x) == 4, x  # one point per count: no vertical zig-zag
+    (a, b) = lines
+    assert list(a.get_xdata()) != list(b.get_xdata()) or a.get_marker() != b.get_marker()

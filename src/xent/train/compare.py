@@ -5,7 +5,13 @@ A study directory holds ``study.json`` (the grid), ``runs/CELL/`` (a run directo
 ``calibration.json``: test NLL and ECE before and after temperature scaling fitted on the validation split),
 ``results.csv`` (one row per cell), ``summary.csv`` (mean and standard deviation over seeds), ``plots/`` and
 ``report.html``/``report.md``. Everything after training is recomputed from the run directories, so an interrupted
-study resumes where it stopped: finished cells are kept, a cell killed mid-run continues from its last checkpoint.
+study resumes where it stopped: finished cells are kept, a cell killed mid-run continues from its last checkpoint, and
+a cell whose ``summary.json`` or ``calibration.json`` is damaged (or copied from another cell) is run again.
+
+One process at a time uses a study directory: it holds an exclusive lock on ``study.lock`` (``flock``, released by the
+kernel when the process ends, even by ``kill -9``), and its training processes die with it. Every file the study
+writes goes through a temporary file of its own, renamed into place, and only when its content changed: a rerun of a
+finished study reads and does not write.
 """
 
 from __future__ import annotations
@@ -19,9 +25,15 @@ import os
 import re
 import shutil
 import signal
+import socket
 import statistics
+import sys
+import tempfile
+import threading
+import time
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -40,8 +52,14 @@ METRICS: list[tuple[str, str, bool, bool]] = [
     ("ece_after_ts", "ECE after TS", False, False),
     ("train_seconds", "train s", False, False),
 ]
+UNRANKED = frozenset({"train_seconds"})  # a cost shown beside the results, never a result to crown
 VARYING = {"imbalance_ratio": "--imbalance-ratios", "label_noise": "--label-noises"}
 DIVERGED = "diverged.json"  # a cell whose loss became NaN or infinite: a result (NaN metrics), not a crash
+LOCK = "study.lock"
+# What read_row and the plots read of a run's summary.json and of calibration.json
+SUMMARY_NUMBERS = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_nll", "test_ece", "train_seconds")
+SUMMARY_KEYS = (*SUMMARY_NUMBERS, "run_dir", "class_counts", "test_per_class_accuracy", "test_reliability")
+CALIBRATION_NUMBERS = ("temperature", "nll_before", "nll_after", "ece_before", "ece_after")
 
 
 @dataclass(frozen=True)
@@ -217,12 +235,146 @@ def build_grid(
     return grid
 
 
+# --- the study directory: one process, files written whole ---------------------------------------------------
+
+
+class StudyInUse(ConfigError):
+    """Another process holds the study directory's lock."""
+
+
+_HELD: set[Path] = set()  # the study directories this process has locked (the lock is taken once per process)
+
+
+@contextmanager
+def lock_study(directory: Path) -> Iterator[None]:
+    """Hold the study directory for this process: an exclusive ``flock`` on ``study.lock``, which names the holder
+    (pid, host, start, command) so that a second process is refused in one line that says who holds it. The kernel
+    releases the lock when the process ends, however it ends: a ``kill -9`` leaves no stale lock. In a read-only
+    study the lock is taken without naming the holder; where not even the lock file can be opened, nothing can be
+    written by this process either, and it goes on unlocked."""
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    key = directory.resolve()
+    if key in _HELD:
+        yield
+        return
+    path = directory / LOCK
+    writable = True
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:
+        writable = False
+        try:
+            descriptor = os.open(path, os.O_RDONLY)
+        except OSError:
+            yield
+            return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(descriptor, 4096, 0).decode(errors="replace").strip() or "another process"
+        os.close(descriptor)
+        raise StudyInUse(
+            f"study directory {directory} is in use by {holder}; wait for it to finish or stop it"
+        ) from None
+    try:
+        if writable:
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, (_holder() + "\n").encode(), 0)
+        _HELD.add(key)
+        yield
+    finally:
+        _HELD.discard(key)
+        os.close(descriptor)  # releases the lock
+
+
+def _holder() -> str:
+    command = " ".join(["xent", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("xent", "__main__.py") else ""
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    return (
+        f"xent compare (pid {os.getpid()} on {socket.gethostname()}, started {started}{': ' if command else ''}"
+        f"{command})"
+    )
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """``data`` to a temporary file of this writer's own in ``path``'s directory, then renamed over ``path``: a
+    reader, or a rerun after ``kill -9``, finds the old file or the new one, never half of one."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(data)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+    except OSError as error:  # named after the file the user knows, not its temporary
+        raise type(error)(error.errno, error.strerror, str(path)) from None
+
+
+def write_if_changed(path: Path, data: bytes) -> bool:
+    """:func:`write_atomic` where ``path`` does not already hold ``data``; returns whether it wrote."""
+    try:
+        if path.read_bytes() == data:
+            return False
+    except OSError:
+        pass
+    write_atomic(path, data)
+    return True
+
+
+def _json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, indent=2) + "\n").encode()
+
+
 # --- running --------------------------------------------------------------------------------------------------
+
+
+def damage(cell: Cell) -> tuple[Path, str] | None:
+    """Which file of a cell that looks finished cannot be its result, and why (a sentence naming it), or None.
+    ``summary.json`` must be the trainer's, with every number the study reads, and its ``run_dir`` must be this
+    cell's directory by name — a study directory moved elsewhere keeps its cells, a file copied from another cell
+    is not this cell's result."""
+    if (cell.directory / DIVERGED).is_file() or not (cell.directory / "summary.json").is_file():
+        return None
+    path = cell.directory / "summary.json"
+    summary, problem = _read_json(path, SUMMARY_KEYS, SUMMARY_NUMBERS)
+    if problem:
+        return path, problem
+    run_dir = str(summary["run_dir"])
+    if Path(run_dir).name != cell.directory.name:
+        return path, f"{path} is the summary of {run_dir} (its run_dir), not of this cell"
+    calibration = cell.directory / "calibration.json"
+    if calibration.is_file():
+        problem = _read_json(calibration, CALIBRATION_NUMBERS, CALIBRATION_NUMBERS)[1]
+        return (calibration, problem) if problem else None
+    return None
+
+
+def _read_json(path: Path, keys: Sequence[str], numbers: Sequence[str]) -> tuple[dict[str, Any], str | None]:
+    try:
+        value = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        return {}, f"{path} is damaged (not text)"
+    except json.JSONDecodeError as error:
+        return {}, f"{path} is damaged (not JSON: {error.msg}, line {error.lineno} column {error.colno})"
+    if not isinstance(value, dict):
+        return {}, f"{path} is damaged (not a JSON object)"
+    missing = [key for key in keys if key not in value]
+    if missing:
+        return {}, f"{path} is damaged (no {', '.join(missing)})"
+    wrong = [key for key in numbers if isinstance(value[key], bool) or not isinstance(value[key], (int, float))]
+    if wrong:
+        return {}, f"{path} is damaged ({', '.join(wrong)} not a number)"
+    return value, None
 
 
 def cell_finished(cell: Cell) -> bool:
     done = (cell.directory / "summary.json").is_file() and (cell.directory / "calibration.json").is_file()
-    return done or (cell.directory / DIVERGED).is_file()
+    return (done and damage(cell) is None) or (cell.directory / DIVERGED).is_file()
 
 
 def run_cell(cell: Cell, settings: dict[str, Any], threads: int | None = None) -> dict[str, Any]:
@@ -240,7 +392,7 @@ def run_cell(cell: Cell, settings: dict[str, Any], threads: int | None = None) -
     if not (cell.directory / "summary.json").is_file():
         config = cell.config(settings)
         if (cell.directory / LAST).is_file():
-            for stale in cell.directory.glob(".*.tmp"):  # a checkpoint being written when the cell was killed
+            for stale in cell.directory.glob(".*.tmp"):  # left by a writer killed mid-write (one study at a time)
                 stale.unlink()
             config = dataclasses.replace(config, resume=str(cell.directory), out=None)
         elif cell.directory.exists():  # started but no epoch finished: nothing to keep
@@ -248,49 +400,92 @@ def run_cell(cell: Cell, settings: dict[str, Any], threads: int | None = None) -
         try:
             train(config, Console(file=io.StringIO()))
         except TrainingDiverged as error:
-            (cell.directory / DIVERGED).write_text(json.dumps({"error": str(error)}) + "\n")
+            write_atomic(cell.directory / DIVERGED, _json_bytes({"error": str(error)}))
             return read_row(cell)
-    if not (cell.directory / "calibration.json").is_file():
+    calibration = cell.directory / "calibration.json"
+    if not calibration.is_file():
         scaled = evaluate_run(cell.directory, temperature_scale=True)
-        calibration = {
-            key: scaled[key] for key in ("temperature", "nll_before", "nll_after", "ece_before", "ece_after")
-        }
-        (cell.directory / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
+        if not calibration.is_file():  # an evaluate_run that does not save what it fitted
+            write_atomic(calibration, _json_bytes({key: scaled[key] for key in CALIBRATION_NUMBERS}))
     return read_row(cell)
 
 
+def _warn(message: str) -> None:
+    print(f"xent compare: {message}", file=sys.stderr)
+
+
 def run_grid(
-    grid: Grid, *, jobs: int = 1, on_done: Callable[[Cell, dict[str, Any]], None] | None = None
+    grid: Grid,
+    *,
+    jobs: int = 1,
+    on_done: Callable[[Cell, dict[str, Any]], None] | None = None,
+    warn: Callable[[str], None] = _warn,
 ) -> list[dict[str, Any]]:
-    """Every cell not yet finished, ``jobs`` at a time (one process each when ``jobs > 1``); returns all rows."""
-    grid.directory.mkdir(parents=True, exist_ok=True)
-    _write_study(grid)
-    cells = grid.cells()
-    todo = [cell for cell in cells if not cell_finished(cell)]
-    for cell in cells:
-        if cell not in todo and on_done is not None:
-            on_done(cell, read_row(cell))
-    if jobs <= 1:
-        for cell in todo:
-            row = run_cell(cell, grid.settings)
-            if on_done is not None:
-                on_done(cell, row)
-    else:
-        # A fresh process per cell; the workers ignore Ctrl-C and the parent terminates them, so an interrupted
-        # study stops at once and each killed cell resumes from its last (atomically written) checkpoint.
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        pool = get_context("spawn").Pool(jobs, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN),
-                                         maxtasksperchild=1)  # fmt: skip
-        try:
-            tasks = [(index, cell, grid.settings, threads) for index, cell in enumerate(todo)]
-            for index, row in pool.imap_unordered(_run_task, tasks):
+    """Every cell not yet finished, ``jobs`` at a time (one process each when ``jobs > 1``); returns all rows.
+
+    The study directory is locked for the call (:func:`lock_study`). A finished cell whose files are damaged or
+    another cell's is run again, after a one-line ``warn`` naming the file."""
+    with lock_study(grid.directory):
+        _write_study(grid)
+        cells = grid.cells()
+        for cell in cells:
+            damaged = damage(cell)
+            if damaged is not None:
+                path, problem = damaged
+                again = (
+                    "its temperature is fitted again"
+                    if path.name == "calibration.json"
+                    else "the cell is run again (from its last checkpoint)"
+                )
+                warn(f"{problem}; removed, {again}")
+                path.unlink()
+        todo = [cell for cell in cells if not cell_finished(cell)]
+        for cell in cells:
+            if cell not in todo and on_done is not None:
+                on_done(cell, read_row(cell))
+        if jobs <= 1:
+            for cell in todo:
+                row = run_cell(cell, grid.settings)
                 if on_done is not None:
-                    on_done(todo[index], row)
-            pool.close()
-        finally:
-            pool.terminate()
-            pool.join()
-    return [read_row(cell) for cell in cells]
+                    on_done(cell, row)
+        else:
+            _run_in_processes(todo, grid.settings, jobs, on_done)
+        return [read_row(cell) for cell in cells]
+
+
+def _run_in_processes(
+    todo: list[Cell], settings: dict[str, Any], jobs: int, on_done: Callable[[Cell, dict[str, Any]], None] | None
+) -> None:
+    # A fresh process per cell; the workers ignore Ctrl-C and the parent terminates them, so an interrupted study
+    # stops at once and each killed cell resumes from its last (atomically written) checkpoint. A parent killed
+    # outright (kill -9) takes its workers with it (_start_worker): none trains on beside a rerun.
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    pool = get_context("spawn").Pool(jobs, initializer=_start_worker, initargs=(os.getpid(),), maxtasksperchild=1)
+    try:
+        tasks = [(index, cell, settings, threads) for index, cell in enumerate(todo)]
+        for index, row in pool.imap_unordered(_run_task, tasks):
+            if on_done is not None:
+                on_done(todo[index], row)
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _start_worker(parent: int) -> None:
+    """A worker ignores Ctrl-C (its parent stops it) and dies with its parent: a thread of its own sees the parent
+    gone (the worker is handed to another process) within a fraction of a second and kills the worker at once.
+    Not ``prctl(PR_SET_PDEATHSIG)``: it fires when the *thread* that started the worker ends, and the pool starts
+    replacement workers from a thread that ends before the pool does — killing idle workers that hold the pool's
+    queue lock, after which the pool never finishes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_watch_parent, args=(parent,), name="xent-watch-parent", daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:  # also true at once if the parent died before this thread started
+        time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGKILL)  # no cleanup: nothing of this worker's may outlive its study's lock
 
 
 def _run_task(task: tuple[int, Cell, dict[str, Any], int]) -> tuple[int, dict[str, Any]]:
@@ -314,7 +509,7 @@ def _write_study(grid: Grid) -> None:
                 "it with the flags it was started with (see its study.json), or choose another --out"
             )
     else:
-        path.write_text(json.dumps(grid.to_json(), indent=2) + "\n")
+        write_atomic(path, _json_bytes(grid.to_json()))
 
 
 # --- aggregation ----------------------------------------------------------------------------------------------
@@ -373,12 +568,14 @@ def aggregate(rows: Sequence[dict[str, Any]], varying: str | None) -> list[dict[
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path, study: str) -> None:
+    """``rows`` as CSV with a ``study`` column first, written only if that changes ``path``."""
     columns = ["study", *dict.fromkeys(key for row in rows for key in row)]
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({"study": study, **row})
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({"study": study, **row})
+    write_if_changed(path, buffer.getvalue().encode())
 
 
 def best(summary: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:
