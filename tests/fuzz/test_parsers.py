@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from xent.train import checkpoint, data
-from xent.train.config import ConfigError, TrainConfig
+from xent.train.config import ConfigError, TrainConfig, run_identity
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -159,7 +159,7 @@ def _training_state(seed: int) -> dict:
 def saved_checkpoint(workdir):
     state = _training_state(seed=0)
     path = workdir / "saved.pt"
-    checkpoint.save_atomic(state, path)
+    checkpoint.save_atomic(state, path, run=run_identity(TrainConfig()))
     return state, path.read_bytes()
 
 
