@@ -31,6 +31,7 @@ from xent.core.autocast import autocast_off
 from xent.core.reduce import accumulation_dtype, safe_divide
 from xent.core.reference import reference_cross_entropy
 from xent.core.rowloss import SoftmaxOptions, mean_denominator
+from xent.kernels.threads import for_each_block
 from xent.kernels.triton import triton_installed
 
 # Rows per block are chosen so that one float32 block is about this size. On the CPU ~8 passes run over a block while
@@ -77,9 +78,11 @@ def loss_and_grad_(
     dtype = accumulation_dtype(logits.dtype)
     block_rows = block_rows or rows_per_block(num_classes, logits.device)
     rows = _RowTerms(logits, target, options, grad_scale.to(dtype))
-    for start in range(0, num_rows, block_rows):
-        block = slice(start, min(start + block_rows, num_rows))
+
+    def block_(block: slice) -> None:
         rows.block_(logits[block], None if grad is None else grad[block], block)
+
+    for_each_block(num_rows, block_rows, block_, logits.device)  # threads share the blocks out: see kernels.threads
     return rows.losses()
 
 

@@ -23,7 +23,7 @@ one logits chunk, a block of float32 rows, and ``dW``/``db`` in float32 for half
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -31,6 +31,7 @@ import torch
 from xent.core.reduce import accumulation_dtype
 from xent.kernels import chunked
 from xent.kernels.linear import ChunkLoss, _cast_grads, _fused_pass, _new_grads, default_chunk_size
+from xent.kernels.threads import for_each_block
 
 SECOND_ORDER_MESSAGE = (
     "linear_log_probs recomputes its gradient chunk by chunk without a graph and cannot differentiate it again; "
@@ -40,10 +41,10 @@ SECOND_ORDER_MESSAGE = (
 )
 
 
-def _row_blocks(num_rows: int, vocab_size: int, device: torch.device) -> Iterator[slice]:
-    step = chunked.rows_per_block(vocab_size, device)
-    for start in range(0, num_rows, step):
-        yield slice(start, min(start + step, num_rows))
+def _for_each_row_block(logits: torch.Tensor, block_: Callable[[slice], None]) -> None:
+    """``block_(rows)`` for each cache-sized block of a chunk's rows, shared out over threads on the CPU."""
+    num_rows, vocab_size = logits.shape
+    for_each_block(num_rows, chunked.rows_per_block(vocab_size, logits.device), block_, logits.device)
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -124,11 +125,14 @@ def _forward_chunk_loss(
 
     def chunk_loss(logits: torch.Tensor, rows: slice, grad_scale: torch.Tensor, needs_grad: bool) -> torch.Tensor:
         log_probs = torch.empty(logits.shape[0], dtype=lse.dtype, device=logits.device)
-        for block in _row_blocks(logits.shape[0], logits.shape[1], logits.device):
+
+        def block_(block: slice) -> None:
             token = slice(rows.start + block.start, rows.start + block.stop)
             log_probs[block], entropy[token], lse[token] = forward_block_(
                 logits[block], target[token], temperature, ignore_index
             )
+
+        _for_each_row_block(logits, block_)
         return log_probs
 
     return chunk_loss
@@ -149,7 +153,7 @@ def _backward_chunk_loss(
         return None if tensor is None else tensor[token]
 
     def chunk_loss(logits: torch.Tensor, rows: slice, grad_scale: torch.Tensor, needs_grad: bool) -> torch.Tensor:
-        for block in _row_blocks(logits.shape[0], logits.shape[1], logits.device):
+        def block_(block: slice) -> None:
             token = slice(rows.start + block.start, rows.start + block.stop)
             backward_block_(
                 logits[block],
@@ -161,6 +165,8 @@ def _backward_chunk_loss(
                 rows_of(grad_log_probs, token),
                 rows_of(grad_entropy, token),
             )
+
+        _for_each_row_block(logits, block_)
         return grad_scale  # placeholder per-token values: the backward pass keeps none
 
     return chunk_loss
