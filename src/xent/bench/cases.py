@@ -66,6 +66,29 @@ class Prepared:
     reset: Callable[[], None]
 
 
+# Why an implementation did not run, by kind: the table folds its rows into one line, a kind each.
+NOT_INSTALLED, NEEDS_CUDA, NOT_IN_THIS_TORCH, NOT_APPLICABLE, FAILED = (
+    "not installed",
+    "needs CUDA",
+    "not in this torch",
+    "not applicable",
+    "failed",
+)
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """Why an implementation did not run (``Measurement.skipped``): its ``kind`` — ``"not installed"``,
+    ``"needs CUDA"``, ``"not in this torch"``, ``"not applicable"`` or ``"failed"`` — and the ``detail`` a user
+    needs (the missing package, the loss it lacks, the error it raised; may be empty)."""
+
+    kind: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.detail}" if self.detail else self.kind
+
+
 @dataclass(frozen=True)
 class Implementation:
     name: str
@@ -73,7 +96,7 @@ class Implementation:
     prepare: Callable[[Problem], Prepared]
     is_floor: bool = False
     compiles: bool = False
-    needs: Callable[[Problem], str | None] = lambda problem: None  # why it cannot run, or None
+    needs: Callable[[Problem], Unavailable | None] = lambda problem: None  # why it cannot run, or None
 
 
 def loss_options(problem: Problem) -> dict[str, Any]:
@@ -332,44 +355,48 @@ def _distill_floor(problem: Problem) -> Prepared:
 
 
 def _cross_entropy_only(
-    needs: Callable[[Problem], str | None] = lambda problem: None,
-) -> Callable[[Problem], str | None]:
+    needs: Callable[[Problem], Unavailable | None] = lambda problem: None,
+) -> Callable[[Problem], Unavailable | None]:
     """A baseline that has plain cross-entropy only (PyTorch's, Liger's, CCE's)."""
 
-    def needs_cross_entropy(problem: Problem) -> str | None:
+    def needs_cross_entropy(problem: Problem) -> Unavailable | None:
         if problem.loss != "cross_entropy":
-            return f"has no {problem.loss}: see xent-reference and reference-compile"
+            return Unavailable(NOT_APPLICABLE, f"has no {problem.loss}: see xent-reference and reference-compile")
         return needs(problem)
 
     return needs_cross_entropy
 
 
-def _inplace_option(problem: Problem) -> str | None:
-    return None if problem.loss == "cross_entropy" else "inplace_backward is an option of cross_entropy only"
+def _inplace_option(problem: Problem) -> Unavailable | None:
+    if problem.loss == "cross_entropy":
+        return None
+    return Unavailable(NOT_APPLICABLE, "inplace_backward is an option of cross_entropy only")
 
 
-def _family_only(problem: Problem) -> str | None:
-    return "torch-eager and torch-compile are this loss's baselines" if problem.loss == "cross_entropy" else None
+def _family_only(problem: Problem) -> Unavailable | None:
+    if problem.loss != "cross_entropy":
+        return None
+    return Unavailable(NOT_APPLICABLE, "torch-eager and torch-compile are this loss's baselines")
 
 
-def _needs_package(module: str, *, cuda: bool = True) -> Callable[[Problem], str | None]:
-    def needs(problem: Problem) -> str | None:
+def _needs_package(module: str, *, cuda: bool = True) -> Callable[[Problem], Unavailable | None]:
+    def needs(problem: Problem) -> Unavailable | None:
         if importlib.util.find_spec(module) is None:
-            return f"{module} is not installed"
+            return Unavailable(NOT_INSTALLED, module)
         if cuda and problem.device != "cuda":
-            return f"{module} runs on CUDA only"
+            return Unavailable(NEEDS_CUDA)
         return None
 
     return needs
 
 
-def _needs_cuda(problem: Problem) -> str | None:
-    return None if problem.device == "cuda" else "a GPU-only comparison (on the CPU, xent is the chunked kernel)"
+def _needs_cuda(problem: Problem) -> Unavailable | None:
+    return None if problem.device == "cuda" else Unavailable(NEEDS_CUDA, "on the CPU, xent is the chunked kernel")
 
 
-def _needs_torch_linear_cross_entropy(problem: Problem) -> str | None:
+def _needs_torch_linear_cross_entropy(problem: Problem) -> Unavailable | None:
     if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
-        return f"torch {torch.__version__} has no F.linear_cross_entropy"
+        return Unavailable(NOT_IN_THIS_TORCH, f"torch {torch.__version__} has no F.linear_cross_entropy")
     return None
 
 

@@ -1,4 +1,5 @@
-"""The bench's outputs: a rich table, a CSV file and a plot of time and memory against the vocabulary size."""
+"""The bench's outputs: a rich table with its verdict, a CSV file and a plot of time and memory against the
+vocabulary size."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
+from xent.bench.cases import FAILED, Unavailable
 from xent.bench.runner import Measurement
 
 if TYPE_CHECKING:
@@ -58,14 +60,113 @@ def _fmt(value: float | None, pattern: str) -> str:
     return "—" if value is None else format(value, pattern)
 
 
+def _ms(seconds: float) -> str:
+    milliseconds = seconds * 1e3
+    return format(milliseconds, ".0f" if milliseconds >= 100 else ".1f" if milliseconds >= 10 else ".2f")
+
+
+def _mb(size: float) -> str:
+    return format(size / MB, ".0f" if size >= 10 * MB else ".1f")
+
+
+def _ranked(measurements: Sequence[Measurement]) -> list[Measurement]:
+    """The implementations that ran (the floor is not one), fastest first."""
+    return sorted((m for m in measurements if m.time_s is not None and not m.is_floor), key=lambda m: m.time_s or 0)
+
+
+def _fastest(ranked: list[Measurement]) -> str:
+    best = ranked[0]
+    if len(ranked) == 1:
+        return f"fastest: {best.name}, the only implementation that ran ({_ms(cast(float, best.time_s))} ms)"
+    second = ranked[1]
+    best_time, second_time = cast(float, best.time_s), cast(float, second.time_s)
+    if max(best.times_s) >= min(second.times_s):  # a run of the runner-up was as fast as one of the winner's
+        return (
+            f"fastest: {best.name} and {second.name} cannot be told apart — their runs overlap "
+            f"({_ms(min(best.times_s))}–{_ms(max(best.times_s))} and {_ms(min(second.times_s))}–"
+            f"{_ms(max(second.times_s))} ms; a larger --repeat may separate them)"
+        )
+    return (
+        f"fastest: {best.name}, {best_time / second_time:.2f}× the time of the runner-up {second.name} "
+        f"({_ms(best_time)} against {_ms(second_time)} ms)"
+    )
+
+
+# Resident memory moves by pages and allocator arenas: peaks closer than this are the same peak.
+MEMORY_TIE_BYTES = MB
+
+
+def _leanest(ranked: list[Measurement]) -> str:
+    by_peak = sorted((m for m in ranked if m.peak is not None), key=lambda m: m.peak or 0)
+    if not by_peak:
+        return "leanest: not measured (no peak memory on this machine)"
+    best = by_peak[0]
+    peak = cast(int, best.peak)
+    gradient = f"{peak / best.problem.floor_bytes():.2f}× the gradient it must return"
+    if len(by_peak) == 1:
+        return f"leanest: {best.name}, the only one measured ({_mb(peak)} MB above its inputs, {gradient})"
+    second = by_peak[1]
+    second_peak = cast(int, second.peak)
+    if second_peak - peak <= MEMORY_TIE_BYTES:
+        peaks = _mb(peak) if _mb(peak) == _mb(second_peak) else f"{_mb(peak)}–{_mb(second_peak)}"
+        return f"leanest: {best.name} and {second.name} tie at {peaks} MB ({gradient})"
+    return (
+        f"leanest: {best.name}, {_mb(peak)} MB above its inputs, {gradient} and {peak / second_peak:.2f}× the "
+        f"peak of the runner-up {second.name} ({_mb(second_peak)} MB)"
+    )
+
+
+def verdict(measurements: Sequence[Measurement]) -> str:
+    """One line: what won on time and on memory, by how much over the runner-up, or that the runs cannot tell the
+    first two apart; computed from the measured rows (not the floor's)."""
+    ranked = _ranked(measurements)
+    if not ranked:
+        return "verdict: no implementation ran"
+    return f"verdict — {_fastest(ranked)}; {_leanest(ranked)}. Ratios below 1 are better."
+
+
+def not_run(measurements: Sequence[Measurement]) -> str | None:
+    """The implementations that did not run, in one line grouped by why: ``not run — not installed: liger
+    (liger_kernel); needs CUDA: xent-chunked (…)``; None when all ran."""
+    by_kind: dict[str, dict[str, list[str]]] = {}  # kind -> detail -> names
+    for m in measurements:
+        if m.time_s is None:
+            reason = m.skipped or Unavailable(FAILED, "no result")
+            by_kind.setdefault(reason.kind, {}).setdefault(reason.detail, []).append(m.name)
+    if not by_kind:
+        return None
+    kinds = (
+        f"{kind}: "
+        + "; ".join(", ".join(names) + (f" ({detail})" if detail else "") for detail, names in details.items())
+        for kind, details in by_kind.items()
+    )
+    return "not run — " + " · ".join(kinds)
+
+
+def _with_spinners(count: int) -> str:
+    return f"with {count} spinning process{'es' if count > 1 else ''}"
+
+
+def _title(measurements: Sequence[Measurement]) -> str:
+    problem = measurements[0].problem
+    shape = f"N={problem.n}, V={problem.v}" + (f", D={problem.d}" if problem.operation == "linear-ce" else "")
+    title = f"xent bench {problem.operation} — {shape}, {problem.dtype}, {problem.device}"
+    rounds = max(len(m.times_s) for m in measurements)
+    if rounds:
+        title += f"; medians of {rounds} interleaved runs (--repeat {rounds})"
+    if measurements[0].spinning:
+        title += f"; {_with_spinners(measurements[0].spinning)}"
+    return title
+
+
 def print_table(measurements: Sequence[Measurement], console: Console | None = None) -> None:
+    """The table of the implementations that ran, the line of those that did not, what the columns mean, the verdict
+    and the warnings."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
-    problem = measurements[0].problem
-    shape = f"N={problem.n}, V={problem.v}" + (f", D={problem.d}" if problem.operation == "linear-ce" else "")
-    table = Table(title=f"xent bench {problem.operation} — {shape}, {problem.dtype}, {problem.device}")
+    table = Table(title=_title(measurements))
     for column in (
         "implementation",
         "median ms",
@@ -80,9 +181,8 @@ def print_table(measurements: Sequence[Measurement], console: Console | None = N
         table.add_column(column, justify="left" if column == "implementation" else "right")
     table_ratios = ratios(measurements)
     for m in measurements:
-        if m.skipped or m.time_s is None:
-            table.add_row(m.name, "—", m.skipped or "no result", "", "", "", "", "", "", style="dim")
-            continue
+        if m.time_s is None:
+            continue  # folded into the line under the table
         r = table_ratios[m.name]
         table.add_row(
             m.name + (" (floor)" if m.is_floor else ""),
@@ -97,17 +197,27 @@ def print_table(measurements: Sequence[Measurement], console: Console | None = N
             style="bold" if m.name.startswith("xent") else None,
         )
     console.print(table)
+    folded = not_run(measurements)
+    if folded:
+        console.print(folded, style="dim", markup=False, highlight=False)
     console.print(
         "peak MB: resident (CPU) or allocated (CUDA) memory above the inputs during one forward + backward; "
-        "MB over grad: peak minus the gradients the step must return (the memory floor). Medians of interleaved runs; "
-        "spread: (max − min) / median of the runs."
+        "MB over grad: peak minus the gradients the step must return (the memory floor). × best other: time over the "
+        "fastest implementation of another library (xent's rows against torch, Liger and CCE) — below 1, faster than "
+        "all of them; × floor: time over the least work any implementation must do (1 = as fast as the floor). "
+        "Medians of interleaved runs; spread: (max − min) / median of the runs.",
+        markup=False,
     )
+    console.print(verdict(measurements), style="bold", markup=False, highlight=False)
     unsteady = noisy(measurements)
     if unsteady:
+        spinners = measurements[0].spinning
+        cause = f"{_with_spinners(spinners)} beside them" if spinners else "the machine was busy"
+        advice = "Run again" if spinners else "Close other work and run again"
         console.print(
             f"[bold yellow]warning:[/] the runs of {', '.join(unsteady)} vary by more than {NOISY_SPREAD:.0%} of "
-            "their median: the machine was busy, and the ratios above cannot rank the implementations. "
-            "Close other work and run again with a larger --repeat (e.g. --repeat 7)."
+            f"their median: {cause}, and the ratios above cannot rank the implementations. "
+            f"{advice} with a larger --repeat (e.g. --repeat 7)."
         )
 
 
@@ -128,6 +238,7 @@ CSV_FIELDS = [
     "vs_floor",
     "extra_over_floor_mb",
     "skipped",
+    "spinning",
 ]
 
 
@@ -156,7 +267,8 @@ def write_csv(path: Path, measurements: Sequence[Measurement]) -> None:
                     "vs_best_other": r.get("vs_best_other"),
                     "vs_floor": r.get("vs_floor"),
                     "extra_over_floor_mb": r.get("extra_over_floor_mb"),
-                    "skipped": m.skipped,
+                    "skipped": None if m.skipped is None else str(m.skipped),
+                    "spinning": m.spinning,
                 }
             )
     with path.open("w", newline="") as handle:
@@ -197,7 +309,8 @@ def plot(path: Path, measurements: Sequence[Measurement]) -> None:
         axis.set_xscale("log", base=2)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    figure.suptitle(f"xent bench {problem.operation}: N={problem.n}, {problem.dtype}, {problem.device}")
+    busy = f", {_with_spinners(measurements[0].spinning)}" if measurements[0].spinning else ""
+    figure.suptitle(f"xent bench {problem.operation}: N={problem.n}, {problem.dtype}, {problem.device}{busy}")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)

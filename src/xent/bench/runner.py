@@ -3,6 +3,7 @@
 On the CPU each implementation lives in its own worker process (:mod:`xent.bench.worker`), so peak memory is its
 own resident high-water mark; rounds visit the workers in turn, so slow drifts of the machine hit all of them alike.
 On CUDA everything runs in this process, timed with CUDA events, memory by ``torch.cuda.max_memory_allocated``.
+With ``contend=K``, K spinning processes (:mod:`xent.bench.load`) run from the first warm-up to the last round.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import IO, Any, cast
 
 import torch
 
-from xent.bench.cases import IMPLEMENTATIONS, Implementation, Prepared, Problem
+from xent.bench.cases import FAILED, IMPLEMENTATIONS, Implementation, Prepared, Problem, Unavailable
+from xent.bench.load import spinning
 
 # Idle workers' OpenMP threads spin for a while after their last parallel region; a pause before each step keeps
 # them from competing with the worker being measured.
@@ -28,13 +30,17 @@ SETTLE_SECONDS = 0.3
 
 @dataclass
 class Measurement:
+    """One implementation's runs on one problem: ``skipped`` says why it did not run (then it has no times), and
+    ``spinning`` how many spinning processes ran beside it (``contend``)."""
+
     problem: Problem
     name: str
     is_floor: bool
     warmup_s: float | None = None
     times_s: list[float] = field(default_factory=list)
     peak_bytes: list[int] = field(default_factory=list)
-    skipped: str | None = None
+    skipped: Unavailable | None = None
+    spinning: int = 0
 
     @property
     def time_s(self) -> float | None:
@@ -94,20 +100,25 @@ def run_bench(
     names: Sequence[str] | None = None,
     *,
     repeat: int = 3,
+    contend: int = 0,
     progress: Callable[[str], None] = lambda message: None,
 ) -> list[Measurement]:
-    """Measure the chosen implementations (all by default) of ``problem``; ``repeat`` interleaved rounds."""
+    """Measure the chosen implementations (all by default) of ``problem``; ``repeat`` interleaved rounds, with
+    ``contend`` spinning processes beside them (a busy machine on purpose; stopped before this returns or raises)."""
     implementations = _select(problem, names)
-    measurements = [Measurement(problem, impl.name, impl.is_floor) for impl in implementations]
+    measurements = [Measurement(problem, impl.name, impl.is_floor, spinning=contend) for impl in implementations]
     runnable = []
     for implementation, measurement in zip(implementations, measurements, strict=True):
         measurement.skipped = implementation.needs(problem)
         if measurement.skipped is None:
             runnable.append((implementation, measurement))
-    if problem.device == "cuda":
-        _run_cuda(problem, runnable, repeat, progress)
-    else:
-        _run_cpu(problem, runnable, repeat, progress)
+    with spinning(contend):
+        if contend:
+            progress(f"{contend} spinning process{'es' if contend > 1 else ''} started")
+        if problem.device == "cuda":
+            _run_cuda(problem, runnable, repeat, progress)
+        else:
+            _run_cpu(problem, runnable, repeat, progress)
     return measurements
 
 
@@ -126,7 +137,7 @@ def _run_cpu(
                 measurement.warmup_s = worker.read()["warmup_s"]
                 workers[implementation.name] = worker
             except RuntimeError as error:
-                measurement.skipped = f"failed: {error}"
+                measurement.skipped = Unavailable(FAILED, str(error))
                 worker.process.kill()
         for round_index in range(repeat):
             for implementation, measurement in runnable:
@@ -162,7 +173,7 @@ def _run_cuda(
             measurement.warmup_s = time.perf_counter() - start
             prepared[implementation.name] = ready
         except Exception as error:  # a third-party kernel that does not run here is reported, not fatal
-            measurement.skipped = f"failed: {type(error).__name__}: {error}"
+            measurement.skipped = Unavailable(FAILED, f"{type(error).__name__}: {error}")
     for round_index in range(repeat):
         for implementation, measurement in runnable:
             ready = prepared.get(implementation.name)
