@@ -76,8 +76,9 @@ def choose_cross_entropy(
     fused = fused_impl(logits.device)
     if inplace_backward:
         return fused
-    training = logits.requires_grad and torch.is_grad_enabled()
-    return fused if training and not extra_grads and logits.numel() >= CHUNKED_MIN_ELEMENTS else "reference"
+    # Evaluation too: the fused kernel forms no gradient then, and the reference's materialised log-softmax is
+    # slower (2.5–3× PyTorch's time on a busy 2-core machine, benchmarks/contention.py) and a logits-sized buffer.
+    return fused if not extra_grads and logits.numel() >= CHUNKED_MIN_ELEMENTS else "reference"
 
 
 # Tensors of a description that the fused kernels do not differentiate (class weights and targets they do).
