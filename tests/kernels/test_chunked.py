@@ -52,7 +52,7 @@ def test_chunked_equals_reference(dtype, reduction, probabilities, use_weight, s
 
 @pytest.mark.parametrize("block_rows", [1, 5, 64])
 def test_block_sizes_that_do_not_divide_the_rows(block_rows, monkeypatch):
-    monkeypatch.setattr(chunked, "rows_per_block", lambda num_classes, device=None, num_rows=None: block_rows)
+    monkeypatch.setattr(chunked, "rows_per_block", lambda num_classes, device=None: block_rows)
     logits = torch.randn(33, 17, dtype=torch.float64)
     target = torch.randint(17, (33,))
     target[4] = -100

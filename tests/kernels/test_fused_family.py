@@ -93,7 +93,7 @@ def assert_as_accurate_as_the_reference(actual, expected, exact, requires):
 @pytest.mark.parametrize("name", ["focal-γ2-α-per-class", "ldam", "logit-adjusted-smoothing"])
 @pytest.mark.parametrize("block_rows", [1, 3])
 def test_blocks_that_do_not_divide_the_rows(name, block_rows, monkeypatch):
-    monkeypatch.setattr(chunked, "rows_per_block", lambda num_classes, device=None, num_rows=None: block_rows)
+    monkeypatch.setattr(chunked, "rows_per_block", lambda num_classes, device=None: block_rows)
     test_chunked_equals_the_plain_definition(name, torch.float64, "none", True, True)
 
 

@@ -44,15 +44,9 @@ BLOCK_BYTES = 4 << 20
 ACCELERATOR_BLOCK_BYTES = 64 << 20
 
 
-def rows_per_block(num_classes: int, device: torch.device | None = None, num_rows: int | None = None) -> int:
-    """Rows of a block: about :data:`BLOCK_BYTES` of float32 on the CPU (:data:`ACCELERATOR_BLOCK_BYTES` elsewhere);
-    on the CPU at most ``num_rows`` shared out over the intra-op threads, so that a problem smaller than a few blocks
-    still keeps every thread busy (:mod:`xent.kernels.threads`)."""
-    on_cpu = device is None or device.type == "cpu"
-    rows = max(1, (BLOCK_BYTES if on_cpu else ACCELERATOR_BLOCK_BYTES) // (4 * num_classes))
-    if on_cpu and num_rows:
-        rows = min(rows, max(1, -(-num_rows // torch.get_num_threads())))
-    return rows
+def rows_per_block(num_classes: int, device: torch.device | None = None) -> int:
+    block_bytes = BLOCK_BYTES if device is None or device.type == "cpu" else ACCELERATOR_BLOCK_BYTES
+    return max(1, block_bytes // (4 * num_classes))
 
 
 def loss_and_grad_(
@@ -82,7 +76,7 @@ def loss_and_grad_(
     """
     num_rows, num_classes = logits.shape
     dtype = accumulation_dtype(logits.dtype)
-    block_rows = block_rows or rows_per_block(num_classes, logits.device, num_rows)
+    block_rows = block_rows or rows_per_block(num_classes, logits.device)
     rows = _RowTerms(logits, target, options, grad_scale.to(dtype))
 
     def block_(block: slice) -> None:

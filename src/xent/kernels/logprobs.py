@@ -44,7 +44,7 @@ SECOND_ORDER_MESSAGE = (
 def _for_each_row_block(logits: torch.Tensor, block_: Callable[[slice], None]) -> None:
     """``block_(rows)`` for each cache-sized block of a chunk's rows, shared out over threads on the CPU."""
     num_rows, vocab_size = logits.shape
-    for_each_block(num_rows, chunked.rows_per_block(vocab_size, logits.device, num_rows), block_, logits.device)
+    for_each_block(num_rows, chunked.rows_per_block(vocab_size, logits.device), block_, logits.device)
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
