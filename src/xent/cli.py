@@ -116,10 +116,24 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run = parser.add_argument_group("run")
     from xent.bench.cases import IMPLEMENTATIONS
+    from xent.bench.load import SPINNERS_PER_CORE
 
     names = "; ".join(f"{op}: {', '.join(i.name for i in impls)}" for op, impls in IMPLEMENTATIONS.items())
     run.add_argument("--impl", help=f"comma list of implementations to run (default: all that are available) — {names}")
-    run.add_argument("--repeat", type=_positive_int, default=3, help="interleaved timed runs, at least 3 (median)")
+    run.add_argument(
+        "--repeat",
+        type=_positive_int,
+        default=3,
+        help="interleaved timed runs, at least 3; the table shows their median (default %(default)s)",
+    )
+    run.add_argument(
+        "--contend",
+        type=int,
+        default=0,
+        metavar="K",
+        help="run K spinning processes beside the measurement, to see each implementation on a busy machine "
+        f"(default %(default)s; at most {SPINNERS_PER_CORE} per core)",
+    )
     output = parser.add_argument_group("output")
     output.add_argument("--csv", type=Path, help="write every measurement to this CSV file")
     output.add_argument("--plot", type=Path, help="write time and memory against V to this PNG file")
@@ -131,6 +145,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     from xent.bench import Problem, run_bench
     from xent.bench.cases import LM_BATCH, SHAPES
+    from xent.bench.load import busy_warning, check_spinners
     from xent.bench.report import plot, print_table, write_csv
 
     defaults = {**BENCH_DEFAULTS[args.operation], "dtype": "float32"}
@@ -139,6 +154,10 @@ def _bench(args: argparse.Namespace) -> int:
         defaults = {**defaults, **preset, "v": str(preset["v"])}
     if args.repeat < 3:
         raise CommandError(f"--repeat must be at least 3 for a median of interleaved runs, got {args.repeat}")
+    try:
+        check_spinners(args.contend)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     if args.loss != "cross_entropy" and args.operation == "linear-distill":
         raise CommandError("--loss applies to ce and linear-ce; linear-distill measures linear_distillation_loss")
     if args.operation == "lm-step" and args.shape is not None:
@@ -153,6 +172,9 @@ def _bench(args: argparse.Namespace) -> int:
     vocab_sizes = args.v or _int_list(defaults["v"])
     names = [name for name in args.impl.split(",") if name] if args.impl else None
     console = _console()
+    busy = busy_warning()  # before any of the bench's own processes, spinners included, add to the load
+    if busy:
+        console.print(f"[bold yellow]warning:[/] {busy}")
     everything = []
     for vocab in vocab_sizes:
         dtype = args.dtype or defaults["dtype"]
@@ -161,7 +183,9 @@ def _bench(args: argparse.Namespace) -> int:
         )
         try:
             with console.status("starting") as status:
-                measurements = run_bench(problem, names, repeat=args.repeat, progress=status.update)
+                measurements = run_bench(
+                    problem, names, repeat=args.repeat, contend=args.contend, progress=status.update
+                )
         except ValueError as error:
             raise CommandError(str(error)) from None
         print_table(measurements, console)
@@ -330,8 +354,8 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     study.add_argument("--imbalance-ratios", type=_numbers, help="a grid over --imbalance-ratio, e.g. 10,100")
     study.add_argument("--label-noises", type=_numbers, help="a grid over --label-noise, e.g. 0.2,0.4")
     study.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
-                       help=f"runs trained at once, one process each (default {DEFAULT_JOBS}: the CPU cores, "
-                            "at most 4)")  # fmt: skip
+                       help=f"runs trained at once, by as many worker processes, each training one run after another "
+                            f"with cores/JOBS threads (default {DEFAULT_JOBS}: the CPU cores, at most 4)")  # fmt: skip
     study.add_argument("--out", type=Path, help="the study directory (default runs/compare-STUDY); an existing "
                        "one is resumed: finished cells are kept")  # fmt: skip
     _train_arguments(parser, shared=True)
@@ -340,12 +364,14 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
 def _compare(args: argparse.Namespace) -> int:
     """Run a loss study: losses × seeds on one data set, then a table, plots and a report."""
     import dataclasses
+    import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from xent.train.compare import build_grid, lock_study, run_grid
     from xent.train.config import ConfigError, TrainConfig
     from xent.train.loop import Interrupted
+    from xent.train.progress import cells_eta_column
     from xent.train.report import findings, table, write_study
 
     if args.jobs < 1:
@@ -370,22 +396,29 @@ def _compare(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from None
     console = _console()
     cells = grid.cells()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               cells_eta_column())  # fmt: skip
     try:
         with lock_study(directory):  # one process per study directory: a second is refused, naming the first
             console.print(f"xent compare {grid.name}: {len(grid.variants)} losses × {len(grid.seeds)} seeds"
                           + (f" × {len(grid.varying[1])} values of {grid.varying[0]}" if grid.varying else "")
                           + f" = {len(cells)} runs in {directory}")  # fmt: skip
             with Progress(*columns, console=console, transient=True) as progress:
-                task = progress.add_task("cells", total=len(cells))
+                task = progress.add_task("cells", total=len(cells), started=None, to_train=0, trained=0)
+
+                def start(to_train: int) -> None:  # the ETA counts the cells trained from here on
+                    progress.update(task, started=time.monotonic(), to_train=to_train)
 
                 def done(cell: Cell, row: dict[str, Any]) -> None:
+                    fields = progress.tasks[task].fields
+                    if fields["started"] is not None:
+                        progress.update(task, trained=fields["trained"] + 1)
                     progress.advance(task)
                     line = (f"  {cell.directory.name}: accuracy {100 * row['accuracy']:.2f}%, balanced "
                             f"{100 * row['balanced_accuracy']:.2f}%, ECE {row['ece']:.3f}")  # fmt: skip
                     progress.console.print(line)
 
-                rows = run_grid(grid, jobs=args.jobs, on_done=done)
+                rows = run_grid(grid, jobs=args.jobs, on_done=done, on_start=start)
             summary, unwritten = write_study(grid, rows)
     except ConfigError as error:
         raise CommandError(str(error)) from None
@@ -462,12 +495,23 @@ def missing_extra(command: str, error: ModuleNotFoundError) -> str | None:
     return None
 
 
+def _require_extra(command: str) -> None:
+    """Raise ModuleNotFoundError for the first package of the command's extra that is not installed: found up front
+    (``find_spec`` imports nothing), not when a lazily imported library is first needed, after minutes of work."""
+    import importlib.util
+
+    for module in EXTRAS.get(COMMAND_EXTRA.get(command, ""), {}):
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:  # `python -m xent` alone: the demo
         return _demo(args)
     try:
+        _require_extra(args.command)
         return cast(int, args.run(args))
     except CommandError as error:
         print(f"xent {args.command}: error: {error}", file=sys.stderr)

@@ -174,7 +174,7 @@ def test_checkpoint(workdir, saved_checkpoint, data_):
     except checkpoint.CheckpointError as error:
         assert_names(error, path)
     else:  # the damage hit bytes the content does not depend on (zip padding, an unused header field)
-        assert checkpoint.digest(loaded) == checkpoint.digest(state)
+        assert checkpoint.digest({key: loaded[key] for key in state}) == checkpoint.digest(state)
 
 
 def test_a_flipped_weight_that_still_unpickles_is_caught(tmp_path, saved_checkpoint):

@@ -79,6 +79,38 @@ def test_results_and_summary_are_the_run_directories_aggregated(study):
         assert float(entry["accuracy_gap_std"]) == pytest.approx(statistics.stdev(paired), abs=1e-12)
 
 
+def test_reused_workers_give_the_numbers_of_one_process(study, tmp_path):
+    """--jobs 2 trains the four cells in two worker processes, each cell after another in the same process; every
+    number equals the one of the same study trained cell after cell in this process (--jobs 1)."""
+    directory, _ = study
+    pids = {json.loads((run / ".lock").read_text())["pid"] for run in (directory / "runs").iterdir()}
+    assert len(pids) <= 2  # the lock file names the process that trained the cell: workers were reused
+    grid = build_grid(tmp_path / "one", losses=["ce", "la:tau=0.5"], seeds=2, settings={"epochs": 2,
+                      "imbalance_ratio": 10.0})  # fmt: skip
+    rows = run_grid(grid, jobs=1)
+    reused = {(row["loss"], row["seed"]): row for row in _csv(directory / "results.csv")}
+    for row in rows:
+        other = reused[(row["loss"], str(row["seed"]))]
+        for key in ("accuracy", "balanced_accuracy", "macro_f1", "nll", "ece", "ece_after_ts", "temperature"):
+            assert float(other[key]) == row[key], (row["loss"], row["seed"], key)
+
+
+def test_a_run_that_fails_leaves_its_process_free_to_train_the_next(tmp_path):
+    """A worker goes on to its next cell after a cell that raised: the run directory's lock is released and the
+    next run in the same process trains as in a fresh one."""
+    from xent.train import TrainConfig, TrainingDiverged, train
+    from xent.train.checkpoint import lock
+
+    with pytest.raises(TrainingDiverged):
+        train(TrainConfig(out=str(tmp_path / "a"), epochs=1, optimizer="sgd", lr=1e12, quiet=True))
+    lock(tmp_path / "a", "--out").release()  # flock is per open file: a lock still held would refuse this one
+    first = train(TrainConfig(out=str(tmp_path / "b"), epochs=1, seed=3, quiet=True))
+    again = train(TrainConfig(out=str(tmp_path / "c"), epochs=1, seed=3, quiet=True))
+    assert {key: value for key, value in first.items() if key not in ("run_dir", "train_seconds")} == {
+        key: value for key, value in again.items() if key not in ("run_dir", "train_seconds")
+    }
+
+
 def test_temperature_scaling_is_fitted_on_the_validation_split(study):
     from xent.train.evaluate import evaluate_run
 

@@ -1,7 +1,7 @@
 """The trainer behind ``xent train`` and ``xent eval``: config, data, models, loop, metrics, checkpoints, plots.
 
-The configuration is imported eagerly; the loop (and with it torchmetrics, kornia, matplotlib) on first use, so that
-``xent --help`` and a bad flag answer at once.
+The configuration is imported eagerly and the loop on first use, so that ``xent --help`` and a bad flag answer at
+once; the loop itself imports matplotlib only to draw its plots after training, and kornia only for ``--augment``.
 """
 
 from typing import TYPE_CHECKING

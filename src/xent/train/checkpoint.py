@@ -124,13 +124,15 @@ FORMAT = 2  # 2: the run's identity, the format and the SHA-256 beside the state
 HEADER = ("format", "run", "sha256")
 
 
-def save_atomic(payload: dict[str, Any], path: Path, *, run: dict[str, Any]) -> None:
+def save_atomic(payload: dict[str, Any], path: Path, *more: Path, run: dict[str, Any]) -> None:
     """Write the checkpoint ``payload`` of the run ``run`` (:func:`xent.train.config.run_identity`) atomically,
-    with its format version and the :func:`digest` of everything."""
+    with its format version and the :func:`digest` of everything, to ``path`` and to each of ``more`` (the same
+    bytes, serialised and digested once: a new best epoch is both ``best.pt`` and ``last.pt``)."""
     payload = {**payload, "format": FORMAT, "run": run}
     buffer = io.BytesIO()
     torch.save({**payload, "sha256": digest(payload)}, buffer)
-    write_atomic(path, buffer.getvalue())
+    for target in (path, *more):
+        write_atomic(target, buffer.getvalue())
 
 
 # What every checkpoint of `xent train` holds; anything else is not one.

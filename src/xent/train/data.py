@@ -289,25 +289,54 @@ def _split_off(split: Split, fraction: float, generator: torch.Generator) -> tup
     return split.subset(first_index), split.subset(second_index)
 
 
+_MADE: dict[str, tuple[Split, Split, list[str]]] = {}  # the offline data sets once made, by kind (see _raw)
+
+
+def _digits() -> tuple[Split, Split, list[str]]:
+    array = digits_array()
+    images = torch.tensor(array[:, :-1], dtype=torch.float32).view(-1, 1, 8, 8) / 16.0  # (N, 1, 8, 8)
+    full = Split(images, torch.tensor(array[:, -1], dtype=torch.long))
+    train, test = _split_off(full, DIGITS_TEST_FRACTION, _generator(0, 1))  # one test set for every seed
+    return train, test, [str(d) for d in range(10)]
+
+
+def digits_array() -> npt.NDArray[np.float64]:
+    """scikit-learn's digits as its ``load_digits`` reads them: ``datasets/data/digits.csv.gz``, one row per image,
+    64 pixel values (0-16) then the label. The file is read where scikit-learn is installed without importing
+    scikit-learn, whose import (it brings scipy) took 0.3-2 s of every run on digits; ``load_digits`` is the fallback
+    when the file is not where it has always been."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # finds the package; runs none of it
+    if spec is not None and spec.origin is not None:
+        path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return np.loadtxt(path, delimiter=",")
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return np.concatenate([digits.data, digits.target[:, None]], axis=1)
+
+
+def _mnist1d() -> tuple[Split, Split, list[str]]:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    data = make_dataset(get_dataset_args())  # generated here, never downloaded
+
+    def split(x: npt.NDArray[Any], y: npt.NDArray[Any]) -> Split:
+        return Split(torch.tensor(x, dtype=torch.float32).unsqueeze(1), torch.tensor(y, dtype=torch.long))
+
+    return split(data["x"], data["y"]), split(data["x_test"], data["y_test"]), [str(d) for d in range(10)]
+
+
 def _raw(config: TrainConfig) -> tuple[Split, Split, list[str]]:
     kind = data_kind(config.data)
-    if kind == "digits":
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
-        full = Split(images, torch.tensor(digits.target, dtype=torch.long))
-        train, test = _split_off(full, DIGITS_TEST_FRACTION, _generator(0, 1))  # one test set for every seed
-        return train, test, [str(d) for d in range(10)]
-    if kind == "mnist1d":
-        from mnist1d.data import get_dataset_args, make_dataset
-
-        data = make_dataset(get_dataset_args())  # generated here, never downloaded
-
-        def split(x: npt.NDArray[Any], y: npt.NDArray[Any]) -> Split:
-            return Split(torch.tensor(x, dtype=torch.float32).unsqueeze(1), torch.tensor(y, dtype=torch.long))
-
-        return split(data["x"], data["y"]), split(data["x_test"], data["y_test"]), [str(d) for d in range(10)]
+    if kind in ("digits", "mnist1d"):  # generated or read in memory: kept for the next run of this process
+        if kind not in _MADE:
+            _MADE[kind] = _digits() if kind == "digits" else _mnist1d()
+        train, test, names = _MADE[kind]
+        # copies: a run may change its splits in place, and the next run of this process must get them as made
+        return Split(train.x.clone(), train.y.clone()), Split(test.x.clone(), test.y.clone()), list(names)
     if kind == "folder":
         full, names = load_folder(Path(config.data[len("folder:") :]))
         train, test = _split_off(full, FOLDER_TEST_FRACTION, _generator(0, 1))

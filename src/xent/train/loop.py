@@ -14,6 +14,7 @@ import gc
 import io
 import json
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -166,6 +168,10 @@ def prepare(config: TrainConfig) -> Run:
 def _build(config: TrainConfig, runtime: Runtime, directory: Path, identity: dict[str, Any]) -> Run:
     torch.manual_seed(config.seed)
     data = load_data(config)
+    # every random state the run can touch is its configuration's — a process that trained another run before
+    # (a worker of xent compare) draws as a fresh one; mnist1d's generator seeds these two itself, once per process
+    random.seed(config.seed)
+    np.random.seed(config.seed % 2**32)
     augment = _augmentation(parse_augment(config.augment), data.input_shape)
     # resolve() has set the model, the batch size and the number of epochs
     model = build_model(
@@ -335,7 +341,16 @@ def _epoch_line(run: Run, row: dict[str, Any], improved: bool) -> str:
 def fit(run: Run, console: Console | None = None) -> dict[str, Any]:
     """Train the remaining epochs, checkpointing after each, then write the summary and plots (main process)."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from xent.train.progress import RunClock
 
     console = console or Console()
     config, runtime = run.config, run.runtime
@@ -346,20 +361,26 @@ def fit(run: Run, console: Console | None = None) -> dict[str, Any]:
         console.print(f"resuming {run.directory} after epoch {run.epoch}")
     if runtime.is_main and run.epoch < cast(int, config.epochs):
         console.print(SELECTION if len(run.data.val) else "best epoch: the last (no validation split)")
+    run_clock = RunClock(run.epoch, cast(int, config.epochs))
     while run.epoch < cast(int, config.epochs):
         started = time.perf_counter()
         lr = run.optimizer.param_groups[0]["lr"]
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
+                      TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("epoch ETA"),
+                      TimeRemainingColumn(), TextColumn("{task.fields[run_eta]}"), console=console,
                       transient=True, disable=not show_progress) as bar:  # fmt: skip
-            task = bar.add_task(f"epoch {run.epoch + 1}/{config.epochs}", total=steps, status="")
+            task = bar.add_task(f"epoch {run.epoch + 1}/{config.epochs}", total=steps, status="",
+                                run_eta=run_clock.eta(run.epoch))  # fmt: skip
 
             def progress(done: int, loss: float, rate: float, task: TaskID = task) -> None:
                 status = f"loss {loss:.4f}  {rate:,.0f} samples/s"
+                run_eta = run_clock.eta(run.epoch, done / steps)
                 if show_progress:
-                    bar.update(task, completed=done, status=status)
+                    bar.update(task, completed=done, status=status, run_eta=run_eta)
                 elif log_lines:  # a log file or a pipe: one line every --log-interval batches instead of a bar
-                    console.print(f"epoch {run.epoch + 1} batch {done}/{steps}  {status}")
+                    console.print(
+                        f"epoch {run.epoch + 1} batch {done}/{steps}  {status}" + (run_eta and f"  {run_eta}")
+                    )
 
             train_loss = train_epoch(run, progress)
         run.train_seconds += time.perf_counter() - started
@@ -381,9 +402,8 @@ def fit(run: Run, console: Console | None = None) -> dict[str, Any]:
             run.best_val = score
         if runtime.is_main:
             state = _state(run)
-            if improved:
-                checkpoint.save_atomic(state, run.directory / checkpoint.BEST, run=run.identity)
-            checkpoint.save_atomic(state, run.directory / checkpoint.LAST, run=run.identity)
+            best = (run.directory / checkpoint.BEST,) if improved else ()
+            checkpoint.save_atomic(state, *best, run.directory / checkpoint.LAST, run=run.identity)
             _write_csv(run)
             console.print(_epoch_line(run, row, improved and score is not None))
     return finish(run, console)
@@ -447,6 +467,7 @@ def train(config: TrainConfig, console: Console | None = None) -> dict[str, Any]
     Progress goes to ``console`` (a :class:`rich.console.Console`; a new one by default). Ctrl-C raises
     :class:`~xent.train.Interrupted`; a NaN or infinite loss raises :class:`~xent.train.TrainingDiverged`.
     """
+    plots.require()
     run = prepare(config)
     try:
         return fit(run, console)

@@ -1,7 +1,8 @@
 """Evaluation metrics through torchmetrics, plus the two proper scoring rules computed alongside.
 
 Losses are sums over examples divided by the number of examples — never a mean of batch means — and every metric
-is synchronised across processes under torchrun (torchmetrics does it when a process group exists).
+is synchronised across processes under torchrun (torchmetrics does it when a process group exists). torchmetrics
+(with the scipy it imports, ~1.5 s) is imported at the first evaluation, not when ``xent train`` starts.
 """
 
 from __future__ import annotations
@@ -10,12 +11,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassCalibrationError,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-)
 
 ECE_BINS = 15
 
@@ -49,6 +44,13 @@ class MetricSet:
     """Accumulates batches of logits and targets; :meth:`compute` returns :class:`Metrics` over all of them."""
 
     def __init__(self, num_classes: int, device: torch.device) -> None:
+        from torchmetrics.classification import (
+            MulticlassAccuracy,
+            MulticlassCalibrationError,
+            MulticlassConfusionMatrix,
+            MulticlassF1Score,
+        )
+
         self.num_classes = num_classes
         self.accuracy = MulticlassAccuracy(num_classes, average="micro").to(device)
         self.f1 = MulticlassF1Score(num_classes, average="macro").to(device)
@@ -117,5 +119,7 @@ def labelled_bins(reliability: list[list[float]]) -> list[dict[str, float | None
 
 def expected_calibration_error(logits: torch.Tensor, target: torch.Tensor) -> float:
     """ECE of softmax(logits) with 15 bins (for temperature scaling reports)."""
+    from torchmetrics.classification import MulticlassCalibrationError
+
     metric = MulticlassCalibrationError(logits.shape[1], n_bins=ECE_BINS, norm="l1")
     return float(metric(torch.softmax(logits.float(), 1), target))

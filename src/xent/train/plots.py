@@ -1,4 +1,7 @@
-"""The run's pictures: loss and accuracy curves, the confusion matrix and the reliability diagram."""
+"""The run's pictures: loss and accuracy curves, the confusion matrix and the reliability diagram.
+
+matplotlib is imported when the first picture is drawn, after training: ``xent train`` starts without it.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,14 @@ import numpy as np
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+
+def require() -> None:
+    """Stop before training, not after it, when matplotlib is missing: it is imported only to draw, at the end."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
 
 
 def _pyplot() -> ModuleType:
