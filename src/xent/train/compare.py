@@ -107,10 +107,10 @@ class Study:
     varying: tuple[str, tuple[float, ...]] | None = None
 
 
-# Defaults that finish in under 2 minutes each on 2 CPU cores (two runs at a time; on a shared machine in 38, 91, 42
-# and 18 s) and show the published effects beyond one standard deviation over 3 seeds (measured, see README
-# "Choosing a loss"): long-tailed digits with the papers' SGD; MNIST-1D (Greydanus, 2020), hard enough that noise and
-# over-confidence show, for the others. Every setting can be overridden by the flags of xent train.
+# Defaults that finish in under a minute each on 2 idle CPU cores (two runs at a time: 21, 41, 24 and 17 s,
+# benchmarks/doc_times.py) and show the published effects beyond one standard deviation over 3 seeds (measured, see
+# README "Choosing a loss"): long-tailed digits with the papers' SGD; MNIST-1D (Greydanus, 2020), hard enough that
+# noise and over-confidence show, for the others. Every setting can be overridden by the flags of xent train.
 MNIST1D = {"data": "mnist1d", "val_fraction": 0.1, "epochs": 60}
 STUDIES: dict[str, Study] = {
     "long-tail": Study(
