@@ -107,17 +107,21 @@ def is_temporary(path: Path, name: str) -> bool:
 
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write ``data`` to a temporary file of this writer, flush it to disk, then rename it over ``path``: a reader
-    (or a resume after ``kill -9``) sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = temporary_path(path)
+    (or a resume after ``kill -9``) sees the old file or the new one, never half of one. An error names ``path``,
+    the file the user knows, not its temporary."""
     try:
-        with temporary.open("wb") as out:
-            out.write(data.encode() if isinstance(data, str) else data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = temporary_path(path)
+        try:
+            with temporary.open("wb") as out:
+                out.write(data.encode() if isinstance(data, str) else data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+    except OSError as error:
+        raise type(error)(error.errno, error.strerror, str(path)) from None
 
 
 FORMAT = 2  # 2: the run's identity, the format and the SHA-256 beside the state; 1 (no such keys): before digests

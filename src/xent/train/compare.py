@@ -28,7 +28,6 @@ import signal
 import socket
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import typing
@@ -39,6 +38,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from xent.train.checkpoint import write_atomic
 from xent.train.config import ConfigError, TrainConfig, resolve
 from xent.train.losses import LOSSES
 
@@ -296,23 +296,6 @@ def _holder() -> str:
         f"xent compare (pid {os.getpid()} on {socket.gethostname()}, started {started}{': ' if command else ''}"
         f"{command})"
     )
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """``data`` to a temporary file of this writer's own in ``path``'s directory, then renamed over ``path``: a
-    reader, or a rerun after ``kill -9``, finds the old file or the new one, never half of one."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as out:
-                out.write(data)
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-    except OSError as error:  # named after the file the user knows, not its temporary
-        raise type(error)(error.errno, error.strerror, str(path)) from None
 
 
 def write_if_changed(path: Path, data: bytes) -> bool:
