@@ -66,3 +66,25 @@ def test_threaded_kernels_equal_one_thread_bit_for_bit(two_threads, mode):
     single = run()
     for a, b in zip(threaded, single, strict=True):
         assert torch.equal(a, b)
+
+
+def test_small_blocks_shared_out_give_the_linear_heads_and_log_probs_of_one_thread(two_threads, monkeypatch):
+    """Blocks of 3 rows: every chunk of the linear head, and of linear_log_probs' two passes, is shared out."""
+    from xent.kernels import chunked
+
+    monkeypatch.setattr(chunked, "rows_per_block", lambda num_classes, device=None: 3)
+    hidden, head = torch.randn(40, 16), torch.randn(50, 16)
+    target = torch.randint(50, (40,))
+    target[::7] = -100
+
+    def run():
+        h, w = hidden.clone().requires_grad_(), head.clone().requires_grad_()
+        loss = xent.linear_loss(xent.focal_loss, h, w, target, gamma=2.0, chunk_size=16)
+        log_probs, entropy = xent.linear_log_probs(h, w, target, chunk_size=16)
+        (loss + log_probs.sum() + entropy.sum()).backward()
+        return loss.detach(), log_probs.detach(), entropy.detach(), h.grad, w.grad
+
+    threaded = run()
+    torch.set_num_threads(1)
+    for a, b in zip(threaded, run(), strict=True):  # the GEMMs may sum in another order on one thread
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
