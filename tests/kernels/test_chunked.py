@@ -85,6 +85,30 @@ def test_extreme_logits(dtype):
     torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("margin", [0.0, 30.0, 43.0, 45.0, 60.0, 120.0, 5000.0])
+def test_target_probabilities_on_both_sides_of_the_tiny_threshold(dtype, inplace, margin):
+    # The CPU kernel reads the log-sum-exp from the target's probability unless that is below 2^-64 (a loss above
+    # ~44), where it takes the row maximum: rows on both sides, mixed in one block, with the logits kept (a new
+    # gradient buffer) and overwritten (inplace_backward) before the fallback runs.
+    generator = torch.Generator().manual_seed(int(margin))
+    logits = torch.randn(12, 50, generator=generator, dtype=torch.float64)
+    target = torch.randint(50, (12,), generator=generator)
+    tiny = torch.arange(12) % 3 == 0
+    logits[tiny, (target[tiny] + 1) % 50] += margin  # another class far above the target
+    target[5] = -100
+    options = {"label_smoothing": 0.1, "z_loss": 1e-4}
+    expected_loss, expected_grad = _run(logits, target, "reference", "none", **options)
+    leaf = logits.to(dtype).requires_grad_()
+    # a fresh copy as the kernel's input: inplace_backward overwrites it
+    loss = xent.cross_entropy(leaf * 1, target, impl="chunked", reduction="none", inplace_backward=inplace, **options)
+    loss.backward(torch.randn(loss.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype))
+    tolerance = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-6, "atol": 1e-5}
+    torch.testing.assert_close(loss.double(), expected_loss, **tolerance)
+    torch.testing.assert_close(leaf.grad.double(), expected_grad, **tolerance)
+
+
 def test_all_ignored_is_zero_with_zero_gradient():
     logits = torch.randn(8, 5)
     loss, grad = _run(logits, torch.full((8,), -100), "chunked", "mean", label_smoothing=0.3, z_loss=1e-2)

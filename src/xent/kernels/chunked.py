@@ -5,8 +5,9 @@ Data flow of :class:`ChunkedCrossEntropy` (logits ``(M, C)``, gradient buffer ``
     for each block of rows (sized to stay in cache):
         x  = logits[block]                         (upcast to float32 for half precision)
         x  = c · tanh(x / c)                       (softcap only)
-        G[block] = exp(x - max x)                   row max, one exp pass, written straight into G
-        lse = max x + log Σ G[block]               row statistics: O(block) memory
+        G[block] = softmax(x)                       one fused operation, written straight into G
+        lse = x_y - log G[y]                        row statistics: O(block) memory (CPU, class indices: see
+                                                    _RowTerms._lse_; elsewhere max x - log max G[block])
         loss[block] from lse, x_y, Σ w·x
         G[block] = scale · (softmax · a - b)        the gradient of the loss, formed in place
     backward: G · grad_output                       one pass, skipped when grad_output is exactly 1
@@ -42,6 +43,8 @@ from xent.kernels.triton import triton_installed
 # on an H100, one row per block).
 BLOCK_BYTES = 4 << 20
 ACCELERATOR_BLOCK_BYTES = 64 << 20
+# Below this a probability loses bits as a float32 (normal floats end at 2^-126): the log-sum-exp is not read from it.
+TINY_PROBABILITY = 2.0**-64
 
 
 def rows_per_block(num_classes: int, device: torch.device | None = None) -> int:
@@ -88,7 +91,8 @@ def loss_and_grad_(
 
 class _RowTerms:
     r"""The per-row side of the loss: everything that does not need the softmax is computed for all rows at once,
-    so that the block loop runs only the passes over ``(B, C)`` data (about eight operations a block).
+    so that the block loop runs only the passes over ``(B, C)`` data: two for plain cross-entropy on the CPU (the
+    softmax and its scaling), up to about eight with every option.
 
     With class indices the gradient of a row with respect to the transformed logits :math:`z` is
     ``r · (p · a − b)`` (see :mod:`xent.core.rowloss`) with ``g = −w_y α_y ψ′(u)``,
@@ -116,8 +120,10 @@ class _RowTerms:
         self.scale = scale if self.token_weight is None else scale * self.token_weight  # grad_scale · r_n
         self.soft = target.is_floating_point()
         self.margin = None  # -m_y, added at the target column (class indices only)
-        self.row_max = logits.new_empty(num_rows, dtype=dtype)
-        self.max_prob = logits.new_empty(num_rows, dtype=dtype)
+        self.lse = logits.new_empty(num_rows, dtype=dtype)
+        # On the CPU a row's log-sum-exp is read from its target's probability (one pass fewer, see `_lse_`);
+        # elsewhere that would need a host read per block for the rows whose probability underflows.
+        self.lse_from_target = device.type == "cpu" and not target.is_floating_point()
         smoothing = options.label_smoothing
         if self.soft:
             self.target_term = logits.new_empty(num_rows, dtype=dtype)  # Σ_c w_c t'_c z_c
@@ -174,7 +180,8 @@ class _RowTerms:
         if options.transforms_per_class:
             x = self._transform(x, None, rows)
         # Everything that reads the logits runs before `work`, which may alias them, is overwritten.
-        self.row_max[rows] = x.amax(dim=1)
+        survives = x.data_ptr() != work.data_ptr()
+        row_max = None if self.lse_from_target and survives else x.amax(dim=1)
         if self.soft:
             probs = self.target[rows].to(dtype)
             if options.label_smoothing:
@@ -185,13 +192,11 @@ class _RowTerms:
         elif options.label_smoothing:
             self.smooth_logit[rows] = x.sum(1) if weight is None else x @ weight
 
-        # One fused pass (max, Σ exp, normalise) writes the softmax; the log-sum-exp follows later from the largest
-        # probability, that of the largest logit: exp(max - lse) ≥ 1/C, which never underflows.
+        # One fused pass (max, Σ exp, normalise) writes the softmax, and the log-sum-exp follows from it.
         torch._softmax(x, 1, False, out=work)
-        self.max_prob[rows] = work.amax(dim=1)
+        lse = self._lse_(x if survives else None, row_max, work, rows)
 
         scale = self.scale[rows]
-        lse = self.row_max[rows] - torch.log(self.max_prob[rows])
         if self.soft:
             coefficient = self.mass[rows]
         else:
@@ -217,9 +222,34 @@ class _RowTerms:
         if grad is not None and work is not grad:
             grad.copy_(work)
 
+    def _lse_(
+        self, x: torch.Tensor | None, row_max: torch.Tensor | None, probs: torch.Tensor, rows: slice
+    ) -> torch.Tensor:
+        """The log-sum-exp of a block's rows from their softmax ``probs``, stored and returned. ``x`` is the block's
+        transformed logits while they still exist (None once ``probs`` has overwritten them), ``row_max`` their
+        row maxima when computed before the softmax.
+
+        In general it is ``max - log p_max``: the largest probability is that of the largest logit, exp(max - lse)
+        ≥ 1/C, which never underflows — but it costs a pass over ``probs``. On the CPU the target's probability
+        gives it without that pass, ``z_y - log p_y``, as precisely wherever ``p_y`` is a normal float; the rows
+        where it is tiny (a loss above 44, rare) take the general way, found by one host read of a ``(B,)`` mask,
+        free on the CPU.
+        """
+        if not self.lse_from_target:
+            lse = cast(torch.Tensor, row_max) - torch.log(probs.amax(dim=1))
+        else:
+            target_prob = probs.gather(1, self.safe_target[rows]).squeeze(1)
+            lse = self.target_logit[rows] - torch.log(target_prob)
+            tiny = (target_prob < TINY_PROBABILITY).logical_and_(self.kept[rows]).nonzero().squeeze(1)
+            if tiny.numel():
+                maxima = row_max[tiny] if row_max is not None else cast(torch.Tensor, x)[tiny].amax(dim=1)
+                lse[tiny] = maxima - torch.log(probs[tiny].amax(dim=1))
+        self.lse[rows] = lse
+        return lse
+
     def losses(self) -> torch.Tensor:
         """``(M,)`` losses, once every block has run."""
-        lse = self.row_max - torch.log(self.max_prob)
+        lse = self.lse
         options = self.options
         if self.soft:
             loss = self.mass * lse - self.target_term
