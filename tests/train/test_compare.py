@@ -475,7 +475,7 @@ def _captured_figures(monkeypatch):
     from xent.train import report
 
     figures = []
-    monkeypatch.setattr(report, "_save", lambda plt, figure, path: figures.append(figure))
+    monkeypatch.setattr(report, "_save", lambda figure, path: figures.append(figure))
     return figures
 
 

@@ -286,12 +286,11 @@ def _by_problem(measurements: Sequence[Measurement]) -> list[list[Measurement]]:
 
 def plot(path: Path, measurements: Sequence[Measurement]) -> None:
     """Time and peak memory of each implementation against the vocabulary size V."""
-    import matplotlib
+    from xent.train.plots import figure as new_figure
+    from xent.train.plots import save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure = new_figure(figsize=(11, 4.2))
+    time_axis, memory_axis = figure.subplots(1, 2)
     names = list(dict.fromkeys(m.name for m in measurements))
     for name in names:
         points = sorted((m.problem.v, m) for m in measurements if m.name == name and m.time_s is not None)
@@ -311,7 +310,4 @@ def plot(path: Path, measurements: Sequence[Measurement]) -> None:
         axis.legend(fontsize=8)
     busy = f", {_with_spinners(measurements[0].spinning)}" if measurements[0].spinning else ""
     figure.suptitle(f"xent bench {problem.operation}: N={problem.n}, {problem.dtype}, {problem.device}{busy}")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save(figure, path, dpi=100)

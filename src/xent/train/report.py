@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import csv
 import html
-import io
 import itertools
 import json
 import math
@@ -15,14 +14,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from xent.train.compare import METRICS, UNRANKED, Grid, aggregate, baseline_loss, best, write_csv, write_if_changed
-from xent.train.plots import _pyplot
+from xent.train.plots import figure as new_figure
+from xent.train.plots import png
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -89,9 +88,9 @@ LINESTYLES = ("-", "--", "-.", ":")
 def plot_metrics(summary: Sequence[dict[str, Any]], varying: str | None, path: Path) -> None:
     """Mean ± std over seeds of each metric, one point per loss; each axis spans the values (not 0 to them): the
     differences between the losses are what the study is about."""
-    plt = _pyplot()
     shown = [m for m in METRICS if m[0] not in UNRANKED]
-    figure, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.6))
+    figure = new_figure(figsize=(3.2 * len(shown), 3.6))
+    axes = figure.subplots(1, len(shown))
     labels = [_row_label(entry, varying) for entry in summary]
     positions = list(range(len(summary)))
     for axis, (key, heading, higher, _) in zip(axes, shown, strict=True):
@@ -103,7 +102,7 @@ def plot_metrics(summary: Sequence[dict[str, Any]], varying: str | None, path: P
         axis.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
         axis.set_title(f"{heading} ({'higher' if higher else 'lower'} is better)", fontsize=9)
         axis.grid(axis="y", alpha=0.3)
-    _save(plt, figure, path)
+    _save(figure, path)
 
 
 def plot_per_class(rows: Sequence[dict[str, Any]], varying: str | None, path: Path) -> None:
@@ -111,8 +110,8 @@ def plot_per_class(rows: Sequence[dict[str, Any]], varying: str | None, path: Pa
     the same training count are one point (their mean over classes and seeds), so a line never doubles back; each
     loss has its marker and line style and sits a few percent apart along the axis, so identical results (balanced
     softmax and logit adjustment at τ = 1) show as two lines, not one."""
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    figure = new_figure(figsize=(6.5, 4.5))
+    axis = figure.subplots()
     runs = _runs(rows, varying)
     for index, (loss, directories) in enumerate(runs.items()):
         by_count: dict[float, list[float]] = {}
@@ -132,14 +131,14 @@ def plot_per_class(rows: Sequence[dict[str, Any]], varying: str | None, path: Pa
              ylabel="test accuracy of the class", ylim=(-0.02, 1.02), title=title)  # fmt: skip
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    _save(plt, figure, path)
+    _save(figure, path)
 
 
 def plot_reliability(rows: Sequence[dict[str, Any]], varying: str | None, path: Path) -> None:
     """One reliability diagram per loss (and varying value), the bins of its seeds pooled."""
-    plt = _pyplot()
     runs = _runs(rows, varying)
-    figure, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 3.4), squeeze=False)
+    figure = new_figure(figsize=(3.2 * len(runs), 3.4))
+    axes = figure.subplots(1, len(runs), squeeze=False)
     for axis, (loss, directories) in zip(axes[0], runs.items(), strict=True):
         # an array: every loss has at least one run
         bins = cast(
@@ -159,14 +158,14 @@ def plot_reliability(rows: Sequence[dict[str, Any]], varying: str | None, path: 
         axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", title=f"{loss}\nECE {ece:.3f}")
         axis.title.set_fontsize(9)
     axes[0][0].set_ylabel("accuracy")
-    _save(plt, figure, path)
+    _save(figure, path)
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], varying: str | None, headline: str, path: Path) -> None:
     """The headline metric on the test split per epoch, mean over seeds, one line per loss."""
-    plt = _pyplot()
     column = {"balanced_accuracy": "test_balanced_accuracy", "ece": "test_ece"}.get(headline, "test_accuracy")
-    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    figure = new_figure(figsize=(10, 4))
+    loss_axis, metric_axis = figure.subplots(1, 2)
     for loss, directories in _runs(rows, varying).items():
         histories = []
         for directory in directories:
@@ -182,7 +181,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], varying: str | None, headline: s
     for axis in (loss_axis, metric_axis):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    _save(plt, figure, path)
+    _save(figure, path)
 
 
 def plots(
@@ -212,22 +211,16 @@ def plots(
 
 
 def _placeholder(path: Path, message: str) -> None:
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(6, 1.5))
+    figure = new_figure(figsize=(6, 1.5))
+    axis = figure.subplots()
     axis.axis("off")
     axis.text(0.5, 0.5, message, ha="center", va="center")
-    _save(plt, figure, path)
+    _save(figure, path)
 
 
-def _save(plt: ModuleType, figure: Figure, path: Path) -> None:
+def _save(figure: Figure, path: Path) -> None:
     """The figure as PNG (byte for byte the same for the same study), written only if that changes ``path``."""
-    buffer = io.BytesIO()
-    try:
-        figure.tight_layout()
-        figure.savefig(buffer, format="png", dpi=90)
-    finally:
-        plt.close(figure)
-    write_if_changed(path, buffer.getvalue())
+    write_if_changed(path, png(figure))
 
 
 def write_study(grid: Grid, rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[OSError]]:
