@@ -18,6 +18,7 @@ COUNTS = torch.arange(1.0, 12.0, dtype=torch.float64)
 LOSSES = {
     "cross_entropy": {"z_loss": 1e-3},
     "cross_entropy+smoothing": {"label_smoothing": 0.1},
+    "cross_entropy+softcap": {"softcap": 5.0},
     "focal_loss": {"gamma": 2.0, "alpha": 0.25},
     "poly1_cross_entropy": {"epsilon": 1.0},
     "logit_adjusted_cross_entropy": {"class_counts": COUNTS},

@@ -9,10 +9,10 @@ from typing import cast
 import torch
 
 from xent.core.reduce import accumulation_dtype, reduce_loss
-from xent.core.rowloss import SoftmaxOptions, mean_denominator
+from xent.core.rowloss import RowLoss, mean_denominator
 
 
-def transformed_logits(logits: torch.Tensor, target: torch.Tensor | None, options: SoftmaxOptions) -> torch.Tensor:
+def transformed_logits(logits: torch.Tensor, target: torch.Tensor | None, options: RowLoss) -> torch.Tensor:
     """:math:`z = s (\\operatorname{cap}(x) + o - m_y e_y)` in the accumulation dtype; ``target`` (canonical class
     indices, ignored ones replaced by any valid class) is needed only for a margin."""
     x = logits.to(accumulation_dtype(logits.dtype))
@@ -29,7 +29,7 @@ def transformed_logits(logits: torch.Tensor, target: torch.Tensor | None, option
     return x
 
 
-def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, options: SoftmaxOptions) -> torch.Tensor:
+def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, options: RowLoss) -> torch.Tensor:
     """The reference: one loss per row of canonical logits, in the accumulation dtype.
 
     Args:
@@ -45,11 +45,13 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, options: Soft
     soft = target.is_floating_point()
     valid = None if soft else target != options.ignore_index
     safe_target = None if valid is None else torch.where(valid, target, torch.zeros_like(target))
-    x = transformed_logits(logits, safe_target, options)
+    x = logits.to(accumulation_dtype(logits.dtype))
     if valid is not None:
         # An ignored row is absent whatever it holds (-inf of a masked class at its placeholder target, NaN, ±inf):
-        # replaced by zeros, its loss and its gradient are 0 and cannot turn NaN.
+        # replaced by zeros before the transform, its loss and its gradient are 0 and cannot turn NaN (masked after
+        # the soft cap, the gradient would be 0 · (1 - tanh²(NaN)) = NaN).
         x = torch.where(valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    x = transformed_logits(x, safe_target, options)
     lse = torch.logsumexp(x, dim=-1)  # (M,)
     log_probs = x - lse.unsqueeze(-1)  # (M, C)
     weight = None if options.weight is None else options.weight.to(device=x.device, dtype=x.dtype)
@@ -84,7 +86,7 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, options: Soft
 
 
 def reference_cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, options: SoftmaxOptions, reduction: str
+    logits: torch.Tensor, target: torch.Tensor, options: RowLoss, reduction: str
 ) -> torch.Tensor:
     """The reference implementation on canonical tensors: :func:`cross_entropy_rows`, then the reduction."""
     rows = cross_entropy_rows(logits, target, options)
@@ -109,7 +111,7 @@ def reference_linear_cross_entropy(
     linear_weight: torch.Tensor,
     linear_bias: torch.Tensor | None,
     target: torch.Tensor,
-    options: SoftmaxOptions,
+    options: RowLoss,
     reduction: str,
 ) -> torch.Tensor:
     """The reference on canonical tensors (``input (N, D)``): the logits in full (ignored tokens' hidden states read
