@@ -22,8 +22,8 @@ import triton
 from triton.testing import do_bench
 
 import xent
-from xent.bench.cases import SHAPES
-from xent.core.rowloss import SoftmaxOptions
+from xent.bench.problem import SHAPES
+from xent.core.rowloss import RowLoss
 from xent.kernels.triton import cross_entropy as triton_ce
 
 GB = 1e9
@@ -48,7 +48,7 @@ def ce_sweep(copy_gbs: float, n: int = 16384, v: int = 128256) -> None:
     grad = torch.empty_like(logits)
     target = torch.randint(v, (n,), device="cuda")
     scale = torch.full((n,), 1.0 / n, device="cuda")
-    options = SoftmaxOptions()
+    options = RowLoss()
     traffic = 3 * logits.numel() * logits.element_size()
 
     def report(name: str, ms: float) -> None:

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from xent import losses
-from xent.losses import combine, distill, focal, generative, imbalance, robust, sigmoid, softmax
-from xent.losses.linear import check_loss_options, linear_loss_entry
+from xent.losses import combine, distill, focal, generative, sigmoid, softmax
+from xent.losses._checks import check_reduction_and_ignore_index
+from xent.losses.family import entry_of_function, family_loss
 
 __all__ = [
     "BCELoss",
@@ -39,29 +40,22 @@ __all__ = [
 
 def _check_shared_options(options: Mapping[str, Any]) -> None:
     """The reduction and ignore_index of a softmax loss, as its function checks them."""
-    softmax.check_softmax_options(
-        reduction=options.get("reduction", "mean"),
-        label_smoothing=0.0,
-        z_loss=0.0,
-        softcap=None,
-        ignore_index=options.get("ignore_index", -100),
-    )
+    check_reduction_and_ignore_index(options.get("reduction", "mean"), options.get("ignore_index", -100))
 
 
 class _Loss(torch.nn.Module):
-    """Stores options and forwards every call to :attr:`function` with them; a loss with a row-loss description
-    (:attr:`describe`) has its options checked at construction, with the function's messages."""
+    """Stores options and forwards every call to :attr:`function` with them; a loss of the fused family
+    (:data:`xent.losses.family.FAMILY`) has its options checked at construction, with the function's messages."""
 
     function: Callable[..., torch.Tensor]
     tensor_options: tuple[str, ...] = ("weight",)
-    describe: Callable[..., dict[str, Any]] | None = None
 
     def __init__(self, **options: object) -> None:
         super().__init__()
-        describe = type(self).describe
-        if describe is not None:
+        entry = entry_of_function(type(self).function)
+        if entry is not None:
             _check_shared_options(options)
-            check_loss_options(describe, options)
+            entry.check_values(options)
         self._option_names = tuple(options)
         for name, value in options.items():
             if name in self.tensor_options and (value is None or isinstance(value, torch.Tensor)):
@@ -175,8 +169,8 @@ class LinearLoss(torch.nn.Module):
 
     def __init__(self, loss: Callable[..., torch.Tensor] | str, **options: object) -> None:
         super().__init__()
-        name, _, describe = linear_loss_entry(loss)
-        self.loss_name, self._option_names = name, tuple(options)
+        entry = family_loss(loss)
+        self.loss_name, self._option_names = entry.name, tuple(options)
         for key, value in options.items():  # tensors are buffers: they follow .to(device) and the state_dict
             if isinstance(value, torch.Tensor):
                 self.register_buffer(key, value)
@@ -184,7 +178,7 @@ class LinearLoss(torch.nn.Module):
                 setattr(self, key, value)
         # the loss's own options, the reduction and ignore_index are checked now; weight etc. with the tensors
         _check_shared_options(options)
-        check_loss_options(describe, options)
+        entry.check_values(options)
 
     def forward(
         self,
@@ -247,7 +241,6 @@ class FocalLoss(_Loss):
     """Module form of :func:`xent.focal_loss` (softmax focal loss, Lin et al., 2017)."""
 
     function = staticmethod(losses.focal_loss)
-    describe = staticmethod(focal.describe_focal)
     tensor_options = ("weight", "alpha")
 
     def __init__(
@@ -275,7 +268,6 @@ class Poly1CrossEntropyLoss(_Loss):
     """Module form of :func:`xent.poly1_cross_entropy` (Leng et al., 2022)."""
 
     function = staticmethod(losses.poly1_cross_entropy)
-    describe = staticmethod(focal.describe_poly1)
 
     def __init__(
         self,
@@ -298,7 +290,6 @@ class LogitAdjustedCrossEntropyLoss(_Loss):
     """Module form of :func:`xent.logit_adjusted_cross_entropy` (Menon et al., 2021)."""
 
     function = staticmethod(losses.logit_adjusted_cross_entropy)
-    describe = staticmethod(imbalance.describe_logit_adjusted)
     tensor_options = ("weight", "class_counts")
 
     def __init__(
@@ -324,7 +315,6 @@ class BalancedSoftmaxCrossEntropyLoss(_Loss):
     """Module form of :func:`xent.balanced_softmax_cross_entropy` (Ren et al., 2020)."""
 
     function = staticmethod(losses.balanced_softmax_cross_entropy)
-    describe = staticmethod(imbalance.describe_balanced_softmax)
     tensor_options = ("weight", "class_counts")
 
     def __init__(
@@ -349,7 +339,6 @@ class LDAMLoss(_Loss):
     :func:`xent.deferred_reweighting` at the start of each epoch."""
 
     function = staticmethod(losses.ldam_loss)
-    describe = staticmethod(imbalance.describe_ldam)
     tensor_options = ("weight", "class_counts")
 
     def __init__(
@@ -375,7 +364,6 @@ class GeneralizedCrossEntropyLoss(_Loss):
     """Module form of :func:`xent.generalized_cross_entropy` (Zhang & Sabuncu, 2018)."""
 
     function = staticmethod(losses.generalized_cross_entropy)
-    describe = staticmethod(robust.describe_generalized)
 
     def __init__(
         self, q: float = 0.7, weight: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean"
@@ -387,7 +375,6 @@ class SymmetricCrossEntropyLoss(_Loss):
     """Module form of :func:`xent.symmetric_cross_entropy` (Wang et al., 2019)."""
 
     function = staticmethod(losses.symmetric_cross_entropy)
-    describe = staticmethod(robust.describe_symmetric)
 
     def __init__(
         self,

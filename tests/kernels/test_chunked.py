@@ -7,7 +7,7 @@ import torch
 
 import xent
 from tests.conftest import assert_close
-from xent.core.rowloss import SoftmaxOptions
+from xent.core.rowloss import RowLoss
 from xent.kernels import chunked, dispatch
 
 OPTIONS = list(
@@ -141,7 +141,7 @@ def test_second_backward_is_refused_with_a_clear_message():
 def test_gradcheck(reduction):
     logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     target = torch.tensor([0, 4, -100, 2, 2, 1])
-    options = SoftmaxOptions(
+    options = RowLoss(
         weight=torch.rand(5, dtype=torch.float64) + 0.5, label_smoothing=0.2, z_loss=0.05, softcap=2.0
     )
 

@@ -8,7 +8,7 @@ import xent
 from tests.conftest import assert_close
 from tests.test_gradient_rule import gradients
 from xent.core import reference, rowloss
-from xent.core.rowloss import SoftmaxOptions
+from xent.core.rowloss import RowLoss
 from xent.kernels import chunked
 
 C = 7
@@ -175,7 +175,7 @@ def test_token_weights_scale_each_token_and_enter_the_mean():
 
 
 def test_options_dataclass_defaults_describe_cross_entropy():
-    options = SoftmaxOptions()
+    options = RowLoss()
     assert options.term == rowloss.CROSS_ENTROPY and not options.transforms_per_class
 
 

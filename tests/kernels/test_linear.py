@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import xent
 from tests.conftest import assert_close
-from xent.core.rowloss import SoftmaxOptions
+from xent.core.rowloss import RowLoss
 from xent.kernels import linear
 
 N, D, V = 23, 6, 13
@@ -148,7 +148,7 @@ def test_all_ignored_and_no_grad():
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_gradcheck(reduction):
     x, w, b, target = _problem(batch=(9,))
-    options = SoftmaxOptions(
+    options = RowLoss(
         weight=torch.rand(V, dtype=torch.float64) + 0.5, label_smoothing=0.1, z_loss=0.05, softcap=2.5
     )
 

@@ -123,7 +123,7 @@ CROSS_ENTROPY = TargetTerm()
 
 
 @dataclass(frozen=True)
-class SoftmaxOptions:
+class RowLoss:
     """The description of a row loss (see the module docstring), bundled so that kernels take one argument.
 
     Tensors are already checked: ``weight``, ``alpha``, ``class_offset`` and ``target_margin`` have shape ``(C,)``,
@@ -148,7 +148,7 @@ class SoftmaxOptions:
         return self.class_offset is not None or self.target_margin is not None or self.logit_scale != 1.0
 
 
-def mean_denominator(target: torch.Tensor, options: SoftmaxOptions, dtype: torch.dtype) -> torch.Tensor:
+def mean_denominator(target: torch.Tensor, options: RowLoss, dtype: torch.dtype) -> torch.Tensor:
     """What ``reduction="mean"`` divides by: Σ r_n w_y over non-ignored targets, or Σ r_n for probabilities."""
     token_weight = None if options.token_weight is None else options.token_weight.to(dtype)
     if target.is_floating_point():

@@ -36,12 +36,13 @@ import torch.distributed as dist
 
 from xent.core.reduce import accumulation_dtype, reduce_loss
 from xent.core.reference import without_ignored_rows
-from xent.core.rowloss import SoftmaxOptions
+from xent.core.rowloss import RowLoss
 from xent.distributed.agreement import GIVEN, Terms, agree
 from xent.kernels.linear import default_chunk_size
 from xent.losses import _checks
-from xent.losses.linear import check_head, check_loss_options, describe_options, linear_loss_entry
-from xent.losses.softmax import check_softmax_options, cross_entropy
+from xent.losses.family import check_fused_call, family_loss
+from xent.losses.linear import check_head
+from xent.losses.softmax import cross_entropy
 
 __all__ = [
     "vocab_parallel_cross_entropy",
@@ -59,7 +60,7 @@ class _Shard:
     offset: int
     size: int
     vocab: int
-    options: SoftmaxOptions
+    options: RowLoss
 
     @property
     def columns(self) -> slice:
@@ -336,20 +337,15 @@ def _check_locally(
 ) -> torch.Tensor | None:
     """The checks of the loss, its options, the target and the rank's weight slice that need no other rank, and
     what the ranks must agree on, into ``terms``; returns the checked weight. Raises the first failure."""
-    name, _, describe = linear_loss_entry(loss)
-    _, _, softcap = check_softmax_options(
-        reduction=reduction, label_smoothing=0.0, z_loss=0.0, softcap=softcap, ignore_index=ignore_index
-    )
-    accepted = describe_options(describe)
-    unknown = sorted(set(loss_options) - accepted)
-    if unknown:
-        raise TypeError(f"{name} has no option {unknown[0]!r}; its options: {', '.join(sorted(accepted))}")
-    check_loss_options(describe, loss_options)  # the vocabulary's size is not known yet: that part comes after
+    entry = family_loss(loss)
+    _checks.check_reduction_and_ignore_index(reduction, ignore_index)
+    softcap = check_fused_call(entry, loss_options, softcap=softcap)
+    entry.check_values(loss_options)  # the vocabulary's size is not known yet: that part comes after
     weight = _checked_weight(weight, size, device)
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
     # what every rank must pass alike: the row-loss options, the target (shape and contents), whether it is weighted
-    terms.agreed.update({"loss": name, "reduction": reduction, "ignore_index": ignore_index, "softcap": softcap})
+    terms.agreed.update({"loss": entry.name, "reduction": reduction, "ignore_index": ignore_index, "softcap": softcap})
     terms.agreed.update({key: _agreed_value(value) for key, value in sorted(loss_options.items())})
     terms.agreed.update({"weight": None if weight is None else GIVEN, "target": target.long()})
     terms.size, terms.target, terms.ignore_index = size, target.reshape(-1).long(), ignore_index
@@ -376,15 +372,11 @@ def _agree(
     then the loss's description over the whole vocabulary and the rank's offset; and the chunk size every rank
     uses."""
     agreement = agree(terms, group, device)
-    _, _, describe = linear_loss_entry(loss)
     vocab = sum(agreement.sizes)
     if softcap is not None:
         softcap = float(softcap)
-    if "softcap" in describe_options(describe):
-        loss_options = {**loss_options, "softcap": softcap}
     # the options agree on every rank, so the description's checks (per-class lengths against V) fail alike
-    description = {"softcap": softcap, **describe(vocab, **loss_options)}
-    options = SoftmaxOptions(ignore_index=ignore_index, **description)
+    options = family_loss(loss).description(vocab, loss_options, softcap=softcap, ignore_index=ignore_index)
     rank = dist.get_rank(group)
     return _Shard(group, sum(agreement.sizes[:rank]), agreement.sizes[rank], vocab, options), agreement.chunk_size
 

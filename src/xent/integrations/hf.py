@@ -44,7 +44,8 @@ except ImportError as error:  # pragma: no cover - exercised without the extra o
 from xent._config import value_checks, value_checks_enabled
 from xent.integrations.heads import LinearHead, causal_lm, head_parts, widen
 from xent.losses import _checks
-from xent.losses.linear import accumulated_linear_loss, check_loss_options, describe_options, linear_loss_entry
+from xent.losses.family import check_fused_call, family_loss
+from xent.losses.linear import accumulated_linear_loss
 
 __all__ = ["HeadOutput", "is_patched", "patch", "unpatch"]
 
@@ -174,23 +175,23 @@ class FusedLoss:
 
     @classmethod
     def build(cls, loss: Any, options: dict[str, Any]) -> FusedLoss:
-        _, function, describe = linear_loss_entry("cross_entropy" if loss is None else loss)
+        entry = family_loss("cross_entropy" if loss is None else loss)
         for reserved in ("ignore_index", "reduction", "linear_bias"):
             if reserved in options:
                 raise TypeError(
                     f"{reserved} is the model's to set (transformers' causal-LM loss decides it), not a loss option"
                 )
-        _checks.check_chunk_size(options.get("chunk_size"))
-        if options.get("softcap") is not None:  # every fused loss takes a cap (xent.linear_loss)
-            _checks.check_in_range("softcap", options["softcap"], 0.0, low_inclusive=False)
         own = {key: value for key, value in options.items() if key not in (*cls.PATH_OPTIONS, "softcap")}
-        accepted = describe_options(describe)
-        unknown = sorted(set(own) - accepted)
-        if unknown:
-            shown = ", ".join(sorted({*accepted, "softcap", *cls.PATH_OPTIONS}))
-            raise TypeError(f"{function.__name__} has no option {unknown[0]!r}; its options: {shown}")
-        check_loss_options(describe, own)
-        return cls(function, dict(options))
+        check_fused_call(  # every fused loss takes a cap (xent.linear_loss)
+            entry,
+            own,
+            softcap=options.get("softcap"),
+            chunk_size=options.get("chunk_size"),
+            weight_grad_dtype=options.get("weight_grad_dtype"),
+            also=("softcap", *cls.PATH_OPTIONS),
+        )
+        entry.check_values(own)
+        return cls(entry.function, dict(options))
 
     # Under torch.compile the model is compiled and its loss runs eagerly: the fused kernels are chunk loops and
     # value checks that a graph would unroll or break on, at no gain.

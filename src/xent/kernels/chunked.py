@@ -31,7 +31,7 @@ import torch
 from xent.core.autocast import autocast_off
 from xent.core.reduce import accumulation_dtype, safe_divide
 from xent.core.reference import reference_cross_entropy
-from xent.core.rowloss import SoftmaxOptions, mean_denominator
+from xent.core.rowloss import RowLoss, mean_denominator
 from xent.kernels.threads import for_each_block
 from xent.kernels.triton import triton_installed
 
@@ -56,7 +56,7 @@ def loss_and_grad_(
     logits: torch.Tensor,
     grad: torch.Tensor | None,
     target: torch.Tensor,
-    options: SoftmaxOptions,
+    options: RowLoss,
     grad_scale: torch.Tensor,
     *,
     block_rows: int | None = None,
@@ -101,7 +101,7 @@ class _RowTerms:
     :math:`s` and the soft cap's :math:`1 - \tanh^2`.
     """
 
-    def __init__(self, logits: torch.Tensor, target: torch.Tensor, options: SoftmaxOptions, scale: torch.Tensor):
+    def __init__(self, logits: torch.Tensor, target: torch.Tensor, options: RowLoss, scale: torch.Tensor):
         num_rows, num_classes = logits.shape
         self.dtype = dtype = scale.dtype
         self.options, self.target = options, target
@@ -298,7 +298,7 @@ class _IgnoredRows:
 
 # A row kernel: `kernel(logits, grad, target, options, grad_scale) -> losses`, with the contract of
 # `loss_and_grad_` — per-row losses, and the scaled gradient written into `grad` (which may be `logits`, or None).
-RowKernel = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, SoftmaxOptions, torch.Tensor], torch.Tensor]
+RowKernel = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, RowLoss, torch.Tensor], torch.Tensor]
 
 
 SECOND_ORDER_MESSAGE = (
@@ -350,7 +350,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         logits: torch.Tensor,
         target: torch.Tensor,
         weight: torch.Tensor | None,
-        options: SoftmaxOptions,
+        options: RowLoss,
         reduction: str,
         inplace_backward: bool,
         allow_retain_graph: bool,
@@ -422,7 +422,7 @@ def scale_(grad: torch.Tensor, factor: torch.Tensor) -> None:
 def chunked_cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
-    options: SoftmaxOptions,
+    options: RowLoss,
     reduction: str,
     *,
     inplace_backward: bool = False,

@@ -11,7 +11,7 @@ import os
 import torch
 
 from xent.core.reference import reference_cross_entropy, reference_linear_cross_entropy
-from xent.core.rowloss import SoftmaxOptions
+from xent.core.rowloss import RowLoss
 from xent.kernels import chunked
 from xent.kernels import linear as chunked_linear
 from xent.kernels.triton import triton_installed
@@ -85,7 +85,7 @@ def choose_cross_entropy(
 UNDIFFERENTIATED = ("alpha", "token_weight", "class_offset", "target_margin")
 
 
-def _requiring_grad(options: SoftmaxOptions) -> list[str]:
+def _requiring_grad(options: RowLoss) -> list[str]:
     if not torch.is_grad_enabled():
         return []
     return [name for name in UNDIFFERENTIATED if (value := getattr(options, name)) is not None and value.requires_grad]
@@ -95,7 +95,7 @@ def choose_softmax_loss(
     impl: str | None,
     logits: torch.Tensor,
     target: torch.Tensor,
-    options: SoftmaxOptions,
+    options: RowLoss,
     *,
     inplace_backward: bool = False,
 ) -> str:
@@ -118,7 +118,7 @@ def dispatch_cross_entropy(
     impl: str | None,
     logits: torch.Tensor,
     target: torch.Tensor,
-    options: SoftmaxOptions,
+    options: RowLoss,
     reduction: str,
     *,
     inplace_backward: bool = False,
@@ -139,7 +139,7 @@ def dispatch_linear_cross_entropy(
     linear_weight: torch.Tensor,
     linear_bias: torch.Tensor | None,
     target: torch.Tensor,
-    options: SoftmaxOptions,
+    options: RowLoss,
     reduction: str,
     *,
     chunk_size: int | None = None,

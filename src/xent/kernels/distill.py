@@ -19,7 +19,7 @@ from typing import cast
 import torch
 
 from xent.core.reduce import accumulation_dtype
-from xent.core.rowloss import SoftmaxOptions
+from xent.core.rowloss import RowLoss
 from xent.kernels import chunked
 from xent.kernels.linear import ChunkLoss
 
@@ -31,7 +31,7 @@ def distillation_chunk_loss(
     temperature: float,
     soft_factor: float | torch.Tensor,
     kernel: chunked.RowKernel,
-    hard: tuple[torch.Tensor, SoftmaxOptions, float | torch.Tensor] | None = None,
+    hard: tuple[torch.Tensor, RowLoss, float | torch.Tensor] | None = None,
 ) -> ChunkLoss:
     """The chunk loss ``soft_factor · T² KL(q ‖ p) + hard_factor · CE(S, y)`` of each token.
 
@@ -42,7 +42,7 @@ def distillation_chunk_loss(
         kernel: the row kernel (chunked PyTorch or Triton).
         hard: ``(target (N,), its options, hard_factor)`` for the hard-label cross-entropy, or None.
     """
-    soft_options = SoftmaxOptions(logit_scale=1.0 / temperature)
+    soft_options = RowLoss(logit_scale=1.0 / temperature)
     squared = temperature**2
 
     def chunk_loss(logits: torch.Tensor, rows: slice, grad_scale: torch.Tensor, needs_grad: bool) -> torch.Tensor:

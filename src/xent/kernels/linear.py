@@ -33,7 +33,7 @@ import torch
 
 from xent.core.reduce import accumulation_dtype, safe_divide
 from xent.core.reference import reference_linear_cross_entropy
-from xent.core.rowloss import SoftmaxOptions, mean_denominator
+from xent.core.rowloss import RowLoss, mean_denominator
 from xent.kernels import chunked
 
 # Bytes of one float32 logits chunk (c × V) on the CPU, where the chunk is the only memory beyond the inputs and
@@ -84,7 +84,7 @@ ChunkLoss = Callable[[torch.Tensor, slice, torch.Tensor, bool], torch.Tensor]
 _Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
 
-def row_kernel_loss(target: torch.Tensor, options: SoftmaxOptions, kernel: chunked.RowKernel) -> ChunkLoss:
+def row_kernel_loss(target: torch.Tensor, options: RowLoss, kernel: chunked.RowKernel) -> ChunkLoss:
     """The chunk loss of a row-loss description: the row kernel, in place on each chunk's logits."""
 
     def chunk_loss(logits: torch.Tensor, rows: slice, grad_scale: torch.Tensor, needs_grad: bool) -> torch.Tensor:
@@ -262,7 +262,7 @@ def chunked_linear_cross_entropy(
     linear_weight: torch.Tensor,
     linear_bias: torch.Tensor | None,
     target: torch.Tensor,
-    options: SoftmaxOptions,
+    options: RowLoss,
     reduction: str,
     chunk_size: int | None = None,
     *,

@@ -29,6 +29,18 @@ def check_reduction(reduction: str, allowed: Sequence[str] = REDUCTIONS) -> None
         raise ValueError(f"reduction must be one of {options}, got {reduction!r}")
 
 
+def check_ignore_index(ignore_index: object) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
+    return ignore_index
+
+
+def check_reduction_and_ignore_index(reduction: str, ignore_index: object) -> None:
+    """The two options every softmax loss of the family shares, whatever its own."""
+    check_reduction(reduction)
+    check_ignore_index(ignore_index)
+
+
 def check_tensor(name: str, value: object) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")

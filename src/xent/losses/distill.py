@@ -7,7 +7,7 @@ import torch
 from xent._config import value_checks_enabled
 from xent.core.autocast import autocast_off, cast_for_linear, float32_under_autocast, result_dtype
 from xent.core.reduce import accumulation_dtype, reduce_loss, safe_divide
-from xent.core.rowloss import SoftmaxOptions, mean_denominator
+from xent.core.rowloss import RowLoss, mean_denominator
 from xent.kernels import dispatch
 from xent.kernels.distill import distillation_chunk_loss
 from xent.kernels.linear import default_chunk_size, fused_linear_loss
@@ -197,7 +197,7 @@ def linear_distillation_loss(
             f"teacher_linear_weight has {teacher_linear_weight.shape[0]} classes but linear_weight has "
             f"{linear_weight.shape[0]}; student and teacher must share the vocabulary"
         )
-    hard_options = SoftmaxOptions(ignore_index=ignore_index)
+    hard_options = RowLoss(ignore_index=ignore_index)
     if target is not None:
         checked_options(hard_options, None, flat_target, linear_weight.shape[0])
     num_tokens = flat_input.shape[0]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from xent.core.autocast import float32_under_autocast
 from xent.core.reduce import accumulation_dtype, reduce_loss
-from xent.core.rowloss import FocalTerm, Poly1Term
+from xent.core.rowloss import FocalTerm, Poly1Term, RowLoss
 from xent.losses import _checks
 from xent.losses.sigmoid import binary_cross_entropy_with_logits, check_binary_pair
 from xent.losses.softmax import class_dimension, class_index_loss, cross_entropy, fused_index_loss, target_log_prob
@@ -130,13 +130,12 @@ def focal_loss(
     """
     class_dim = class_dimension(input)
     description = describe_focal(input.shape[class_dim], gamma=gamma, alpha=alpha)
-    gamma, alpha = description["term"].gamma, description["alpha"]
+    gamma, alpha = cast(FocalTerm, description.term).gamma, description.alpha  # alpha: a (C,) tensor or None
 
     def row_loss(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         log_p = target_log_prob(log_probs, target)
         loss = -_modulating_factor(_log_one_minus_exp(log_p), gamma) * log_p
-        # describe_focal turned alpha into a (C,) tensor
-        return loss if alpha is None else loss * cast(torch.Tensor, alpha).to(loss.dtype)[target]
+        return loss if alpha is None else loss * alpha.to(loss.dtype)[target]
 
     options: dict[str, Any] = {
         "weight": weight,
@@ -150,20 +149,16 @@ def focal_loss(
         target,
         lambda: class_index_loss("focal_loss", input, target, row_loss, **options),
         impl=impl,
-        **description,
+        description=description,
         **options,
     )
 
 
-def describe_focal(
-    num_classes: int, *, gamma: float = 2.0, alpha: float | torch.Tensor | None = None
-) -> dict[str, Any]:
-    """The row-loss description of :func:`focal_loss` (checked options → :class:`~xent.core.rowloss.SoftmaxOptions`
-    fields)."""
-    return {
-        "term": FocalTerm(gamma=_checks.check_in_range("gamma", gamma, 0.0)),
-        "alpha": _check_alpha(alpha, num_classes),
-    }
+def describe_focal(num_classes: int, *, gamma: float = 2.0, alpha: float | torch.Tensor | None = None) -> RowLoss:
+    """The row-loss description of :func:`focal_loss`'s own options, checked."""
+    return RowLoss(
+        term=FocalTerm(gamma=_checks.check_in_range("gamma", gamma, 0.0)), alpha=_check_alpha(alpha, num_classes)
+    )
 
 
 def _check_alpha(alpha: float | torch.Tensor | None, num_classes: int) -> torch.Tensor | None:
@@ -282,7 +277,7 @@ def poly1_cross_entropy(
         ICLR 2022.
     """
     description = describe_poly1(0, epsilon=epsilon, label_smoothing=label_smoothing)
-    epsilon, label_smoothing = description["term"].epsilon, description["label_smoothing"]
+    epsilon, label_smoothing = cast(Poly1Term, description.term).epsilon, description.label_smoothing
     options: dict[str, Any] = {
         "weight": weight,
         "ignore_index": ignore_index,
@@ -307,14 +302,14 @@ def poly1_cross_entropy(
         target,
         readable,
         impl=impl,
-        **description,
+        description=description,
         **options,
     )
 
 
-def describe_poly1(num_classes: int, *, epsilon: float = 1.0, label_smoothing: float = 0.0) -> dict[str, Any]:
-    """The row-loss description of :func:`poly1_cross_entropy`."""
-    return {
-        "term": Poly1Term(epsilon=_checks.check_in_range("epsilon", epsilon, -1.0)),
-        "label_smoothing": _checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0),
-    }
+def describe_poly1(num_classes: int, *, epsilon: float = 1.0, label_smoothing: float = 0.0) -> RowLoss:
+    """The row-loss description of :func:`poly1_cross_entropy`'s own options, checked."""
+    return RowLoss(
+        term=Poly1Term(epsilon=_checks.check_in_range("epsilon", epsilon, -1.0)),
+        label_smoothing=_checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0),
+    )

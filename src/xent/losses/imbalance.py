@@ -8,11 +8,12 @@ rule, :func:`check_class_counts`), never a silent weight of 0.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from xent.core.autocast import float32_under_autocast
+from xent.core.rowloss import RowLoss
 from xent.losses import _checks
 from xent.losses.softmax import canonicalize, class_dimension, cross_entropy, fused_index_loss
 
@@ -164,7 +165,7 @@ def logit_adjusted_cross_entropy(
     description = describe_logit_adjusted(
         input.shape[class_dim], class_counts=class_counts, tau=tau, label_smoothing=label_smoothing
     )
-    label_smoothing = description["label_smoothing"]
+    label_smoothing = description.label_smoothing
     offset = _log_prior_offset(input, class_counts, tau)  # (C, 1, ..., 1)
     options: dict[str, Any] = {
         "weight": weight,
@@ -180,26 +181,26 @@ def logit_adjusted_cross_entropy(
             input + offset.to(input.dtype), target, label_smoothing=label_smoothing, impl="reference", **options
         ),
         impl=impl,
-        **description,
+        description=description,
         **options,
     )
 
 
 def describe_logit_adjusted(
     num_classes: int, *, class_counts: torch.Tensor | Sequence[float], tau: float = 1.0, label_smoothing: float = 0.0
-) -> dict[str, Any]:
+) -> RowLoss:
     """The row-loss description of :func:`logit_adjusted_cross_entropy`: the offset τ log π of every class."""
     tau = _checks.check_in_range("tau", tau, 0.0)
     counts = check_class_counts(class_counts, num_classes=num_classes)
-    return {
-        "class_offset": tau * torch.log(counts / counts.sum()),
-        "label_smoothing": _checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0),
-    }
+    return RowLoss(
+        class_offset=tau * torch.log(counts / counts.sum()),
+        label_smoothing=_checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0),
+    )
 
 
 def describe_balanced_softmax(
     num_classes: int, *, class_counts: torch.Tensor | Sequence[float], label_smoothing: float = 0.0
-) -> dict[str, Any]:
+) -> RowLoss:
     """The row-loss description of :func:`balanced_softmax_cross_entropy`."""
     return describe_logit_adjusted(num_classes, class_counts=class_counts, tau=1.0, label_smoothing=label_smoothing)
 
@@ -305,7 +306,7 @@ def ldam_loss(
         raise TypeError("ldam_loss takes class indices as target, not probabilities")
     class_dim = class_dimension(input)
     description = describe_ldam(input.shape[class_dim], class_counts=class_counts, max_margin=max_margin, scale=scale)
-    margins, scale = description["target_margin"], description["logit_scale"]
+    margins, scale = cast(torch.Tensor, description.target_margin), description.logit_scale
     _checks.check_class_indices(target, margins.numel(), ignore_index)
     options: dict[str, Any] = {
         "weight": weight,
@@ -329,17 +330,17 @@ def ldam_loss(
         target,
         readable,
         impl=impl,
-        **description,
+        description=description,
         **options,
     )
 
 
 def describe_ldam(
     num_classes: int, *, class_counts: torch.Tensor | Sequence[float], max_margin: float = 0.5, scale: float = 30.0
-) -> dict[str, Any]:
+) -> RowLoss:
     """The row-loss description of :func:`ldam_loss`: the margin of every class and the scale."""
     counts = check_class_counts(class_counts, num_classes=num_classes)
-    return {
-        "target_margin": ldam_margins(counts, max_margin),
-        "logit_scale": _checks.check_in_range("scale", scale, 0.0, low_inclusive=False),
-    }
+    return RowLoss(
+        target_margin=ldam_margins(counts, max_margin),
+        logit_scale=_checks.check_in_range("scale", scale, 0.0, low_inclusive=False),
+    )

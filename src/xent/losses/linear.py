@@ -3,24 +3,16 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from xent.core.autocast import autocast_off, cast_for_linear, result_dtype
 from xent.core.reference import without_ignored_rows
-from xent.core.rowloss import SoftmaxOptions
 from xent.kernels.dispatch import dispatch_linear_cross_entropy
-from xent.losses import _checks, focal, imbalance, robust
-from xent.losses.softmax import (
-    check_softmax_options,
-    check_token_weight,
-    checked_options,
-    cross_entropy,
-    describe_cross_entropy,
-)
+from xent.losses import _checks
+from xent.losses.family import FAMILY, check_fused_call, family_loss
+from xent.losses.softmax import check_token_weight, checked_options, cross_entropy
 
 HEAD_NAMES = ("input", "linear_weight", "linear_bias")
 
@@ -162,47 +154,8 @@ def linear_cross_entropy(
     )
 
 
-# The losses linear_loss fuses: each public function with the description of its own options.
-LINEAR_LOSSES: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., dict[str, Any]]]] = {
-    "cross_entropy": (cross_entropy, describe_cross_entropy),
-    "focal_loss": (focal.focal_loss, focal.describe_focal),
-    "poly1_cross_entropy": (focal.poly1_cross_entropy, focal.describe_poly1),
-    "generalized_cross_entropy": (robust.generalized_cross_entropy, robust.describe_generalized),
-    "symmetric_cross_entropy": (robust.symmetric_cross_entropy, robust.describe_symmetric),
-    "logit_adjusted_cross_entropy": (imbalance.logit_adjusted_cross_entropy, imbalance.describe_logit_adjusted),
-    "balanced_softmax_cross_entropy": (imbalance.balanced_softmax_cross_entropy, imbalance.describe_balanced_softmax),
-    "ldam_loss": (imbalance.ldam_loss, imbalance.describe_ldam),
-}
-
-
-def describe_options(describe: Callable[..., dict[str, Any]]) -> set[str]:
-    """The loss's own option names: the keyword arguments of its description."""
-    return set(inspect.signature(describe).parameters) - {"num_classes"}
-
-
-def check_loss_options(describe: Callable[..., dict[str, Any]], options: dict[str, Any]) -> None:
-    """Check a loss's own options without its tensors, as a module's constructor does: the number of classes is
-    taken from a per-class option (class counts, a per-class α) when there is one."""
-    own = {key: value for key, value in options.items() if key in describe_options(describe)}
-    per_class = [len(value) for value in own.values() if isinstance(value, (list, tuple))
-                 or (isinstance(value, torch.Tensor) and value.dim() > 0)]  # fmt: skip
-    describe(per_class[0] if per_class else 1, **own)
-
-
-def linear_loss_entry(loss: object) -> tuple[str, Callable[..., torch.Tensor], Callable[..., dict[str, Any]]]:
-    names = ", ".join(LINEAR_LOSSES)
-    if isinstance(loss, str):
-        if loss not in LINEAR_LOSSES:
-            raise ValueError(f"loss must be one of {names} (or the function itself), got {loss!r}")
-        return (loss, *LINEAR_LOSSES[loss])
-    for name, (function, describe) in LINEAR_LOSSES.items():
-        if loss is function:
-            return name, function, describe
-    shown = getattr(loss, "__name__", type(loss).__name__)
-    raise TypeError(
-        f"loss must be an index-target softmax loss of xent that the kernels fuse ({names}), got {shown}; "
-        "binary, distillation and other losses have no fused linear form"
-    )
+# Until xent.cli reads xent.losses.family: the names `xent bench --loss` offers.
+LINEAR_LOSSES = FAMILY
 
 
 def linear_loss(
@@ -294,23 +247,11 @@ def accumulated_linear_loss(
 ) -> torch.Tensor:
     """:func:`linear_loss` before its result is cast to the input's dtype: float32 (float64 for float64 inputs) from
     the fused implementations, as a loss of upcast logits would be (Hugging Face models compute theirs so)."""
-    name, function, describe = linear_loss_entry(loss)
-    _, _, softcap = check_softmax_options(
-        reduction=reduction, label_smoothing=0.0, z_loss=0.0, softcap=softcap, ignore_index=ignore_index
+    entry = family_loss(loss)
+    _checks.check_reduction_and_ignore_index(reduction, ignore_index)
+    softcap = check_fused_call(
+        entry, loss_options, softcap=softcap, chunk_size=chunk_size, weight_grad_dtype=weight_grad_dtype
     )
-    _checks.check_chunk_size(chunk_size)
-    if weight_grad_dtype is not None and not isinstance(weight_grad_dtype, torch.dtype):
-        raise TypeError(f"weight_grad_dtype must be a torch.dtype or None, got {weight_grad_dtype!r}")
-    if weight_grad_dtype is not None and not weight_grad_dtype.is_floating_point:
-        raise ValueError(f"weight_grad_dtype must be a floating-point dtype, got {weight_grad_dtype}")
-    accepted = describe_options(describe)
-    unknown = sorted(set(loss_options) - accepted)
-    if unknown:
-        raise TypeError(f"{name} has no option {unknown[0]!r}; its options: {', '.join(sorted(accepted))}")
-    # The cap is cross_entropy's own option; any other loss reads the capped logits.
-    own_cap = "softcap" in accepted
-    if own_cap:
-        loss_options["softcap"] = softcap
     # Under autocast the head runs as F.linear would, in the autocast dtype, and the loss in float32.
     input, linear_weight, linear_bias = (
         cast_for_linear(input),
@@ -318,24 +259,28 @@ def accumulated_linear_loss(
         cast_for_linear(linear_bias),
     )
     flat_input, flat_target, batch_shape = canonicalize_linear(input, linear_weight, linear_bias, target)
-    if flat_target.is_floating_point() and name != "cross_entropy":
+    if flat_target.is_floating_point() and not entry.takes_probabilities:
         raise TypeError(
-            f"{name} takes class indices as target, of shape {_checks.shape_str(batch_shape)}, not probabilities"
+            f"{entry.name} takes class indices as target, of shape {_checks.shape_str(batch_shape)}, not probabilities"
         )
     vocab = linear_weight.shape[0]
     flat_token_weight = check_token_weight(token_weight, batch_shape)
-    description = {"softcap": softcap, **describe(vocab, **loss_options)}
-    options = SoftmaxOptions(ignore_index=ignore_index, token_weight=flat_token_weight, **description)
-    options = checked_options(options, weight, flat_target, vocab)
+    description = entry.description(
+        vocab, loss_options, softcap=softcap, ignore_index=ignore_index, token_weight=flat_token_weight
+    )
+    options = checked_options(description, weight, flat_target, vocab)
     with autocast_off(input):
         if impl == "reference":
             logits = torch.nn.functional.linear(
                 without_ignored_rows(flat_input, flat_target, ignore_index), linear_weight, linear_bias
             )
-            if softcap is not None and not own_cap:
+            own_options = {**loss_options, "softcap": softcap} if entry.caps_itself else loss_options
+            if softcap is not None and not entry.caps_itself:
                 logits = softcap * torch.tanh(logits / softcap)
             shared = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction}
-            result = function(logits, flat_target, token_weight=flat_token_weight, impl=impl, **shared, **loss_options)
+            result = entry.function(
+                logits, flat_target, token_weight=flat_token_weight, impl=impl, **shared, **own_options
+            )
         else:
             result = dispatch_linear_cross_entropy(
                 impl,

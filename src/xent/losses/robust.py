@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from xent.core.autocast import float32_under_autocast
-from xent.core.rowloss import GeneralizedTerm, SymmetricTerm
+from xent.core.rowloss import GeneralizedTerm, RowLoss, SymmetricTerm
 from xent.losses import _checks
 from xent.losses.softmax import class_index_loss, cross_entropy, fused_index_loss, target_log_prob
 
@@ -61,14 +61,14 @@ def generalized_cross_entropy(
         target,
         lambda: class_index_loss("generalized_cross_entropy", input, target, row_loss, **options),
         impl=impl,
-        **describe_generalized(0, q=q),
+        description=describe_generalized(0, q=q),
         **options,
     )
 
 
-def describe_generalized(num_classes: int, *, q: float = 0.7) -> dict[str, Any]:
+def describe_generalized(num_classes: int, *, q: float = 0.7) -> RowLoss:
     """The row-loss description of :func:`generalized_cross_entropy`."""
-    return {"term": GeneralizedTerm(q=_checks.check_in_range("q", q, 0.0, 1.0, low_inclusive=False))}
+    return RowLoss(term=GeneralizedTerm(q=_checks.check_in_range("q", q, 0.0, 1.0, low_inclusive=False)))
 
 
 @float32_under_autocast
@@ -131,16 +131,14 @@ def symmetric_cross_entropy(
         target,
         readable,
         impl=impl,
-        **describe_symmetric(0, alpha=alpha, beta=beta, log_zero=log_zero),
+        description=describe_symmetric(0, alpha=alpha, beta=beta, log_zero=log_zero),
         **options,
     )
 
 
-def describe_symmetric(
-    num_classes: int, *, alpha: float = 0.1, beta: float = 1.0, log_zero: float = -4.0
-) -> dict[str, Any]:
+def describe_symmetric(num_classes: int, *, alpha: float = 0.1, beta: float = 1.0, log_zero: float = -4.0) -> RowLoss:
     """The row-loss description of :func:`symmetric_cross_entropy`."""
     alpha = _checks.check_in_range("alpha", alpha, 0.0)
     beta = _checks.check_in_range("beta", beta, 0.0)
     log_zero = _checks.check_in_range("log_zero", log_zero, high=0.0, high_inclusive=False)
-    return {"term": SymmetricTerm(alpha=alpha, beta=beta, log_zero=log_zero)}
+    return RowLoss(term=SymmetricTerm(alpha=alpha, beta=beta, log_zero=log_zero))

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from xent.core.autocast import autocast_off, result_dtype
 from xent.core.reduce import accumulation_dtype, reduce_loss
-from xent.core.rowloss import SoftmaxOptions, mean_denominator
+from xent.core.rowloss import RowLoss, mean_denominator
 from xent.kernels.dispatch import choose_softmax_loss, dispatch_cross_entropy
 from xent.losses import _checks
 
@@ -30,8 +29,7 @@ def check_softmax_options(
     z_loss = _checks.check_in_range("z_loss", z_loss, 0.0)
     if softcap is not None:
         softcap = _checks.check_in_range("softcap", softcap, 0.0, low_inclusive=False)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
+    _checks.check_ignore_index(ignore_index)
     return label_smoothing, z_loss, softcap
 
 
@@ -67,17 +65,15 @@ def canonicalize(
 
 def describe_cross_entropy(
     num_classes: int, *, label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None
-) -> dict[str, Any]:
-    """The row-loss description of :func:`cross_entropy`'s own options."""
+) -> RowLoss:
+    """The row-loss description of :func:`cross_entropy`'s own options, checked."""
     label_smoothing, z_loss, softcap = check_softmax_options(
         reduction="mean", label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, ignore_index=-100
     )
-    return {"label_smoothing": label_smoothing, "z_loss": z_loss, "softcap": softcap}
+    return RowLoss(label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
 
 
-def checked_options(
-    options: SoftmaxOptions, weight: torch.Tensor | None, target: torch.Tensor, num_classes: int
-) -> SoftmaxOptions:
+def checked_options(options: RowLoss, weight: torch.Tensor | None, target: torch.Tensor, num_classes: int) -> RowLoss:
     """``options`` with ``weight`` checked against ``num_classes``, after checking the class indices of ``target``
     (canonical, ``(M,)``) — the tensor checks shared by every softmax loss."""
     if target.is_floating_point():
@@ -126,14 +122,14 @@ def class_index_loss(
     the target's class weight and the token weight, zeroes ignored rows and reduces exactly as
     :func:`cross_entropy` does.
     """
-    check_softmax_options(reduction=reduction, label_smoothing=0.0, z_loss=0.0, softcap=None, ignore_index=ignore_index)
+    _checks.check_reduction_and_ignore_index(reduction, ignore_index)
     logits, target, batch_shape = canonicalize(input, target)
     if target.is_floating_point():
         raise TypeError(
             f"{loss_name} takes class indices as target, of shape {_checks.shape_str(batch_shape)}, not probabilities"
         )
     num_classes = logits.shape[-1]
-    options = SoftmaxOptions(
+    options = RowLoss(
         weight=_checks.check_class_weight("weight", weight, num_classes),
         ignore_index=ignore_index,
         token_weight=check_token_weight(token_weight, batch_shape),
@@ -165,20 +161,20 @@ def fused_index_loss(
     weight: torch.Tensor | None,
     ignore_index: int,
     token_weight: torch.Tensor | None,
-    **description: Any,
+    description: RowLoss,
 ) -> torch.Tensor:
     """An index-target loss of the family by the chosen implementation: ``readable()`` — the loss's own plain
-    definition — for ``impl="reference"``, else the fused kernels on its description (``description``: the
-    :class:`~xent.core.rowloss.SoftmaxOptions` fields beyond the shared options: ``term``, ``alpha``,
-    ``class_offset``, ``target_margin``, ``logit_scale``, ``label_smoothing``)."""
-    check_softmax_options(reduction=reduction, label_smoothing=0.0, z_loss=0.0, softcap=None, ignore_index=ignore_index)
+    definition — for ``impl="reference"``, else the fused kernels on its ``description`` (the loss's own options
+    as its ``describe_*`` function builds them; the shared ones — ``weight``, ``ignore_index``, ``token_weight`` —
+    are added here)."""
+    _checks.check_reduction_and_ignore_index(reduction, ignore_index)
     logits, flat_target, batch_shape = canonicalize(input, target)
     if flat_target.is_floating_point():
         raise TypeError(
             f"{loss_name} takes class indices as target, of shape {_checks.shape_str(batch_shape)}, not probabilities"
         )
-    options = SoftmaxOptions(
-        ignore_index=ignore_index, token_weight=check_token_weight(token_weight, batch_shape), **description
+    options = dataclasses.replace(
+        description, ignore_index=ignore_index, token_weight=check_token_weight(token_weight, batch_shape)
     )
     options = checked_options(options, weight, flat_target, logits.shape[-1])
     chosen = choose_softmax_loss(impl, logits, flat_target, options)
@@ -289,7 +285,7 @@ def cross_entropy(
         reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, ignore_index=ignore_index
     )
     logits, target, batch_shape = canonicalize(input, target)
-    options = SoftmaxOptions(
+    options = RowLoss(
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
         z_loss=z_loss,

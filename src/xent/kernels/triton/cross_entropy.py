@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from xent.core.reduce import accumulation_dtype
-from xent.core.rowloss import FocalTerm, GeneralizedTerm, Poly1Term, SoftmaxOptions, SymmetricTerm, TargetTerm
+from xent.core.rowloss import FocalTerm, GeneralizedTerm, Poly1Term, RowLoss, SymmetricTerm, TargetTerm
 
 MAX_BLOCK = 4096  # columns per block on a GPU; the interpreter uses small blocks (see block_size)
 
@@ -280,7 +280,7 @@ def loss_and_grad_(
     logits: torch.Tensor,
     grad: torch.Tensor | None,
     target: torch.Tensor,
-    options: SoftmaxOptions,
+    options: RowLoss,
     grad_scale: torch.Tensor,
     *,
     block: int | None = None,
