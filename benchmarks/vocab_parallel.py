@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import xent
-from xent.bench.cases import Prepared
+from xent.bench.problem import Prepared
 from xent.bench.worker import measure_once
 from xent.distributed import vocab_parallel_linear_cross_entropy
 

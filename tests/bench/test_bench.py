@@ -11,8 +11,8 @@ import psutil
 import pytest
 
 from xent.bench import Measurement, Problem, run_bench
-from xent.bench.cases import FAILED, NEEDS_CUDA, NOT_APPLICABLE, NOT_INSTALLED, Unavailable
 from xent.bench.load import SPIN, busy_message, max_spinners, spinning
+from xent.bench.problem import FAILED, NEEDS_CUDA, NOT_APPLICABLE, NOT_INSTALLED, Unavailable
 from xent.bench.report import not_run, ratios, verdict
 
 TINY_CE = Problem("ce", n=64, d=0, v=300)

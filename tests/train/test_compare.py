@@ -1,9 +1,10 @@
-"""xent compare: the grid, its errors before any work, resume, and the aggregation — every number of results.csv and
-summary.csv recomputed here from the run directories."""
+"""xent compare and run_study, its Python API: the grid, its errors before any work, resume, and the aggregation —
+every number of results.csv and summary.csv recomputed here from the run directories."""
 
 import csv
 import json
 import math
+import re
 import shutil
 import signal
 import statistics
@@ -17,7 +18,11 @@ import pytest
 
 from tests.train.conftest import run_xent
 from xent.cli import main
-from xent.train.compare import STUDIES, Variant, aggregate, best, build_grid, run_grid
+from xent.train import ConfigError, run_study
+from xent.train.aggregate import aggregate, best
+from xent.train.cells import run_grid
+from xent.train.report import PLOTS
+from xent.train.study import STUDIES, Variant, build_grid
 
 TINY = {"data": "digits", "epochs": 2, "imbalance_ratio": 10.0, "val_fraction": 0.2}
 
@@ -405,6 +410,90 @@ def test_one_process_per_study_and_its_workers_die_with_it(tmp_path, capsys):
         assert not list((out / "runs" / run).glob(".*.tmp"))
 
 
+# --- run_study: the command's study from Python ----------------------------------------------------------------
+
+# STUDY_ARGUMENTS as run_study's arguments
+STUDY = {"losses": ["ce", "la:tau=0.5"], "seeds": 2, "settings": {"epochs": 2, "imbalance_ratio": 10.0}}
+OUTPUTS = ["results.csv", "summary.csv", *(f"plots/{name}" for name in PLOTS), "report.md", "report.html"]
+
+
+def _copy_without_outputs(original: Path, directory: Path) -> Path:
+    """The finished study's cells, elsewhere, with none of the files written after training."""
+    shutil.copytree(original, directory)
+    for name in OUTPUTS:
+        (directory / name).unlink()
+    return directory
+
+
+def _shown(report: Path) -> list[str]:
+    """The bullets of a report.md's "What the study shows"."""
+    lines = report.read_text().split("## What the study shows\n\n", 1)[1].split("\n\n## Plots", 1)[0]
+    return [line.removeprefix("- ") for line in lines.splitlines()]
+
+
+def test_run_study_writes_the_commands_files_and_returns_what_it_printed(study, tmp_path):
+    """run_study with xent compare's arguments, on a copy of the command's study: every cell is read, not trained
+    again; results.csv, summary.csv, the plots and the reports are written again, byte for byte the command's (the
+    runs' place in results.csv aside); the rows, summary and findings returned are those the command wrote and
+    printed."""
+    original, stdout = study
+    directory = _copy_without_outputs(original, tmp_path / "copy")
+    begun, started, done = [], [], []
+    result = run_study("long-tail", out=directory, **STUDY, on_begin=begun.append, on_start=started.append,
+                       on_done=lambda cell, row: done.append((cell.directory.name, row)))  # fmt: skip
+    assert begun == [result.grid] and result.directory == directory and result.report == directory / "report.html"
+    assert started == [0]  # nothing to train
+    assert [name for name, _ in done] == ["ce__seed0", "ce__seed1", "la_tau=0.5__seed0", "la_tau=0.5__seed1"]
+    assert [row for _, row in done] == list(result.rows)
+    assert result.files == tuple(directory / name for name in OUTPUTS) and result.unwritten == ()
+    for name in OUTPUTS:
+        written, commands = (directory / name).read_bytes(), (original / name).read_bytes()
+        if name == "results.csv":
+            commands = commands.replace(str(original).encode(), str(directory).encode())
+        assert written == commands, name
+    for rows, path in ((result.rows, original / "results.csv"), (result.summary, original / "summary.csv")):
+        saved = _csv(path)
+        assert len(saved) == len(rows) and all(line.pop("study") == "long-tail" for line in saved)
+        for row, line in zip(rows, saved, strict=True):
+            assert row.keys() == line.keys()
+            assert {key: str(value) for key, value in row.items() if key != "run_dir"} == {
+                key: value for key, value in line.items() if key != "run_dir"
+            }
+    assert list(result.findings) == _shown(original / "report.md") and result.findings[-1].startswith("Recommendation")
+    printed = " ".join(stdout.split())  # the console wraps long lines
+    assert all(" ".join(f"• {sentence}".split()) in printed for sentence in result.findings)
+
+
+def test_run_study_returns_the_files_it_could_not_write_without_raising(study, tmp_path):
+    original, _ = study
+    directory = _copy_without_outputs(original, tmp_path / "copy")
+    (directory / "report.md").mkdir()  # stands for a read-only file, even for root
+    result = run_study(out=directory, **STUDY)
+    assert [error.filename for error in result.unwritten] == [str(directory / "report.md")]
+    assert directory / "report.md" not in result.files and len(result.files) == len(OUTPUTS) - 1
+    assert (directory / "report.html").is_file() and result.findings
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        ({"jobs": 0}, ConfigError, "--jobs must be at least 1, got 0"),
+        ({"jobs": 2, "settings": {"workers": 1}}, ConfigError, "--workers 1 starts loader processes"),
+        ({"losses": "ce,focal"}, TypeError, "losses must be a sequence of names, e.g. ['ce', 'focal']"),
+        ({"seeds": 0}, ConfigError, "--seeds must be at least 1, got 0"),
+        ({"settings": {"epochs": 0}}, ConfigError, "--epochs must be at least 1"),
+        ({"study": "nope"}, ConfigError, "--study nope unknown"),
+    ],
+)
+def test_run_study_refuses_bad_arguments_before_any_work(arguments, error, message, tmp_path):
+    out = tmp_path / "study"
+    with pytest.raises(error, match=re.escape(message)):
+        run_study(out=out, **arguments)
+    with pytest.raises(TypeError, match="out must be a path"):
+        run_study(out=3)  # type: ignore[arg-type]
+    assert not out.exists()  # nothing was started
+
+
 # --- the report: leaders paired with each other, ties, a recommendation ------------------------------------------
 
 KEYS = ["accuracy", "balanced_accuracy", "macro_f1", "nll", "ece", "ece_after_ts", "nll_after_ts", "train_seconds"]
@@ -433,7 +522,8 @@ LONG_TAIL = {
 
 
 def _findings(tmp_path: Path, values: dict[str, list[tuple[float, float]]]) -> tuple[list[str], list[str]]:
-    from xent.train.report import _markdown_table, findings
+    from xent.train.findings import findings
+    from xent.train.report import _markdown_table
 
     seeds = len(next(iter(values.values())))
     grid = build_grid(tmp_path / "s", losses=list(values), seeds=seeds, settings=TINY)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from xent.bench.cases import FAILED, Unavailable
+from xent.bench.problem import FAILED, Unavailable
 from xent.bench.runner import Measurement
 
 if TYPE_CHECKING:

@@ -20,8 +20,9 @@ from typing import IO, Any, cast
 
 import torch
 
-from xent.bench.cases import FAILED, IMPLEMENTATIONS, Implementation, Prepared, Problem, Unavailable
+from xent.bench.cases import IMPLEMENTATIONS
 from xent.bench.load import spinning
+from xent.bench.problem import FAILED, Implementation, Prepared, Problem, Unavailable
 
 # Idle workers' OpenMP threads spin for a while after their last parallel region; a pause before each step keeps
 # them from competing with the worker being measured.

@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from xent.bench.cases import Prepared, Problem, find_implementation
+from xent.bench.cases import find_implementation
+from xent.bench.problem import Prepared, Problem
 
 WARM_STEPS = 2
 _STATUS = Path("/proc/self/status")

@@ -11,7 +11,7 @@ from xent.core.autocast import autocast_off, cast_for_linear, result_dtype
 from xent.core.reference import without_ignored_rows
 from xent.kernels.dispatch import dispatch_linear_cross_entropy
 from xent.losses import _checks
-from xent.losses.family import FAMILY, check_fused_call, family_loss
+from xent.losses.family import check_fused_call, family_loss
 from xent.losses.softmax import check_token_weight, checked_options, cross_entropy
 
 HEAD_NAMES = ("input", "linear_weight", "linear_bias")
@@ -152,10 +152,6 @@ def linear_cross_entropy(
         z_loss=z_loss,
         softcap=softcap,
     )
-
-
-# Until xent.cli reads xent.losses.family: the names `xent bench --loss` offers.
-LINEAR_LOSSES = FAMILY
 
 
 def linear_loss(

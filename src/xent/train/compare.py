@@ -1,586 +1,147 @@
-"""``xent compare``: a loss study — a grid of losses × seeds (× imbalance ratios or noise rates) trained with the
-trainer's own API, one run directory per cell, aggregated into tables, plots and a report.
+"""``xent compare`` as a Python API: :func:`run_study` runs a loss study — a grid of losses × seeds (× imbalance
+ratios or noise rates) trained with the trainer's own API, one run directory per cell — and writes its report;
+:class:`StudyResult` is what it returns.
 
 A study directory holds ``study.json`` (the grid), ``runs/CELL/`` (a run directory of ``xent train`` each, plus
-``calibration.json``: test NLL and ECE before and after temperature scaling fitted on the validation split),
-``results.csv`` (one row per cell), ``summary.csv`` (mean and standard deviation over seeds), ``plots/`` and
-``report.html``/``report.md``. Everything after training is recomputed from the run directories, so an interrupted
-study resumes where it stopped: finished cells are kept, a cell killed mid-run continues from its last checkpoint, and
-a cell whose ``summary.json`` or ``calibration.json`` is damaged (or copied from another cell) is run again.
+``calibration.json``), ``results.csv`` (one row per cell), ``summary.csv`` (mean and standard deviation over seeds),
+``plots/`` and ``report.html``/``report.md``. Everything after training is recomputed from the run directories, so
+an interrupted study resumes where it stopped (:mod:`xent.train.cells`).
 
-One process at a time uses a study directory: it holds an exclusive lock on ``study.lock`` (``flock``, released by the
-kernel when the process ends, even by ``kill -9``), and its training processes die with it. Every file the study
-writes goes through a temporary file of its own, renamed into place, and only when its content changed: a rerun of a
-finished study reads and does not write.
+The parts, in the order a study runs them: :mod:`xent.train.study` (the grid and its checks),
+:mod:`xent.train.cells` (the study directory and the training of its cells), :mod:`xent.train.aggregate` (rows to
+summary), :mod:`xent.train.findings` (the sentences) and :mod:`xent.train.report` (table, plots, written reports).
 """
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import io
-import json
-import math
 import os
-import re
-import shutil
-import signal
-import socket
-import statistics
-import sys
-import threading
-import time
-import typing
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from multiprocessing import get_context
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xent.train.checkpoint import write_atomic
-from xent.train.config import ConfigError, TrainConfig, resolve
-from xent.train.losses import LOSSES
-
-# Each metric of the report: (column in results.csv, heading, higher is better, shown as a percentage)
-METRICS: list[tuple[str, str, bool, bool]] = [
-    ("accuracy", "accuracy", True, True),
-    ("balanced_accuracy", "balanced acc.", True, True),
-    ("macro_f1", "macro-F1", True, False),
-    ("nll", "NLL", False, False),
-    ("ece", "ECE", False, False),
-    ("ece_after_ts", "ECE after TS", False, False),
-    ("train_seconds", "train s", False, False),
-]
-UNRANKED = frozenset({"train_seconds"})  # a cost shown beside the results, never a result to crown
-VARYING = {"imbalance_ratio": "--imbalance-ratios", "label_noise": "--label-noises"}
-DIVERGED = "diverged.json"  # a cell whose loss became NaN or infinite: a result (NaN metrics), not a crash
-LOCK = "study.lock"
-# What read_row and the plots read of a run's summary.json and of calibration.json
-SUMMARY_NUMBERS = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_nll", "test_ece", "train_seconds")
-SUMMARY_KEYS = (*SUMMARY_NUMBERS, "run_dir", "class_counts", "test_per_class_accuracy", "test_reliability")
-CALIBRATION_NUMBERS = ("temperature", "nll_before", "nll_after", "ece_before", "ece_after")
+from xent.train.aggregate import aggregate
+from xent.train.cells import lock_study, run_grid
+from xent.train.config import ConfigError
+from xent.train.findings import findings as study_findings
+from xent.train.report import write_study
+from xent.train.study import Cell, Grid, build_grid
 
 
 @dataclass(frozen=True)
-class Variant:
-    """A loss of the grid: a trainer loss and the flags that set it apart, written ``NAME[:FLAG=VALUE...]``
-    (``ce:label-smoothing=0.1`` is cross-entropy with label smoothing)."""
+class StudyResult:
+    """A finished study, as :func:`run_study` leaves it: what ``xent compare`` prints and writes.
 
-    label: str
-    loss: str
-    options: dict[str, float] = field(default_factory=dict)
+    Attributes:
+        grid: the study's grid — its name, question, headline metric, losses, seeds and cells.
+        rows: one per cell, the rows of ``results.csv`` (without its ``study`` column): ``loss``, ``seed``, the
+            varying setting if any, the test metrics (``accuracy``, ``balanced_accuracy``, ``macro_f1``, ``nll``,
+            ``ece``), ``ece_after_ts``, ``nll_after_ts``, ``temperature``, ``train_seconds`` and ``run_dir``. A cell
+            that diverged has NaN metrics.
+        summary: one per loss (and varying value), the rows of ``summary.csv``: ``seeds`` and, for each metric,
+            ``METRIC_mean`` and ``METRIC_std`` over seeds and ``METRIC_gap_mean``/``METRIC_gap_std``, the paired gap
+            to cross-entropy (or the first loss).
+        findings: what the study shows, in sentences, the recommendation last — as its reports list them.
+        files: the study's outputs that hold this result, each written now or found up to date: ``results.csv``,
+            ``summary.csv``, the plots, ``report.md`` and ``report.html``.
+        unwritten: for each output that could not be written (a read-only study directory, say), its error, which
+            names the file; the result above is still the study's.
+    """
 
-    @classmethod
-    def parse(cls, text: str) -> Variant:
-        name, *assignments = text.strip().split(":")
-        if name not in LOSSES:
-            raise ConfigError(f"--losses {text}: unknown loss {name!r}; choose from {', '.join(LOSSES)}")
-        options: dict[str, float] = {}
-        hints = typing.get_type_hints(TrainConfig)
-        for assignment in assignments:
-            flag, equals, value = assignment.partition("=")
-            key = flag.strip().lstrip("-").replace("-", "_")
-            if not equals or key not in LOSSES[name].flags:
-                reads = ", ".join("--" + f.replace("_", "-") for f in LOSSES[name].flags) or "no flag"
-                raise ConfigError(f"--losses {text}: {name} takes FLAG=VALUE for the flags it reads ({reads})")
-            try:
-                number = float(value)
-            except ValueError:
-                raise ConfigError(f"--losses {text}: {flag}={value!r} is not a number") from None
-            if int in (hints[key], *typing.get_args(hints[key])):  # an epoch, not a rate
-                if not number.is_integer():
-                    raise ConfigError(f"--losses {text}: {flag} takes a whole number, got {value}")
-                number = int(number)
-            options[key] = number
-        # one spelling per variant: "ce: label-smoothing=0.10" is "ce:label-smoothing=0.1"
-        label = name + "".join(f":{key.replace('_', '-')}={value:g}" for key, value in options.items())
-        return cls(label, name, options)
+    grid: Grid
+    rows: tuple[dict[str, Any], ...]
+    summary: tuple[dict[str, Any], ...]
+    findings: tuple[str, ...]
+    files: tuple[Path, ...]
+    unwritten: tuple[OSError, ...]
 
+    @property
+    def directory(self) -> Path:
+        """The study directory."""
+        return self.grid.directory
 
-@dataclass(frozen=True)
-class Study:
-    question: str
-    losses: tuple[str, ...]
-    settings: dict[str, Any]  # TrainConfig fields the study sets (a user's flag overrides them)
-    headline: str  # the metric the question is about
-    varying: tuple[str, tuple[float, ...]] | None = None
+    @property
+    def report(self) -> Path:
+        """The study's report, ``report.html`` (one file, plots embedded)."""
+        return self.grid.directory / "report.html"
 
 
-# Defaults that finish in under a minute each on 2 idle CPU cores (two runs at a time: 21, 41, 24 and 17 s,
-# benchmarks/doc_times.py) and show the published effects beyond one standard deviation over 3 seeds (measured, see
-# README "Choosing a loss"): long-tailed digits with the papers' SGD; MNIST-1D (Greydanus, 2020), hard enough that
-# noise and over-confidence show, for the others. Every setting can be overridden by the flags of xent train.
-MNIST1D = {"data": "mnist1d", "val_fraction": 0.1, "epochs": 60}
-STUDIES: dict[str, Study] = {
-    "long-tail": Study(
-        "Which loss for a long-tailed training set (imbalance ratio 100)?",
-        ("ce", "focal", "cb", "la", "balanced-softmax", "ldam-drw"),
-        {
-            "data": "digits",
-            "imbalance_ratio": 100.0,
-            "val_fraction": 0.2,
-            "epochs": 60,
-            "optimizer": "sgd",
-            "lr": 0.05,
-            "momentum": 0.9,
-        },
-        "balanced_accuracy",
-    ),
-    "noisy-labels": Study(
-        "Which loss when 40% of the training labels are wrong?",
-        ("ce", "ce:label-smoothing=0.1", "gce", "sce", "poly1", "focal"),
-        {**MNIST1D, "label_noise": 0.4},
-        "accuracy",
-    ),
-    "calibration": Study(
-        "How calibrated is each loss, and how much does temperature scaling fix?",
-        ("ce", "ce:label-smoothing=0.1", "focal"),
-        MNIST1D,
-        "ece",
-    ),
-    "mse": Study(
-        "Why cross-entropy and not mean squared error on the softmax?",
-        ("ce", "mse"),
-        MNIST1D,
-        "accuracy",
-    ),
-}
-
-
-@dataclass(frozen=True)
-class Cell:
-    variant: Variant
-    seed: int
-    varying: tuple[str, float] | None
-    directory: Path
-
-    def config(self, settings: dict[str, Any]) -> TrainConfig:
-        values = {**settings, **self.variant.options, "loss": self.variant.loss, "seed": self.seed}
-        if self.varying is not None:
-            values[self.varying[0]] = self.varying[1]
-        return TrainConfig(**{**values, "out": str(self.directory), "quiet": True, "resume": None})
-
-
-@dataclass
-class Grid:
-    name: str
-    directory: Path
-    variants: list[Variant]
-    seeds: list[int]
-    varying: tuple[str, tuple[float, ...]] | None
-    settings: dict[str, Any]
-    headline: str
-    question: str
-
-    def cells(self) -> list[Cell]:
-        values = [None] if self.varying is None else [(self.varying[0], v) for v in self.varying[1]]
-        return [
-            Cell(variant, seed, value, self.directory / "runs" / _cell_name(variant, seed, value))
-            for value in values
-            for variant in self.variants
-            for seed in self.seeds
-        ]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"study": self.name, "question": self.question, "headline": self.headline,
-                "losses": [v.label for v in self.variants], "seeds": self.seeds,
-                "varying": list(self.varying) if self.varying else None, "settings": self.settings}  # fmt: skip
-
-
-def _cell_name(variant: Variant, seed: int, varying: tuple[str, float] | None) -> str:
-    parts = [variant.label] + ([f"{varying[0]}={varying[1]!r}"] if varying else []) + [f"seed{seed}"]
-    return re.sub(r"[^A-Za-z0-9._=-]+", "_", "__".join(parts))
-
-
-def build_grid(
-    directory: Path,
-    *,
+def run_study(
     study: str = "long-tail",
+    *,
+    out: str | Path,
     losses: Sequence[str] | None = None,
     seeds: int = 3,
     varying: tuple[str, Sequence[float]] | None = None,
-    settings: dict[str, Any] | None = None,
-) -> Grid:
-    """The study's grid with the user's losses, seeds, varying setting and ``xent train`` flags in place of its
-    defaults; every cell's configuration is resolved here, so a bad grid fails before any training."""
-    if study not in STUDIES:
-        raise ConfigError(f"--study {study} unknown; choose from {', '.join(STUDIES)}")
-    if seeds < 1:
-        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
-    defaults = STUDIES[study]
-    variants = [Variant.parse(text) for text in (losses or defaults.losses)]
-    labels = [v.label for v in variants]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"--losses names a loss twice: {', '.join(labels)}")
-    grid_varying = defaults.varying
-    if varying is not None:
-        name, values = varying
-        if name not in VARYING or not values or len(set(values)) != len(values):
-            raise ConfigError(f"{VARYING.get(name, name)} needs distinct values, got {list(values)}")
-        grid_varying = (name, tuple(float(v) for v in values))
-    merged = {**defaults.settings, **(settings or {})}
-    if grid_varying is not None:
-        merged.pop(grid_varying[0], None)
-    grid = Grid(study, directory, variants, list(range(seeds)), grid_varying, merged, defaults.headline,
-                defaults.question)  # fmt: skip
-    names = [cell.directory.name for cell in grid.cells()]
-    if len(set(names)) != len(names):
-        twice = next(name for name in names if names.count(name) > 1)
-        raise ConfigError(f"two cells of the grid would share the run directory {twice}: name each loss once")
-    for cell in grid.cells():
-        config = resolve(cell.config(grid.settings))
-        if config.val_fraction == 0:
-            raise ConfigError("xent compare fits temperature scaling on the validation split: --val-fraction > 0")
-    return grid
-
-
-# --- the study directory: one process, files written whole ---------------------------------------------------
-
-
-class StudyInUse(ConfigError):
-    """Another process holds the study directory's lock."""
-
-
-_HELD: set[Path] = set()  # the study directories this process has locked (the lock is taken once per process)
-
-
-@contextmanager
-def lock_study(directory: Path) -> Iterator[None]:
-    """Hold the study directory for this process: an exclusive ``flock`` on ``study.lock``, which names the holder
-    (pid, host, start, command) so that a second process is refused in one line that says who holds it. The kernel
-    releases the lock when the process ends, however it ends: a ``kill -9`` leaves no stale lock. In a read-only
-    study the lock is taken without naming the holder; where not even the lock file can be opened, nothing can be
-    written by this process either, and it goes on unlocked."""
-    import fcntl
-
-    directory.mkdir(parents=True, exist_ok=True)
-    key = directory.resolve()
-    if key in _HELD:
-        yield
-        return
-    path = directory / LOCK
-    writable = True
-    try:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except PermissionError:
-        writable = False
-        try:
-            descriptor = os.open(path, os.O_RDONLY)
-        except OSError:
-            yield
-            return
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(descriptor, 4096, 0).decode(errors="replace").strip() or "another process"
-        os.close(descriptor)
-        raise StudyInUse(
-            f"study directory {directory} is in use by {holder}; wait for it to finish or stop it"
-        ) from None
-    try:
-        if writable:
-            os.ftruncate(descriptor, 0)
-            os.pwrite(descriptor, (_holder() + "\n").encode(), 0)
-        _HELD.add(key)
-        yield
-    finally:
-        _HELD.discard(key)
-        os.close(descriptor)  # releases the lock
-
-
-def _holder() -> str:
-    command = " ".join(["xent", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("xent", "__main__.py") else ""
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
-    return (
-        f"xent compare (pid {os.getpid()} on {socket.gethostname()}, started {started}{': ' if command else ''}"
-        f"{command})"
-    )
-
-
-def write_if_changed(path: Path, data: bytes) -> bool:
-    """:func:`write_atomic` where ``path`` does not already hold ``data``; returns whether it wrote."""
-    try:
-        if path.read_bytes() == data:
-            return False
-    except OSError:
-        pass
-    write_atomic(path, data)
-    return True
-
-
-def _json_bytes(value: Any) -> bytes:
-    return (json.dumps(value, indent=2) + "\n").encode()
-
-
-# --- running --------------------------------------------------------------------------------------------------
-
-
-def damage(cell: Cell) -> tuple[Path, str] | None:
-    """Which file of a cell that looks finished cannot be its result, and why (a sentence naming it), or None.
-    ``summary.json`` must be the trainer's, with every number the study reads, and its ``run_dir`` must be this
-    cell's directory by name — a study directory moved elsewhere keeps its cells, a file copied from another cell
-    is not this cell's result."""
-    if (cell.directory / DIVERGED).is_file() or not (cell.directory / "summary.json").is_file():
-        return None
-    path = cell.directory / "summary.json"
-    summary, problem = _read_json(path, SUMMARY_KEYS, SUMMARY_NUMBERS)
-    if problem:
-        return path, problem
-    run_dir = str(summary["run_dir"])
-    if Path(run_dir).name != cell.directory.name:
-        return path, f"{path} is the summary of {run_dir} (its run_dir), not of this cell"
-    calibration = cell.directory / "calibration.json"
-    if calibration.is_file():
-        problem = _read_json(calibration, CALIBRATION_NUMBERS, CALIBRATION_NUMBERS)[1]
-        return (calibration, problem) if problem else None
-    return None
-
-
-def _read_json(path: Path, keys: Sequence[str], numbers: Sequence[str]) -> tuple[dict[str, Any], str | None]:
-    try:
-        value = json.loads(path.read_text())
-    except UnicodeDecodeError:
-        return {}, f"{path} is damaged (not text)"
-    except json.JSONDecodeError as error:
-        return {}, f"{path} is damaged (not JSON: {error.msg}, line {error.lineno} column {error.colno})"
-    if not isinstance(value, dict):
-        return {}, f"{path} is damaged (not a JSON object)"
-    missing = [key for key in keys if key not in value]
-    if missing:
-        return {}, f"{path} is damaged (no {', '.join(missing)})"
-    wrong = [key for key in numbers if isinstance(value[key], bool) or not isinstance(value[key], (int, float))]
-    if wrong:
-        return {}, f"{path} is damaged ({', '.join(wrong)} not a number)"
-    return value, None
-
-
-def cell_finished(cell: Cell) -> bool:
-    done = (cell.directory / "summary.json").is_file() and (cell.directory / "calibration.json").is_file()
-    return (done and damage(cell) is None) or (cell.directory / DIVERGED).is_file()
-
-
-def run_cell(cell: Cell, settings: dict[str, Any], threads: int | None = None) -> dict[str, Any]:
-    """Train one cell through the trainer's API (resuming a killed one from its checkpoint), then fit its
-    temperature; returns its row of ``results.csv``."""
-    import torch
-    from rich.console import Console
-
-    from xent.train.checkpoint import LAST
-    from xent.train.evaluate import evaluate_run
-    from xent.train.loop import TrainingDiverged, train
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if not (cell.directory / "summary.json").is_file():
-        config = cell.config(settings)
-        if (cell.directory / LAST).is_file():
-            for stale in cell.directory.glob(".*.tmp"):  # left by a writer killed mid-write (one study at a time)
-                stale.unlink()
-            config = dataclasses.replace(config, resume=str(cell.directory), out=None)
-        elif cell.directory.exists():  # started but no epoch finished: nothing to keep
-            shutil.rmtree(cell.directory)
-        try:
-            train(config, Console(file=io.StringIO()))
-        except TrainingDiverged as error:
-            write_atomic(cell.directory / DIVERGED, _json_bytes({"error": str(error)}))
-            return read_row(cell)
-    calibration = cell.directory / "calibration.json"
-    if not calibration.is_file():
-        scaled = evaluate_run(cell.directory, temperature_scale=True)
-        if not calibration.is_file():  # an evaluate_run that does not save what it fitted
-            write_atomic(calibration, _json_bytes({key: scaled[key] for key in CALIBRATION_NUMBERS}))
-    return read_row(cell)
-
-
-def _warn(message: str) -> None:
-    print(f"xent compare: {message}", file=sys.stderr)
-
-
-def run_grid(
-    grid: Grid,
-    *,
+    settings: Mapping[str, Any] | None = None,
     jobs: int = 1,
-    on_done: Callable[[Cell, dict[str, Any]], None] | None = None,
-    warn: Callable[[str], None] = _warn,
+    on_begin: Callable[[Grid], None] | None = None,
     on_start: Callable[[int], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Every cell not yet finished, ``jobs`` at a time (``jobs`` worker processes when ``jobs > 1``, each training
-    one cell after another); returns all rows.
+    on_done: Callable[[Cell, dict[str, Any]], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> StudyResult:
+    """Run a loss study, as ``xent compare`` does: train every cell not yet finished, then write the study's tables,
+    plots and reports, and return its rows, summary and findings.
 
-    The study directory is locked for the call (:func:`lock_study`). A finished cell whose files are damaged or
-    another cell's is run again, after a one-line ``warn`` naming the file. ``on_done`` hears of every cell, the
-    finished ones first; ``on_start`` then of the number of cells to train, before the first starts."""
-    with lock_study(grid.directory):
-        _write_study(grid)
-        cells = grid.cells()
-        for cell in cells:
-            damaged = damage(cell)
-            if damaged is not None:
-                path, problem = damaged
-                again = (
-                    "its temperature is fitted again"
-                    if path.name == "calibration.json"
-                    else "the cell is run again (from its last checkpoint)"
-                )
-                warn(f"{problem}; removed, {again}")
-                path.unlink()
-        todo = [cell for cell in cells if not cell_finished(cell)]
-        for cell in cells:
-            if cell not in todo and on_done is not None:
-                on_done(cell, read_row(cell))
-        if on_start is not None:
-            on_start(len(todo))
-        if jobs <= 1:
-            for cell in todo:
-                row = run_cell(cell, grid.settings)
-                if on_done is not None:
-                    on_done(cell, row)
-        else:
-            _run_in_processes(todo, grid.settings, jobs, on_done)
-        return [read_row(cell) for cell in cells]
+    The grid is checked whole before any training (an unknown loss, a flag a loss does not read, a bad setting). The
+    study directory is held by this process for the call: a second process on it is refused. A study directory that
+    exists is resumed — finished cells are read, a cell interrupted mid-run continues from its last checkpoint, a
+    cell whose results are damaged is run again after a ``warn`` — and one that holds another grid is refused. A rerun
+    of a finished study reads and does not write.
 
+    Args:
+        study: a study of ``xent compare --study``: ``"long-tail"``, ``"noisy-labels"``, ``"calibration"`` or
+            ``"mse"``; it sets the losses, the settings and the headline metric, each of which the arguments below
+            can replace.
+        out: the study directory, created if missing.
+        losses: the losses, each ``NAME`` or ``NAME:FLAG=VALUE`` (``["ce", "focal:gamma=1"]``); None: the study's.
+        seeds: seeds per loss, ``0`` to ``seeds - 1``.
+        varying: a grid over one setting, ``("imbalance_ratio", [10, 100])`` or ``("label_noise", [0.2, 0.4])``.
+        settings: :class:`~xent.train.TrainConfig` fields every run shares (``{"epochs": 20, "data": "mnist1d"}``),
+            over the study's; a cell's loss, seed, run directory and resumption are the study's own.
+        jobs: runs trained at once, by as many worker processes, each training one cell after another with
+            cores/``jobs`` threads; 1 trains every cell in this process. Numbers do not depend on it.
+        on_begin: hears of the grid once it is built and the study directory is held, before any cell is read.
+        on_start: hears of the number of cells to train, after the finished ones were reported to ``on_done``.
+        on_done: hears of every cell with its row of ``results.csv``, the finished ones first.
+        warn: takes the one-line warnings (a damaged file removed, its cell run again); None prints them to stderr.
 
-def _run_in_processes(
-    todo: list[Cell], settings: dict[str, Any], jobs: int, on_done: Callable[[Cell, dict[str, Any]], None] | None
-) -> None:
-    # `jobs` workers, each training cell after cell: a process starts once per worker, not once per cell (importing
-    # torch and the trainer took longer than training a cell of the default study). A cell is as isolated in a
-    # reused worker as in a fresh one: the trainer seeds every random state from the cell's configuration, each
-    # cell sets its threads, a run releases its directory's lock however it ends, and the data sets a worker keeps
-    # are handed out as copies (test_compare checks that --jobs 2 gives --jobs 1's numbers). The workers ignore
-    # Ctrl-C and the parent terminates them, so an interrupted study stops at once and each killed cell resumes
-    # from its last (atomically written) checkpoint. A parent killed outright (kill -9) takes its workers with it
-    # (_start_worker): none trains on beside a rerun.
-    if not todo:
-        return
-    # threads from the jobs asked for, not the workers started: the last cells of a resumed study train as the first
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    pool = get_context("spawn").Pool(min(jobs, len(todo)), initializer=_start_worker, initargs=(os.getpid(),))
-    try:
-        tasks = [(index, cell, settings, threads) for index, cell in enumerate(todo)]
-        for index, row in pool.imap_unordered(_run_task, tasks):
-            if on_done is not None:
-                on_done(todo[index], row)
-        pool.close()
-    finally:
-        pool.terminate()
-        pool.join()
+    Returns:
+        The study's :class:`StudyResult`. Outputs that could not be written are in its ``unwritten``, not raised.
 
+    Raises:
+        ConfigError: a bad grid or setting (the message names the flag of ``xent compare``), ``jobs`` below 1 or a
+            ``settings["workers"]`` with ``jobs`` above 1, a study directory in use by another process or holding
+            another study.
+        TypeError: ``out`` is not a path or ``losses`` is one string instead of a sequence of names.
+        OSError: the study's runs cannot be written.
+        Interrupted: Ctrl-C while a cell trained in this process (``KeyboardInterrupt`` otherwise); run the same
+            study again to continue: finished cells are kept.
 
-def _start_worker(parent: int) -> None:
-    """A worker ignores Ctrl-C (its parent stops it) and dies with its parent: a thread of its own sees the parent
-    gone (the worker is handed to another process) within a fraction of a second and kills the worker at once.
-    Not ``prctl(PR_SET_PDEATHSIG)``: it fires when the *thread* that started the worker ends, and the pool starts
-    replacement workers from a thread that ends before the pool does — killing idle workers that hold the pool's
-    queue lock, after which the pool never finishes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_watch_parent, args=(parent,), name="xent-watch-parent", daemon=True).start()
+    Example::
 
+        from xent.train import run_study
 
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:  # also true at once if the parent died before this thread started
-        time.sleep(0.2)
-    os.kill(os.getpid(), signal.SIGKILL)  # no cleanup: nothing of this worker's may outlive its study's lock
-
-
-def _run_task(task: tuple[int, Cell, dict[str, Any], int]) -> tuple[int, dict[str, Any]]:
-    index, cell, settings, threads = task
-    return index, run_cell(cell, settings, threads)
-
-
-def _write_study(grid: Grid) -> None:
-    """``study.json``: a study directory resumed with another grid would mix two studies — refused."""
-    path = grid.directory / "study.json"
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ConfigError(f"{path} is unreadable ({error}); choose another --out") from None
-        wanted = json.loads(json.dumps(grid.to_json()))
-        if saved != wanted:
-            differs = sorted(key for key in {*saved, *wanted} if saved.get(key) != wanted.get(key))
-            raise ConfigError(
-                f"{grid.directory} holds another study (its {', '.join(differs)} differ from these flags'); resume "
-                "it with the flags it was started with (see its study.json), or choose another --out"
-            )
-    else:
-        write_atomic(path, _json_bytes(grid.to_json()))
-
-
-# --- aggregation ----------------------------------------------------------------------------------------------
-
-
-def read_row(cell: Cell) -> dict[str, Any]:
-    """A finished cell's row of ``results.csv``, read back from its run directory."""
-    row: dict[str, Any] = {"loss": cell.variant.label, "seed": cell.seed}
-    if cell.varying is not None:
-        row[cell.varying[0]] = cell.varying[1]
-    if (cell.directory / DIVERGED).is_file():
-        keys = ["accuracy", "balanced_accuracy", "macro_f1", "nll", "ece", "ece_after_ts", "nll_after_ts",
-                "temperature", "train_seconds"]  # fmt: skip
-        return row | dict.fromkeys(keys, math.nan) | {"run_dir": str(cell.directory)}
-    summary = json.loads((cell.directory / "summary.json").read_text())
-    calibration = json.loads((cell.directory / "calibration.json").read_text())
-    row |= {key: summary[f"test_{key}"] for key in ("accuracy", "balanced_accuracy", "macro_f1", "nll", "ece")}
-    row |= {"ece_after_ts": calibration["ece_after"], "nll_after_ts": calibration["nll_after"],
-            "temperature": calibration["temperature"], "train_seconds": summary["train_seconds"],
-            "run_dir": str(cell.directory)}  # fmt: skip
-    return row
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    if any(math.isnan(value) for value in values):  # a diverged seed: no mean to speak of
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def baseline_loss(rows: Sequence[dict[str, Any]]) -> str:
-    """What every loss is compared with: cross-entropy when the grid has it, else its first loss."""
-    losses = [row["loss"] for row in rows]
-    return "ce" if "ce" in losses else losses[0]
-
-
-def aggregate(rows: Sequence[dict[str, Any]], varying: str | None) -> list[dict[str, Any]]:
-    """Per loss (and varying value): the mean and sample standard deviation over seeds of every metric, and the
-    *paired* gap to the baseline (:func:`baseline_loss`) — the mean and standard deviation over seeds of
-    ``metric(loss, seed) − metric(baseline, seed)``. A seed fixes the data (the validation split, the long-tailed
-    subset, the flipped labels) for every loss, so the paired spread measures the losses' difference, not how hard
-    each seed's data happens to be."""
-    groups: dict[tuple[Any, Any], dict[int, dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["loss"], row.get(varying) if varying else None), {})[int(row["seed"])] = row
-    baseline = baseline_loss(rows) if rows else None
-    summary = []
-    for (loss, value), members in groups.items():
-        entry: dict[str, Any] = {"loss": loss, **({varying: value} if varying else {}), "seeds": len(members)}
-        reference = groups.get((baseline, value), {})
-        for key in [m[0] for m in METRICS] + ["nll_after_ts"]:
-            entry[f"{key}_mean"], entry[f"{key}_std"] = _mean_std([float(m[key]) for m in members.values()])
-            paired = [float(members[s][key]) - float(reference[s][key]) for s in sorted(members) if s in reference]
-            entry[f"{key}_gap_mean"], entry[f"{key}_gap_std"] = _mean_std(paired) if paired else (math.nan, math.nan)
-        summary.append(entry)
-    return summary
-
-
-def write_csv(rows: Sequence[dict[str, Any]], path: Path, study: str) -> None:
-    """``rows`` as CSV with a ``study`` column first, written only if that changes ``path``."""
-    columns = ["study", *dict.fromkeys(key for row in rows for key in row)]
-    buffer = io.StringIO(newline="")
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({"study": study, **row})
-    write_if_changed(path, buffer.getvalue().encode())
-
-
-def best(summary: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:
-    """The entry with the best mean; a diverged loss (NaN) never wins."""
-    higher = next(m[2] for m in METRICS if m[0] == metric)
-    finite = [entry for entry in summary if math.isfinite(entry[f"{metric}_mean"])] or list(summary)
-    return (max if higher else min)(finite, key=lambda entry: entry[f"{metric}_mean"])
-
-
-def gap(entry: dict[str, Any], metric: str) -> tuple[float, float]:
-    """The entry's paired gap to the baseline in ``metric``: mean and standard deviation over seeds."""
-    return entry[f"{metric}_gap_mean"], entry[f"{metric}_gap_std"]
+        result = run_study("long-tail", out="runs/long-tail", losses=["ce", "la"], seeds=3)
+        print(*result.findings, sep="\\n")  # the recommendation last; result.report is report.html
+    """
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    workers = (settings or {}).get("workers", 0)
+    if jobs > 1 and workers > 0:
+        raise ConfigError(f"--workers {workers} starts loader processes, which a --jobs worker process cannot: "
+                          "use --jobs 1 with --workers, or leave --workers at 0")  # fmt: skip
+    if not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"out must be a path (str or os.PathLike), got {type(out).__name__}")
+    if isinstance(losses, str):
+        raise TypeError(f"losses must be a sequence of names, e.g. {losses.split(',')!r}, got the string {losses!r}")
+    grid = build_grid(Path(out), study=study, losses=losses, seeds=seeds, varying=varying,
+                      settings=dict(settings or {}))  # fmt: skip
+    with lock_study(grid.directory):  # one process per study directory: a second is refused, naming the first
+        if on_begin is not None:
+            on_begin(grid)
+        rows = run_grid(grid, jobs=jobs, on_done=on_done, on_start=on_start, warn=warn)
+        summary = aggregate(rows, grid.varying[0] if grid.varying else None)
+        sentences = study_findings(grid, summary, rows)
+        files, unwritten = write_study(grid, rows, summary, sentences)
+    return StudyResult(grid, tuple(rows), tuple(summary), tuple(sentences), tuple(files), tuple(unwritten))

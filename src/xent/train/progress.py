@@ -1,17 +1,21 @@
-"""Time left, for the console: of a training run (epochs) and of a study (cells).
+"""Progress for the console: the time left of a training run (epochs) and of a study (cells), and a study's bar.
 
-Both estimate from what this process has done so far, not from the whole run's history: a resumed run or study
+Both estimates come from what this process has done so far, not from the whole run's history: a resumed run or study
 starts its estimate afresh, and the cells a study finds finished (read, not trained) do not count as fast work.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from rich.progress import ProgressColumn, Task
+    from rich.console import Console
+    from rich.progress import ProgressColumn, Task, TaskID
     from rich.text import Text
+
+    from xent.train.study import Cell, Grid
 
 
 def clock(seconds: float) -> str:
@@ -60,3 +64,59 @@ def cells_eta_column() -> ProgressColumn:
             return Text(f"ETA {'-:--' if left is None else clock(left)}", style="progress.remaining")
 
     return CellsTimeLeft()
+
+
+class StudyProgress:
+    """``xent compare``'s console while a study runs: a line that announces the grid, a bar of its cells with the
+    time left, and a line per cell with its results. Its methods are :func:`xent.train.run_study`'s ``on_begin``,
+    ``on_start`` and ``on_done``; as a context manager it clears the bar when the study ends, however it ends."""
+
+    def __init__(self, console: Console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                             cells_eta_column(), console=console, transient=True)  # fmt: skip
+        self._task: TaskID | None = None
+        self._shown = False
+
+    def begin(self, grid: Grid) -> None:
+        """Announce the grid and show the bar."""
+        cells = len(grid.cells())
+        self.console.print(f"xent compare {grid.name}: {len(grid.variants)} losses × {len(grid.seeds)} seeds"
+                           + (f" × {len(grid.varying[1])} values of {grid.varying[0]}" if grid.varying else "")
+                           + f" = {cells} runs in {grid.directory}")  # fmt: skip
+        self._bar.start()
+        self._shown = True
+        self._task = self._bar.add_task("cells", total=cells, started=None, to_train=0, trained=0)
+
+    def start(self, to_train: int) -> None:
+        """The ETA counts the cells trained from here on."""
+        if self._task is not None:
+            self._bar.update(self._task, started=time.monotonic(), to_train=to_train)
+
+    def done(self, cell: Cell, row: dict[str, Any]) -> None:
+        """One line for the cell; the bar goes with the last cell, before the study draws its report."""
+        if self._task is None:
+            return
+        fields = self._bar.tasks[self._task].fields
+        if fields["started"] is not None:
+            self._bar.update(self._task, trained=fields["trained"] + 1)
+        self._bar.advance(self._task)
+        self.console.print(f"  {cell.directory.name}: accuracy {100 * row['accuracy']:.2f}%, balanced "
+                           f"{100 * row['balanced_accuracy']:.2f}%, ECE {row['ece']:.3f}")  # fmt: skip
+        if self._bar.tasks[self._task].finished:
+            self._clear()
+
+    def _clear(self) -> None:
+        if self._shown:
+            self._shown = False
+            self._bar.stop()
+
+    def __enter__(self) -> StudyProgress:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._clear()
