@@ -8,25 +8,22 @@ from typing import cast
 
 import torch
 
+from xent.core import rows
 from xent.core.reduce import accumulation_dtype, reduce_loss
 from xent.core.rowloss import RowLoss, mean_denominator
 
 
 def transformed_logits(logits: torch.Tensor, target: torch.Tensor | None, options: RowLoss) -> torch.Tensor:
-    """:math:`z = s (\\operatorname{cap}(x) + o - m_y e_y)` in the accumulation dtype; ``target`` (canonical class
-    indices, ignored ones replaced by any valid class) is needed only for a margin."""
+    """:math:`z = s (\\operatorname{cap}(x) + o - m_y e_y)` in the accumulation dtype by
+    :func:`xent.core.rows.transform`, differentiable; ``target`` (canonical class indices, ignored ones replaced by
+    any valid class) is needed only for a margin."""
     x = logits.to(accumulation_dtype(logits.dtype))
-    if options.softcap is not None:
-        x = options.softcap * torch.tanh(x / options.softcap)
-    if options.class_offset is not None:
-        x = x + options.class_offset.to(device=x.device, dtype=x.dtype)
+    target_column = margin = None
     if options.target_margin is not None:
-        target = cast(torch.Tensor, target)  # a margin comes with class-index targets only
-        margin = options.target_margin.to(device=x.device, dtype=x.dtype)[target].unsqueeze(-1)  # (M, 1)
-        x = x - torch.zeros_like(x).scatter(-1, target.unsqueeze(-1), margin)
-    if options.logit_scale != 1.0:
-        x = options.logit_scale * x
-    return x
+        target_column = cast(torch.Tensor, target).unsqueeze(-1)  # a margin comes with class-index targets only
+        margin = options.target_margin.to(device=x.device, dtype=x.dtype)[target_column]  # (M, 1)
+    z, _ = rows.transform(x, options, target_column=target_column, margin=margin)
+    return z
 
 
 def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, options: RowLoss) -> torch.Tensor:

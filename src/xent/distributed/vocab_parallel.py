@@ -29,16 +29,16 @@ all-reduced once in backward.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 
+from xent.core import rows
 from xent.core.reduce import accumulation_dtype, reduce_loss
-from xent.core.reference import without_ignored_rows
 from xent.core.rowloss import RowLoss
 from xent.distributed.agreement import GIVEN, Terms, agree
-from xent.kernels.linear import default_chunk_size
+from xent.kernels.linear import cast_grads, default_chunk_size, fused_pass, new_grads
 from xent.losses import _checks
 from xent.losses.family import check_fused_call, family_loss
 from xent.losses.linear import check_head
@@ -139,10 +139,10 @@ def vocab_parallel_loss(
     shard, _ = _agree(terms, group, _device(group, logits_shard, target), loss, ignore_index, softcap, loss_options)
     flat_target = _flat_target(terms)
     target_weight, total_weight = _target_weight(flat_target, weight, shard, logits_shard.dtype)
-    rows = _VocabParallelRows.apply(
+    per_row = _VocabParallelRows.apply(
         logits_shard.reshape(-1, shard.size), flat_target, weight, target_weight, total_weight, shard
     )
-    return _reduce(rows, target.shape, reduction, target_weight)
+    return _reduce(per_row, target.shape, reduction, target_weight)
 
 
 def vocab_parallel_cross_entropy(
@@ -240,11 +240,11 @@ def vocab_parallel_linear_loss(
     flat_target = _flat_target(terms)
     target_weight, total_weight = _target_weight(flat_target, weight, shard, input.dtype)
     flat_input = input.reshape(-1, input.shape[-1]).contiguous()
-    rows = _VocabParallelLinearRows.apply(
+    per_row = _VocabParallelLinearRows.apply(
         flat_input, linear_weight_shard, linear_bias_shard, flat_target, weight, target_weight, total_weight, shard,
         chunk_size,
     )  # fmt: skip
-    return _reduce(rows, target.shape, reduction, target_weight)
+    return _reduce(per_row, target.shape, reduction, target_weight)
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -431,33 +431,35 @@ def _reduce(rows: torch.Tensor, batch_shape: torch.Size, reduction: str, target_
 def _transformed(
     logits: torch.Tensor, target: torch.Tensor, shard: _Shard, scratch: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(z, tanh(x / c))`` of a block of the shard's logits in the accumulation dtype: the description's transform of
-    the rank's columns (the tanh kept for the chain rule). ``z`` is the callers' to overwrite: formed in ``logits``
-    itself when they are ``scratch`` (a chunk of a linear head), else in a new tensor."""
+    """``(z, tanh(x / c))`` of a block of the shard's logits in the accumulation dtype (:func:`xent.core.rows.transform`
+    of the rank's columns). ``z`` is the callers' to overwrite: formed in ``logits`` itself when they are ``scratch``
+    (a chunk of a linear head), else in a new tensor."""
     options = shard.options
-    z = logits.to(accumulation_dtype(logits.dtype))
-    tanh = None
-    if options.softcap is not None:
-        tanh = torch.tanh(z / options.softcap)
-        z = tanh * options.softcap
-    elif z is logits and not scratch:
-        z = z.clone()
-    if options.class_offset is not None:
-        z += options.class_offset[shard.columns].to(device=z.device, dtype=z.dtype)
+    x = logits.to(accumulation_dtype(logits.dtype))
+    target_column = margin = None
     if options.target_margin is not None:
         local, inside = _local_target(target, shard)
-        margin = options.target_margin.to(device=z.device, dtype=z.dtype)[_in_vocabulary(target, shard)] * inside
-        z.scatter_add_(1, local.unsqueeze(1), -margin.unsqueeze(1))
-    if options.logit_scale != 1.0:
-        z *= options.logit_scale
-    return z, tanh
+        margin = options.target_margin.to(device=x.device, dtype=x.dtype)[_in_vocabulary(target, shard)] * inside
+        target_column, margin = local.unsqueeze(1), margin.unsqueeze(1)
+    owned = scratch or x is not logits
+    z, tanh = rows.transform(
+        x, options, classes=shard.columns, target_column=target_column, margin=margin, in_place=owned
+    )
+    return (z.clone() if z is logits and not scratch else z), tanh
 
 
-def _per_target(tensor: torch.Tensor | None, target: torch.Tensor, shard: _Shard, like: torch.Tensor) -> torch.Tensor:
-    """A per-class tensor of the whole vocabulary at each row's target (1 without one)."""
-    if tensor is None:
-        return torch.ones_like(like)
-    return tensor.to(device=like.device, dtype=like.dtype)[_in_vocabulary(target, shard)]
+def _target_rows(
+    target: torch.Tensor, target_weight: torch.Tensor, total_weight: torch.Tensor, shard: _Shard
+) -> rows.TargetRows:
+    """The row algebra's per-row weights (:class:`xent.core.rows.TargetRows`) of a block of rows."""
+    valid = (target != shard.options.ignore_index).to(target_weight.dtype)
+    alpha = shard.options.alpha
+    main_weight = target_weight
+    if alpha is not None:
+        main_weight = (
+            target_weight * alpha.to(device=target.device, dtype=target_weight.dtype)[_in_vocabulary(target, shard)]
+        )
+    return rows.TargetRows(valid, target_weight, main_weight, total_weight)
 
 
 def _in_vocabulary(target: torch.Tensor, shard: _Shard) -> torch.Tensor:
@@ -471,20 +473,19 @@ def _row_losses(
     z: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    target_weight: torch.Tensor,
-    total_weight: torch.Tensor,
+    target_rows: rows.TargetRows,
     shard: _Shard,
 ) -> tuple[torch.Tensor, ...]:
-    """``(losses, lse, u)`` of rows whose transformed shard is ``z (B, V_r)`` (overwritten): two all-reduces. A row
-    whose target no shard holds (outside ``[0, V)``, which only value checks catch up front) gets NaN for its loss
-    and ``u``: the shards holding each target are counted in the second all-reduce, with no host sync."""
+    """``(losses, lse, u)`` of rows whose transformed shard is ``z (B, V_r)`` (overwritten): the shard's statistics,
+    two all-reduces, then :func:`xent.core.rows.row_losses`. A row whose target no shard holds (outside ``[0, V)``,
+    which only value checks catch up front) gets NaN for its loss and ``u``: the shards holding each target are
+    counted in the second all-reduce, with no host sync."""
     options = shard.options
-    eps = options.label_smoothing
     row_max = z.amax(dim=1)
     dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=shard.group)
     local, inside = _local_target(target, shard)
     smooth = torch.zeros_like(row_max)  # Σ_c w_c z_c, which label smoothing reads
-    if eps:
+    if options.label_smoothing:
         smooth = z.sum(dim=1) if weight is None else z @ weight.to(z.dtype)
     target_logit = torch.where(inside, z.gather(1, local.unsqueeze(1)).squeeze(1), 0.0)
     sum_exp = z.sub_(row_max.unsqueeze(1)).exp_().sum(dim=1)  # in place: z is not read again
@@ -495,12 +496,7 @@ def _row_losses(
     valid = target != options.ignore_index
     unheld = valid & (holders == 0)  # its target's logit was taken as 0: a finite, wrong loss without this
     u = torch.where(unheld, torch.nan, target_logit - lse)
-    alpha = _per_target(options.alpha, target, shard, u)
-    loss = target_weight * alpha * options.term.value(u, eps, shard.vocab)
-    if eps:
-        loss = loss + eps / shard.vocab * (total_weight * lse - smooth)
-    if options.z_loss:
-        loss = loss + options.z_loss * target_weight * lse.square()
+    loss = rows.row_losses(u, lse, smooth, target_rows, options, shard.vocab)
     loss = torch.where(unheld, torch.nan, loss)  # whatever the loss's ψ makes of NaN, and 0 × NaN of a 0 weight
     return torch.where(valid, loss, torch.zeros_like(loss)), lse, u
 
@@ -510,26 +506,23 @@ def _row_gradient_(
     tanh: torch.Tensor | None,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    target_weight: torch.Tensor,
-    total_weight: torch.Tensor,
+    target_rows: rows.TargetRows,
     lse: torch.Tensor,
     u: torch.Tensor,
     grad_rows: torch.Tensor,
     shard: _Shard,
 ) -> torch.Tensor:
-    """``∂(Σ g_n loss_n)/∂logits`` of the shard, formed over ``z`` (overwritten)."""
+    """``∂(Σ g_n loss_n)/∂logits`` of the shard, formed over ``z`` (overwritten) from the coefficients of
+    :func:`xent.core.rows.gradient_coefficients`."""
     options = shard.options
     eps = options.label_smoothing
     scale = torch.where(target != options.ignore_index, grad_rows.to(z.dtype), torch.zeros_like(lse))
     u = torch.where(scale != 0, u, 0.0)  # a NaN row (no shard holds its target) whose loss is unused: gradient 0
-    hard = target_weight * _per_target(options.alpha, target, shard, u) * options.term.derivative(u, eps, shard.vocab)
-    coefficient = -hard + eps * total_weight / shard.vocab
-    if options.z_loss:
-        coefficient = coefficient + 2.0 * options.z_loss * target_weight * lse
+    coefficient, slope = rows.gradient_coefficients(u, lse, target_rows, options, shard.vocab)
     coefficient = torch.where(u.isnan(), torch.nan, coefficient)  # ψ' may be constant (−1 for cross-entropy)
-    grad = z.sub_(lse.unsqueeze(1)).exp_().mul_((coefficient * scale).unsqueeze(1))  # p_c · coefficient · g
+    grad = z.sub_(lse.unsqueeze(1)).exp_().mul_((coefficient * scale).unsqueeze(1))  # p_c · a · g_n
     local, inside = _local_target(target, shard)
-    grad.scatter_add_(1, local.unsqueeze(1), (hard * scale * inside).unsqueeze(1))
+    grad.scatter_add_(1, local.unsqueeze(1), (slope * scale * inside).unsqueeze(1))
     if eps:
         per_class = torch.ones(shard.size, dtype=z.dtype, device=z.device) if weight is None else weight.to(z.dtype)
         grad.sub_((eps / shard.vocab) * scale.unsqueeze(1) * per_class)
@@ -556,22 +549,25 @@ class _VocabParallelRows(torch.autograd.Function):
         shard: _Shard,
     ) -> torch.Tensor:
         z, _ = _transformed(logits, target, shard, scratch=False)
-        losses, lse, u = _row_losses(z, target, weight, target_weight, total_weight, shard)
-        ctx.shard = shard
-        ctx.save_for_backward(logits, target, weight, target_weight, total_weight, lse, u)
+        target_rows = _target_rows(target, target_weight, total_weight, shard)
+        losses, lse, u = _row_losses(z, target, weight, target_rows, shard)
+        ctx.shard, ctx.target_rows = shard, target_rows
+        ctx.save_for_backward(logits, target, weight, lse, u)
         return losses
 
     @staticmethod
     def backward(ctx: Any, grad_rows: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         _refuse_second_order()
-        logits, target, weight, target_weight, total_weight, lse, u = ctx.saved_tensors
+        logits, target, weight, lse, u = ctx.saved_tensors
         z, tanh = _transformed(logits, target, ctx.shard, scratch=False)
-        grad = _row_gradient_(z, tanh, target, weight, target_weight, total_weight, lse, u, grad_rows, ctx.shard)
+        grad = _row_gradient_(z, tanh, target, weight, ctx.target_rows, lse, u, grad_rows, ctx.shard)
         return grad.to(logits.dtype), None, None, None, None, None
 
 
 class _VocabParallelLinearRows(torch.autograd.Function):
-    """Per-row losses of a weight-sharded head, chunk by chunk; backward recomputes each chunk's logits."""
+    """Per-row losses of a weight-sharded head, by the linear heads' chunk driver
+    (:func:`xent.kernels.linear.fused_pass`): forward runs the row statistics' all-reduces chunk by chunk; backward
+    recomputes each chunk's logits, forms their gradient locally and all-reduces ``d(input)`` once."""
 
     @staticmethod
     def forward(
@@ -586,50 +582,47 @@ class _VocabParallelLinearRows(torch.autograd.Function):
         shard: _Shard,
         chunk: int,
     ) -> torch.Tensor:
-        losses, lses, us = [], [], []
-        input = without_ignored_rows(input, target, shard.options.ignore_index)  # absent, whatever they hold
-        for start in range(0, input.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            z, _ = _transformed(_chunk_logits(input[rows], linear_weight, linear_bias), target[rows], shard, True)
-            loss, lse, u = _row_losses(z, target[rows], weight, target_weight[rows], total_weight, shard)
-            losses.append(loss)
-            lses.append(lse)
-            us.append(u)
-        ctx.shard, ctx.chunk = shard, chunk
-        empty = input.new_zeros(0, dtype=accumulation_dtype(input.dtype))
-        lse, u = (torch.cat(parts) if parts else empty for parts in (lses, us))
-        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, target_weight, total_weight, lse, u)
-        return torch.cat(losses) if losses else empty
+        dtype = accumulation_dtype(input.dtype)
+        target_rows = _target_rows(target, target_weight, total_weight, shard)
+        lse, u = (torch.empty(input.shape[0], dtype=dtype, device=input.device) for _ in range(2))
+
+        def chunk_losses(
+            logits: torch.Tensor, block: slice, grad_scale: torch.Tensor, needs_grad: bool
+        ) -> torch.Tensor:
+            z, _ = _transformed(logits, target[block], shard, scratch=True)
+            losses, lse[block], u[block] = _row_losses(z, target[block], weight, target_rows[block], shard)
+            return losses
+
+        kept = target != shard.options.ignore_index  # absent, whatever their hidden states hold
+        ones = torch.ones(input.shape[0], dtype=dtype, device=input.device)
+        losses = fused_pass(input, linear_weight, linear_bias, chunk_losses, ones, chunk, (None,) * 3, kept)
+        ctx.shard, ctx.chunk, ctx.target_rows, ctx.kept = shard, chunk, target_rows, kept
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, u)
+        return losses
 
     @staticmethod
     def backward(ctx: Any, grad_rows: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         _refuse_second_order()
-        input, linear_weight, linear_bias, target, weight, target_weight, total_weight, lse, u = ctx.saved_tensors
-        shard, needs = ctx.shard, ctx.needs_input_grad
-        dtype = accumulation_dtype(linear_weight.dtype)
-        grad_input = torch.zeros_like(input) if needs[0] else None
-        grad_weight = torch.zeros(linear_weight.shape, dtype=dtype, device=input.device) if needs[1] else None
-        grad_bias = torch.zeros(linear_weight.shape[0], dtype=dtype, device=input.device) if needs[2] else None
-        input = without_ignored_rows(input, target, shard.options.ignore_index)  # a NaN there must not reach dW
-        for start in range(0, input.shape[0], ctx.chunk):
-            rows = slice(start, start + ctx.chunk)
-            z, tanh = _transformed(_chunk_logits(input[rows], linear_weight, linear_bias), target[rows], shard, True)
-            grad = _row_gradient_(z, tanh, target[rows], weight, target_weight[rows], total_weight, lse[rows],
-                                  u[rows], grad_rows[rows], shard)  # fmt: skip
-            if grad_input is not None:
-                grad_input[rows] = grad.to(linear_weight.dtype) @ linear_weight
-            if grad_weight is not None:
-                grad_weight.addmm_(grad.t(), input[rows].to(dtype))
-            if grad_bias is not None:
-                grad_bias.add_(grad.sum(dim=0))
+        input, linear_weight, linear_bias, target, weight, lse, u = ctx.saved_tensors
+        shard, target_rows = ctx.shard, ctx.target_rows
+
+        def chunk_gradient(
+            logits: torch.Tensor, block: slice, grad_scale: torch.Tensor, needs_grad: bool
+        ) -> torch.Tensor:
+            z, tanh = _transformed(logits, target[block], shard, scratch=True)
+            grad = _row_gradient_(z, tanh, target[block], weight, target_rows[block], lse[block], u[block],
+                                  grad_scale, shard)  # fmt: skip
+            if grad.data_ptr() != logits.data_ptr():
+                logits.copy_(grad)
+            return cast(torch.Tensor, lse[block])  # the losses are forward's: a placeholder of the right shape
+
+        accumulate = accumulation_dtype(linear_weight.dtype)
+        grads = new_grads(input, linear_weight, linear_bias, ctx.needs_input_grad[:3], accumulate)
+        fused_pass(input, linear_weight, linear_bias, chunk_gradient, grad_rows, ctx.chunk, grads, ctx.kept)
+        grad_input, grad_weight, grad_bias = cast_grads(grads, input, linear_weight, linear_bias)
         if grad_input is not None:
             dist.all_reduce(grad_input, group=shard.group)  # every rank's classes contribute to d(input)
-        return (
-            grad_input,
-            None if grad_weight is None else grad_weight.to(linear_weight.dtype),
-            None if grad_bias is None else grad_bias.to(linear_bias.dtype),
-            *(None,) * 6,
-        )
+        return grad_input, grad_weight, grad_bias, *(None,) * 6
 
 
 def _refuse_second_order() -> None:
@@ -639,8 +632,3 @@ def _refuse_second_order() -> None:
             "the vocab-parallel losses form their gradient without a graph and cannot be differentiated twice "
             "(create_graph=True); gather the logits and use xent's loss with impl='reference' for second order"
         )
-
-
-def _chunk_logits(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: torch.Tensor | None) -> torch.Tensor:
-    logits = input @ linear_weight.t()
-    return logits if linear_bias is None else logits.add_(linear_bias)

@@ -28,6 +28,7 @@ from typing import Any, cast, overload
 
 import torch
 
+from xent.core import rows
 from xent.core.autocast import autocast_off
 from xent.core.reduce import accumulation_dtype, safe_divide
 from xent.core.reference import reference_cross_entropy
@@ -80,32 +81,27 @@ def loss_and_grad_(
     num_rows, num_classes = logits.shape
     dtype = accumulation_dtype(logits.dtype)
     block_rows = block_rows or rows_per_block(num_classes, logits.device)
-    rows = _RowTerms(logits, target, options, grad_scale.to(dtype))
+    terms = _RowTerms(logits, target, options, grad_scale.to(dtype))
 
     def block_(block: slice) -> None:
-        rows.block_(logits[block], None if grad is None else grad[block], block)
+        terms.block_(logits[block], None if grad is None else grad[block], block)
 
     for_each_block(num_rows, block_rows, block_, logits.device)  # threads share the blocks out: see kernels.threads
-    return rows.losses()
+    return terms.losses()
 
 
 class _RowTerms:
     r"""The per-row side of the loss: everything that does not need the softmax is computed for all rows at once,
     so that the block loop runs only the passes over ``(B, C)`` data: two for plain cross-entropy on the CPU (the
-    softmax and its scaling), up to about eight with every option.
-
-    With class indices the gradient of a row with respect to the transformed logits :math:`z` is
-    ``r · (p · a − b)`` (see :mod:`xent.core.rowloss`) with ``g = −w_y α_y ψ′(u)``,
-    ``a = g + ε W / C + 2 ζ w_y lse`` and ``b = g δ_y + (ε / C) w``; with probabilities :math:`t'`,
-    ``a = Σ w t' + 2 ζ lse`` and ``b = w ⊙ t'``. The chain rule through the transform multiplies by the scale
-    :math:`s` and the soft cap's :math:`1 - \tanh^2`.
+    softmax and its scaling), up to about eight with every option. The row algebra — the transform, the losses, the
+    gradient's coefficients — is that of :mod:`xent.core.rows`; with probabilities :math:`t'` the gradient is
+    ``p · (Σ w t' + 2 ζ lse) − w ⊙ t'``. The chain rule through the transform multiplies by the scale :math:`s` and
+    the soft cap's :math:`1 - \tanh^2`.
     """
 
     def __init__(self, logits: torch.Tensor, target: torch.Tensor, options: RowLoss, scale: torch.Tensor):
         num_rows, num_classes = logits.shape
         self.dtype = dtype = scale.dtype
-        self.options, self.target = options, target
-        self.num_classes = num_classes
         device = logits.device
 
         @overload
@@ -115,16 +111,23 @@ class _RowTerms:
         def per_class(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor.to(device=device, dtype=dtype)
 
-        self.weight, self.offset = per_class(options.weight), per_class(options.class_offset)
+        # the per-class tensors in the accumulation dtype once, not once per block
+        self.options = options = dataclasses.replace(
+            options,
+            weight=per_class(options.weight),
+            class_offset=per_class(options.class_offset),
+            target_margin=per_class(options.target_margin),
+        )
+        self.target, self.num_classes = target, num_classes
+        self.weight = options.weight
         self.token_weight = per_class(options.token_weight)
         self.scale = scale if self.token_weight is None else scale * self.token_weight  # grad_scale · r_n
         self.soft = target.is_floating_point()
-        self.margin = None  # -m_y, added at the target column (class indices only)
         self.lse = logits.new_empty(num_rows, dtype=dtype)
         # On the CPU a row's log-sum-exp is read from its target's probability (one pass fewer, see `_lse_`);
         # elsewhere that would need a host read per block for the rows whose probability underflows.
-        self.lse_from_target = device.type == "cpu" and not target.is_floating_point()
-        smoothing = options.label_smoothing
+        self.lse_from_target = device.type == "cpu" and not self.soft
+        self.margin = None  # (M, 1) m_y, for a description with target margins (class indices only)
         if self.soft:
             self.target_term = logits.new_empty(num_rows, dtype=dtype)  # Σ_c w_c t'_c z_c
             self.mass = logits.new_empty(num_rows, dtype=dtype)  # Σ_c w_c t'_c
@@ -132,98 +135,78 @@ class _RowTerms:
         valid = target != options.ignore_index
         self.safe_target = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)  # (M, 1)
         safe_target = self.safe_target.squeeze(1)
-        self.valid = valid.to(dtype)
         self.kept = valid
         self.ignored_rows = _IgnoredRows(valid)
-        # w_y, zero for ignored rows; w_y α_y for the target term
-        self.target_weight = self.valid if self.weight is None else self.weight[safe_target] * self.valid
-        self.main_weight = self.target_weight
+        valid_weight = valid.to(dtype)
+        target_weight = valid_weight if self.weight is None else self.weight[safe_target] * valid_weight  # v w_y
+        main_weight = target_weight
         if options.alpha is not None:
-            self.main_weight = self.main_weight * per_class(options.alpha)[safe_target]
-        if options.target_margin is not None:
-            self.margin = -per_class(options.target_margin)[safe_target].unsqueeze(1)
-        self.target_logit = self._transform(self._cap(logits.gather(1, self.safe_target).to(dtype)), self.safe_target)
-        self.target_logit = self.target_logit.squeeze(1)  # z_y
-        self.total_weight = float(num_classes) if self.weight is None else self.weight.sum()
-        if smoothing:
+            main_weight = main_weight * per_class(options.alpha)[safe_target]
+        total_weight = float(num_classes) if self.weight is None else self.weight.sum()
+        self.rows = rows.TargetRows(valid_weight, target_weight, main_weight, total_weight)
+        self.margin = None if options.target_margin is None else options.target_margin[self.safe_target]  # (M, 1)
+        target_logit = logits.gather(1, self.safe_target).to(dtype)
+        target_logit, _ = rows.transform(target_logit, options, classes=self.safe_target, margin=self.margin)
+        self.target_logit = target_logit.squeeze(1)  # z_y
+        if options.label_smoothing:
             self.smooth_logit = logits.new_empty(num_rows, dtype=dtype)  # Σ_c w_c z_c
-            self.uniform = (self.valid * self.scale * (smoothing / num_classes)).unsqueeze(1)
+            self.uniform = (valid_weight * self.scale * (options.label_smoothing / num_classes)).unsqueeze(1)
 
-    def _cap(self, x: torch.Tensor) -> torch.Tensor:
-        cap = self.options.softcap
-        return x if cap is None else cap * torch.tanh(x / cap)
-
-    def _transform(self, x: torch.Tensor, columns: torch.Tensor | None, rows: slice = slice(None)) -> torch.Tensor:
-        """s (x + o − m_y e_y) of capped logits ``x`` (never in place: ``x`` may be the input); ``columns`` are the
-        class ids of ``x``'s columns: ``(B, 1)`` target ids, or None for whole rows."""
-        options = self.options
-        if self.offset is not None:
-            x = x + (self.offset[columns] if columns is not None else self.offset)
-        if self.margin is not None:
-            x = (
-                x + self.margin[rows]
-                if columns is not None
-                else x.scatter_add(1, self.safe_target[rows], self.margin[rows])
-            )
-        return x if options.logit_scale == 1.0 else x * options.logit_scale
-
-    def block_(self, logits: torch.Tensor, grad: torch.Tensor | None, rows: slice) -> None:
+    def block_(self, logits: torch.Tensor, grad: torch.Tensor | None, block: slice) -> None:
         """Statistics of one block of rows, and its scaled gradient written into ``grad`` (when given)."""
         dtype, options, weight = self.dtype, self.options, self.weight
         # The gradient is formed in `work`: the output itself when it has the accumulation dtype, else a block.
         work = grad if grad is not None and grad.dtype == dtype else logits.new_empty(logits.shape, dtype=dtype)
-        x = logits if logits.dtype == dtype else logits.to(dtype)
-        capped = None
-        if options.softcap is not None:
-            capped = torch.tanh(x / options.softcap)  # kept for the chain rule: d(c·tanh(x/c))/dx = 1 - tanh²
-            x = capped * options.softcap
-        if options.transforms_per_class:
-            x = self._transform(x, None, rows)
+        x, capped = rows.transform(
+            logits if logits.dtype == dtype else logits.to(dtype),
+            options,
+            target_column=None if self.soft else self.safe_target[block],
+            margin=None if self.margin is None else self.margin[block],
+        )
         # Everything that reads the logits runs before `work`, which may alias them, is overwritten.
         survives = x.data_ptr() != work.data_ptr()
         row_max = None if self.lse_from_target and survives else x.amax(dim=1)
         if self.soft:
-            probs = self.target[rows].to(dtype)
+            probs = self.target[block].to(dtype)
             if options.label_smoothing:
                 probs = probs * (1.0 - options.label_smoothing) + options.label_smoothing / self.num_classes
             weighted_probs = probs if weight is None else probs * weight  # (B, C)
-            self.target_term[rows] = (weighted_probs * x).sum(1)
-            self.mass[rows] = weighted_probs.sum(1)
+            self.target_term[block] = (weighted_probs * x).sum(1)
+            self.mass[block] = weighted_probs.sum(1)
         elif options.label_smoothing:
-            self.smooth_logit[rows] = x.sum(1) if weight is None else x @ weight
+            self.smooth_logit[block] = x.sum(1) if weight is None else x @ weight
 
         # One fused pass (max, Σ exp, normalise) writes the softmax, and the log-sum-exp follows from it.
         torch._softmax(x, 1, False, out=work)
-        lse = self._lse_(x if survives else None, row_max, work, rows)
+        lse = self._lse_(x if survives else None, row_max, work, block)
 
-        scale = self.scale[rows]
+        scale = self.scale[block]
         if self.soft:
-            coefficient = self.mass[rows]
+            coefficient = self.mass[block]
+            if options.z_loss:
+                coefficient = coefficient + 2.0 * options.z_loss * lse
         else:
-            u = self.target_logit[rows] - lse  # log p_y
-            hard = -self.main_weight[rows] * options.term.derivative(u, options.label_smoothing, self.num_classes)
-            coefficient = hard + self.valid[rows] * (options.label_smoothing / self.num_classes * self.total_weight)
-        if options.z_loss:
-            z_weight = 1.0 if self.soft else self.target_weight[rows]
-            coefficient = coefficient + 2.0 * options.z_loss * z_weight * lse
+            coefficient, slope = rows.gradient_coefficients(
+                self.target_logit[block] - lse, lse, self.rows[block], options, self.num_classes
+            )
         work.mul_((coefficient * scale).unsqueeze(1))
         if self.soft:
             work.sub_(weighted_probs * scale.unsqueeze(1))
         else:
-            work.scatter_add_(1, self.safe_target[rows], -(hard * scale).unsqueeze(1))
+            work.scatter_add_(1, self.safe_target[block], (slope * scale).unsqueeze(1))
             if options.label_smoothing:
-                work.sub_(self.uniform[rows] if weight is None else self.uniform[rows] * weight)
+                work.sub_(self.uniform[block] if weight is None else self.uniform[block] * weight)
         if options.logit_scale != 1.0:
             work.mul_(options.logit_scale)
         if capped is not None:
             work.mul_(capped.square_().neg_().add_(1.0))
         if not self.soft:
-            self.ignored_rows.zero_(work, rows)
+            self.ignored_rows.zero_(work, block)
         if grad is not None and work is not grad:
             grad.copy_(work)
 
     def _lse_(
-        self, x: torch.Tensor | None, row_max: torch.Tensor | None, probs: torch.Tensor, rows: slice
+        self, x: torch.Tensor | None, row_max: torch.Tensor | None, probs: torch.Tensor, block: slice
     ) -> torch.Tensor:
         """The log-sum-exp of a block's rows from their softmax ``probs``, stored and returned. ``x`` is the block's
         transformed logits while they still exist (None once ``probs`` has overwritten them), ``row_max`` their
@@ -238,35 +221,26 @@ class _RowTerms:
         if not self.lse_from_target:
             lse = cast(torch.Tensor, row_max) - torch.log(probs.amax(dim=1))
         else:
-            target_prob = probs.gather(1, self.safe_target[rows]).squeeze(1)
-            lse = self.target_logit[rows] - torch.log(target_prob)
-            tiny = (target_prob < TINY_PROBABILITY).logical_and_(self.kept[rows]).nonzero().squeeze(1)
+            target_prob = probs.gather(1, self.safe_target[block]).squeeze(1)
+            lse = self.target_logit[block] - torch.log(target_prob)
+            tiny = (target_prob < TINY_PROBABILITY).logical_and_(self.kept[block]).nonzero().squeeze(1)
             if tiny.numel():
                 maxima = row_max[tiny] if row_max is not None else cast(torch.Tensor, x)[tiny].amax(dim=1)
                 lse[tiny] = maxima - torch.log(probs[tiny].amax(dim=1))
-        self.lse[rows] = lse
+        self.lse[block] = lse
         return lse
 
     def losses(self) -> torch.Tensor:
         """``(M,)`` losses, once every block has run."""
-        lse = self.lse
-        options = self.options
+        lse, options = self.lse, self.options
         if self.soft:
             loss = self.mass * lse - self.target_term
-            z_weight: float | torch.Tensor = 1.0
+            if options.z_loss:
+                loss = loss + options.z_loss * lse.square()
         else:
-            smoothing = options.label_smoothing
-            u = self.target_logit - lse
-            loss = self.main_weight * options.term.value(u, smoothing, self.num_classes)
-            if smoothing:
-                # PyTorch's uniform part: (ε/C) Σ_c w_c (lse - z_c), weighted class by class.
-                loss = loss + self.valid * (smoothing / self.num_classes) * (
-                    self.total_weight * lse - self.smooth_logit
-                )
-            z_weight = self.target_weight
-        if options.z_loss:
-            loss = loss + options.z_loss * z_weight * lse.square()
-        if not self.soft:  # an ignored row's terms are 0 · ψ(u) and the like: NaN when its logits hold NaN or ±inf
+            smooth = self.smooth_logit if options.label_smoothing else None
+            loss = rows.row_losses(self.target_logit - lse, lse, smooth, self.rows, options, self.num_classes)
+            # an ignored row's terms are 0 · ψ(u) and the like: NaN when its logits hold NaN or ±inf
             loss = torch.where(self.kept, loss, 0.0)
         return loss if self.token_weight is None else loss * self.token_weight
 

@@ -96,7 +96,7 @@ def row_kernel_loss(target: torch.Tensor, options: RowLoss, kernel: chunked.RowK
     return chunk_loss
 
 
-def _fused_pass(
+def fused_pass(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
     linear_bias: torch.Tensor | None,
@@ -178,15 +178,15 @@ class ChunkedLinearLoss(torch.autograd.Function):
         ones = torch.ones(input.shape[0], dtype=dtype, device=input.device)
         if reduction == "none":
             # Gradients wait for the per-token grad_output: recompute in backward.
-            return _fused_pass(input, linear_weight, linear_bias, chunk_loss, ones, chunk_size, (None,) * 3, kept)
+            return fused_pass(input, linear_weight, linear_bias, chunk_loss, ones, chunk_size, (None,) * 3, kept)
         scale = torch.ones((), dtype=dtype, device=input.device)
         if reduction == "mean":
             scale = safe_divide(scale, cast(torch.Tensor, denominator).to(dtype))  # a mean comes with its denominator
-        grads = _new_grads(input, linear_weight, linear_bias, needs, weight_grad_dtype)
-        losses = _fused_pass(
+        grads = new_grads(input, linear_weight, linear_bias, needs, weight_grad_dtype)
+        losses = fused_pass(
             input, linear_weight, linear_bias, chunk_loss, scale.expand_as(ones), chunk_size, grads, kept
         )
-        ctx.grads = _cast_grads(grads, input, linear_weight, linear_bias)
+        ctx.grads = cast_grads(grads, input, linear_weight, linear_bias)
         return losses.sum() * scale
 
     @staticmethod
@@ -204,10 +204,10 @@ class ChunkedLinearLoss(torch.autograd.Function):
             )
         if ctx.reduction == "none":
             input, linear_weight, linear_bias, _, _ = ctx.saved_tensors
-            grads = _new_grads(input, linear_weight, linear_bias, ctx.needs_input_grad[:3], ctx.weight_grad_dtype)
+            grads = new_grads(input, linear_weight, linear_bias, ctx.needs_input_grad[:3], ctx.weight_grad_dtype)
             scale = grad_output.to(accumulation_dtype(input.dtype))
-            _fused_pass(input, linear_weight, linear_bias, ctx.chunk_loss, scale, ctx.chunk_size, grads, ctx.kept)
-            return *_cast_grads(grads, input, linear_weight, linear_bias), grad_target, grad_weight, *unused
+            fused_pass(input, linear_weight, linear_bias, ctx.chunk_loss, scale, ctx.chunk_size, grads, ctx.kept)
+            return *cast_grads(grads, input, linear_weight, linear_bias), grad_target, grad_weight, *unused
         grads = ctx.grads
         if grads is None:
             raise RuntimeError(
@@ -224,7 +224,7 @@ class ChunkedLinearLoss(torch.autograd.Function):
         return *grads, grad_target, grad_weight, *unused
 
 
-def _new_grads(
+def new_grads(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
     linear_bias: torch.Tensor | None,
@@ -246,7 +246,7 @@ def _new_grads(
     )
 
 
-def _cast_grads(
+def cast_grads(
     grads: _Grads, input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: torch.Tensor | None
 ) -> _Grads:
     grad_input, grad_weight, grad_bias = grads

@@ -17,7 +17,7 @@ Data flow of :class:`ChunkedLinearLogProbs` (``z = (x Wᵀ + b) / T``, ``log p =
         dW  += G_cᵀ X_c                          GEMM 3, into a float32 (float64) buffer
         db  += Σ_rows G_c                        in float32 (float64)
 
-The GEMM loop is :func:`xent.kernels.linear._fused_pass`'s, driven by a chunk function for each pass. Extra memory:
+The GEMM loop is :func:`xent.kernels.linear.fused_pass`'s, driven by a chunk function for each pass. Extra memory:
 one logits chunk, a block of float32 rows, and ``dW``/``db`` in float32 for half-precision heads.
 """
 
@@ -30,7 +30,7 @@ import torch
 
 from xent.core.reduce import accumulation_dtype
 from xent.kernels import chunked
-from xent.kernels.linear import ChunkLoss, _cast_grads, _fused_pass, _new_grads, default_chunk_size
+from xent.kernels.linear import ChunkLoss, cast_grads, default_chunk_size, fused_pass, new_grads
 from xent.kernels.threads import for_each_block
 
 SECOND_ORDER_MESSAGE = (
@@ -195,7 +195,7 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
         lse = torch.empty_like(entropy)
         chunk_loss = _forward_chunk_loss(target, temperature, ignore_index, entropy, lse)
         ones = torch.ones(num_tokens, dtype=dtype, device=input.device)
-        log_probs = _fused_pass(input, linear_weight, linear_bias, chunk_loss, ones, chunk_size, (None,) * 3)
+        log_probs = fused_pass(input, linear_weight, linear_bias, chunk_loss, ones, chunk_size, (None,) * 3)
         ctx.temperature, ctx.ignore_index, ctx.chunk_size = temperature, ignore_index, chunk_size
         ctx.save_for_backward(input, linear_weight, linear_bias, target, lse, entropy)
         return log_probs, entropy.clone()  # a copy: the caller may change its outputs in place (N floats)
@@ -217,10 +217,10 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
         chunk_loss = _backward_chunk_loss(
             target, ctx.temperature, ctx.ignore_index, lse, entropy, grad_log_probs, grad_entropy
         )
-        grads = _new_grads(input, linear_weight, linear_bias, needs, accumulation_dtype(linear_weight.dtype))
+        grads = new_grads(input, linear_weight, linear_bias, needs, accumulation_dtype(linear_weight.dtype))
         ones = torch.ones(input.shape[0], dtype=dtype, device=input.device)
-        _fused_pass(input, linear_weight, linear_bias, chunk_loss, ones, ctx.chunk_size, grads)
-        return *_cast_grads(grads, input, linear_weight, linear_bias), *unused
+        fused_pass(input, linear_weight, linear_bias, chunk_loss, ones, ctx.chunk_size, grads)
+        return *cast_grads(grads, input, linear_weight, linear_bias), *unused
 
 
 def chunked_linear_log_probs(
