@@ -1,5 +1,7 @@
 """The gradient rule: every implementation differentiates every tensor the reference (and PyTorch) differentiates,
-with the reference's gradient, or refuses up front — first and second order, with and without autocast.
+with the reference's gradient, or refuses up front — first and second order, with and without autocast. The losses
+and modules of the fused family are read from the registry (xent.losses.family.FAMILY) with the options of
+tests/family_samples.py.
 
 A future kernel that drops a gradient fails here: gradients are taken with ``allow_unused=True`` and a ``None`` is
 an assertion error, never a silently skipped input.
@@ -13,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 import xent
+from tests import family_samples
 from tests.conftest import assert_close
+from xent.losses.family import FAMILY
 
 IMPLS = [
     "reference",
@@ -114,11 +118,13 @@ def test_inplace_backward_refuses_a_target_that_requires_grad(impl):
 
 
 def test_automatic_choice_is_the_reference_when_a_target_requires_grad():
-    from xent.kernels import dispatch
+    from tests.kernels.test_dispatch import automatic
 
     logits = torch.randn(512, 256, requires_grad=True)
-    assert dispatch.choose_cross_entropy(None, logits, inplace_backward=False) == "chunked"
-    assert dispatch.choose_cross_entropy(None, logits, inplace_backward=False, extra_grads=True) == "reference"
+    assert automatic(logits) == "chunked"
+    assert automatic(logits, weight=torch.ones(256, requires_grad=True)) == "reference"
+    probabilities = torch.softmax(torch.randn(512, 256), 1).requires_grad_()
+    assert automatic(logits, target=probabilities) == "reference"
 
 
 # --- linear_cross_entropy --------------------------------------------------------------------------------------
@@ -249,6 +255,37 @@ def test_fused_linear_refuses_second_order(impl, reduction):
         torch.autograd.grad(loss.sum(), hidden, create_graph=True)
 
 
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_fused_family_refuses_second_order_and_the_reference_gives_it(impl):
+    if impl == "triton":
+        pytest.importorskip("triton")
+    C = family_samples.C
+    head = family_samples.head_problem(torch.float32)
+    hidden, weight, tokens = head["input"].requires_grad_(), head["linear_weight"], head["target"]
+    logits = torch.randn(6, C, requires_grad=True)
+    target = torch.tensor([0, 3, 1, 6, 2, 2])
+
+    def focal(impl):
+        return xent.focal_loss(logits, target, gamma=2.0, impl=impl), logits
+
+    def ldam(impl):
+        return xent.ldam_loss(logits, target, class_counts=family_samples.class_counts(C), impl=impl), logits
+
+    def poly1_head(impl):
+        return xent.linear_loss("poly1_cross_entropy", hidden, weight, tokens, impl=impl), hidden
+
+    def distillation(impl):
+        return xent.linear_distillation_loss(hidden, weight, hidden.detach(), weight, impl=impl), hidden
+
+    for call in (focal, ldam, poly1_head, distillation):
+        loss, leaf = call(impl)
+        with pytest.raises(RuntimeError, match="impl='reference'"):
+            torch.autograd.grad(loss, leaf, create_graph=True)
+        loss, leaf = call("reference")
+        (grad,) = torch.autograd.grad(loss, leaf, create_graph=True)
+        assert grad.requires_grad  # a differentiable gradient: second order works there
+
+
 # --- autocast --------------------------------------------------------------------------------------------------
 
 AUTOCAST = {"device_type": "cpu", "dtype": torch.bfloat16}
@@ -299,8 +336,13 @@ def test_linear_cross_entropy_under_autocast_is_linear_then_cross_entropy(impl, 
 # --- the rest of the family, and the modules -------------------------------------------------------------------
 
 
+def _with_options(function, options):
+    return lambda **tensors: function(**tensors, **options)
+
+
 def _family():
-    """(name, loss(**tensors), tensors, differentiable names, PyTorch's loss or None)."""
+    """(name, loss(**tensors), tensors, differentiable names, PyTorch's loss or None): every loss of the registry
+    with each of its samples over 4 classes, and the losses outside the fused family."""
     generator = torch.Generator().manual_seed(0)
 
     def randn(*shape):
@@ -311,31 +353,26 @@ def _family():
 
     logits, target = randn(5, 4) * 2, torch.tensor([0, 3, -100, 1, 2])
     binary, binary_target = randn(5, 3) * 2, rand(5, 3)
-    counts = torch.tensor([8.0, 4.0, 2.0, 1.0], dtype=torch.float64)
     indices = {"input": logits, "target": target, "weight": rand(4)}
+    cases = []
+    for case in family_samples.cases():
+        name, index = case.values
+        options = family_samples.sample(name, index, 4)
+        tensors, differentiable = dict(indices), ("input", "weight")
+        if isinstance(options.get("alpha"), torch.Tensor):  # focal's per-class α: a tensor it differentiates too
+            tensors["alpha"] = options.pop("alpha")
+            differentiable += ("alpha",)
+        cases.append((case.id, _with_options(FAMILY[name].function, options), tensors, differentiable, None))
     return [
+        *cases,
         ("binary_cross_entropy_with_logits", xent.binary_cross_entropy_with_logits,
          {"input": binary, "target": binary_target, "weight": rand(5, 3), "pos_weight": rand(3)},
          ("input", "target", "weight", "pos_weight"), F.binary_cross_entropy_with_logits),
         ("binary_cross_entropy", xent.binary_cross_entropy,
          {"input": rand(5, 3), "target": binary_target, "weight": rand(5, 3)},
          ("input", "target", "weight"), F.binary_cross_entropy),
-        ("focal_loss", lambda **t: xent.focal_loss(**t, gamma=1.5),
-         {**indices, "alpha": rand(4)}, ("input", "weight", "alpha"), None),
         ("sigmoid_focal_loss", lambda **t: xent.sigmoid_focal_loss(**t, gamma=1.5),
          {"input": binary, "target": binary_target}, ("input", "target"), None),
-        ("poly1_cross_entropy", lambda **t: xent.poly1_cross_entropy(**t, epsilon=2.0, label_smoothing=0.1),
-         indices, ("input", "weight"), None),
-        ("generalized_cross_entropy", lambda **t: xent.generalized_cross_entropy(**t, q=0.5),
-         indices, ("input", "weight"), None),
-        ("symmetric_cross_entropy", xent.symmetric_cross_entropy, indices, ("input", "weight"), None),
-        ("logit_adjusted_cross_entropy",
-         lambda **t: xent.logit_adjusted_cross_entropy(**t, class_counts=counts, label_smoothing=0.1),
-         indices, ("input", "weight"), None),
-        ("balanced_softmax_cross_entropy", lambda **t: xent.balanced_softmax_cross_entropy(**t, class_counts=counts),
-         indices, ("input", "weight"), None),
-        ("ldam_loss", lambda **t: xent.ldam_loss(**t, class_counts=counts, scale=2.0),
-         indices, ("input", "weight"), None),
         ("distillation_loss", lambda **t: xent.distillation_loss(**t, temperature=2.0),
          {"student_logits": logits, "teacher": randn(5, 4)}, ("student_logits",), None),
         ("gan_discriminator_loss", lambda **t: xent.gan_discriminator_loss(**t, label_smoothing=0.1),
@@ -347,12 +384,12 @@ def _family():
     ]  # fmt: skip
 
 
-FAMILY = {case[0]: case for case in _family()}
+CASES = {case[0]: case for case in _family()}
 
 
-@pytest.mark.parametrize("name", list(FAMILY))
+@pytest.mark.parametrize("name", list(CASES))
 def test_family_first_and_second_order_gradients_are_exact(name):
-    _, loss_fn, tensors, differentiable, _ = FAMILY[name]
+    _, loss_fn, tensors, differentiable, _ = CASES[name]
     leaves = [tensors[key].detach().clone().requires_grad_() for key in differentiable]
 
     def call(*values):
@@ -362,10 +399,10 @@ def test_family_first_and_second_order_gradients_are_exact(name):
     assert torch.autograd.gradgradcheck(call, leaves)
 
 
-@pytest.mark.parametrize("name", [name for name, case in FAMILY.items() if case[4] is not None])
+@pytest.mark.parametrize("name", [name for name, case in CASES.items() if case[4] is not None])
 @pytest.mark.parametrize("subset_size", [1, 2])
 def test_binary_losses_differentiate_what_pytorch_does(name, subset_size):
-    _, loss_fn, tensors, differentiable, torch_fn = FAMILY[name]
+    _, loss_fn, tensors, differentiable, torch_fn = CASES[name]
     # PyTorch differentiates the input and the target; weight and pos_weight it refuses (xent differentiates them).
     for requires in itertools.combinations([key for key in differentiable if key in ("input", "target")], subset_size):
         for reduction in REDUCTIONS:
@@ -374,9 +411,9 @@ def test_binary_losses_differentiate_what_pytorch_does(name, subset_size):
             assert_same(ours, theirs, torch.float64)
 
 
-@pytest.mark.parametrize("name", list(FAMILY))
+@pytest.mark.parametrize("name", list(CASES))
 def test_family_under_autocast_computes_and_returns_float32(name):
-    _, loss_fn, tensors, differentiable, _ = FAMILY[name]
+    _, loss_fn, tensors, differentiable, _ = CASES[name]
     low = {key: value.to(torch.bfloat16) if value.is_floating_point() else value for key, value in tensors.items()}
     upcast = {key: value.float() if value.is_floating_point() else value for key, value in low.items()}
     with torch.autocast(**AUTOCAST):
@@ -400,19 +437,16 @@ def test_distillation_refuses_a_teacher_that_requires_grad():
     assert student.grad is not None and teacher.grad is None
 
 
-MODULE_CASES = [
-    (xent.nn.CrossEntropyLoss, {"label_smoothing": 0.1}, "probabilities"),
-    (xent.nn.CrossEntropyLoss, {"z_loss": 1e-2}, "indices"),
-    (xent.nn.FocalLoss, {"gamma": 1.0}, "indices"),
-    (xent.nn.Poly1CrossEntropyLoss, {"epsilon": 1.0}, "indices"),
-    (xent.nn.GeneralizedCrossEntropyLoss, {"q": 0.5}, "indices"),
-    (xent.nn.SymmetricCrossEntropyLoss, {}, "indices"),
-    (xent.nn.LDAMLoss, {"class_counts": [5, 4, 3, 2, 2, 1, 1], "scale": 2.0}, "indices"),
+MODULE_CASES = [  # every module of the registry with each sample; cross-entropy's over probabilities too
+    pytest.param(*case.values, kind, id=f"{case.id}-{kind}")
+    for case in family_samples.cases()
+    for kind in (["indices", "probabilities"] if FAMILY[case.values[0]].takes_probabilities else ["indices"])
 ]
 
 
-@pytest.mark.parametrize(("module", "options", "kind"), MODULE_CASES)
-def test_modules_differentiate_input_weight_and_target_like_their_functionals(module, options, kind):
+@pytest.mark.parametrize(("name", "index", "kind"), MODULE_CASES)
+def test_modules_differentiate_input_weight_and_target_like_their_functionals(name, index, kind):
+    module, options = FAMILY[name].module, family_samples.sample(name, index, 7)
     tensors = _ce_problem(kind, torch.float64)
     requires = ("input", "target") if kind == "probabilities" else ("input",)
     weight = tensors.pop("weight").requires_grad_()

@@ -13,7 +13,7 @@ import torch
 
 from xent import losses
 from xent.losses import combine, distill, focal, generative, sigmoid, softmax
-from xent.losses._checks import check_reduction_and_ignore_index
+from xent.losses.checks import check_reduction_and_ignore_index
 from xent.losses.family import entry_of_function, family_loss
 
 __all__ = [

@@ -1,43 +1,29 @@
 """The row algebra (xent.core.rows) against autograd of the plain definition: the transform against its formula, the
-losses and the gradient's coefficients of every loss of the family against the reference and its gradient."""
+losses and the gradient's coefficients of every sample of every loss of the registry against the reference and its
+gradient."""
 
 import dataclasses
 
 import pytest
 import torch
 
+from tests import family_samples
 from xent.core import rows
 from xent.core.reference import cross_entropy_rows
 from xent.core.rowloss import RowLoss
 from xent.losses.family import FAMILY
 
 C = 7
-COUNTS = torch.tensor([40.0, 20.0, 9.0, 5.0, 3.0, 2.0, 1.0], dtype=torch.float64)
-# options beyond the defaults, for each loss of the family: every term and transform is exercised
-OWN_OPTIONS = {
-    "cross_entropy": {"label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 3.0},
-    "focal_loss": {"gamma": 1.5, "alpha": torch.linspace(0.2, 1.0, C, dtype=torch.float64)},
-    "poly1_cross_entropy": {"epsilon": 2.0, "label_smoothing": 0.1},
-    "generalized_cross_entropy": {"q": 0.4},
-    "symmetric_cross_entropy": {"alpha": 0.3, "beta": 0.7},
-    "logit_adjusted_cross_entropy": {"class_counts": COUNTS, "tau": 1.5, "label_smoothing": 0.1},
-    "balanced_softmax_cross_entropy": {"class_counts": COUNTS},
-    "ldam_loss": {"class_counts": COUNTS, "max_margin": 0.4, "scale": 3.0},
-}
 
 
-def test_every_loss_of_the_family_has_options_here():
-    assert set(OWN_OPTIONS) == set(FAMILY)
-
-
-def _problem(name, weighted):
+def _problem(name, index, weighted):
     generator = torch.Generator().manual_seed(1)
     logits = torch.randn(9, C, generator=generator, dtype=torch.float64) * 3
     target = torch.randint(C, (9,), generator=generator)
     target[::4] = -100
-    entry = FAMILY[name]
-    own = {key: value for key, value in OWN_OPTIONS[name].items() if key != "softcap"}
-    options = entry.description(C, own, softcap=OWN_OPTIONS[name].get("softcap"), ignore_index=-100)
+    sample = family_samples.sample(name, index, C)
+    own = {key: value for key, value in sample.items() if key != "softcap"}
+    options = FAMILY[name].description(C, own, softcap=sample.get("softcap"), ignore_index=-100)
     if weighted:
         options = dataclasses.replace(options, weight=torch.rand(C, generator=generator, dtype=torch.float64) + 0.2)
     return logits, target, options
@@ -57,9 +43,9 @@ def _margin(options, safe):
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("name", list(FAMILY))
-def test_losses_and_gradient_coefficients_equal_autograd_of_the_reference(name, weighted):
-    logits, target, options = _problem(name, weighted)
+@pytest.mark.parametrize(("name", "index"), family_samples.cases())
+def test_losses_and_gradient_coefficients_equal_autograd_of_the_reference(name, index, weighted):
+    logits, target, options = _problem(name, index, weighted)
     target_rows, safe = _target_rows(target, options)
     z, _ = rows.transform(logits, options, target_column=safe.unsqueeze(1), margin=_margin(options, safe))
     lse = torch.logsumexp(z, dim=1)

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 import xent
+from tests import family_samples
 from tests.distributed.spawn import spawn_and_wait
 from xent.distributed import (
     vocab_parallel_cross_entropy,
@@ -20,6 +21,7 @@ from xent.distributed import (
     vocab_parallel_linear_loss,
     vocab_parallel_loss,
 )
+from xent.losses.family import FAMILY
 
 SHARDS = {2: [9, 14], 3: [5, 11, 7]}  # unequal slices of V = 23
 OPTIONS = [
@@ -30,15 +32,19 @@ OPTIONS = [
     {"weighted": True},
     {"weighted": True, "label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 3.0},
 ]
-COUNTS = torch.arange(23, 0, -1, dtype=torch.float64) ** 2  # a long tail over the whole vocabulary
-FAMILY = [  # (loss, its own options): per-class options cover the whole vocabulary, the same on every rank
-    (xent.focal_loss, {"gamma": 2.0, "alpha": torch.linspace(0.2, 1.0, 23, dtype=torch.float64)}),
-    (xent.poly1_cross_entropy, {"epsilon": 1.0, "label_smoothing": 0.1}),
-    (xent.generalized_cross_entropy, {"q": 0.7}),
-    (xent.symmetric_cross_entropy, {"alpha": 0.1, "beta": 1.0}),
-    (xent.logit_adjusted_cross_entropy, {"class_counts": COUNTS, "tau": 1.0}),
-    (xent.balanced_softmax_cross_entropy, {"class_counts": COUNTS}),
-    (xent.ldam_loss, {"class_counts": COUNTS, "scale": 5.0}),
+VOCAB = 23
+# every loss of the registry with each of its samples: per-class options cover the whole vocabulary, the same on every
+# rank; the soft cap is the test's own (a sample's is left out)
+FAMILY_CASES = [
+    (FAMILY[name].function, {key: value for key, value in options.items() if key != "softcap"})
+    for name in FAMILY
+    for options in family_samples.samples(VOCAB).get(name, [])
+]
+# the poisoned ignored rows (a masked class: no label smoothing) for a third of the family: cross-entropy and every
+# third loss of the registry after it, each with its first sample that does not smooth the labels
+POISONED_CASES = [
+    (FAMILY[name].function, family_samples.first_unsmoothed(name, VOCAB))
+    for name in ["cross_entropy", *[name for name in FAMILY if name != "cross_entropy"][::3]]
 ]
 TOLERANCE = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 2e-2)}
 
@@ -124,7 +130,7 @@ def _check_linear_shards(rank, sizes, options_grid, dtypes):
 
 def _check_family(rank, sizes):
     """Every fused loss, on logits shards and on a weight-sharded head, weighted and capped, in float64."""
-    for (loss_fn, options), reduction, softcap in itertools.product(FAMILY, ["mean", "none"], [None, 2.0]):
+    for (loss_fn, options), reduction, softcap in itertools.product(FAMILY_CASES, ["mean", "none"], [None, 2.0]):
         t = _problem(torch.float64, seed=2, dim=6)
         weight = t["weight"]
         full = t["logits"].clone().requires_grad_()
@@ -163,7 +169,7 @@ def _check_family(rank, sizes):
 def _check_ignored_rows_are_absent(rank, sizes):
     """NaN/inf in ignored rows (of the logits, of a head's hidden states) and class 0 masked with -inf: the loss and
     gradients of the kept rows alone, by the reference on one process."""
-    for (loss_fn, options), reduction in itertools.product([(xent.cross_entropy, {}), *FAMILY[::3]], ["mean", "none"]):
+    for (loss_fn, options), reduction in itertools.product(POISONED_CASES, ["mean", "none"]):
         t = _problem(torch.float64, seed=3, dim=6)
         target = torch.where(t["target"] == 0, 1, t["target"])  # class 0 is masked: no kept row targets it
         ignored = target == -100

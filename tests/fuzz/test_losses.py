@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import xent
+from xent.losses.family import FAMILY
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -150,7 +151,8 @@ def _margins(counts, max_margin):
     return margins * max_margin / margins.max()
 
 
-# Per-row loss of each softmax-family loss over class indices (class weights included) from its docstring's formula.
+# Per-row loss of each loss of the registry over class indices (class weights included), written from its docstring's
+# formula, independently of xent on purpose.
 ROW_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "cross_entropy": lambda x, y, w, o: (
         _smoothed_ce(_cap(x, o), y, w, o["label_smoothing"]) + o["z_loss"] * w[y] * _cap(x, o).logsumexp(1) ** 2
@@ -231,10 +233,9 @@ def _counts(draw, c):
     return torch.tensor(draw(st.lists(st.integers(1, 500), min_size=c, max_size=c)), dtype=torch.float64)
 
 
-# name → (module, valid options drawn for C classes, invalid values per option)
-FAMILY: dict[str, tuple[type, Callable, dict[str, list]]] = {
+# Per loss of the registry (its module is the registry's): valid options drawn for C classes, invalid values per option.
+STRATEGIES: dict[str, tuple[Callable, dict[str, list]]] = {
     "cross_entropy": (
-        xent.nn.CrossEntropyLoss,
         lambda draw, c: {
             "label_smoothing": draw(st.sampled_from([0.0, 0.1, 1.0])),
             "z_loss": draw(st.sampled_from([0.0, 1e-3, 0.5])),
@@ -243,7 +244,6 @@ FAMILY: dict[str, tuple[type, Callable, dict[str, list]]] = {
         {"label_smoothing": [-0.1, 1.5, NAN], "z_loss": [-1.0, NAN], "softcap": [0.0, -2.0, NAN]},
     ),
     "focal_loss": (
-        xent.nn.FocalLoss,
         lambda draw, c: {
             "gamma": draw(st.sampled_from([0.0, 1.0, 2.0, 5.0])),
             "alpha": draw(st.one_of(st.none(), st.floats(0, 1), st.just(torch.linspace(0.1, 1, c)))),
@@ -251,7 +251,6 @@ FAMILY: dict[str, tuple[type, Callable, dict[str, list]]] = {
         {"gamma": [-1.0, NAN], "alpha": [NAN, -0.5]},
     ),
     "poly1_cross_entropy": (
-        xent.nn.Poly1CrossEntropyLoss,
         lambda draw, c: {
             "epsilon": draw(st.floats(-1, 5, **FINITE)),
             "label_smoothing": draw(st.sampled_from([0.0, 0.2])),
@@ -259,7 +258,6 @@ FAMILY: dict[str, tuple[type, Callable, dict[str, list]]] = {
         {"epsilon": [-1.5, NAN], "label_smoothing": [2.0]},
     ),
     "logit_adjusted_cross_entropy": (
-        xent.nn.LogitAdjustedCrossEntropyLoss,
         lambda draw, c: {
             "class_counts": _counts(draw, c),
             "tau": draw(st.sampled_from([0.0, 0.5, 1.0, 2.0])),
@@ -268,12 +266,10 @@ FAMILY: dict[str, tuple[type, Callable, dict[str, list]]] = {
         {"class_counts": [torch.zeros(3)], "tau": [-1.0, NAN]},
     ),
     "balanced_softmax_cross_entropy": (
-        xent.nn.BalancedSoftmaxCrossEntropyLoss,
         lambda draw, c: {"class_counts": _counts(draw, c), "label_smoothing": draw(st.sampled_from([0.0, 0.1]))},
         {"class_counts": [torch.full((3,), -1.0)], "label_smoothing": [-1.0]},
     ),
     "ldam_loss": (
-        xent.nn.LDAMLoss,
         lambda draw, c: {
             "class_counts": _counts(draw, c),
             "max_margin": draw(st.sampled_from([0.0, 0.5, 1.0])),
@@ -282,12 +278,10 @@ FAMILY: dict[str, tuple[type, Callable, dict[str, list]]] = {
         {"class_counts": [torch.full((2,), NAN)], "max_margin": [-0.5], "scale": [0.0, NAN]},
     ),
     "generalized_cross_entropy": (
-        xent.nn.GeneralizedCrossEntropyLoss,
         lambda draw, c: {"q": draw(st.sampled_from([0.1, 0.7, 1.0]))},
         {"q": [0.0, 1.5, NAN]},
     ),
     "symmetric_cross_entropy": (
-        xent.nn.SymmetricCrossEntropyLoss,
         lambda draw, c: {
             "alpha": draw(st.sampled_from([0.0, 0.1, 1.0])),
             "beta": draw(st.sampled_from([0.0, 1.0])),
@@ -326,7 +320,8 @@ def _logits(draw, shape, dtype, scale):
 @st.composite
 def family_cases(draw, names=tuple(FAMILY)):
     name = draw(st.sampled_from(names))
-    module, draw_options, bad_options = FAMILY[name]
+    draw_options, bad_options = STRATEGIES[name]
+    module = FAMILY[name].module
     dtype = draw(st.sampled_from(DTYPES))
     c = draw(st.integers(1, 6))
     n, d = draw(st.integers(0, 5)), draw(st.integers(1, 3))
@@ -399,7 +394,7 @@ def family_cases(draw, names=tuple(FAMILY)):
         options[argument] = torch.ones(c + 1)
     elif broken is not None:
         options[broken] = draw(st.sampled_from(bad_options[broken]))
-    function = getattr(xent, name)
+    function = FAMILY[name].function
     keywords = {"ignore_index": ignore_index, "reduction": reduction, **options}
 
     def reference(t):
@@ -435,6 +430,14 @@ def test_softmax_family_over_class_indices(case):
     check(case)
 
 
+def test_every_loss_of_the_registry_has_strategies_and_a_reference():
+    """A loss added to the registry fails here until it has its option strategies and its independent row loss."""
+    assert set(STRATEGIES) == set(FAMILY)
+    assert set(ROW_LOSSES) == set(FAMILY)
+    for name, (_, bad_options) in STRATEGIES.items():
+        FAMILY[name].check_names(bad_options)  # the defects break the loss's own options
+
+
 # --- cross-entropy over probabilities ---------------------------------------------------------------------------
 
 
@@ -447,7 +450,7 @@ def probability_cases(draw):
     logits, generator = _logits(draw, shape, dtype, scale)
     target = torch.rand(shape, generator=generator, dtype=torch.float64)
     target = (target / target.sum(1 if len(shape) > 1 else 0, keepdim=True)).to(dtype)
-    options = FAMILY["cross_entropy"][1](draw, c)
+    options = STRATEGIES["cross_entropy"][0](draw, c)
     reduction = draw(st.sampled_from(["none", "mean", "sum"]))
     weight = (torch.rand(c, generator=generator, dtype=torch.float64) + 0.1).to(dtype) if draw(st.booleans()) else None
     tensors = {"input": logits, "target": target} | ({"weight": weight} if weight is not None else {})
@@ -695,7 +698,7 @@ def linear_cases(draw):
         tensors["linear_bias"] = torch.randn(v, generator=generator, dtype=torch.float64).to(dtype)
     if draw(st.booleans()):
         tensors["weight"] = (torch.rand(v, generator=generator, dtype=torch.float64) + 0.1).to(dtype)
-    options = FAMILY[loss_name][1](draw, v)
+    options = STRATEGIES[loss_name][0](draw, v)
     if ":" in name and loss_name != "cross_entropy":
         options["softcap"] = draw(st.sampled_from([None, 5.0]))
     target = torch.randint(v, batch, generator=generator)
@@ -733,7 +736,7 @@ def linear_cases(draw):
         common = {"reduction": reduction, "impl": impl, "chunk_size": chunk_size, **tensor_options, **options}
         if name == "linear_cross_entropy":
             return xent.linear_cross_entropy(t["input"], t["linear_weight"], t["target"], **common)
-        return xent.linear_loss(getattr(xent, loss_name), t["input"], t["linear_weight"], t["target"], **common)
+        return xent.linear_loss(FAMILY[loss_name].function, t["input"], t["linear_weight"], t["target"], **common)
 
     def reference(t):
         # an ignored token is absent: its hidden state is not read
@@ -923,130 +926,3 @@ def test_any_arguments_give_a_result_or_a_named_error(data):
         assert any(n in message for n in names) or "argument" in message or "positional" in message, (
             f"{name}: {type(error).__name__} names no argument: {message}"
         )
-
-
-# --- what the fuzz layer found, pinned ----------------------------------------------------------------------------
-
-
-def test_sigmoid_focal_gradient_of_a_hard_target_is_finite():
-    """Autograd through log(t) gave NaN for a target of exactly 0 or 1 that requires grad."""
-    x = torch.tensor([0.15, 3.0, -2.0, 5.0], dtype=torch.float64)
-    for gamma in (1.0, 2.0):
-        t = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64, requires_grad=True)
-        xent.sigmoid_focal_loss(x, t, gamma=gamma, alpha=None, reduction="sum").backward()
-        expected_t = t.detach().clone().requires_grad_()
-        p = torch.sigmoid(x)
-        ce = -(expected_t * F.logsigmoid(x) + (1 - expected_t) * F.logsigmoid(-x))
-        (ce * (1 - (p * expected_t + (1 - p) * (1 - expected_t))) ** gamma).sum().backward()
-        torch.testing.assert_close(t.grad, expected_t.grad, rtol=1e-12, atol=1e-15)
-
-
-def test_binary_cross_entropy_with_logits_is_exact_in_float64_beyond_softplus_threshold():
-    """F.softplus returns x itself above 20: softplus(25) came out 1.4e-11 short, and its gradient exactly 1."""
-    x = torch.tensor([25.0, 30.0, -25.0], dtype=torch.float64, requires_grad=True)
-    loss = xent.binary_cross_entropy_with_logits(x, torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64), reduction="sum")
-    (grad,) = torch.autograd.grad(loss, x)
-    expected = sum(
-        math.log1p(math.exp(-abs(v))) + max(v, 0.0) - t * v for v, t in ((25.0, 0.0), (30.0, 0.3), (-25.0, 1.0))
-    )
-    assert loss.item() == pytest.approx(expected, rel=1e-15)
-    assert grad[0].item() == pytest.approx(1 / (1 + math.exp(-25.0)), rel=1e-15) and grad[0].item() != 1.0
-
-
-@pytest.mark.parametrize(
-    ("construct", "message"),
-    [
-        (lambda: xent.nn.SigmoidFocalLoss(gamma=-1.0), r"gamma must be in \[0, inf\], got -1"),
-        (lambda: xent.nn.SigmoidFocalLoss(alpha=2.0), r"alpha must be in \[0, 1\], got 2"),
-        (lambda: xent.nn.DistillationLoss(temperature=0.0), r"temperature must be in \(0, inf\], got 0"),
-        (lambda: xent.nn.DistillationLoss(reduction="avg"), r"reduction must be one of 'none', 'batchmean'"),
-        (lambda: xent.nn.GANDiscriminatorLoss(reduction="none"), r"reduction must be one of 'mean', 'sum'"),
-        (lambda: xent.nn.GANDiscriminatorLoss(label_smoothing=1.5), r"label_smoothing must be in \[0, 1\]"),
-        (lambda: xent.nn.GANGeneratorLoss(reduction="avg"), r"reduction must be one of"),
-        (lambda: xent.nn.VAELoss(beta=-1.0), r"beta must be in \[0, inf\], got -1"),
-        (lambda: xent.nn.LogitAdjustedCrossEntropyLoss(torch.tensor(3.0)), r"class_counts must have shape \(C,\)"),
-        (lambda: xent.nn.WeightedSum([("ce", (1.0, xent.cross_entropy))]), r"terms must be a mapping"),
-    ],
-)
-def test_every_module_checks_its_options_at_construction(construct, message):
-    with pytest.raises((ValueError, TypeError), match=message):
-        construct()
-
-
-@pytest.mark.parametrize(
-    ("call", "message"),
-    [
-        (lambda: xent.distillation_loss(torch.zeros(()), torch.zeros(())), r"^student_logits must have a class dim"),
-        (lambda: xent.logit_adjust(torch.zeros(2, 3, dtype=torch.long), [1, 2, 3]), r"^logits must be a floating"),
-        (lambda: xent.fit_temperature(None, torch.zeros(2)), r"^logits must be a torch.Tensor, got NoneType"),
-        (lambda: xent.class_balanced_weights(None), r"^class_counts must be a tensor or a sequence of numbers"),
-        (
-            lambda: xent.vae_loss(torch.zeros(2, 3), torch.full((2, 3), 2.0), torch.zeros(2, 1), torch.zeros(2, 1)),
-            r"^x must hold probabilities in \[0, 1\], found 2",
-        ),
-        (lambda: xent.vae_loss(None, torch.zeros(2), torch.zeros(2, 1), torch.zeros(2, 1)), r"^recon_logits must be"),
-        (lambda: xent.focal_loss(None, torch.zeros(2)), r"^input must be a torch.Tensor, got NoneType"),
-        (lambda: xent.weighted_sum(True, {}), r"^terms must be a mapping"),
-        (lambda: xent.weighted_sum({"a": 1.0}, {"a": 1.0}), r"^terms\['a'\] must be a loss tensor, got float"),
-        (
-            lambda: xent.generalized_cross_entropy(torch.zeros(2, 3), torch.rand(2, 3)),
-            r"generalized_cross_entropy takes class indices as target",
-        ),
-        (lambda: xent.linear_cross_entropy(torch.zeros(3, 2), False, torch.zeros(3)), r"^linear_weight must be a"),
-        (  # the teacher's head is checked by the same code as the student's, under the teacher's names
-            lambda: xent.linear_distillation_loss(
-                torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, 2), torch.zeros(5, 3)
-            ),
-            r"^teacher_linear_weight has shape \(5, 3\) but teacher_input has shape \(3, 2\)",
-        ),
-        (
-            lambda: xent.linear_distillation_loss(
-                torch.zeros(3, 4),
-                torch.zeros(5, 4),
-                torch.zeros(3, 2),
-                torch.zeros(5, 2),
-                teacher_linear_bias=torch.zeros(6),
-            ),
-            r"^teacher_linear_bias must have shape \(5,\)",
-        ),
-    ],
-)
-def test_errors_name_the_callers_argument(call, message):
-    with pytest.raises((ValueError, TypeError), match=message):
-        call()
-
-
-def test_a_linear_head_with_no_features_has_the_bias_as_logits():
-    """input (N, 0) used to fail in reshape(-1, 0) with a RuntimeError; its logits are the bias."""
-    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    target = torch.tensor([0, 3, 1])
-    loss = xent.linear_cross_entropy(torch.zeros(3, 0, dtype=torch.float64), torch.zeros(4, 0, dtype=torch.float64),
-                                     target, linear_bias=bias)  # fmt: skip
-    expected = F.cross_entropy(bias.expand(3, 4), target)
-    torch.testing.assert_close(loss, expected)
-    torch.testing.assert_close(*(torch.autograd.grad(value, bias)[0] for value in (loss, expected)))
-
-
-def test_sigmoid_focal_loss_under_torch_func_transforms():
-    """Its written-out gradients live in a custom autograd Function with forward-mode and vmap support, so
-    torch.func's transforms give the plain formula's derivatives (value checks off: vmap has no data-dependent ifs)."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 3, dtype=torch.float64, generator=generator)
-    t = torch.rand(4, 3, dtype=torch.float64, generator=generator)
-
-    def ours(x, t):
-        return xent.sigmoid_focal_loss(x, t, gamma=2.0, alpha=0.25, reduction="sum")
-
-    def formula(x, t):
-        p = torch.sigmoid(x)
-        ce = -(t * F.logsigmoid(x) + (1 - t) * F.logsigmoid(-x))
-        return (ce * (1 - (p * t + (1 - p) * (1 - t))) ** 2 * (0.25 * t + 0.75 * (1 - t))).sum()
-
-    with xent.value_checks(False):
-        for transform in (torch.func.grad, torch.func.jacfwd, torch.func.jacrev, torch.func.hessian):
-            for actual, expected in zip(
-                transform(ours, argnums=(0, 1))(x, t), transform(formula, argnums=(0, 1))(x, t), strict=True
-            ):
-                torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
-        per_row = torch.stack([formula(a, b) for a, b in zip(x, t, strict=True)])
-        torch.testing.assert_close(torch.func.vmap(ours)(x, t), per_row)

@@ -1,4 +1,5 @@
-"""The chunked cross-entropy kernel against the reference, for every option, and its memory contract."""
+"""The chunked kernel against the reference: cross-entropy for every option, every loss of the family (read from the
+registry) against its own plain definition, and the kernel's memory contract."""
 
 import itertools
 
@@ -6,9 +7,12 @@ import pytest
 import torch
 
 import xent
-from tests.conftest import assert_close
+from tests import family_samples
+from tests.conftest import assert_as_accurate_as_the_reference, assert_close, in_float64
+from tests.test_gradient_rule import gradients
 from xent.core.rowloss import RowLoss
-from xent.kernels import chunked, dispatch
+from xent.kernels import chunked
+from xent.losses.family import FAMILY
 
 OPTIONS = list(
     itertools.product(
@@ -88,14 +92,16 @@ def test_extreme_logits(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("margin", [0.0, 30.0, 43.0, 45.0, 60.0, 120.0, 5000.0])
-def test_target_probabilities_on_both_sides_of_the_tiny_threshold(dtype, inplace, margin):
+@pytest.mark.parametrize("every", [3, 12])
+def test_target_probabilities_on_both_sides_of_the_tiny_threshold(dtype, inplace, margin, every):
     # The CPU kernel reads the log-sum-exp from the target's probability unless that is below 2^-64 (a loss above
     # ~44), where it takes the row maximum: rows on both sides, mixed in one block, with the logits kept (a new
-    # gradient buffer) and overwritten (inplace_backward) before the fallback runs.
+    # gradient buffer) and overwritten (inplace_backward) before the fallback runs — over the whole block when a
+    # quarter of its rows or more are tiny (every third row), for those rows alone otherwise (one row in twelve).
     generator = torch.Generator().manual_seed(int(margin))
     logits = torch.randn(12, 50, generator=generator, dtype=torch.float64)
     target = torch.randint(50, (12,), generator=generator)
-    tiny = torch.arange(12) % 3 == 0
+    tiny = torch.arange(12) % every == 0
     logits[tiny, (target[tiny] + 1) % 50] += margin  # another class far above the target
     target[5] = -100
     options = {"label_smoothing": 0.1, "z_loss": 1e-4}
@@ -141,9 +147,7 @@ def test_second_backward_is_refused_with_a_clear_message():
 def test_gradcheck(reduction):
     logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     target = torch.tensor([0, 4, -100, 2, 2, 1])
-    options = RowLoss(
-        weight=torch.rand(5, dtype=torch.float64) + 0.5, label_smoothing=0.2, z_loss=0.05, softcap=2.0
-    )
+    options = RowLoss(weight=torch.rand(5, dtype=torch.float64) + 0.5, label_smoothing=0.2, z_loss=0.05, softcap=2.0)
 
     def loss(x):
         return chunked.chunked_cross_entropy(x, target, options, reduction, allow_retain_graph=True)
@@ -153,17 +157,6 @@ def test_gradcheck(reduction):
     assert torch.autograd.gradcheck(
         lambda x: chunked.chunked_cross_entropy(x, probs, options, reduction, allow_retain_graph=True), (logits,)
     )
-
-
-def test_dispatch_picks_chunked_for_large_problems_only():
-    small = torch.randn(4, 10, requires_grad=True)
-    large = torch.randn(256, 1024, requires_grad=True)
-    assert dispatch.choose_cross_entropy(None, small, inplace_backward=False) == "reference"
-    assert dispatch.choose_cross_entropy(None, large, inplace_backward=False) == "chunked"
-    assert dispatch.choose_cross_entropy(None, large.detach(), inplace_backward=False) == "chunked"  # evaluation
-    assert dispatch.choose_cross_entropy(None, small, inplace_backward=True) == "chunked"
-    with pytest.raises(ValueError, match="inplace_backward=True needs a fused kernel"):
-        xent.cross_entropy(small, torch.zeros(4, dtype=torch.long), impl="reference", inplace_backward=True)
 
 
 def test_extra_memory_is_one_block_not_the_logits():
@@ -178,3 +171,58 @@ def test_extra_memory_is_one_block_not_the_logits():
     allocations = [event for event in prof.events() if not event.cpu_children]  # leaf ops: each allocation once
     big = [event for event in allocations if event.cpu_memory_usage >= logits_bytes // 8]
     assert len(big) == 1 and big[0].cpu_memory_usage == logits_bytes  # the gradient, and nothing else that size
+
+
+# --- every loss of the family ----------------------------------------------------------------------------------
+
+
+def fused_equals_the_plain_definition(name, index, dtype, reduction, weighted, token_weighted, impl):
+    """A loss of the family through the fused kernel ``impl``: the value and gradients of its own plain definition
+    (``impl="reference"``), exactly in float64, as accurately as the reference in float32."""
+    loss_fn, options = FAMILY[name].function, family_samples.sample(name, index, family_samples.C)
+    tensors = family_samples.problem(dtype, weighted, token_weighted)
+    if name == "ldam_loss":  # LDAM's logits are cosine similarities, scaled by s
+        tensors["input"] = torch.tanh(tensors["input"])
+    requires = ("input", "weight") if weighted else ("input",)
+
+    def run(impl, tensors=tensors):
+        return gradients(lambda **t: loss_fn(**t, reduction=reduction, impl=impl, **options), tensors, requires)
+
+    expected = run("reference")
+    actual = run(impl)
+    if dtype == torch.float64:
+        assert_close(actual[0], expected[0], dtype)
+        for key in requires:
+            assert_close(actual[1][key], expected[1][key], dtype)
+        return
+    exact = run("reference", in_float64(tensors))
+    assert_as_accurate_as_the_reference(actual, expected, exact, requires)
+
+
+@pytest.mark.parametrize(("name", "index"), family_samples.cases())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize(("weighted", "token_weighted"), [(False, False), (True, False), (True, True)])
+def test_chunked_equals_the_plain_definition(name, index, dtype, reduction, weighted, token_weighted):
+    fused_equals_the_plain_definition(name, index, dtype, reduction, weighted, token_weighted, "chunked")
+
+
+@pytest.mark.parametrize(
+    ("name", "index"),
+    [("focal_loss", 2), ("ldam_loss", 0), ("logit_adjusted_cross_entropy", 1)],
+    ids=["focal-alpha-per-class", "ldam", "logit-adjusted-smoothing"],
+)
+@pytest.mark.parametrize("block_rows", [1, 3])
+def test_family_blocks_that_do_not_divide_the_rows(name, index, block_rows, monkeypatch):
+    monkeypatch.setattr(chunked, "rows_per_block", lambda num_classes, device=None: block_rows)
+    fused_equals_the_plain_definition(name, index, torch.float64, "none", True, True, "chunked")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_matches_the_float32_definition(dtype):
+    tensors = family_samples.problem(torch.float32, True, False)
+    tensors["input"] = tensors["input"].to(dtype)
+    loss = xent.focal_loss(**tensors, gamma=2.0, impl="chunked")
+    expected = xent.focal_loss(**{**tensors, "input": tensors["input"].float()}, gamma=2.0, impl="reference")
+    assert loss.dtype == dtype
+    torch.testing.assert_close(loss.float(), expected, rtol=1e-2, atol=1e-3)

@@ -10,22 +10,12 @@ import pytest
 import torch
 
 import xent
+from tests import family_samples
+from xent.losses.family import FAMILY
 
 IMPLS = ["reference", "chunked"] + (["triton"] if importlib.util.find_spec("triton") else [])
 POISONS = ["nan", "inf", "-inf row", "masked class 0"]
-COUNTS = torch.arange(1.0, 12.0, dtype=torch.float64)
-# loss name → its options (a masked class with label smoothing is a genuinely infinite loss: no smoothing there)
-LOSSES = {
-    "cross_entropy": {"z_loss": 1e-3},
-    "cross_entropy+smoothing": {"label_smoothing": 0.1},
-    "cross_entropy+softcap": {"softcap": 5.0},
-    "focal_loss": {"gamma": 2.0, "alpha": 0.25},
-    "poly1_cross_entropy": {"epsilon": 1.0},
-    "logit_adjusted_cross_entropy": {"class_counts": COUNTS},
-    "ldam_loss": {"class_counts": COUNTS, "scale": 10.0},
-    "generalized_cross_entropy": {"q": 0.7},
-    "symmetric_cross_entropy": {},
-}
+C = 11
 
 
 def _poisoned(poison: str, x: torch.Tensor, ignored: torch.Tensor) -> torch.Tensor:
@@ -53,7 +43,7 @@ def _dtype(impl: str) -> torch.dtype:
 
 def _case(name: str):
     generator = torch.Generator().manual_seed(0)
-    target = torch.randint(1, 11, (13,), generator=generator)  # never class 0: it may be masked
+    target = torch.randint(1, C, (13,), generator=generator)  # never class 0: it may be masked
     target[::3] = -100
     kept = target != -100
     return target, kept, generator
@@ -66,16 +56,16 @@ def _grads(loss: torch.Tensor, leaves: list[torch.Tensor]) -> tuple[torch.Tensor
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("poison", POISONS)
-@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize(("name", "index"), family_samples.cases())
 @pytest.mark.parametrize("impl", IMPLS)
-def test_ignored_rows_of_the_logits_are_absent(impl, name, poison, reduction):
-    options = dict(LOSSES[name])
-    if poison == "masked class 0" and options.get("label_smoothing"):
+def test_ignored_rows_of_the_logits_are_absent(impl, name, index, poison, reduction):
+    options = family_samples.sample(name, index, C)
+    if poison == "masked class 0" and family_samples.smooths(options):
         pytest.skip("with label smoothing a masked class is an infinite loss for every kept row, as in PyTorch")
-    function = getattr(xent, name.split("+")[0])
+    function = FAMILY[name].function
     target, kept, generator = _case(name)
     dtype = _dtype(impl)
-    clean = torch.randn(13, 11, generator=generator, dtype=torch.float64).to(dtype)
+    clean = torch.randn(13, C, generator=generator, dtype=torch.float64).to(dtype)
     logits = _poisoned(poison, clean, ~kept).requires_grad_()
     loss = function(logits, target, reduction=reduction, impl=impl, **options)
     (grad,) = _grads(loss, [logits])
@@ -100,12 +90,12 @@ def test_ignored_rows_of_the_logits_are_absent(impl, name, poison, reduction):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_ignored_tokens_of_a_linear_head_are_absent(impl, name, poison, reduction):
-    options = dict(LOSSES[name])
+    options = family_samples.first_unsmoothed(name, C)  # a masked class: no label smoothing
     target, kept, generator = _case(name)
     dtype = _dtype(impl)
     hidden = torch.randn(13, 6, generator=generator, dtype=torch.float64).to(dtype)
-    head = torch.randn(11, 6, generator=generator, dtype=torch.float64).to(dtype)
-    bias = torch.randn(11, generator=generator, dtype=torch.float64).to(dtype)
+    head = torch.randn(C, 6, generator=generator, dtype=torch.float64).to(dtype)
+    bias = torch.randn(C, generator=generator, dtype=torch.float64).to(dtype)
     if poison == "nan hidden state":
         hidden[~kept] = float("nan")
     else:
@@ -114,7 +104,7 @@ def test_ignored_tokens_of_a_linear_head_are_absent(impl, name, poison, reductio
     def run(h, t, dtype, impl):
         leaves = [a.detach().to(dtype).requires_grad_() for a in (h, head, bias)]
         loss = xent.linear_loss(
-            getattr(xent, name), leaves[0], leaves[1], t, linear_bias=leaves[2], reduction=reduction, impl=impl,
+            FAMILY[name].function, leaves[0], leaves[1], t, linear_bias=leaves[2], reduction=reduction, impl=impl,
             chunk_size=4, **options,
         )  # fmt: skip
         return loss, _grads(loss, leaves) if reduction != "none" else None, leaves

@@ -1,4 +1,6 @@
-"""linear_cross_entropy: the chunked kernel against cross_entropy(input @ W.T + b) and against PyTorch."""
+"""The fused linear head (xent.kernels.linear): linear_cross_entropy's chunked kernel against
+cross_entropy(input @ W.T + b) and PyTorch, and linear_loss of every loss of the family (read from the registry)
+against the loss of the materialised logits, through the chunked and the Triton kernel."""
 
 import itertools
 
@@ -7,9 +9,12 @@ import torch
 import torch.nn.functional as F
 
 import xent
-from tests.conftest import assert_close
+from tests import family_samples
+from tests.conftest import assert_as_accurate_as_the_reference, assert_close, in_float64
+from tests.test_gradient_rule import gradients
 from xent.core.rowloss import RowLoss
 from xent.kernels import linear
+from xent.losses.family import FAMILY
 
 N, D, V = 23, 6, 13
 
@@ -148,9 +153,7 @@ def test_all_ignored_and_no_grad():
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_gradcheck(reduction):
     x, w, b, target = _problem(batch=(9,))
-    options = RowLoss(
-        weight=torch.rand(V, dtype=torch.float64) + 0.5, label_smoothing=0.1, z_loss=0.05, softcap=2.5
-    )
+    options = RowLoss(weight=torch.rand(V, dtype=torch.float64) + 0.5, label_smoothing=0.1, z_loss=0.05, softcap=2.5)
 
     def loss(x, w, b):
         return linear.chunked_linear_cross_entropy(x, w, b, target, options, reduction, 4, allow_retain_graph=True)
@@ -176,37 +179,76 @@ def test_default_chunk_size_on_gpus(monkeypatch):
     assert linear.default_chunk_size(8192, 128256, cuda, 2) == 300
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        ({"linear_weight": torch.randn(V, D + 1)}, ValueError, r"linear_weight has shape \(13, 7\).*expected \(V, 6\)"),
-        ({"linear_weight": torch.randn(V, D).double()}, TypeError, r"linear_weight has dtype torch.float64"),
-        ({"linear_bias": torch.randn(V + 1)}, ValueError, r"linear_bias must have shape \(13,\), got shape \(14,\)"),
-        ({"target": torch.randint(V, (N, 2))}, ValueError, r"target has shape \(23, 2\).*expected \(23,\) class"),
-        ({"target": torch.rand(N)}, TypeError, r"must have an integer dtype"),
-        ({"target": torch.full((N,), V)}, ValueError, r"class index 13, outside \[0, 13\)"),
-        ({"chunk_size": 0}, ValueError, r"chunk_size must be a positive int or None, got 0"),
-        ({"weight_grad_dtype": "float32"}, TypeError, r"weight_grad_dtype must be a torch.dtype or None, got 'flo"),
-        ({"weight_grad_dtype": torch.int32}, ValueError, r"weight_grad_dtype must be a floating-point dtype, got"),
-        ({"reduction": "batchmean"}, ValueError, r"reduction must be one of"),
-        ({"impl": "triton!"}, ValueError, r"impl must be one of"),
-        ({"weight": torch.ones(V - 1)}, ValueError, r"weight must have shape \(13,\)"),
-    ],
-)
-def test_bad_input(kwargs, error, match):
-    arguments = {
-        "input": torch.randn(N, D),
-        "linear_weight": torch.randn(V, D),
-        "target": torch.randint(V, (N,)),
-        **kwargs,
-    }
-    with pytest.raises(error, match=match):
-        xent.linear_cross_entropy(**arguments)
+# --- linear_loss: every loss of the family ---------------------------------------------------------------------
+
+C = family_samples.C
 
 
-def test_module_equals_functional():
-    x, w, b, target = _problem(torch.float32, batch=(N,))
-    module = xent.nn.LinearCrossEntropyLoss(label_smoothing=0.1, z_loss=1e-3, chunk_size=5)
-    expected = xent.linear_cross_entropy(x, w, target, linear_bias=b, label_smoothing=0.1, z_loss=1e-3, chunk_size=5)
-    assert torch.equal(module(x, w, target, b), expected)
-    assert "z_loss=0.001" in repr(module)
+def _materialised(loss_fn, reduction, options):
+    """The definition linear_loss must equal: the loss on F.linear's logits, flattened to (N, V)."""
+
+    def loss(input, linear_weight, linear_bias, target, weight, token_weight):
+        logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
+        value = loss_fn(logits.reshape(-1, C), target.reshape(-1), weight=weight, token_weight=token_weight.reshape(-1),
+                        reduction=reduction, impl="reference", **options)  # fmt: skip
+        return value.view(target.shape) if reduction == "none" else value
+
+    return loss
+
+
+@pytest.mark.parametrize(("name", "index"), family_samples.cases())
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_linear_loss_equals_the_loss_of_the_materialised_logits(name, index, impl, reduction):
+    if impl == "triton":
+        pytest.importorskip("triton")
+    loss_fn, options = FAMILY[name].function, family_samples.sample(name, index, C)
+    dtype = torch.float64 if impl == "chunked" else torch.float32
+    tensors = family_samples.head_problem(dtype, name)
+    # the class weight too: the fused kernels get its gradient from the description's reference, in backward
+    requires = ("input", "linear_weight", "linear_bias", "weight")
+    expected = gradients(_materialised(loss_fn, reduction, options), tensors, requires)
+    fused = gradients(
+        lambda **t: xent.linear_loss(loss_fn, **t, reduction=reduction, impl=impl, chunk_size=4, **options),
+        tensors,
+        requires,
+    )
+    by_name = gradients(
+        lambda **t: xent.linear_loss(name, **t, reduction=reduction, impl=impl, chunk_size=3, **options),
+        tensors,
+        requires,
+    )
+    exact = gradients(_materialised(loss_fn, reduction, options), in_float64(tensors), requires)
+    for actual in (fused, by_name):
+        if dtype == torch.float64:
+            assert_close(actual[0], expected[0], dtype)
+            for key in requires:
+                assert_close(actual[1][key], expected[1][key], dtype)
+        else:
+            assert_as_accurate_as_the_reference(actual, expected, exact, requires)
+
+
+@pytest.mark.parametrize(("name", "index"), family_samples.cases([n for n in FAMILY if not FAMILY[n].caps_itself]))
+@pytest.mark.parametrize("impl", ["chunked", "triton", "reference"])
+def test_linear_loss_softcap_caps_the_logits_of_every_loss(name, index, impl):
+    """softcap is cross_entropy's own option; any other loss is taken of the capped logits c·tanh(z / c)."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+    loss_fn, options = FAMILY[name].function, family_samples.sample(name, index, C)
+    dtype = torch.float32 if impl == "triton" else torch.float64
+    tensors = family_samples.head_problem(dtype, name)
+    requires = ("input", "linear_weight", "linear_bias")
+
+    def capped(input, linear_weight, linear_bias, target, weight, token_weight):
+        logits = 0.5 * torch.tanh(torch.nn.functional.linear(input, linear_weight, linear_bias) / 0.5)
+        return loss_fn(logits.reshape(-1, C), target.reshape(-1), weight=weight, impl="reference", **options)
+
+    expected = gradients(capped, {**tensors, "token_weight": None}, requires)
+    actual = gradients(
+        lambda **t: xent.linear_loss(loss_fn, **t, softcap=0.5, impl=impl, chunk_size=4, **options),
+        {**tensors, "token_weight": None},
+        requires,
+    )
+    assert_close(actual[0], expected[0], dtype)
+    for key in requires:
+        assert_close(actual[1][key], expected[1][key], dtype)

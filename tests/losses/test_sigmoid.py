@@ -1,4 +1,6 @@
-"""Binary cross-entropy against torch.nn.functional, and label smoothing against its formula."""
+"""Binary cross-entropy against torch.nn.functional, label smoothing against its formula, and its errors."""
+
+import math
 
 import pytest
 import torch
@@ -138,16 +140,44 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(lambda p, t: xent.binary_cross_entropy(p, t, weight=weight), (probs, target))
 
 
-def test_modules_equal_functionals():
-    logits, target = _pair(torch.float32)
-    pos_weight, weight = torch.rand(5) * 2, torch.rand(5)
-    module = xent.nn.BCEWithLogitsLoss(weight=weight, pos_weight=pos_weight, label_smoothing=0.1, reduction="sum")
-    expected = xent.binary_cross_entropy_with_logits(
-        logits, target, weight=weight, pos_weight=pos_weight, label_smoothing=0.1, reduction="sum"
+def test_binary_cross_entropy_with_logits_is_exact_in_float64_beyond_softplus_threshold():
+    """F.softplus returns x itself above 20: softplus(25) came out 1.4e-11 short, and its gradient exactly 1 (found
+    by the fuzz layer)."""
+    x = torch.tensor([25.0, 30.0, -25.0], dtype=torch.float64, requires_grad=True)
+    loss = xent.binary_cross_entropy_with_logits(x, torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64), reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x)
+    expected = sum(
+        math.log1p(math.exp(-abs(v))) + max(v, 0.0) - t * v for v, t in ((25.0, 0.0), (30.0, 0.3), (-25.0, 1.0))
     )
-    assert torch.equal(module(logits, target), expected)
-    probs = torch.sigmoid(logits.detach())
-    assert torch.equal(
-        xent.nn.BCELoss(weight=weight)(probs, target), xent.binary_cross_entropy(probs, target, weight=weight)
-    )
-    assert set(dict(module.named_buffers())) == {"weight", "pos_weight"}
+    assert loss.item() == pytest.approx(expected, rel=1e-15)
+    assert grad[0].item() == pytest.approx(1 / (1 + math.exp(-25.0)), rel=1e-15) and grad[0].item() != 1.0
+
+
+# --- errors: named arguments, shown values and shapes ----------------------------------------------------------
+
+BINARY = torch.randn(8, 5)
+BINARY_TARGET = torch.rand(8, 5)
+
+
+@pytest.mark.parametrize(
+    ("fn", "kwargs", "error", "match"),
+    [
+        ("with_logits", {"reduction": "batchmean"}, ValueError, r"reduction must be one of"),
+        ("with_logits", {"label_smoothing": 2}, ValueError, r"label_smoothing must be in \[0, 1\], got 2"),
+        ("with_logits", {"pos_weight": torch.ones(4)}, ValueError, r"pos_weight of shape \(4,\) does not broadcast"),
+        ("with_logits", {"pos_weight": torch.ones(2, 8, 5)}, ValueError, r"pos_weight of shape \(2, 8, 5\)"),
+        ("with_logits", {"weight": torch.ones(3, 1)}, ValueError, r"weight of shape \(3, 1\) does not broadcast"),
+        ("with_logits", {"target": torch.rand(8, 4)}, ValueError, r"target has shape \(8, 4\) but input has shape"),
+        ("with_logits", {"target": BINARY_TARGET + 1}, ValueError, r"target must hold probabilities in \[0, 1\]"),
+        ("with_logits", {"target": torch.ones(8, 5, dtype=torch.long)}, TypeError, r"target must be a floating"),
+        ("with_logits", {"input": torch.ones(8, 5, dtype=torch.long)}, TypeError, r"input must be a floating"),
+        ("probs", {"input": torch.rand(8, 5) * 2}, ValueError, r"input must hold probabilities in \[0, 1\], found"),
+        ("probs", {"target": -BINARY_TARGET - 0.1}, ValueError, r"target must hold probabilities in \[0, 1\]"),
+        ("probs", {"weight": torch.ones(7)}, ValueError, r"weight of shape \(7,\) does not broadcast"),
+    ],
+)
+def test_binary_bad_input(fn, kwargs, error, match):
+    arguments = {"input": torch.rand(8, 5) if fn == "probs" else BINARY, "target": BINARY_TARGET, **kwargs}
+    function = xent.binary_cross_entropy if fn == "probs" else xent.binary_cross_entropy_with_logits
+    with pytest.raises(error, match=match):
+        function(**arguments)

@@ -1,12 +1,16 @@
-"""cross_entropy against torch.nn.functional.cross_entropy, and against the formula where PyTorch has no equal."""
+"""cross_entropy against torch.nn.functional.cross_entropy, against the formula where PyTorch has no equal, its
+identities as properties (hypothesis draws the shapes, options and values), and its errors."""
 
 import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import xent
+from tests import family_samples
 from tests.conftest import assert_close
 
 SHAPES = {  # input shape, class dimension
@@ -123,27 +127,6 @@ def test_z_loss_with_probability_targets_matches_formula():
     assert_close(ours, expected)
 
 
-@pytest.mark.parametrize("use_weight", [False, True])
-@pytest.mark.parametrize("smoothing", [0.0, 0.2])
-def test_mean_with_every_target_ignored_is_zero_with_zero_gradient(use_weight, smoothing):
-    logits = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
-    weight = torch.rand(6, dtype=torch.float64) if use_weight else None
-    target = torch.full((4,), -100)
-    loss = xent.cross_entropy(logits, target, weight=weight, label_smoothing=smoothing, z_loss=1e-3)
-    assert loss.item() == 0.0
-    loss.backward()
-    assert torch.equal(logits.grad, torch.zeros_like(logits))
-    assert torch.isnan(F.cross_entropy(logits, target))  # the documented difference
-
-
-def test_mean_of_empty_batch_is_zero():
-    logits = torch.randn(0, 5, requires_grad=True)
-    loss = xent.cross_entropy(logits, torch.zeros(0, dtype=torch.long))
-    assert loss.item() == 0.0
-    loss.backward()
-    assert logits.grad.shape == (0, 5)
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_half_precision_is_accumulated_in_float32(dtype, reduction):
@@ -199,14 +182,175 @@ def test_gradcheck(probabilities):
     assert torch.autograd.gradcheck(loss, (logits,))
 
 
-def test_module_equals_functional_and_stores_its_options():
-    weight = torch.rand(7) + 0.5
-    module = xent.nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1, z_loss=1e-3, softcap=20.0, ignore_index=2)
-    logits, target, _ = _make("NC", torch.float32)
-    expected = xent.cross_entropy(
-        logits, target, weight=weight, label_smoothing=0.1, z_loss=1e-3, softcap=20.0, ignore_index=2
-    )
-    assert torch.equal(module(logits, target), expected)
-    assert "weight" in dict(module.named_buffers())
-    assert module.to(torch.float64).weight.dtype == torch.float64
-    assert "label_smoothing=0.1" in repr(module) and "softcap=20.0" in repr(module)
+def test_token_weights_scale_each_token_and_enter_the_mean():
+    """Independent of the description: r_n ℓ_n summed over Σ r_n w_y, written out."""
+    tensors = family_samples.problem(torch.float64, True, True)
+    per_token = xent.cross_entropy(tensors["input"], tensors["target"], weight=tensors["weight"], reduction="none")
+    kept = tensors["target"] != -100
+    denominator = (tensors["token_weight"] * tensors["weight"][tensors["target"].clamp_min(0)] * kept).sum()
+    expected = (tensors["token_weight"] * per_token).sum() / denominator
+    for impl in ("reference", "chunked"):
+        assert_close(xent.cross_entropy(**tensors, impl=impl), expected)
+    with pytest.raises(ValueError, match=r"token_weight must have the target's shape \(4, 5\)"):
+        xent.cross_entropy(tensors["input"], tensors["target"], token_weight=torch.ones(20))
+
+
+# --- identities that hold for any input ------------------------------------------------------------------------
+
+TOL = {"rtol": 1e-9, "atol": 1e-12}
+
+
+@st.composite
+def problems(draw):
+    """Logits (N, C) in float64, class indices with some ignored, and options."""
+    n = draw(st.integers(1, 12))
+    c = draw(st.integers(1, 9))
+    seed = draw(st.integers(0, 2**31 - 1))
+    scale = draw(st.sampled_from([0.1, 1.0, 10.0, 100.0]))
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, c, generator=generator, dtype=torch.float64) * scale
+    target = torch.randint(c, (n,), generator=generator)
+    ignored = torch.rand(n, generator=generator) < draw(st.sampled_from([0.0, 0.3]))
+    target[ignored] = -100
+    options = {
+        "reduction": draw(st.sampled_from(["none", "mean", "sum"])),
+        "label_smoothing": draw(st.sampled_from([0.0, 0.1, 0.7])),
+        "z_loss": draw(st.sampled_from([0.0, 1e-3])),
+        "softcap": draw(st.sampled_from([None, 5.0])),
+    }
+    return logits, target, options
+
+
+def _value_and_grad(logits, target, **kwargs):
+    logits = logits.detach().requires_grad_()
+    loss = xent.cross_entropy(logits, target, **kwargs)
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    return loss.detach(), grad
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_one_hot_probabilities_equal_class_indices(problem):
+    logits, target, options = problem
+    keep = target != -100
+    logits, target = logits[keep], target[keep]
+    one_hot = F.one_hot(target, logits.shape[1]).to(logits.dtype)
+    for expected, actual in zip(
+        _value_and_grad(logits, target, **options), _value_and_grad(logits, one_hot, **options), strict=True
+    ):
+        torch.testing.assert_close(actual, expected, **TOL)
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_weights_of_ones_equal_no_weights(problem):
+    logits, target, options = problem
+    ones = torch.ones(logits.shape[1], dtype=logits.dtype)
+    for expected, actual in zip(
+        _value_and_grad(logits, target, **options), _value_and_grad(logits, target, weight=ones, **options), strict=True
+    ):
+        torch.testing.assert_close(actual, expected, **TOL)
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems(), st.floats(0.1, 10.0))
+def test_ignored_targets_equal_slicing_them_out(problem, weight_scale):
+    logits, target, options = problem
+    if options["reduction"] == "none":
+        options["reduction"] = "sum"
+    weight = torch.rand(logits.shape[1], dtype=logits.dtype) * weight_scale + 0.01
+    keep = target != -100
+    full, full_grad = _value_and_grad(logits, target, weight=weight, **options)
+    sliced, sliced_grad = _value_and_grad(logits[keep], target[keep], weight=weight, **options)
+    torch.testing.assert_close(full, sliced, **TOL)
+    torch.testing.assert_close(full_grad[keep], sliced_grad, **TOL)
+    assert torch.all(full_grad[~keep] == 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_zero_smoothing_equals_plain(problem):
+    logits, target, options = problem
+    options.pop("label_smoothing")
+    for expected, actual in zip(
+        _value_and_grad(logits, target, **options),
+        _value_and_grad(logits, target, label_smoothing=0.0, **options),
+        strict=True,
+    ):
+        torch.testing.assert_close(actual, expected, **TOL)
+    if (target != -100).any():  # PyTorch returns NaN when nothing is left to average
+        plain = {key: value for key, value in options.items() if key not in ("z_loss", "softcap")}
+        torch.testing.assert_close(
+            xent.cross_entropy(logits, target, **plain), F.cross_entropy(logits, target, **plain), **TOL
+        )
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems())
+def test_k_dimensional_equals_flattened(problem):
+    """(N, C, d) input is (N·d, C) input with the class dimension moved last."""
+    logits, target, options = problem
+    n, c = logits.shape
+    spatial = logits.reshape(1, n, c).permute(0, 2, 1)  # (1, C, N)
+    flat, flat_grad = _value_and_grad(logits, target, **options)
+    loss, grad = _value_and_grad(spatial, target.reshape(1, n), **options)
+    torch.testing.assert_close(loss.reshape(flat.shape), flat, **TOL)
+    torch.testing.assert_close(grad.permute(0, 2, 1).reshape(n, c), flat_grad, **TOL)
+
+
+# --- errors: named arguments, shown values and shapes ----------------------------------------------------------
+
+LOGITS = torch.randn(8, 5)
+INDICES = torch.randint(5, (8,))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"reduction": "avg"}, ValueError, r"reduction must be one of 'none', 'mean', 'sum', got 'avg'"),
+        ({"label_smoothing": 1.5}, ValueError, r"label_smoothing must be in \[0, 1\], got 1.5"),
+        ({"label_smoothing": -0.1}, ValueError, r"label_smoothing must be in \[0, 1\], got -0.1"),
+        ({"label_smoothing": "0.1"}, TypeError, r"label_smoothing must be a number"),
+        ({"z_loss": -1e-4}, ValueError, r"z_loss must be in \[0, inf\], got -0.0001"),
+        ({"softcap": 0.0}, ValueError, r"softcap must be in \(0, inf\], got 0"),
+        ({"softcap": -3}, ValueError, r"softcap must be in \(0, inf\], got -3"),
+        (
+            {"weight": torch.ones(4)},
+            ValueError,
+            r"weight must have shape \(5,\), one entry per class, got shape \(4,\)",
+        ),
+        ({"weight": torch.ones(1, 5)}, ValueError, r"weight must have shape \(5,\).*got shape \(1, 5\)"),
+        ({"weight": torch.ones(5, dtype=torch.long)}, TypeError, r"weight must be a floating-point tensor"),
+        ({"ignore_index": 1.0}, TypeError, r"ignore_index must be an int"),
+        ({"impl": "fastest"}, ValueError, r"impl must be one of .*got 'fastest'"),
+    ],
+)
+def test_cross_entropy_bad_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        xent.cross_entropy(LOGITS, INDICES, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("input", "target", "error", "match"),
+    [
+        (
+            LOGITS,
+            torch.randint(5, (8, 3)),
+            ValueError,
+            r"target has shape \(8, 3\) but input has shape \(8, 5\); expected \(8,\) class indices or \(8, 5\) "
+            r"probabilities",
+        ),
+        (LOGITS, torch.rand(8, 3), ValueError, r"target has shape \(8, 3\) but input has shape \(8, 5\)"),
+        (LOGITS, INDICES.float(), TypeError, r"class indices and must have an integer dtype, got torch.float32"),
+        (LOGITS, INDICES.bool(), TypeError, r"must have an integer dtype, got torch.bool"),
+        (LOGITS, torch.tensor([0, 1, 2, 3, 4, 5, 0, 0]), ValueError, r"class index 5, outside \[0, 5\)"),
+        (LOGITS, torch.tensor([0, 1, -1, 3, 4, 0, 0, 0]), ValueError, r"class index -1, outside \[0, 5\)"),
+        (torch.tensor(1.0), torch.tensor(0), ValueError, r"input must have a class dimension.*got shape \(\)"),
+        (torch.ones(8, 5, dtype=torch.long), INDICES, TypeError, r"input must be a floating-point tensor, got "),
+        ([[1.0, 2.0]], INDICES, TypeError, r"input must be a torch.Tensor, got list"),
+        (torch.randn(8, 0), torch.zeros(8, dtype=torch.long), ValueError, r"at least one class"),
+    ],
+)
+def test_cross_entropy_bad_tensors(input, target, error, match):
+    with pytest.raises(error, match=match):
+        xent.cross_entropy(input, target)

@@ -29,15 +29,16 @@ from xent.bench.problem import (
     lm_config,
     loss_options,
 )
+from xent.kernels.dispatch import Impl
 
 
-def _family(problem: Problem, impl: str | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _family(problem: Problem, impl: Impl | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """xent's loss of the problem on given logits, by ``impl``."""
     loss, options = getattr(xent, problem.loss), loss_options(problem)
     return lambda logits, target: loss(logits, target, impl=impl, **options)
 
 
-def _family_linear(problem: Problem, impl: str | None) -> Callable[..., torch.Tensor]:
+def _family_linear(problem: Problem, impl: Impl | None) -> Callable[..., torch.Tensor]:
     """xent.linear_loss of the problem's loss; ``impl="reference"`` is the loss of the materialised logits."""
     options = loss_options(problem)
     return lambda hidden, weight, target: xent.linear_loss(problem.loss, hidden, weight, target, impl=impl, **options)
@@ -86,7 +87,7 @@ def _ce(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callab
     return prepare
 
 
-def _ce_family(impl: str | None, *, compiled: bool = False) -> Callable[[Problem], Prepared]:
+def _ce_family(impl: Impl | None, *, compiled: bool = False) -> Callable[[Problem], Prepared]:
     def prepare(problem: Problem) -> Prepared:
         loss_fn = _family(problem, impl)
         return _ce(_compiled(loss_fn) if compiled else loss_fn)(problem)
@@ -135,7 +136,7 @@ def _linear(loss_fn: Callable[..., torch.Tensor]) -> Callable[[Problem], Prepare
     return prepare
 
 
-def _linear_family(impl: str | None, *, compiled: bool = False) -> Callable[[Problem], Prepared]:
+def _linear_family(impl: Impl | None, *, compiled: bool = False) -> Callable[[Problem], Prepared]:
     def prepare(problem: Problem) -> Prepared:
         loss_fn = _family_linear(problem, impl)
         return _linear(_compiled(loss_fn) if compiled else loss_fn)(problem)
@@ -214,7 +215,7 @@ def _lm_step(patch: dict[str, Any] | None) -> Callable[[Problem], Prepared]:
 # --- linear distillation ------------------------------------------------------------------------------------------
 
 
-def _distill(impl: str | None, *, compiled: bool = False) -> Callable[[Problem], Prepared]:
+def _distill(impl: Impl | None, *, compiled: bool = False) -> Callable[[Problem], Prepared]:
     """linear_distillation_loss with a teacher head of the student's shape (T = 2)."""
 
     def prepare(problem: Problem) -> Prepared:

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from xent._config import value_checks_enabled
-from xent.losses import _checks
+from xent.losses import checks
 
 __all__ = ["GIVEN", "Agreement", "Terms", "agree"]
 
@@ -139,7 +139,7 @@ def _checksum(tensor: torch.Tensor) -> torch.Tensor:
 
 def _printable(value: Any, checksum: bool = True) -> str:
     if isinstance(value, torch.Tensor):
-        shown = f"a {value.dtype} tensor of shape {_checks.shape_str(value.shape)}"
+        shown = f"a {value.dtype} tensor of shape {checks.shape_str(value.shape)}"
         return f"{shown} (checksum {int(_checksum(value))})" if checksum else shown
     return repr(value)
 

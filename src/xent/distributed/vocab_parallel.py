@@ -39,7 +39,7 @@ from xent.core.reduce import accumulation_dtype, reduce_loss
 from xent.core.rowloss import RowLoss
 from xent.distributed.agreement import GIVEN, Terms, agree
 from xent.kernels.linear import cast_grads, default_chunk_size, fused_pass, new_grads
-from xent.losses import _checks
+from xent.losses import checks
 from xent.losses.family import check_fused_call, family_loss
 from xent.losses.linear import check_head
 from xent.losses.softmax import cross_entropy
@@ -124,12 +124,12 @@ def vocab_parallel_loss(
     group = _group_of(logits_shard, group)
     terms = Terms()
     try:  # every local check, its error kept for the agreement step, so that every rank raises it
-        logits_shard = _checks.check_floating("logits_shard", _local(logits_shard, group))
-        target = _checks.check_tensor("target", target)
+        logits_shard = checks.check_floating("logits_shard", _local(logits_shard, group))
+        target = checks.check_tensor("target", target)
         if logits_shard.dim() == 0 or logits_shard.shape[:-1] != target.shape:
             raise ValueError(
                 f"logits_shard must have shape (..., V_r) with target's shape (...) in front; got logits_shard "
-                f"{_checks.shape_str(logits_shard.shape)} and target {_checks.shape_str(target.shape)}"
+                f"{checks.shape_str(logits_shard.shape)} and target {checks.shape_str(target.shape)}"
             )
         terms.agreed["logits_shard's dtype"] = logits_shard.dtype
         weight = _check_locally(terms, loss, target, logits_shard.shape[-1], logits_shard.device, weight,
@@ -139,9 +139,8 @@ def vocab_parallel_loss(
     shard, _ = _agree(terms, group, _device(group, logits_shard, target), loss, ignore_index, softcap, loss_options)
     flat_target = _flat_target(terms)
     target_weight, total_weight = _target_weight(flat_target, weight, shard, logits_shard.dtype)
-    per_row = _VocabParallelRows.apply(
-        logits_shard.reshape(-1, shard.size), flat_target, weight, target_weight, total_weight, shard
-    )
+    call = _ShardCall(shard, flat_target, weight, _target_rows(flat_target, target_weight, total_weight, shard))
+    per_row = _VocabParallelRows.apply(logits_shard.reshape(-1, shard.size), call)
     return _reduce(per_row, target.shape, reduction, target_weight)
 
 
@@ -222,15 +221,15 @@ def vocab_parallel_linear_loss(
         size = check_head(
             input, linear_weight_shard, linear_bias_shard, ("input", "linear_weight_shard", "linear_bias_shard")
         )
-        target = _checks.check_tensor("target", target)
+        target = checks.check_tensor("target", target)
         if input.shape[:-1] != target.shape:
             raise ValueError(
                 f"input must have shape (..., D) with target's shape (...) in front; got input "
-                f"{_checks.shape_str(input.shape)} and target {_checks.shape_str(target.shape)}"
+                f"{checks.shape_str(input.shape)} and target {checks.shape_str(target.shape)}"
             )
         # the input is replicated: its shape and dtype size the collectives (per chunk, and d(input) in backward)
         terms.agreed.update({"input's shape": tuple(input.shape), "input's dtype": input.dtype})
-        _checks.check_chunk_size(chunk_size)
+        checks.check_chunk_size(chunk_size)
         weight = _check_locally(terms, loss, target, size, input.device, weight, ignore_index, reduction, softcap,
                                 loss_options)  # fmt: skip
         terms.chunk_size = chunk_size or default_chunk_size(target.numel(), size, input.device)
@@ -240,10 +239,9 @@ def vocab_parallel_linear_loss(
     flat_target = _flat_target(terms)
     target_weight, total_weight = _target_weight(flat_target, weight, shard, input.dtype)
     flat_input = input.reshape(-1, input.shape[-1]).contiguous()
-    per_row = _VocabParallelLinearRows.apply(
-        flat_input, linear_weight_shard, linear_bias_shard, flat_target, weight, target_weight, total_weight, shard,
-        chunk_size,
-    )  # fmt: skip
+    target_rows = _target_rows(flat_target, target_weight, total_weight, shard)
+    call = _ShardCall(shard, flat_target, weight, target_rows, chunk_size)
+    per_row = _VocabParallelLinearRows.apply(flat_input, linear_weight_shard, linear_bias_shard, call)
     return _reduce(per_row, target.shape, reduction, target_weight)
 
 
@@ -338,7 +336,7 @@ def _check_locally(
     """The checks of the loss, its options, the target and the rank's weight slice that need no other rank, and
     what the ranks must agree on, into ``terms``; returns the checked weight. Raises the first failure."""
     entry = family_loss(loss)
-    _checks.check_reduction_and_ignore_index(reduction, ignore_index)
+    checks.check_reduction_and_ignore_index(reduction, ignore_index)
     softcap = check_fused_call(entry, loss_options, softcap=softcap)
     entry.check_values(loss_options)  # the vocabulary's size is not known yet: that part comes after
     weight = _checked_weight(weight, size, device)
@@ -390,7 +388,7 @@ def _flat_target(terms: Terms) -> torch.Tensor:
 def _checked_weight(weight: torch.Tensor | None, size: int, device: torch.device) -> torch.Tensor | None:
     if weight is None:
         return None
-    weight = _checks.check_class_weight("weight", weight, size)
+    weight = checks.check_class_weight("weight", weight, size)
     if weight.requires_grad:
         raise ValueError("weight requires grad, but the vocab-parallel losses do not differentiate the class weight")
     return weight.to(device)
@@ -535,33 +533,38 @@ def _row_gradient_(
     return grad.masked_fill_((target == options.ignore_index).unsqueeze(1), 0.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class _ShardCall:
+    """What a vocab-parallel Function runs, beside the tensors it differentiates: the shard and its description, the
+    canonical target, the rank's class weights, the rows' weights (:class:`xent.core.rows.TargetRows`) and, for a
+    linear head, the tokens per chunk every rank uses."""
+
+    shard: _Shard
+    target: torch.Tensor
+    weight: torch.Tensor | None
+    target_rows: rows.TargetRows
+    chunk: int = 0
+
+
 class _VocabParallelRows(torch.autograd.Function):
     """Per-row losses of a logits shard; backward forms the shard's gradient locally from the saved ``lse``, ``u``."""
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        logits: torch.Tensor,
-        target: torch.Tensor,
-        weight: torch.Tensor | None,
-        target_weight: torch.Tensor,
-        total_weight: torch.Tensor,
-        shard: _Shard,
-    ) -> torch.Tensor:
-        z, _ = _transformed(logits, target, shard, scratch=False)
-        target_rows = _target_rows(target, target_weight, total_weight, shard)
-        losses, lse, u = _row_losses(z, target, weight, target_rows, shard)
-        ctx.shard, ctx.target_rows = shard, target_rows
-        ctx.save_for_backward(logits, target, weight, lse, u)
+    def forward(ctx: Any, logits: torch.Tensor, call: _ShardCall) -> torch.Tensor:
+        z, _ = _transformed(logits, call.target, call.shard, scratch=False)
+        losses, lse, u = _row_losses(z, call.target, call.weight, call.target_rows, call.shard)
+        ctx.call = call
+        ctx.save_for_backward(logits, lse, u)
         return losses
 
     @staticmethod
     def backward(ctx: Any, grad_rows: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         _refuse_second_order()
-        logits, target, weight, lse, u = ctx.saved_tensors
-        z, tanh = _transformed(logits, target, ctx.shard, scratch=False)
-        grad = _row_gradient_(z, tanh, target, weight, ctx.target_rows, lse, u, grad_rows, ctx.shard)
-        return grad.to(logits.dtype), None, None, None, None, None
+        logits, lse, u = ctx.saved_tensors
+        call: _ShardCall = ctx.call
+        z, tanh = _transformed(logits, call.target, call.shard, scratch=False)
+        grad = _row_gradient_(z, tanh, call.target, call.weight, call.target_rows, lse, u, grad_rows, call.shard)
+        return grad.to(logits.dtype), None
 
 
 class _VocabParallelLinearRows(torch.autograd.Function):
@@ -575,54 +578,46 @@ class _VocabParallelLinearRows(torch.autograd.Function):
         input: torch.Tensor,
         linear_weight: torch.Tensor,
         linear_bias: torch.Tensor | None,
-        target: torch.Tensor,
-        weight: torch.Tensor | None,
-        target_weight: torch.Tensor,
-        total_weight: torch.Tensor,
-        shard: _Shard,
-        chunk: int,
+        call: _ShardCall,
     ) -> torch.Tensor:
         dtype = accumulation_dtype(input.dtype)
-        target_rows = _target_rows(target, target_weight, total_weight, shard)
+        shard, target, target_rows = call.shard, call.target, call.target_rows
         lse, u = (torch.empty(input.shape[0], dtype=dtype, device=input.device) for _ in range(2))
 
-        def chunk_losses(
-            logits: torch.Tensor, block: slice, grad_scale: torch.Tensor, needs_grad: bool
-        ) -> torch.Tensor:
+        def chunk_losses(logits: torch.Tensor, block: slice, scale: torch.Tensor, needs_grad: bool) -> torch.Tensor:
             z, _ = _transformed(logits, target[block], shard, scratch=True)
-            losses, lse[block], u[block] = _row_losses(z, target[block], weight, target_rows[block], shard)
+            losses, lse[block], u[block] = _row_losses(z, target[block], call.weight, target_rows[block], shard)
             return losses
 
         kept = target != shard.options.ignore_index  # absent, whatever their hidden states hold
         ones = torch.ones(input.shape[0], dtype=dtype, device=input.device)
-        losses = fused_pass(input, linear_weight, linear_bias, chunk_losses, ones, chunk, (None,) * 3, kept)
-        ctx.shard, ctx.chunk, ctx.target_rows, ctx.kept = shard, chunk, target_rows, kept
-        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, u)
+        losses = fused_pass(input, linear_weight, linear_bias, chunk_losses, ones, call.chunk, (None,) * 3, kept)
+        ctx.call, ctx.kept = call, kept
+        ctx.save_for_backward(input, linear_weight, linear_bias, lse, u)
         return losses
 
     @staticmethod
     def backward(ctx: Any, grad_rows: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         _refuse_second_order()
-        input, linear_weight, linear_bias, target, weight, lse, u = ctx.saved_tensors
-        shard, target_rows = ctx.shard, ctx.target_rows
+        input, linear_weight, linear_bias, lse, u = ctx.saved_tensors
+        call: _ShardCall = ctx.call
+        shard, target, target_rows = call.shard, call.target, call.target_rows
 
-        def chunk_gradient(
-            logits: torch.Tensor, block: slice, grad_scale: torch.Tensor, needs_grad: bool
-        ) -> torch.Tensor:
+        def chunk_gradient(logits: torch.Tensor, block: slice, scale: torch.Tensor, needs_grad: bool) -> torch.Tensor:
             z, tanh = _transformed(logits, target[block], shard, scratch=True)
-            grad = _row_gradient_(z, tanh, target[block], weight, target_rows[block], lse[block], u[block],
-                                  grad_scale, shard)  # fmt: skip
+            grad = _row_gradient_(z, tanh, target[block], call.weight, target_rows[block], lse[block], u[block],
+                                  scale, shard)  # fmt: skip
             if grad.data_ptr() != logits.data_ptr():
                 logits.copy_(grad)
             return cast(torch.Tensor, lse[block])  # the losses are forward's: a placeholder of the right shape
 
         accumulate = accumulation_dtype(linear_weight.dtype)
         grads = new_grads(input, linear_weight, linear_bias, ctx.needs_input_grad[:3], accumulate)
-        fused_pass(input, linear_weight, linear_bias, chunk_gradient, grad_rows, ctx.chunk, grads, ctx.kept)
+        fused_pass(input, linear_weight, linear_bias, chunk_gradient, grad_rows, call.chunk, grads, ctx.kept)
         grad_input, grad_weight, grad_bias = cast_grads(grads, input, linear_weight, linear_bias)
         if grad_input is not None:
             dist.all_reduce(grad_input, group=shard.group)  # every rank's classes contribute to d(input)
-        return grad_input, grad_weight, grad_bias, *(None,) * 6
+        return grad_input, grad_weight, grad_bias, None
 
 
 def _refuse_second_order() -> None:

@@ -43,7 +43,7 @@ except ImportError as error:  # pragma: no cover - exercised without the extra o
 
 from xent._config import value_checks, value_checks_enabled
 from xent.integrations.heads import LinearHead, causal_lm, head_parts, widen
-from xent.losses import _checks
+from xent.losses import checks
 from xent.losses.family import check_fused_call, family_loss
 from xent.losses.linear import accumulated_linear_loss
 
@@ -420,7 +420,7 @@ class _Patch:
         position of the logits — the input's shape — named as the user passed them (not as the flattened target)."""
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"{name} must be a tensor of token ids, got {type(labels).__name__}")
-        shown = _checks.shape_str(labels.shape)
+        shown = checks.shape_str(labels.shape)
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise TypeError(
                 f"{name} of shape {shown} must hold token ids (an integer dtype), got {labels.dtype} "
@@ -432,8 +432,8 @@ class _Patch:
         expected = None if given is None else given[1] if given[0] == "input_ids" else given[1][:-1]
         if given is not None and expected == positions:
             raise ValueError(
-                f"{name} has shape {shown} but {given[0]} has shape {_checks.shape_str(given[1])}; "
-                f"{self.model_name}'s loss takes {name} of shape {_checks.shape_str(positions)}, one token id per "
+                f"{name} has shape {shown} but {given[0]} has shape {checks.shape_str(given[1])}; "
+                f"{self.model_name}'s loss takes {name} of shape {checks.shape_str(positions)}, one token id per "
                 "position"
             )
         if expected is not None:  # the model kept fewer positions than its input has
@@ -443,7 +443,7 @@ class _Patch:
             )
         raise ValueError(
             f"{name} has shape {shown} but {self.model_name}'s logits have positions of shape "
-            f"{_checks.shape_str(positions)}; its loss takes one token id per position"
+            f"{checks.shape_str(positions)}; its loss takes one token id per position"
         )
 
     def loss_function(

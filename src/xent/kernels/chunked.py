@@ -223,8 +223,12 @@ class _RowTerms:
         else:
             target_prob = probs.gather(1, self.safe_target[block]).squeeze(1)
             lse = self.target_logit[block] - torch.log(target_prob)
-            tiny = (target_prob < TINY_PROBABILITY).logical_and_(self.kept[block]).nonzero().squeeze(1)
-            if tiny.numel():
+            is_tiny = (target_prob < TINY_PROBABILITY).logical_and_(self.kept[block])
+            tiny = is_tiny.nonzero().squeeze(1)
+            if 4 * tiny.numel() >= target_prob.numel():  # most rows (extreme logits): whole-block passes
+                maxima = row_max if row_max is not None else cast(torch.Tensor, x).amax(dim=1)
+                lse = torch.where(is_tiny, maxima - torch.log(probs.amax(dim=1)), lse)
+            elif tiny.numel():  # a few rows: only theirs
                 maxima = row_max[tiny] if row_max is not None else cast(torch.Tensor, x)[tiny].amax(dim=1)
                 lse[tiny] = maxima - torch.log(probs[tiny].amax(dim=1))
         self.lse[block] = lse
@@ -313,32 +317,38 @@ def reference_gradients(
     return tuple(next(grads) if need else None for need in needs)
 
 
+@dataclasses.dataclass(frozen=True)
+class ChunkedCall:
+    """What a :class:`ChunkedCrossEntropy` call runs, beside the tensors autograd differentiates: the description,
+    the reduction, whether the gradient goes into the logits' storage, whether the stored gradient is kept for a
+    second backward, and the row kernel."""
+
+    options: RowLoss
+    reduction: str
+    kernel: RowKernel
+    inplace_backward: bool = False
+    allow_retain_graph: bool = False
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Cross-entropy on canonical logits with the gradient formed in the forward pass (see the module docstring)
     by a row kernel: :func:`loss_and_grad_` on any device, or the Triton kernel on GPUs. ``weight`` is
-    ``options.weight``, passed apart so that autograd sees it."""
+    ``call.options.weight``, passed apart so that autograd sees it."""
 
     @staticmethod
     def forward(
-        ctx: Any,
-        logits: torch.Tensor,
-        target: torch.Tensor,
-        weight: torch.Tensor | None,
-        options: RowLoss,
-        reduction: str,
-        inplace_backward: bool,
-        allow_retain_graph: bool,
-        kernel: RowKernel,
+        ctx: Any, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, call: ChunkedCall
     ) -> torch.Tensor:
+        options, reduction = call.options, call.reduction
         dtype = accumulation_dtype(logits.dtype)
         scale = torch.ones((), dtype=dtype, device=logits.device)
         if reduction == "mean":
             scale = safe_divide(scale, mean_denominator(target, options, dtype))
         grad = None
         if ctx.needs_input_grad[0]:
-            grad = logits if inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
-        losses = kernel(logits, grad, target, options, scale.expand(logits.shape[0]))
-        ctx.options, ctx.reduction, ctx.allow_retain_graph = options, reduction, allow_retain_graph
+            grad = logits if call.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
+        losses = call.kernel(logits, grad, target, options, scale.expand(logits.shape[0]))
+        ctx.call = call
         ctx.grad = grad  # kept on ctx, not saved: with inplace_backward it is the logits, changed on purpose
         if any(ctx.needs_input_grad[1:3]):  # inplace_backward was refused for this case up front
             ctx.save_for_backward(logits, target, weight)
@@ -349,32 +359,32 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         refuse_second_order()
+        call: ChunkedCall = ctx.call
         grad_target = grad_weight = None
         if any(ctx.needs_input_grad[1:3]):
             logits, target, weight = ctx.saved_tensors
 
             def reference(target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-                options = dataclasses.replace(ctx.options, weight=weight)
-                return reference_cross_entropy(logits, target, options, ctx.reduction)
+                options = dataclasses.replace(call.options, weight=weight)
+                return reference_cross_entropy(logits, target, options, call.reduction)
 
             grad_target, grad_weight = reference_gradients(
                 reference, (target, weight), ctx.needs_input_grad[1:3], grad_output
             )
-        unused = (None,) * 5
         if not ctx.needs_input_grad[0]:
-            return None, grad_target, grad_weight, *unused
+            return None, grad_target, grad_weight, None
         grad = ctx.grad
         if grad is None:
             raise RuntimeError(
                 "the chunked cross_entropy scales its stored gradient in place, so it can be backpropagated once; "
                 "use impl='reference' to backpropagate through the graph twice"
             )
-        scale = grad_output.unsqueeze(1) if ctx.reduction == "none" else grad_output
-        if ctx.allow_retain_graph:  # keep the stored gradient intact: one more logits-sized buffer
-            return grad * scale.to(grad.dtype), grad_target, grad_weight, *unused
+        scale = grad_output.unsqueeze(1) if call.reduction == "none" else grad_output
+        if call.allow_retain_graph:  # keep the stored gradient intact: one more logits-sized buffer
+            return grad * scale.to(grad.dtype), grad_target, grad_weight, None
         ctx.grad = None
         scale_(grad, scale)
-        return grad, grad_target, grad_weight, *unused
+        return grad, grad_target, grad_weight, None
 
 
 def is_one(value: torch.Tensor) -> bool:
@@ -427,10 +437,6 @@ def chunked_cross_entropy(
             logits,
             target,
             options.weight,
-            options,
-            reduction,
-            inplace_backward,
-            allow_retain_graph,
-            kernel or loss_and_grad_,
+            ChunkedCall(options, reduction, kernel or loss_and_grad_, inplace_backward, allow_retain_graph),
         ),
     )

@@ -1,12 +1,16 @@
-"""Choose the implementation of a loss from the device, the problem and the options; ``impl=`` overrides.
+"""Choose the implementation of a loss from the device, the problem and the options (``impl=`` overrides), once,
+and run it from one table keyed by (operation, implementation).
 
-Every implementation takes canonical tensors — logits ``(M, C)``, class indices ``(M,)`` or probabilities
-``(M, C)`` — and returns the reduced loss (``(M,)`` for ``reduction="none"``); validation happened before.
+Every implementation takes canonical tensors — logits ``(M, C)`` (operation ``"logits"``) or a linear head's
+``input (N, D)`` and weights (operation ``"linear"``), class indices ``(M,)`` or probabilities ``(M, C)`` — and
+returns the reduced loss (``(M,)`` for ``reduction="none"``); validation happened before.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -16,20 +20,23 @@ from xent.kernels import chunked
 from xent.kernels import linear as chunked_linear
 from xent.kernels.triton import triton_installed
 
-IMPLS = ("reference", "chunked", "triton")
+Impl = Literal["reference", "chunked", "triton"]
+IMPLS: tuple[Impl, ...] = get_args(Impl)
+Operation = Literal["logits", "linear"]
 
 # Below this many logits the reference is as fast and keeps double backward; above it the fused kernel wins on time
 # and memory (0.96× the reference's time at 51k logits, 0.60× at 256k, 0.2× from 1M, on the CPU).
 CHUNKED_MIN_ELEMENTS = 1 << 16
 
 
-def _check_impl(impl: str | None) -> None:
+def check_impl(impl: object) -> Impl | None:
     if impl is not None and impl not in IMPLS:
         names = ", ".join(repr(name) for name in (None, *IMPLS))
         raise ValueError(f"impl must be one of {names}, got {impl!r}")
+    return impl  # one of IMPLS or None, checked above
 
 
-def fused_impl(device: torch.device) -> str:
+def fused_impl(device: torch.device) -> Impl:
     """The fused implementation for a device: Triton on CUDA when it is installed, chunked PyTorch otherwise."""
     return "triton" if device.type == "cuda" and triton_usable(device) else "chunked"
 
@@ -52,33 +59,13 @@ def _triton_kernel(device: torch.device) -> chunked.RowKernel:
     return cross_entropy.loss_and_grad_
 
 
-def row_kernel(impl: str | None, device: torch.device) -> chunked.RowKernel:
+def row_kernel(impl: Impl | None, device: torch.device) -> chunked.RowKernel:
     """The row kernel of a fused implementation (``None``: the device's)."""
-    _check_impl(impl)
+    impl = check_impl(impl)
     if impl == "reference":
         raise ValueError("impl='reference' has no row kernel")
     impl = impl or fused_impl(device)
     return _triton_kernel(device) if impl == "triton" else chunked.loss_and_grad_
-
-
-def choose_cross_entropy(
-    impl: str | None, logits: torch.Tensor, *, inplace_backward: bool, extra_grads: bool = False
-) -> str:
-    """The implementation to run. ``extra_grads``: a target or class weight requires grad, which the fused kernels
-    would get by recomputing the reference in backward — so the automatic choice is the reference itself."""
-    _check_impl(impl)
-    if impl is not None:
-        if impl == "reference" and inplace_backward:
-            raise ValueError(
-                "inplace_backward=True needs a fused kernel (impl 'chunked', 'triton' or None), got 'reference'"
-            )
-        return impl
-    fused = fused_impl(logits.device)
-    if inplace_backward:
-        return fused
-    # Evaluation too: the fused kernel forms no gradient then, and the reference's materialised log-softmax is
-    # slower (2.5–3× PyTorch's time on a busy 2-core machine, benchmarks/contention.py) and a logits-sized buffer.
-    return fused if not extra_grads and logits.numel() >= CHUNKED_MIN_ELEMENTS else "reference"
 
 
 # Tensors of a description that the fused kernels do not differentiate (class weights and targets they do).
@@ -91,31 +78,107 @@ def _requiring_grad(options: RowLoss) -> list[str]:
     return [name for name in UNDIFFERENTIATED if (value := getattr(options, name)) is not None and value.requires_grad]
 
 
-def choose_softmax_loss(
-    impl: str | None,
-    logits: torch.Tensor,
+def choose(
+    operation: Operation,
+    impl: object,
+    input: torch.Tensor,
     target: torch.Tensor,
     options: RowLoss,
     *,
     inplace_backward: bool = False,
-) -> str:
+) -> Impl:
     """The implementation that runs a description: ``impl`` checked against what each one supports, or the
-    automatic choice."""
-    undifferentiated = _requiring_grad(options)
-    extra_grads = bool(undifferentiated) or any(
-        tensor is not None and tensor.requires_grad for tensor in (target, options.weight)
-    )
-    chosen = choose_cross_entropy(impl, logits, inplace_backward=inplace_backward, extra_grads=extra_grads)
-    if chosen != "reference" and undifferentiated:
+    automatic choice — fused for a linear head, fused for logits from :data:`CHUNKED_MIN_ELEMENTS` (in evaluation too:
+    the reference's materialised log-softmax is slower, 2.5–3× PyTorch's time on a busy 2-core machine,
+    ``benchmarks/contention.py``), the reference below and whenever a tensor the fused kernels do not differentiate
+    requires grad (a target or class weight too, for logits: the fused kernels would recompute the reference for
+    them in backward). ``input``: the logits, or the linear head's input."""
+    impl = check_impl(impl)
+    if impl == "reference" and inplace_backward:
         raise ValueError(
-            f"impl={chosen!r} does not differentiate {', '.join(undifferentiated)}, which requires grad; "
+            "inplace_backward=True needs a fused kernel (impl 'chunked', 'triton' or None), got 'reference'"
+        )
+    undifferentiated = _requiring_grad(options)
+    if impl is not None and impl != "reference" and undifferentiated:
+        raise ValueError(
+            f"impl={impl!r} does not differentiate {', '.join(undifferentiated)}, which requires grad; "
             "use impl='reference' (or detach it)"
         )
-    return chosen
+    if impl is not None:
+        return impl
+    if undifferentiated:
+        return "reference"
+    fused = fused_impl(input.device)
+    if operation == "linear" or inplace_backward:
+        return fused
+    extra_grads = any(tensor is not None and tensor.requires_grad for tensor in (target, options.weight))
+    return fused if not extra_grads and input.numel() >= CHUNKED_MIN_ELEMENTS else "reference"
+
+
+def _logits_reference(
+    logits: torch.Tensor, target: torch.Tensor, options: RowLoss, reduction: str, **_: Any
+) -> torch.Tensor:
+    return reference_cross_entropy(logits, target, options, reduction)
+
+
+def _logits_fused(impl: Impl) -> Callable[..., torch.Tensor]:
+    def run(
+        logits: torch.Tensor, target: torch.Tensor, options: RowLoss, reduction: str, *, inplace_backward: bool
+    ) -> torch.Tensor:
+        kernel = _triton_kernel(logits.device) if impl == "triton" else None
+        return chunked.chunked_cross_entropy(
+            logits, target, options, reduction, inplace_backward=inplace_backward, kernel=kernel
+        )
+
+    return run
+
+
+def _linear_reference(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    target: torch.Tensor,
+    options: RowLoss,
+    reduction: str,
+    **_: Any,
+) -> torch.Tensor:
+    return reference_linear_cross_entropy(input, linear_weight, linear_bias, target, options, reduction)
+
+
+def _linear_fused(impl: Impl) -> Callable[..., torch.Tensor]:
+    def run(
+        input: torch.Tensor,
+        linear_weight: torch.Tensor,
+        linear_bias: torch.Tensor | None,
+        target: torch.Tensor,
+        options: RowLoss,
+        reduction: str,
+        *,
+        chunk_size: int | None,
+        weight_grad_dtype: torch.dtype | None,
+    ) -> torch.Tensor:
+        kernel = _triton_kernel(input.device) if impl == "triton" else None
+        return chunked_linear.chunked_linear_cross_entropy(
+            input, linear_weight, linear_bias, target, options, reduction, chunk_size,
+            kernel=kernel, weight_grad_dtype=weight_grad_dtype,
+        )  # fmt: skip
+
+    return run
+
+
+# (operation, implementation) → the function that runs it on canonical tensors.
+IMPLEMENTATIONS: dict[tuple[Operation, Impl], Callable[..., torch.Tensor]] = {
+    ("logits", "reference"): _logits_reference,
+    ("logits", "chunked"): _logits_fused("chunked"),
+    ("logits", "triton"): _logits_fused("triton"),
+    ("linear", "reference"): _linear_reference,
+    ("linear", "chunked"): _linear_fused("chunked"),
+    ("linear", "triton"): _linear_fused("triton"),
+}
 
 
 def dispatch_cross_entropy(
-    impl: str | None,
+    impl: object,
     logits: torch.Tensor,
     target: torch.Tensor,
     options: RowLoss,
@@ -123,18 +186,13 @@ def dispatch_cross_entropy(
     *,
     inplace_backward: bool = False,
 ) -> torch.Tensor:
-    """The reduced loss of canonical tensors, described by ``options``, by the chosen implementation."""
-    chosen = choose_softmax_loss(impl, logits, target, options, inplace_backward=inplace_backward)
-    if chosen == "reference":
-        return reference_cross_entropy(logits, target, options, reduction)
-    kernel = _triton_kernel(logits.device) if chosen == "triton" else None
-    return chunked.chunked_cross_entropy(
-        logits, target, options, reduction, inplace_backward=inplace_backward, kernel=kernel
-    )
+    """The reduced loss of canonical logits, described by ``options``, by the chosen implementation."""
+    chosen = choose("logits", impl, logits, target, options, inplace_backward=inplace_backward)
+    return IMPLEMENTATIONS["logits", chosen](logits, target, options, reduction, inplace_backward=inplace_backward)
 
 
 def dispatch_linear_cross_entropy(
-    impl: str | None,
+    impl: object,
     input: torch.Tensor,
     linear_weight: torch.Tensor,
     linear_bias: torch.Tensor | None,
@@ -146,29 +204,9 @@ def dispatch_linear_cross_entropy(
     weight_grad_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The reduced linear loss of canonical tensors (``input (N, D)``), described by ``options``, by the chosen
-    implementation (the automatic one is fused, unless a tensor the fused kernels do not differentiate requires
-    grad)."""
-    _check_impl(impl)
-    undifferentiated = _requiring_grad(options)
-    if undifferentiated and impl is None:
-        impl = "reference"
-    elif undifferentiated and impl != "reference":
-        raise ValueError(
-            f"impl={impl!r} does not differentiate {', '.join(undifferentiated)}, which requires grad; "
-            "use impl='reference' (or detach it)"
-        )
-    if impl == "reference":
-        return reference_linear_cross_entropy(input, linear_weight, linear_bias, target, options, reduction)
-    impl = impl or fused_impl(input.device)
-    kernel = _triton_kernel(input.device) if impl == "triton" else None
-    return chunked_linear.chunked_linear_cross_entropy(
-        input,
-        linear_weight,
-        linear_bias,
-        target,
-        options,
-        reduction,
-        chunk_size,
-        kernel=kernel,
-        weight_grad_dtype=weight_grad_dtype,
-    )
+    implementation."""
+    chosen = choose("linear", impl, input, target, options)
+    return IMPLEMENTATIONS["linear", chosen](
+        input, linear_weight, linear_bias, target, options, reduction,
+        chunk_size=chunk_size, weight_grad_dtype=weight_grad_dtype,
+    )  # fmt: skip

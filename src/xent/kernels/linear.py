@@ -145,6 +145,32 @@ def fused_pass(
     return losses
 
 
+@dataclasses.dataclass(frozen=True)
+class LinearCall:
+    """What a :class:`ChunkedLinearLoss` call runs, beside the tensors autograd differentiates.
+
+    Attributes:
+        chunk_loss: the loss of each chunk of logits (see :data:`ChunkLoss`).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        chunk_size: tokens per chunk.
+        weight_grad_dtype: the dtype ``d(linear_weight)`` is summed in.
+        denominator: what ``"mean"`` divides by (None otherwise).
+        allow_retain_graph: keep the stored gradients intact for a second backward.
+        reference: ``reference(input, W, b, target, weight)``, the loss the gradients of ``target`` and ``weight``
+            are recomputed from in backward (None when they need none).
+        kept: ``(N,)`` bool, the tokens that count (None: all); see :func:`fused_pass`.
+    """
+
+    chunk_loss: ChunkLoss
+    reduction: str
+    chunk_size: int
+    weight_grad_dtype: torch.dtype
+    denominator: torch.Tensor | None = None
+    allow_retain_graph: bool = False
+    reference: Callable[..., torch.Tensor] | None = None
+    kept: torch.Tensor | None = None
+
+
 class ChunkedLinearLoss(torch.autograd.Function):
     """A loss of ``input @ linear_weight.T + linear_bias`` without the logits (see the module docstring), chunk by
     chunk through a :data:`ChunkLoss`. ``target`` and ``weight`` are passed apart so that autograd sees them: the
@@ -159,20 +185,13 @@ class ChunkedLinearLoss(torch.autograd.Function):
         linear_bias: torch.Tensor | None,
         target: torch.Tensor | None,
         weight: torch.Tensor | None,
-        chunk_loss: ChunkLoss,
-        reduction: str,
-        denominator: torch.Tensor | None,
-        chunk_size: int,
-        allow_retain_graph: bool,
-        weight_grad_dtype: torch.dtype,
-        reference: Callable[..., torch.Tensor] | None,
-        kept: torch.Tensor | None,
+        call: LinearCall,
     ) -> torch.Tensor:
         dtype = accumulation_dtype(input.dtype)
         needs = ctx.needs_input_grad[:3]
-        ctx.reduction, ctx.chunk_loss, ctx.chunk_size, ctx.reference = reduction, chunk_loss, chunk_size, reference
-        ctx.kept = kept
-        ctx.allow_retain_graph, ctx.weight_grad_dtype = allow_retain_graph, weight_grad_dtype
+        ctx.call = call
+        reduction, chunk_loss, chunk_size, kept = call.reduction, call.chunk_loss, call.chunk_size, call.kept
+        weight_grad_dtype, denominator = call.weight_grad_dtype, call.denominator
         if reduction == "none" or any(ctx.needs_input_grad[3:5]):
             ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
         ones = torch.ones(input.shape[0], dtype=dtype, device=input.device)
@@ -192,21 +211,24 @@ class ChunkedLinearLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         chunked.refuse_second_order()
-        unused = (None,) * 8
+        call: LinearCall = ctx.call
+        unused = (None,)  # the call
         grad_target = grad_weight = None
         if any(ctx.needs_input_grad[3:5]):
             input, linear_weight, linear_bias, target, weight = ctx.saved_tensors
             grad_target, grad_weight = chunked.reference_gradients(
-                lambda target, weight: ctx.reference(input, linear_weight, linear_bias, target, weight),
+                lambda target, weight: cast(Callable[..., torch.Tensor], call.reference)(
+                    input, linear_weight, linear_bias, target, weight
+                ),
                 (target, weight),
                 ctx.needs_input_grad[3:5],
                 grad_output,
             )
-        if ctx.reduction == "none":
+        if call.reduction == "none":
             input, linear_weight, linear_bias, _, _ = ctx.saved_tensors
-            grads = new_grads(input, linear_weight, linear_bias, ctx.needs_input_grad[:3], ctx.weight_grad_dtype)
+            grads = new_grads(input, linear_weight, linear_bias, ctx.needs_input_grad[:3], call.weight_grad_dtype)
             scale = grad_output.to(accumulation_dtype(input.dtype))
-            fused_pass(input, linear_weight, linear_bias, ctx.chunk_loss, scale, ctx.chunk_size, grads, ctx.kept)
+            fused_pass(input, linear_weight, linear_bias, call.chunk_loss, scale, call.chunk_size, grads, call.kept)
             return *cast_grads(grads, input, linear_weight, linear_bias), grad_target, grad_weight, *unused
         grads = ctx.grads
         if grads is None:
@@ -214,7 +236,7 @@ class ChunkedLinearLoss(torch.autograd.Function):
                 "the fused linear loss scales its stored gradients in place, so it can be backpropagated once; "
                 "use impl='reference' to backpropagate through the graph twice"
             )
-        if ctx.allow_retain_graph:
+        if call.allow_retain_graph:
             grads = cast(_Grads, tuple(None if grad is None else grad * grad_output.to(grad.dtype) for grad in grads))
         else:
             ctx.grads = None
@@ -300,14 +322,16 @@ def chunked_linear_cross_entropy(
             linear_bias,
             target,
             options.weight,
-            row_kernel_loss(target, options, kernel),
-            reduction,
-            denominator,
-            chunk_size,
-            allow_retain_graph,
-            weight_grad_dtype or linear_weight.dtype,
-            reference,
-            None if target.is_floating_point() else target != options.ignore_index,
+            LinearCall(
+                row_kernel_loss(target, options, kernel),
+                reduction,
+                chunk_size,
+                weight_grad_dtype or linear_weight.dtype,
+                denominator=denominator,
+                allow_retain_graph=allow_retain_graph,
+                reference=reference,
+                kept=None if target.is_floating_point() else target != options.ignore_index,
+            ),
         ),
     )
 
@@ -335,13 +359,6 @@ def fused_linear_loss(
             linear_bias,
             None,
             None,
-            chunk_loss,
-            reduction,
-            None,
-            chunk_size,
-            False,
-            weight_grad_dtype or linear_weight.dtype,
-            None,
-            None,
+            LinearCall(chunk_loss, reduction, chunk_size, weight_grad_dtype or linear_weight.dtype),
         ),
     )

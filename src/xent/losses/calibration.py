@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from xent.losses import _checks
+from xent.losses import checks
 from xent.losses.softmax import canonicalize
 
 
@@ -40,12 +40,12 @@ def fit_temperature(
     References:
         Guo, Pleiss, Sun, Weinberger. On Calibration of Modern Neural Networks. ICML 2017.
     """
-    min_temperature = _checks.check_in_range("min_temperature", min_temperature, 0.0, low_inclusive=False)
-    max_temperature = _checks.check_in_range("max_temperature", max_temperature, min_temperature, low_inclusive=False)
-    x, target, _ = canonicalize(_checks.check_tensor("logits", logits).detach(), target, "logits")
+    min_temperature = checks.check_in_range("min_temperature", min_temperature, 0.0, low_inclusive=False)
+    max_temperature = checks.check_in_range("max_temperature", max_temperature, min_temperature, low_inclusive=False)
+    x, target, _ = canonicalize(checks.check_tensor("logits", logits).detach(), target, "logits")
     if target.is_floating_point():
         raise TypeError("fit_temperature takes class indices as target, not probabilities")
-    _checks.check_class_indices(target, x.shape[-1], ignore_index=-100)
+    checks.check_class_indices(target, x.shape[-1], ignore_index=-100)
     if target.numel() == 0:
         raise ValueError("fit_temperature needs at least one example, got an empty target")
     x = x.double()

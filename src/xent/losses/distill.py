@@ -9,9 +9,10 @@ from xent.core.autocast import autocast_off, cast_for_linear, float32_under_auto
 from xent.core.reduce import accumulation_dtype, reduce_loss, safe_divide
 from xent.core.rowloss import RowLoss, mean_denominator
 from xent.kernels import dispatch
+from xent.kernels.dispatch import Impl
 from xent.kernels.distill import distillation_chunk_loss
 from xent.kernels.linear import default_chunk_size, fused_linear_loss
-from xent.losses import _checks
+from xent.losses import checks
 from xent.losses.linear import canonicalize_linear
 from xent.losses.softmax import checked_options, class_dimension, cross_entropy
 
@@ -20,8 +21,8 @@ DISTILLATION_REDUCTIONS = ("none", "batchmean", "mean", "sum")
 
 def check_distillation_options(*, temperature: float, reduction: str) -> float:
     """The temperature and reduction of the distillation losses (and their module), checked."""
-    temperature = _checks.check_in_range("temperature", temperature, 0.0, low_inclusive=False)
-    _checks.check_reduction(reduction, DISTILLATION_REDUCTIONS)
+    temperature = checks.check_in_range("temperature", temperature, 0.0, low_inclusive=False)
+    checks.check_reduction(reduction, DISTILLATION_REDUCTIONS)
     return temperature
 
 
@@ -62,11 +63,11 @@ def distillation_loss(
     """
     temperature = check_distillation_options(temperature=temperature, reduction=reduction)
     class_dim = class_dimension(student_logits, "student_logits")
-    teacher = _checks.check_floating("teacher", teacher)
+    teacher = checks.check_floating("teacher", teacher)
     if teacher.shape != student_logits.shape:
         raise ValueError(
-            f"teacher has shape {_checks.shape_str(teacher.shape)} but student_logits has shape "
-            f"{_checks.shape_str(student_logits.shape)}; they must be equal"
+            f"teacher has shape {checks.shape_str(teacher.shape)} but student_logits has shape "
+            f"{checks.shape_str(student_logits.shape)}; they must be equal"
         )
     if teacher.requires_grad and torch.is_grad_enabled():
         raise ValueError(
@@ -76,7 +77,7 @@ def distillation_loss(
     dtype = accumulation_dtype(student_logits.dtype)
     teacher = teacher.to(dtype)
     if teacher_is_probs:
-        _checks.check_probabilities("teacher", teacher)
+        checks.check_probabilities("teacher", teacher)
         _check_teacher_mass(teacher, class_dim)
         teacher = torch.log(teacher)  # log 0 = -inf: the class keeps probability 0 at any temperature
     log_q = torch.log_softmax(teacher / temperature, dim=class_dim)
@@ -118,7 +119,7 @@ def linear_distillation_loss(
     hard_weight: float = 1.0,
     ignore_index: int = -100,
     chunk_size: int | None = None,
-    impl: str | None = None,
+    impl: Impl | None = None,
 ) -> torch.Tensor:
     r"""Distillation of a language model's head into another's, without either's ``N × V`` logits.
 
@@ -159,8 +160,8 @@ def linear_distillation_loss(
         Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network. NeurIPS Deep Learning Workshop 2015.
     """
     temperature = check_distillation_options(temperature=temperature, reduction=reduction)
-    hard_weight = _checks.check_in_range("hard_weight", hard_weight, 0.0)
-    _checks.check_chunk_size(chunk_size)
+    hard_weight = checks.check_in_range("hard_weight", hard_weight, 0.0)
+    checks.check_chunk_size(chunk_size)
     for name, tensor in (("teacher_input", teacher_input), ("teacher_linear_weight", teacher_linear_weight),
                          ("teacher_linear_bias", teacher_linear_bias)):  # fmt: skip
         if isinstance(tensor, torch.Tensor) and tensor.requires_grad and torch.is_grad_enabled():
@@ -168,7 +169,7 @@ def linear_distillation_loss(
                 f"{name} requires grad, but linear_distillation_loss trains the student only and would leave the "
                 f"teacher without a gradient; pass {name}.detach() or compute the teacher under torch.no_grad()"
             )
-    out_dtype = result_dtype(_checks.check_floating("input", input))
+    out_dtype = result_dtype(checks.check_floating("input", input))
     input, linear_weight, linear_bias = (
         cast_for_linear(input),
         cast_for_linear(linear_weight),
@@ -179,11 +180,11 @@ def linear_distillation_loss(
         cast_for_linear(teacher_linear_weight),
         cast_for_linear(teacher_linear_bias),
     )
-    teacher_input = _checks.check_floating("teacher_input", teacher_input)
+    teacher_input = checks.check_floating("teacher_input", teacher_input)
     if teacher_input.shape[:-1] != input.shape[:-1]:
         raise ValueError(
-            f"teacher_input has shape {_checks.shape_str(teacher_input.shape)} but input has shape "
-            f"{_checks.shape_str(input.shape)}; they must have the same batch shape (all but the last dimension)"
+            f"teacher_input has shape {checks.shape_str(teacher_input.shape)} but input has shape "
+            f"{checks.shape_str(input.shape)}; they must have the same batch shape (all but the last dimension)"
         )
     labels = target if target is not None else torch.zeros(input.shape[:-1], dtype=torch.long, device=input.device)
     flat_input, flat_target, batch_shape = canonicalize_linear(input, linear_weight, linear_bias, labels)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from xent.core.rowloss import RowLoss
-from xent.losses import _checks, focal, imbalance, robust
+from xent.losses import checks, focal, imbalance, robust
 from xent.losses.softmax import cross_entropy, describe_cross_entropy
 
 
@@ -168,11 +168,11 @@ def check_fused_call(
     caller accepts besides them), the soft cap, the chunk size and the weight gradient's dtype. The values of the
     loss's own options are checked by its description. Returns the cap as a float, or None."""
     entry.check_names(options, also=also)
-    _checks.check_chunk_size(chunk_size)
+    checks.check_chunk_size(chunk_size)
     if weight_grad_dtype is not None and not isinstance(weight_grad_dtype, torch.dtype):
         raise TypeError(f"weight_grad_dtype must be a torch.dtype or None, got {weight_grad_dtype!r}")
     if weight_grad_dtype is not None and not weight_grad_dtype.is_floating_point:
         raise ValueError(f"weight_grad_dtype must be a floating-point dtype, got {weight_grad_dtype}")
     if softcap is None:
         return None
-    return _checks.check_in_range("softcap", softcap, 0.0, low_inclusive=False)
+    return checks.check_in_range("softcap", softcap, 0.0, low_inclusive=False)

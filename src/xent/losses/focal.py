@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from xent.core.autocast import float32_under_autocast
 from xent.core.reduce import accumulation_dtype, reduce_loss
 from xent.core.rowloss import FocalTerm, Poly1Term, RowLoss
-from xent.losses import _checks
+from xent.kernels.dispatch import Impl
+from xent.losses import checks
 from xent.losses.sigmoid import binary_cross_entropy_with_logits, check_binary_pair
 from xent.losses.softmax import class_dimension, class_index_loss, cross_entropy, fused_index_loss, target_log_prob
 
@@ -96,7 +97,7 @@ def focal_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     token_weight: torch.Tensor | None = None,
-    impl: str | None = None,
+    impl: Impl | None = None,
 ) -> torch.Tensor:
     r"""Softmax focal loss: cross-entropy that down-weights examples the model already gets right.
 
@@ -157,7 +158,7 @@ def focal_loss(
 def describe_focal(num_classes: int, *, gamma: float = 2.0, alpha: float | torch.Tensor | None = None) -> RowLoss:
     """The row-loss description of :func:`focal_loss`'s own options, checked."""
     return RowLoss(
-        term=FocalTerm(gamma=_checks.check_in_range("gamma", gamma, 0.0)), alpha=_check_alpha(alpha, num_classes)
+        term=FocalTerm(gamma=checks.check_in_range("gamma", gamma, 0.0)), alpha=_check_alpha(alpha, num_classes)
     )
 
 
@@ -166,24 +167,24 @@ def _check_alpha(alpha: float | torch.Tensor | None, num_classes: int) -> torch.
     if alpha is None:
         return None
     if isinstance(alpha, torch.Tensor):
-        alpha = _checks.check_floating("alpha", alpha)
+        alpha = checks.check_floating("alpha", alpha)
         if alpha.shape != (num_classes,):
             raise ValueError(
                 f"alpha must be a scalar or have shape ({num_classes},), one entry per class, "
-                f"got shape {_checks.shape_str(alpha.shape)}"
+                f"got shape {checks.shape_str(alpha.shape)}"
             )
         return alpha
-    return torch.full((num_classes,), _checks.check_in_range("alpha", alpha, 0.0), dtype=torch.float64)
+    return torch.full((num_classes,), checks.check_in_range("alpha", alpha, 0.0), dtype=torch.float64)
 
 
 def check_sigmoid_focal_options(*, gamma: float, alpha: float | None, reduction: str) -> tuple[float, float | None]:
     """The options of :func:`sigmoid_focal_loss` (and its module), checked; ``alpha=-1`` becomes ``None``."""
-    _checks.check_reduction(reduction)
-    gamma = _checks.check_in_range("gamma", gamma, 0.0)
+    checks.check_reduction(reduction)
+    gamma = checks.check_in_range("gamma", gamma, 0.0)
     if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha == -1:
         alpha = None  # torchvision's spelling of "no weighting"
     if alpha is not None:
-        alpha = _checks.check_in_range("alpha", alpha, 0.0, 1.0)
+        alpha = checks.check_in_range("alpha", alpha, 0.0, 1.0)
     return gamma, alpha
 
 
@@ -252,7 +253,7 @@ def poly1_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     token_weight: torch.Tensor | None = None,
-    impl: str | None = None,
+    impl: Impl | None = None,
 ) -> torch.Tensor:
     r"""Poly-1 cross-entropy: cross-entropy plus a first-order term that adjusts its leading polynomial coefficient.
 
@@ -310,6 +311,6 @@ def poly1_cross_entropy(
 def describe_poly1(num_classes: int, *, epsilon: float = 1.0, label_smoothing: float = 0.0) -> RowLoss:
     """The row-loss description of :func:`poly1_cross_entropy`'s own options, checked."""
     return RowLoss(
-        term=Poly1Term(epsilon=_checks.check_in_range("epsilon", epsilon, -1.0)),
-        label_smoothing=_checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0),
+        term=Poly1Term(epsilon=checks.check_in_range("epsilon", epsilon, -1.0)),
+        label_smoothing=checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0),
     )

@@ -6,20 +6,20 @@ import torch
 
 from xent.core.autocast import float32_under_autocast
 from xent.core.reduce import accumulation_dtype
-from xent.losses import _checks
+from xent.losses import checks
 from xent.losses.sigmoid import binary_cross_entropy_with_logits, check_binary_pair
 
 
 def check_gan_options(*, reduction: str, label_smoothing: float = 0.0, discriminator: bool = False) -> float:
     """The options of the GAN losses (and their modules), checked; the discriminator has no ``"none"``."""
-    _checks.check_reduction(reduction, ("mean", "sum") if discriminator else _checks.REDUCTIONS)
-    return _checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
+    checks.check_reduction(reduction, ("mean", "sum") if discriminator else checks.REDUCTIONS)
+    return checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
 
 
 def check_vae_options(*, beta: float, reduction: str) -> float:
     """The options of :func:`vae_loss` (and its module), checked."""
-    _checks.check_reduction(reduction)
-    return _checks.check_in_range("beta", beta, 0.0)
+    checks.check_reduction(reduction)
+    return checks.check_in_range("beta", beta, 0.0)
 
 
 @float32_under_autocast
@@ -46,8 +46,8 @@ def gan_discriminator_loss(
         Salimans, Goodfellow, Zaremba, et al. Improved Techniques for Training GANs. NeurIPS 2016.
     """
     label_smoothing = check_gan_options(reduction=reduction, label_smoothing=label_smoothing, discriminator=True)
-    real_target = torch.full_like(_checks.check_floating("real_logits", real_logits), 1.0 - label_smoothing)
-    fake_target = torch.zeros_like(_checks.check_floating("fake_logits", fake_logits))
+    real_target = torch.full_like(checks.check_floating("real_logits", real_logits), 1.0 - label_smoothing)
+    fake_target = torch.zeros_like(checks.check_floating("fake_logits", fake_logits))
     real = binary_cross_entropy_with_logits(real_logits, real_target, reduction=reduction)
     return real + binary_cross_entropy_with_logits(fake_logits, fake_target, reduction=reduction)
 
@@ -67,7 +67,7 @@ def gan_generator_loss(fake_logits: torch.Tensor, *, reduction: str = "mean") ->
         Goodfellow, Pouget-Abadie, Mirza, et al. Generative Adversarial Nets. NeurIPS 2014.
     """
     check_gan_options(reduction=reduction)
-    fake_logits = _checks.check_floating("fake_logits", fake_logits)
+    fake_logits = checks.check_floating("fake_logits", fake_logits)
     return binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits), reduction=reduction)
 
 
@@ -105,17 +105,17 @@ def vae_loss(
     """
     beta = check_vae_options(beta=beta, reduction=reduction)
     recon_logits, x = check_binary_pair(recon_logits, x, names=("recon_logits", "x"))
-    mu = _checks.check_floating("mu", mu)
-    logvar = _checks.check_floating("logvar", logvar)
+    mu = checks.check_floating("mu", mu)
+    logvar = checks.check_floating("logvar", logvar)
     if mu.shape != logvar.shape:
         raise ValueError(
-            f"logvar has shape {_checks.shape_str(logvar.shape)} but mu has shape {_checks.shape_str(mu.shape)}; "
+            f"logvar has shape {checks.shape_str(logvar.shape)} but mu has shape {checks.shape_str(mu.shape)}; "
             "they must be equal"
         )
     if recon_logits.dim() == 0 or mu.dim() == 0 or mu.shape[0] != recon_logits.shape[0]:
         raise ValueError(
-            f"mu of shape {_checks.shape_str(mu.shape)} and recon_logits of shape "
-            f"{_checks.shape_str(recon_logits.shape)} must share the batch dimension N"
+            f"mu of shape {checks.shape_str(mu.shape)} and recon_logits of shape "
+            f"{checks.shape_str(recon_logits.shape)} must share the batch dimension N"
         )
     reconstruction = binary_cross_entropy_with_logits(recon_logits, x, reduction="none")
     reconstruction = reconstruction.to(accumulation_dtype(reconstruction.dtype)).flatten(1).sum(1)  # (N,)

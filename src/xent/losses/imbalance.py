@@ -14,8 +14,9 @@ import torch
 
 from xent.core.autocast import float32_under_autocast
 from xent.core.rowloss import RowLoss
-from xent.losses import _checks
-from xent.losses.softmax import canonicalize, class_dimension, cross_entropy, fused_index_loss
+from xent.kernels.dispatch import Impl
+from xent.losses import checks
+from xent.losses.softmax import class_dimension, cross_entropy, fused_index_loss
 
 
 def check_class_counts(class_counts: torch.Tensor | Sequence[float], *, num_classes: int | None = None) -> torch.Tensor:
@@ -27,7 +28,7 @@ def check_class_counts(class_counts: torch.Tensor | Sequence[float], *, num_clas
         raise TypeError(f"class_counts must be a tensor or a sequence of numbers, got {shown}") from None
     if counts.dim() != 1 or counts.numel() == 0:
         raise ValueError(
-            f"class_counts must have shape (C,), one count per class, got shape {_checks.shape_str(counts.shape)}"
+            f"class_counts must have shape (C,), one count per class, got shape {checks.shape_str(counts.shape)}"
         )
     if num_classes is not None and counts.numel() != num_classes:
         raise ValueError(
@@ -60,7 +61,7 @@ def class_balanced_weights(class_counts: torch.Tensor | Sequence[float], beta: f
     References:
         Cui, Jia, Lin, Song, Belongie. Class-Balanced Loss Based on Effective Number of Samples. CVPR 2019.
     """
-    beta = _checks.check_in_range("beta", beta, 0.0, 1.0, high_inclusive=False)
+    beta = checks.check_in_range("beta", beta, 0.0, 1.0, high_inclusive=False)
     counts = check_class_counts(class_counts)
     # 1 - β^n = -expm1(n log β): exact for β close to 1, where 1 - β^n suffers cancellation. β = 0 gives
     # log β = -inf and an effective number of 1 for every (positive) count.
@@ -123,7 +124,7 @@ def logit_adjust(logits: torch.Tensor, class_counts: torch.Tensor | Sequence[flo
     References:
         Menon, Jayasumana, Rawat, Jain, Veit, Kumar. Long-tail learning via logit adjustment. ICLR 2021.
     """
-    tau = _checks.check_in_range("tau", tau, 0.0)
+    tau = checks.check_in_range("tau", tau, 0.0)
     return logits - _log_prior_offset(logits, class_counts, tau, "logits").to(logits.dtype)
 
 
@@ -139,7 +140,7 @@ def logit_adjusted_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     token_weight: torch.Tensor | None = None,
-    impl: str | None = None,
+    impl: Impl | None = None,
 ) -> torch.Tensor:
     r"""Logit-adjusted cross-entropy: cross-entropy on :math:`x + \tau \log \pi`.
 
@@ -160,7 +161,7 @@ def logit_adjusted_cross_entropy(
     References:
         Menon, Jayasumana, Rawat, Jain, Veit, Kumar. Long-tail learning via logit adjustment. ICLR 2021.
     """
-    tau = _checks.check_in_range("tau", tau, 0.0)
+    tau = checks.check_in_range("tau", tau, 0.0)
     class_dim = class_dimension(input)
     description = describe_logit_adjusted(
         input.shape[class_dim], class_counts=class_counts, tau=tau, label_smoothing=label_smoothing
@@ -190,11 +191,11 @@ def describe_logit_adjusted(
     num_classes: int, *, class_counts: torch.Tensor | Sequence[float], tau: float = 1.0, label_smoothing: float = 0.0
 ) -> RowLoss:
     """The row-loss description of :func:`logit_adjusted_cross_entropy`: the offset τ log π of every class."""
-    tau = _checks.check_in_range("tau", tau, 0.0)
+    tau = checks.check_in_range("tau", tau, 0.0)
     counts = check_class_counts(class_counts, num_classes=num_classes)
     return RowLoss(
         class_offset=tau * torch.log(counts / counts.sum()),
-        label_smoothing=_checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0),
+        label_smoothing=checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0),
     )
 
 
@@ -216,7 +217,7 @@ def balanced_softmax_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     token_weight: torch.Tensor | None = None,
-    impl: str | None = None,
+    impl: Impl | None = None,
 ) -> torch.Tensor:
     r"""Balanced softmax cross-entropy: cross-entropy on :math:`x + \log n`.
 
@@ -258,7 +259,7 @@ def ldam_margins(class_counts: torch.Tensor | Sequence[float], max_margin: float
     Returns:
         ``(C,)`` float64 margins; :func:`ldam_loss` casts them to the logits' dtype.
     """
-    max_margin = _checks.check_in_range("max_margin", max_margin, 0.0)
+    max_margin = checks.check_in_range("max_margin", max_margin, 0.0)
     counts = check_class_counts(class_counts)
     margins = counts.pow(-0.25)
     return margins * (max_margin / margins.max())
@@ -276,7 +277,7 @@ def ldam_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     token_weight: torch.Tensor | None = None,
-    impl: str | None = None,
+    impl: Impl | None = None,
 ) -> torch.Tensor:
     r"""Label-distribution-aware margin (LDAM) loss: cross-entropy with a larger margin for rarer classes.
 
@@ -301,13 +302,9 @@ def ldam_loss(
         Cao, Wei, Gaidon, Arechiga, Ma. Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss.
         NeurIPS 2019.
     """
-    _, indices, _ = canonicalize(input, target)
-    if indices.is_floating_point():
-        raise TypeError("ldam_loss takes class indices as target, not probabilities")
     class_dim = class_dimension(input)
     description = describe_ldam(input.shape[class_dim], class_counts=class_counts, max_margin=max_margin, scale=scale)
     margins, scale = cast(torch.Tensor, description.target_margin), description.logit_scale
-    _checks.check_class_indices(target, margins.numel(), ignore_index)
     options: dict[str, Any] = {
         "weight": weight,
         "ignore_index": ignore_index,
@@ -342,5 +339,5 @@ def describe_ldam(
     counts = check_class_counts(class_counts, num_classes=num_classes)
     return RowLoss(
         target_margin=ldam_margins(counts, max_margin),
-        logit_scale=_checks.check_in_range("scale", scale, 0.0, low_inclusive=False),
+        logit_scale=checks.check_in_range("scale", scale, 0.0, low_inclusive=False),
     )

@@ -9,8 +9,8 @@ import torch
 
 from xent.core.autocast import autocast_off, cast_for_linear, result_dtype
 from xent.core.reference import without_ignored_rows
-from xent.kernels.dispatch import dispatch_linear_cross_entropy
-from xent.losses import _checks
+from xent.kernels.dispatch import Impl, dispatch_linear_cross_entropy
+from xent.losses import checks
 from xent.losses.family import check_fused_call, family_loss
 from xent.losses.softmax import check_token_weight, checked_options, cross_entropy
 
@@ -26,24 +26,22 @@ def check_head(
     """Check a linear head's tensors — ``input (..., D)``, ``linear_weight (V, D)``, ``linear_bias (V,)`` or None,
     one floating dtype — and return V; errors call them by the caller's ``names``."""
     input_name, weight_name, bias_name = names
-    input = _checks.check_floating(input_name, input)
-    linear_weight = _checks.check_floating(weight_name, linear_weight)
+    input = checks.check_floating(input_name, input)
+    linear_weight = checks.check_floating(weight_name, linear_weight)
     if input.dim() == 0:
         raise ValueError(f"{input_name} must have shape (..., D) with D features, got shape ()")
     if linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[-1]:
         raise ValueError(
-            f"{weight_name} has shape {_checks.shape_str(linear_weight.shape)} but {input_name} has shape "
-            f"{_checks.shape_str(input.shape)}; expected (V, {input.shape[-1]})"
+            f"{weight_name} has shape {checks.shape_str(linear_weight.shape)} but {input_name} has shape "
+            f"{checks.shape_str(input.shape)}; expected (V, {input.shape[-1]})"
         )
     if linear_weight.dtype != input.dtype:
         raise TypeError(f"{weight_name} has dtype {linear_weight.dtype} but {input_name} has dtype {input.dtype}")
     vocab = linear_weight.shape[0]
     if linear_bias is not None:
-        linear_bias = _checks.check_floating(bias_name, linear_bias)
+        linear_bias = checks.check_floating(bias_name, linear_bias)
         if linear_bias.shape != (vocab,):
-            raise ValueError(
-                f"{bias_name} must have shape ({vocab},), got shape {_checks.shape_str(linear_bias.shape)}"
-            )
+            raise ValueError(f"{bias_name} must have shape ({vocab},), got shape {checks.shape_str(linear_bias.shape)}")
         if linear_bias.dtype != input.dtype:
             raise TypeError(f"{bias_name} has dtype {linear_bias.dtype} but {input_name} has dtype {input.dtype}")
     return vocab
@@ -59,13 +57,13 @@ def canonicalize_linear(
     """Check the head's tensors (:func:`check_head`); ``input (..., D)`` → ``(N, D)``, ``target (...)`` → ``(N,)``
     (or probabilities ``(..., V)`` → ``(N, V)``). Returns them and the batch shape ``(...)``."""
     vocab = check_head(input, linear_weight, linear_bias, names)
-    target = _checks.check_tensor("target", target)
+    target = checks.check_tensor("target", target)
     if vocab == 0:
         raise ValueError(f"{names[1]} has shape (0, D): there must be at least one class")
     batch_shape = input.shape[:-1]
     flat_input = input.reshape(batch_shape.numel(), input.shape[-1])  # not -1: D may be 0 (the logits are the bias)
     probs_shape = torch.Size((*batch_shape, vocab))
-    if _checks.is_probability_target(target, input_shape=input.shape, batch_shape=batch_shape, probs_shape=probs_shape):
+    if checks.is_probability_target(target, input_shape=input.shape, batch_shape=batch_shape, probs_shape=probs_shape):
         return flat_input, target.reshape(-1, vocab), batch_shape
     return flat_input, target.reshape(-1).long(), batch_shape  # any integer dtype is an index
 
@@ -84,7 +82,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     chunk_size: int | None = None,
     weight_grad_dtype: torch.dtype | None = None,
-    impl: str | None = None,
+    impl: Impl | None = None,
 ) -> torch.Tensor:
     r"""Cross-entropy of a linear head, :math:`\operatorname{cross\_entropy}(x W^\top + b,\ y)`, without the logits.
 
@@ -163,7 +161,7 @@ def linear_loss(
     linear_bias: torch.Tensor | None = None,
     chunk_size: int | None = None,
     weight_grad_dtype: torch.dtype | None = None,
-    impl: str | None = None,
+    impl: Impl | None = None,
     weight: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -205,7 +203,7 @@ def linear_loss(
         >>> tokens = torch.randint(32000, (4, 128))
         >>> xent.linear_loss(xent.focal_loss, hidden, head, tokens, gamma=2.0).backward()
     """
-    out_dtype = result_dtype(_checks.check_floating("input", input))
+    out_dtype = result_dtype(checks.check_floating("input", input))
     return accumulated_linear_loss(
         loss,
         input,
@@ -233,7 +231,7 @@ def accumulated_linear_loss(
     linear_bias: torch.Tensor | None,
     chunk_size: int | None,
     weight_grad_dtype: torch.dtype | None,
-    impl: str | None,
+    impl: Impl | None,
     weight: torch.Tensor | None,
     ignore_index: int,
     reduction: str,
@@ -244,7 +242,7 @@ def accumulated_linear_loss(
     """:func:`linear_loss` before its result is cast to the input's dtype: float32 (float64 for float64 inputs) from
     the fused implementations, as a loss of upcast logits would be (Hugging Face models compute theirs so)."""
     entry = family_loss(loss)
-    _checks.check_reduction_and_ignore_index(reduction, ignore_index)
+    checks.check_reduction_and_ignore_index(reduction, ignore_index)
     softcap = check_fused_call(
         entry, loss_options, softcap=softcap, chunk_size=chunk_size, weight_grad_dtype=weight_grad_dtype
     )
@@ -257,7 +255,7 @@ def accumulated_linear_loss(
     flat_input, flat_target, batch_shape = canonicalize_linear(input, linear_weight, linear_bias, target)
     if flat_target.is_floating_point() and not entry.takes_probabilities:
         raise TypeError(
-            f"{entry.name} takes class indices as target, of shape {_checks.shape_str(batch_shape)}, not probabilities"
+            f"{entry.name} takes class indices as target, of shape {checks.shape_str(batch_shape)}, not probabilities"
         )
     vocab = linear_weight.shape[0]
     flat_token_weight = check_token_weight(token_weight, batch_shape)

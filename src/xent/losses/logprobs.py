@@ -9,7 +9,7 @@ import torch
 
 from xent.core.autocast import autocast_off, cast_for_linear
 from xent.kernels.logprobs import chunked_linear_log_probs
-from xent.losses import _checks
+from xent.losses import checks
 from xent.losses.linear import canonicalize_linear
 
 
@@ -74,13 +74,13 @@ def linear_log_probs(
         >>> advantages = torch.randn(4, 1)
         >>> (-(advantages * log_probs).mean() - 1e-3 * entropy.mean()).backward()
     """
-    _checks.check_chunk_size(chunk_size)
-    temperature = _checks.check_in_range(
+    checks.check_chunk_size(chunk_size)
+    temperature = checks.check_in_range(
         "temperature", temperature, 0.0, math.inf, low_inclusive=False, high_inclusive=False
     )
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
-    _checks.check_floating("input", input)
+    checks.check_floating("input", input)
     # Under autocast the head runs as F.linear would, in the autocast dtype, and the softmax in float32.
     input, linear_weight, linear_bias = (
         cast_for_linear(input),
@@ -90,10 +90,10 @@ def linear_log_probs(
     flat_input, flat_target, batch_shape = canonicalize_linear(input, linear_weight, linear_bias, target)
     if flat_target.is_floating_point():
         raise TypeError(
-            f"linear_log_probs takes class indices as target, of shape {_checks.shape_str(batch_shape)}, "
+            f"linear_log_probs takes class indices as target, of shape {checks.shape_str(batch_shape)}, "
             "not probabilities"
         )
-    _checks.check_class_indices(flat_target, linear_weight.shape[0], ignore_index)
+    checks.check_class_indices(flat_target, linear_weight.shape[0], ignore_index)
     with autocast_off(input):
         log_probs, entropy = chunked_linear_log_probs(
             flat_input, linear_weight, linear_bias, flat_target, temperature, ignore_index, chunk_size

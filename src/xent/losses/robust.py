@@ -8,7 +8,8 @@ import torch
 
 from xent.core.autocast import float32_under_autocast
 from xent.core.rowloss import GeneralizedTerm, RowLoss, SymmetricTerm
-from xent.losses import _checks
+from xent.kernels.dispatch import Impl
+from xent.losses import checks
 from xent.losses.softmax import class_index_loss, cross_entropy, fused_index_loss, target_log_prob
 
 
@@ -22,7 +23,7 @@ def generalized_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     token_weight: torch.Tensor | None = None,
-    impl: str | None = None,
+    impl: Impl | None = None,
 ) -> torch.Tensor:
     r"""Generalized cross-entropy (the :math:`L_q` loss): between cross-entropy and mean absolute error.
 
@@ -44,7 +45,7 @@ def generalized_cross_entropy(
         Zhang, Sabuncu. Generalized Cross Entropy Loss for Training Deep Neural Networks with Noisy Labels.
         NeurIPS 2018.
     """
-    q = _checks.check_in_range("q", q, 0.0, 1.0, low_inclusive=False)
+    q = checks.check_in_range("q", q, 0.0, 1.0, low_inclusive=False)
 
     def row_loss(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return -torch.expm1(q * target_log_prob(log_probs, target)) / q
@@ -68,7 +69,7 @@ def generalized_cross_entropy(
 
 def describe_generalized(num_classes: int, *, q: float = 0.7) -> RowLoss:
     """The row-loss description of :func:`generalized_cross_entropy`."""
-    return RowLoss(term=GeneralizedTerm(q=_checks.check_in_range("q", q, 0.0, 1.0, low_inclusive=False)))
+    return RowLoss(term=GeneralizedTerm(q=checks.check_in_range("q", q, 0.0, 1.0, low_inclusive=False)))
 
 
 @float32_under_autocast
@@ -83,7 +84,7 @@ def symmetric_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     token_weight: torch.Tensor | None = None,
-    impl: str | None = None,
+    impl: Impl | None = None,
 ) -> torch.Tensor:
     r"""Symmetric cross-entropy: cross-entropy plus reverse cross-entropy.
 
@@ -106,9 +107,9 @@ def symmetric_cross_entropy(
     References:
         Wang, Ma, Chen, Luo, Yi, Bailey. Symmetric Cross Entropy for Robust Learning with Noisy Labels. ICCV 2019.
     """
-    alpha = _checks.check_in_range("alpha", alpha, 0.0)
-    beta = _checks.check_in_range("beta", beta, 0.0)
-    log_zero = _checks.check_in_range("log_zero", log_zero, high=0.0, high_inclusive=False)
+    alpha = checks.check_in_range("alpha", alpha, 0.0)
+    beta = checks.check_in_range("beta", beta, 0.0)
+    log_zero = checks.check_in_range("log_zero", log_zero, high=0.0, high_inclusive=False)
 
     def reverse_cross_entropy(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return beta * -log_zero * -torch.expm1(target_log_prob(log_probs, target))
@@ -138,7 +139,7 @@ def symmetric_cross_entropy(
 
 def describe_symmetric(num_classes: int, *, alpha: float = 0.1, beta: float = 1.0, log_zero: float = -4.0) -> RowLoss:
     """The row-loss description of :func:`symmetric_cross_entropy`."""
-    alpha = _checks.check_in_range("alpha", alpha, 0.0)
-    beta = _checks.check_in_range("beta", beta, 0.0)
-    log_zero = _checks.check_in_range("log_zero", log_zero, high=0.0, high_inclusive=False)
+    alpha = checks.check_in_range("alpha", alpha, 0.0)
+    beta = checks.check_in_range("beta", beta, 0.0)
+    log_zero = checks.check_in_range("log_zero", log_zero, high=0.0, high_inclusive=False)
     return RowLoss(term=SymmetricTerm(alpha=alpha, beta=beta, log_zero=log_zero))

@@ -9,13 +9,13 @@ import torch.nn.functional as F
 
 from xent.core.autocast import float32_under_autocast
 from xent.core.reduce import accumulation_dtype, reduce_loss
-from xent.losses import _checks
+from xent.losses import checks
 
 
 def check_binary_options(*, reduction: str, label_smoothing: float) -> float:
     """Validate the scalar options of the binary losses; shared by the functionals and the modules."""
-    _checks.check_reduction(reduction)
-    return _checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
+    checks.check_reduction(reduction)
+    return checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
 
 
 def check_binary_pair(
@@ -23,14 +23,14 @@ def check_binary_pair(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Floating logits and targets of the same shape, the targets in [0, 1]; errors use the caller's ``names``."""
     input_name, target_name = names
-    input = _checks.check_floating(input_name, input)
-    target = _checks.check_floating(target_name, target)
+    input = checks.check_floating(input_name, input)
+    target = checks.check_floating(target_name, target)
     if target.shape != input.shape:
         raise ValueError(
-            f"{target_name} has shape {_checks.shape_str(target.shape)} but {input_name} has shape "
-            f"{_checks.shape_str(input.shape)}; binary targets must have the {input_name}'s shape"
+            f"{target_name} has shape {checks.shape_str(target.shape)} but {input_name} has shape "
+            f"{checks.shape_str(input.shape)}; binary targets must have the {input_name}'s shape"
         )
-    _checks.check_probabilities(target_name, target)
+    checks.check_probabilities(target_name, target)
     return input, target
 
 
@@ -83,8 +83,8 @@ def binary_cross_entropy_with_logits(
     """
     label_smoothing = check_binary_options(reduction=reduction, label_smoothing=label_smoothing)
     input, target = check_binary_pair(input, target)
-    weight = _checks.check_broadcasts_to("weight", weight, input.shape, "input of shape")
-    pos_weight = _checks.check_broadcasts_to("pos_weight", pos_weight, input.shape, "input of shape")
+    weight = checks.check_broadcasts_to("weight", weight, input.shape, "input of shape")
+    pos_weight = checks.check_broadcasts_to("pos_weight", pos_weight, input.shape, "input of shape")
 
     dtype = accumulation_dtype(input.dtype)
     x = input.to(dtype)
@@ -174,8 +174,8 @@ def binary_cross_entropy(
     """
     label_smoothing = check_binary_options(reduction=reduction, label_smoothing=label_smoothing)
     input, target = check_binary_pair(input, target)
-    _checks.check_probabilities("input", input)
-    weight = _checks.check_broadcasts_to("weight", weight, input.shape, "input of shape")
+    checks.check_probabilities("input", input)
+    weight = checks.check_broadcasts_to("weight", weight, input.shape, "input of shape")
 
     dtype = accumulation_dtype(input.dtype)
     loss = _ClampedBinaryCrossEntropy.apply(input.to(dtype), _smooth(target.to(dtype), label_smoothing))

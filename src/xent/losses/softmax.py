@@ -13,35 +13,37 @@ from collections.abc import Callable
 
 import torch
 
+from xent._config import values_checked
 from xent.core.autocast import autocast_off, result_dtype
 from xent.core.reduce import accumulation_dtype, reduce_loss
 from xent.core.rowloss import RowLoss, mean_denominator
-from xent.kernels.dispatch import choose_softmax_loss, dispatch_cross_entropy
-from xent.losses import _checks
+from xent.kernels import dispatch
+from xent.kernels.dispatch import Impl, dispatch_cross_entropy
+from xent.losses import checks
 
 
 def check_softmax_options(
     *, reduction: str, label_smoothing: float, z_loss: float, softcap: float | None, ignore_index: int
 ) -> tuple[float, float, float | None]:
     """Validate the scalar options of :func:`cross_entropy`; shared by the functional and the module."""
-    _checks.check_reduction(reduction)
-    label_smoothing = _checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
-    z_loss = _checks.check_in_range("z_loss", z_loss, 0.0)
+    checks.check_reduction(reduction)
+    label_smoothing = checks.check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
+    z_loss = checks.check_in_range("z_loss", z_loss, 0.0)
     if softcap is not None:
-        softcap = _checks.check_in_range("softcap", softcap, 0.0, low_inclusive=False)
-    _checks.check_ignore_index(ignore_index)
+        softcap = checks.check_in_range("softcap", softcap, 0.0, low_inclusive=False)
+    checks.check_ignore_index(ignore_index)
     return label_smoothing, z_loss, softcap
 
 
 def class_dimension(input: torch.Tensor, name: str = "input") -> int:
     """The class dimension of logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``, after checking them; errors
     call them ``name``, the caller's argument."""
-    input = _checks.check_floating(name, input)
+    input = checks.check_floating(name, input)
     if input.dim() == 0:
         raise ValueError(f"{name} must have a class dimension: shape (C), (N, C) or (N, C, d1, ..., dK), got shape ()")
     class_dim = 0 if input.dim() == 1 else 1
     if input.shape[class_dim] == 0:
-        raise ValueError(f"{name} has shape {_checks.shape_str(input.shape)}: there must be at least one class")
+        raise ValueError(f"{name} has shape {checks.shape_str(input.shape)}: there must be at least one class")
     return class_dim
 
 
@@ -54,11 +56,11 @@ def canonicalize(
     dimension), which is the shape of ``reduction="none"``'s result. Errors call the logits ``name``.
     """
     class_dim = class_dimension(input, name)
-    target = _checks.check_tensor("target", target)
+    target = checks.check_tensor("target", target)
     num_classes = input.shape[class_dim]
     batch_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
     logits = input.movedim(class_dim, -1).reshape(-1, num_classes)
-    if _checks.is_probability_target(target, input_shape=input.shape, batch_shape=batch_shape, probs_shape=input.shape):
+    if checks.is_probability_target(target, input_shape=input.shape, batch_shape=batch_shape, probs_shape=input.shape):
         return logits, target.movedim(class_dim, -1).reshape(-1, num_classes), batch_shape
     return logits, target.reshape(-1).long(), batch_shape  # any integer dtype (int8, uint8, int32, ...) is an index
 
@@ -78,7 +80,7 @@ def checked_options(options: RowLoss, weight: torch.Tensor | None, target: torch
     (canonical, ``(M,)``) — the tensor checks shared by every softmax loss."""
     if target.is_floating_point():
         # Entries in [0, 1]; rows need not sum to 1 (PyTorch accepts any such row, and so do its own test inputs).
-        _checks.check_probabilities("target", target)
+        checks.check_probabilities("target", target)
         # PyTorch's rule: a negative ignore_index (the default -100) is accepted and means nothing for probabilities.
         if options.ignore_index >= 0:
             raise ValueError(
@@ -86,21 +88,21 @@ def checked_options(options: RowLoss, weight: torch.Tensor | None, target: torch
                 "leave ignore_index at its default (give an ignored row zero probabilities or drop it instead)"
             )
     else:
-        _checks.check_class_indices(target, num_classes, options.ignore_index)
-    return dataclasses.replace(options, weight=_checks.check_class_weight("weight", weight, num_classes))
+        checks.check_class_indices(target, num_classes, options.ignore_index)
+    return dataclasses.replace(options, weight=checks.check_class_weight("weight", weight, num_classes))
 
 
 def check_token_weight(token_weight: torch.Tensor | None, batch_shape: torch.Size) -> torch.Tensor | None:
     """Per-token weights shaped like the target's batch shape, flattened to the canonical rows ``(M,)``."""
     if token_weight is None:
         return None
-    token_weight = _checks.check_floating("token_weight", token_weight)
+    token_weight = checks.check_floating("token_weight", token_weight)
     if token_weight.shape != batch_shape:
         raise ValueError(
-            f"token_weight must have the target's shape {_checks.shape_str(batch_shape)}, one weight per token, "
-            f"got shape {_checks.shape_str(token_weight.shape)}"
+            f"token_weight must have the target's shape {checks.shape_str(batch_shape)}, one weight per token, "
+            f"got shape {checks.shape_str(token_weight.shape)}"
         )
-    _checks.check_non_negative("token_weight", token_weight)
+    checks.check_non_negative("token_weight", token_weight)
     return token_weight.reshape(-1)
 
 
@@ -122,19 +124,19 @@ def class_index_loss(
     the target's class weight and the token weight, zeroes ignored rows and reduces exactly as
     :func:`cross_entropy` does.
     """
-    _checks.check_reduction_and_ignore_index(reduction, ignore_index)
+    checks.check_reduction_and_ignore_index(reduction, ignore_index)
     logits, target, batch_shape = canonicalize(input, target)
     if target.is_floating_point():
         raise TypeError(
-            f"{loss_name} takes class indices as target, of shape {_checks.shape_str(batch_shape)}, not probabilities"
+            f"{loss_name} takes class indices as target, of shape {checks.shape_str(batch_shape)}, not probabilities"
         )
     num_classes = logits.shape[-1]
     options = RowLoss(
-        weight=_checks.check_class_weight("weight", weight, num_classes),
+        weight=checks.check_class_weight("weight", weight, num_classes),
         ignore_index=ignore_index,
         token_weight=check_token_weight(token_weight, batch_shape),
     )
-    _checks.check_class_indices(target, num_classes, ignore_index)
+    checks.check_class_indices(target, num_classes, ignore_index)
     valid = target != ignore_index
     # an ignored row is absent whatever it holds: read as zeros, it cannot turn the loss or the gradient NaN
     logits = torch.where(valid.unsqueeze(-1), logits.to(accumulation_dtype(logits.dtype)), 0.0)
@@ -156,7 +158,7 @@ def fused_index_loss(
     target: torch.Tensor,
     readable: Callable[[], torch.Tensor],
     *,
-    impl: str | None,
+    impl: Impl | None,
     reduction: str,
     weight: torch.Tensor | None,
     ignore_index: int,
@@ -167,21 +169,24 @@ def fused_index_loss(
     definition — for ``impl="reference"``, else the fused kernels on its ``description`` (the loss's own options
     as its ``describe_*`` function builds them; the shared ones — ``weight``, ``ignore_index``, ``token_weight`` —
     are added here)."""
-    _checks.check_reduction_and_ignore_index(reduction, ignore_index)
+    checks.check_reduction_and_ignore_index(reduction, ignore_index)
     logits, flat_target, batch_shape = canonicalize(input, target)
     if flat_target.is_floating_point():
         raise TypeError(
-            f"{loss_name} takes class indices as target, of shape {_checks.shape_str(batch_shape)}, not probabilities"
+            f"{loss_name} takes class indices as target, of shape {checks.shape_str(batch_shape)}, not probabilities"
         )
     options = dataclasses.replace(
         description, ignore_index=ignore_index, token_weight=check_token_weight(token_weight, batch_shape)
     )
     options = checked_options(options, weight, flat_target, logits.shape[-1])
-    chosen = choose_softmax_loss(impl, logits, flat_target, options)
+    chosen = dispatch.choose("logits", impl, logits, flat_target, options)
     if chosen == "reference":
-        return readable()
+        with values_checked():  # the loss's own definition, of public losses: their value checks ran above
+            return readable()
     with autocast_off(input):
-        loss = dispatch_cross_entropy(chosen, logits, flat_target, options, reduction)
+        loss = dispatch.IMPLEMENTATIONS["logits", chosen](
+            logits, flat_target, options, reduction, inplace_backward=False
+        )
     return (loss.view(batch_shape) if reduction == "none" else loss).to(result_dtype(input))
 
 
@@ -201,7 +206,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     token_weight: torch.Tensor | None = None,
-    impl: str | None = None,
+    impl: Impl | None = None,
     inplace_backward: bool = False,
 ) -> torch.Tensor:
     r"""Cross-entropy between logits and class indices or class probabilities.

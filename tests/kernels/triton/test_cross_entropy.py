@@ -1,4 +1,5 @@
-"""The Triton kernels against the reference, under the interpreter on a CPU (small shapes) or on a GPU."""
+"""The Triton kernel against the reference, under the interpreter on a CPU (small shapes) or on a GPU: cross-entropy
+for every option, every loss of the family (read from the registry), and the linear head on it."""
 
 import itertools
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 
 import xent
+from tests import family_samples
 from tests.conftest import assert_close
-from xent.kernels import dispatch
+from tests.kernels.test_chunked import fused_equals_the_plain_definition
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -87,6 +89,13 @@ def test_extreme_logits_and_all_ignored(dtype):
     assert loss.item() == 0.0 and not grad.any()
 
 
+@pytest.mark.parametrize(("name", "index"), family_samples.cases())
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_triton_equals_the_plain_definition(name, index, reduction):
+    """The Triton kernel from the same description as the chunked one, in float32 (small shapes)."""
+    fused_equals_the_plain_definition(name, index, torch.float32, reduction, True, True, "triton")
+
+
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_fused_linear_cross_entropy_with_the_triton_kernel(reduction):
     generator = torch.Generator().manual_seed(0)
@@ -103,15 +112,6 @@ def test_fused_linear_cross_entropy_with_the_triton_kernel(reduction):
         results.append([loss.detach()] + [leaf.grad for leaf in leaves])
     for got, want in zip(results[1], results[0], strict=True):
         assert_close(got, want, torch.float32)
-
-
-def test_dispatch():
-    if torch.cuda.is_available():
-        logits = torch.randn(256, 1024, device="cuda", requires_grad=True)
-        assert dispatch.choose_cross_entropy(None, logits, inplace_backward=False) == "triton"
-    else:  # the interpreter is for tests: CPU tensors keep the chunked kernel unless triton is asked for
-        logits = torch.randn(256, 1024, requires_grad=True)
-        assert dispatch.choose_cross_entropy(None, logits, inplace_backward=False) == "chunked"
 
 
 @gpu_only
@@ -152,16 +152,3 @@ def test_language_model_head_on_gpu(dtype):
     for got, baseline, want in zip(ours, torch_half, exact, strict=True):
         error, baseline_error = ((t - want).norm() / want.norm() for t in (got, baseline))
         assert error <= max(1e-2, 1.5 * baseline_error), (error, baseline_error)
-
-
-@pytest.mark.parametrize("factor", [1.0, 0.5, -3.0])
-def test_scale_unless_one(factor):
-    from xent.kernels.triton.scale import scale_unless_one_
-
-    tensor = torch.randn(200_000, device=DEVICE).to(torch.bfloat16)  # more blocks than programs; a partial one
-    expected = (tensor.float() * factor).to(torch.bfloat16)
-    scale_unless_one_(tensor, torch.tensor(factor, device=DEVICE))
-    # one bfloat16 ulp: the interpreter rounds float32 to bfloat16 toward zero, a GPU to nearest
-    torch.testing.assert_close(tensor.float(), expected.float(), rtol=2**-7, atol=0)
-    with pytest.raises(ValueError, match=r"contiguous tensor and a one-element factor"):
-        scale_unless_one_(tensor.view(400, 500).t(), torch.tensor(factor))

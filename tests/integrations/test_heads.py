@@ -1,5 +1,6 @@
-"""xent.hf with PEFT: a LoRA head (base weight + low-rank update) runs through the fused path exactly, whichever
-order the model is patched and wrapped in; what cannot be fused is refused naming PEFT's wrapper and the fix.
+"""The heads xent.hf fuses (xent.integrations.heads), with PEFT: a LoRA head (base weight + low-rank update) runs
+through the fused path exactly, whichever order the model is patched and wrapped in; what cannot be fused is refused
+naming PEFT's wrapper and the fix.
 
 The reference is the same PEFT model unpatched, run on the same batch from the same random state (LoRA's dropout).
 """

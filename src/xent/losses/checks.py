@@ -23,15 +23,25 @@ def shape_str(shape: torch.Size | Sequence[int]) -> str:
     return f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(map(str, dims))})"
 
 
+def shown(value: object) -> str:
+    """A value as an error message shows it, on one line: its repr for strings, numbers and None, its type otherwise
+    (a tensor's repr spans lines)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
 def check_reduction(reduction: str, allowed: Sequence[str] = REDUCTIONS) -> None:
     if not isinstance(reduction, str) or reduction not in allowed:
         options = ", ".join(repr(r) for r in allowed)
-        raise ValueError(f"reduction must be one of {options}, got {reduction!r}")
+        raise ValueError(f"reduction must be one of {options}, got {shown(reduction)}")
 
 
 def check_ignore_index(ignore_index: object) -> int:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
+        got = shown(ignore_index)
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {got}"
+                        if not got.startswith("a ") else f"ignore_index must be an int, got {got}")  # fmt: skip
     return ignore_index
 
 
@@ -86,7 +96,7 @@ def check_in_range(
 def check_chunk_size(chunk_size: int | None) -> int | None:
     """Tokens per chunk of a fused linear loss: a positive int, or None for the default."""
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        raise ValueError(f"chunk_size must be a positive int or None, got {shown(chunk_size)}")
     return chunk_size
 
 

@@ -1,0 +1,78 @@
+"""The fused distillation of two linear heads (xent.kernels.distill): linear_distillation_loss through the chunked
+and the Triton kernel against distillation_loss of the materialised logits, plus the hard-label cross-entropy."""
+
+import pytest
+import torch
+
+import xent
+from tests.conftest import assert_as_accurate_as_the_reference, assert_close, in_float64
+from tests.test_gradient_rule import gradients
+
+C = 7
+
+
+def distillation_problem(dtype):
+    generator = torch.Generator().manual_seed(1)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+
+    target = torch.randint(C, (2, 5), generator=generator)
+    target[1, ::2] = -100
+    return {
+        "input": randn(2, 5, 6),
+        "linear_weight": randn(C, 6, scale=0.7),
+        "linear_bias": randn(C),
+        "teacher_input": randn(2, 5, 9),
+        "teacher_linear_weight": randn(C, 9, scale=0.5),
+        "teacher_linear_bias": randn(C),
+        "target": target,
+    }
+
+
+def _distillation_definition(reduction, temperature, hard_weight, with_target):
+    """distillation_loss of the materialised logits, plus the hard-label cross-entropy, written out."""
+
+    def loss(input, linear_weight, linear_bias, teacher_input, teacher_linear_weight, teacher_linear_bias, target):
+        student = torch.nn.functional.linear(input, linear_weight, linear_bias).reshape(-1, C)
+        teacher = torch.nn.functional.linear(teacher_input, teacher_linear_weight, teacher_linear_bias).reshape(-1, C)
+        value = xent.distillation_loss(student, teacher.detach(), temperature=temperature, reduction=reduction)
+        if with_target:
+            hard = "mean" if reduction in ("batchmean", "mean") else reduction
+            value = value + hard_weight * xent.cross_entropy(student, target.reshape(-1), reduction=hard)
+        return value.view(target.shape) if reduction == "none" else value
+
+    return loss
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum", "none"])
+@pytest.mark.parametrize("with_target", [False, True])
+def test_linear_distillation_equals_distillation_of_the_materialised_logits(impl, reduction, with_target):
+    if impl == "triton":
+        pytest.importorskip("triton")
+    dtype = torch.float64 if impl == "chunked" else torch.float32
+    tensors = distillation_problem(dtype)
+    options = {"temperature": 2.0, "reduction": reduction}
+    if with_target:
+        options["hard_weight"] = 0.3
+    else:
+        tensors["target"] = tensors["target"].clamp_min(0)  # only its shape matters
+    requires = ("input", "linear_weight", "linear_bias")
+    definition = _distillation_definition(reduction, 2.0, 0.3, with_target)
+    expected = gradients(definition, tensors, requires)
+
+    def fused(**t):
+        target = t.pop("target")
+        if not with_target:
+            target = None
+        return xent.linear_distillation_loss(**t, target=target, impl=impl, chunk_size=3, **options)
+
+    actual = gradients(fused, tensors, requires)
+    if dtype == torch.float64:
+        assert_close(actual[0], expected[0], dtype)
+        for key in requires:
+            assert_close(actual[1][key], expected[1][key], dtype)
+    else:
+        exact = gradients(definition, in_float64(tensors), requires)
+        assert_as_accurate_as_the_reference(actual, expected, exact, requires)
