@@ -28,17 +28,15 @@ all-reduced once in backward.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from xent.core import rows
-from xent.core.reduce import accumulation_dtype, reduce_loss
-from xent.core.rowloss import RowLoss
+from xent.core.reduce import reduce_loss
 from xent.distributed.agreement import GIVEN, Terms, agree
-from xent.kernels.linear import cast_grads, default_chunk_size, fused_pass, new_grads
+from xent.distributed.shard import ShardCall, ShardLinearRows, ShardRows, VocabShard, target_rows_of, target_weight_of
+from xent.kernels.linear import default_chunk_size
 from xent.losses import checks
 from xent.losses.family import check_fused_call, family_loss
 from xent.losses.linear import check_head
@@ -50,21 +48,6 @@ __all__ = [
     "vocab_parallel_linear_loss",
     "vocab_parallel_loss",
 ]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Shard:
-    """The rank's slice of the vocabulary and the loss's description (per-class tensors of the whole vocabulary)."""
-
-    group: Any
-    offset: int
-    size: int
-    vocab: int
-    options: RowLoss
-
-    @property
-    def columns(self) -> slice:
-        return slice(self.offset, self.offset + self.size)
 
 
 def vocab_parallel_loss(
@@ -138,9 +121,9 @@ def vocab_parallel_loss(
         terms.error = error
     shard, _ = _agree(terms, group, _device(group, logits_shard, target), loss, ignore_index, softcap, loss_options)
     flat_target = _flat_target(terms)
-    target_weight, total_weight = _target_weight(flat_target, weight, shard, logits_shard.dtype)
-    call = _ShardCall(shard, flat_target, weight, _target_rows(flat_target, target_weight, total_weight, shard))
-    per_row = _VocabParallelRows.apply(logits_shard.reshape(-1, shard.size), call)
+    target_weight, total_weight = target_weight_of(flat_target, weight, shard, logits_shard.dtype)
+    call = ShardCall(shard, flat_target, weight, target_rows_of(flat_target, target_weight, total_weight, shard))
+    per_row = ShardRows.apply(logits_shard.reshape(-1, shard.size), call)
     return _reduce(per_row, target.shape, reduction, target_weight)
 
 
@@ -237,11 +220,11 @@ def vocab_parallel_linear_loss(
         terms.error = error
     shard, chunk_size = _agree(terms, group, _device(group, input, target), loss, ignore_index, softcap, loss_options)
     flat_target = _flat_target(terms)
-    target_weight, total_weight = _target_weight(flat_target, weight, shard, input.dtype)
+    target_weight, total_weight = target_weight_of(flat_target, weight, shard, input.dtype)
     flat_input = input.reshape(-1, input.shape[-1]).contiguous()
-    target_rows = _target_rows(flat_target, target_weight, total_weight, shard)
-    call = _ShardCall(shard, flat_target, weight, target_rows, chunk_size)
-    per_row = _VocabParallelLinearRows.apply(flat_input, linear_weight_shard, linear_bias_shard, call)
+    target_rows = target_rows_of(flat_target, target_weight, total_weight, shard)
+    call = ShardCall(shard, flat_target, weight, target_rows, chunk_size)
+    per_row = ShardLinearRows.apply(flat_input, linear_weight_shard, linear_bias_shard, call)
     return _reduce(per_row, target.shape, reduction, target_weight)
 
 
@@ -365,7 +348,7 @@ def _agree(
     ignore_index: int,
     softcap: float | None,
     loss_options: dict[str, Any],
-) -> tuple[_Shard, int]:
+) -> tuple[VocabShard, int]:
     """The one agreement step (:mod:`xent.distributed.agreement`) — every rank raises alike there, or none does —
     then the loss's description over the whole vocabulary and the rank's offset; and the chunk size every rank
     uses."""
@@ -376,7 +359,7 @@ def _agree(
     # the options agree on every rank, so the description's checks (per-class lengths against V) fail alike
     options = family_loss(loss).description(vocab, loss_options, softcap=softcap, ignore_index=ignore_index)
     rank = dist.get_rank(group)
-    return _Shard(group, sum(agreement.sizes[:rank]), agreement.sizes[rank], vocab, options), agreement.chunk_size
+    return VocabShard(group, sum(agreement.sizes[:rank]), agreement.sizes[rank], vocab, options), agreement.chunk_size
 
 
 def _flat_target(terms: Terms) -> torch.Tensor:
@@ -394,236 +377,7 @@ def _checked_weight(weight: torch.Tensor | None, size: int, device: torch.device
     return weight.to(device)
 
 
-def _target_weight(
-    target: torch.Tensor, weight: torch.Tensor | None, shard: _Shard, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(w_y (M,), W = Σ_c w_c)`` of the whole vocabulary in the accumulation dtype, 0 for ignored rows;
-    all-reduced when weighted."""
-    dtype = accumulation_dtype(dtype)
-    valid = target != shard.options.ignore_index
-    if weight is None:
-        return valid.to(dtype), torch.tensor(float(shard.vocab), dtype=dtype, device=target.device)
-    local, inside = _local_target(target, shard)
-    picked = torch.where(inside, weight.to(dtype)[local], torch.zeros((), dtype=dtype, device=weight.device))
-    totals = torch.cat([picked, weight.to(dtype).sum().view(1)])
-    dist.all_reduce(totals, group=shard.group)
-    return totals[:-1], totals[-1]
-
-
-def _local_target(target: torch.Tensor, shard: _Shard) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(column in the shard, clamped to a valid one; whether the rank holds it)`` of each row's target."""
-    local = target - shard.offset
-    inside = (target != shard.options.ignore_index) & (local >= 0) & (local < shard.size)
-    return torch.where(inside, local, torch.zeros_like(local)), inside
-
-
 def _reduce(rows: torch.Tensor, batch_shape: torch.Size, reduction: str, target_weight: torch.Tensor) -> torch.Tensor:
     if reduction == "none":
         return rows.view(batch_shape)
     return reduce_loss(rows, reduction, target_weight.sum())
-
-
-# --- the row computation, shared by both losses ------------------------------------------------------------------
-
-
-def _transformed(
-    logits: torch.Tensor, target: torch.Tensor, shard: _Shard, scratch: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(z, tanh(x / c))`` of a block of the shard's logits in the accumulation dtype (:func:`xent.core.rows.transform`
-    of the rank's columns). ``z`` is the callers' to overwrite: formed in ``logits`` itself when they are ``scratch``
-    (a chunk of a linear head), else in a new tensor."""
-    options = shard.options
-    x = logits.to(accumulation_dtype(logits.dtype))
-    target_column = margin = None
-    if options.target_margin is not None:
-        local, inside = _local_target(target, shard)
-        margin = options.target_margin.to(device=x.device, dtype=x.dtype)[_in_vocabulary(target, shard)] * inside
-        target_column, margin = local.unsqueeze(1), margin.unsqueeze(1)
-    owned = scratch or x is not logits
-    z, tanh = rows.transform(
-        x, options, classes=shard.columns, target_column=target_column, margin=margin, in_place=owned
-    )
-    return (z.clone() if z is logits and not scratch else z), tanh
-
-
-def _target_rows(
-    target: torch.Tensor, target_weight: torch.Tensor, total_weight: torch.Tensor, shard: _Shard
-) -> rows.TargetRows:
-    """The row algebra's per-row weights (:class:`xent.core.rows.TargetRows`) of a block of rows."""
-    valid = (target != shard.options.ignore_index).to(target_weight.dtype)
-    alpha = shard.options.alpha
-    main_weight = target_weight
-    if alpha is not None:
-        main_weight = (
-            target_weight * alpha.to(device=target.device, dtype=target_weight.dtype)[_in_vocabulary(target, shard)]
-        )
-    return rows.TargetRows(valid, target_weight, main_weight, total_weight)
-
-
-def _in_vocabulary(target: torch.Tensor, shard: _Shard) -> torch.Tensor:
-    """Each row's target where it is a class of the vocabulary, 0 elsewhere (ignored rows, and — value checks off —
-    targets outside ``[0, V)``, whose rows are NaN): an index that is safe to read a per-class tensor at."""
-    inside = (target >= 0) & (target < shard.vocab)
-    return torch.where(inside, target, torch.zeros_like(target))
-
-
-def _row_losses(
-    z: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    target_rows: rows.TargetRows,
-    shard: _Shard,
-) -> tuple[torch.Tensor, ...]:
-    """``(losses, lse, u)`` of rows whose transformed shard is ``z (B, V_r)`` (overwritten): the shard's statistics,
-    two all-reduces, then :func:`xent.core.rows.row_losses`. A row whose target no shard holds (outside ``[0, V)``,
-    which only value checks catch up front) gets NaN for its loss and ``u``: the shards holding each target are
-    counted in the second all-reduce, with no host sync."""
-    options = shard.options
-    row_max = z.amax(dim=1)
-    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=shard.group)
-    local, inside = _local_target(target, shard)
-    smooth = torch.zeros_like(row_max)  # Σ_c w_c z_c, which label smoothing reads
-    if options.label_smoothing:
-        smooth = z.sum(dim=1) if weight is None else z @ weight.to(z.dtype)
-    target_logit = torch.where(inside, z.gather(1, local.unsqueeze(1)).squeeze(1), 0.0)
-    sum_exp = z.sub_(row_max.unsqueeze(1)).exp_().sum(dim=1)  # in place: z is not read again
-    sums = torch.stack([sum_exp, target_logit, smooth, inside.to(sum_exp.dtype)])
-    dist.all_reduce(sums, group=shard.group)
-    sum_exp, target_logit, smooth, holders = sums
-    lse = row_max + torch.log(sum_exp)
-    valid = target != options.ignore_index
-    unheld = valid & (holders == 0)  # its target's logit was taken as 0: a finite, wrong loss without this
-    u = torch.where(unheld, torch.nan, target_logit - lse)
-    loss = rows.row_losses(u, lse, smooth, target_rows, options, shard.vocab)
-    loss = torch.where(unheld, torch.nan, loss)  # whatever the loss's ψ makes of NaN, and 0 × NaN of a 0 weight
-    return torch.where(valid, loss, torch.zeros_like(loss)), lse, u
-
-
-def _row_gradient_(
-    z: torch.Tensor,
-    tanh: torch.Tensor | None,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    target_rows: rows.TargetRows,
-    lse: torch.Tensor,
-    u: torch.Tensor,
-    grad_rows: torch.Tensor,
-    shard: _Shard,
-) -> torch.Tensor:
-    """``∂(Σ g_n loss_n)/∂logits`` of the shard, formed over ``z`` (overwritten) from the coefficients of
-    :func:`xent.core.rows.gradient_coefficients`."""
-    options = shard.options
-    eps = options.label_smoothing
-    scale = torch.where(target != options.ignore_index, grad_rows.to(z.dtype), torch.zeros_like(lse))
-    u = torch.where(scale != 0, u, 0.0)  # a NaN row (no shard holds its target) whose loss is unused: gradient 0
-    coefficient, slope = rows.gradient_coefficients(u, lse, target_rows, options, shard.vocab)
-    coefficient = torch.where(u.isnan(), torch.nan, coefficient)  # ψ' may be constant (−1 for cross-entropy)
-    grad = z.sub_(lse.unsqueeze(1)).exp_().mul_((coefficient * scale).unsqueeze(1))  # p_c · a · g_n
-    local, inside = _local_target(target, shard)
-    grad.scatter_add_(1, local.unsqueeze(1), (slope * scale * inside).unsqueeze(1))
-    if eps:
-        per_class = torch.ones(shard.size, dtype=z.dtype, device=z.device) if weight is None else weight.to(z.dtype)
-        grad.sub_((eps / shard.vocab) * scale.unsqueeze(1) * per_class)
-    if options.logit_scale != 1.0:
-        grad.mul_(options.logit_scale)
-    if tanh is not None:
-        grad.mul_(1.0 - tanh.square())
-    # an ignored row is absent whatever it holds: NaN or ±inf there makes its softmax NaN, which a zero scale cannot
-    # cancel (0 · NaN)
-    return grad.masked_fill_((target == options.ignore_index).unsqueeze(1), 0.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class _ShardCall:
-    """What a vocab-parallel Function runs, beside the tensors it differentiates: the shard and its description, the
-    canonical target, the rank's class weights, the rows' weights (:class:`xent.core.rows.TargetRows`) and, for a
-    linear head, the tokens per chunk every rank uses."""
-
-    shard: _Shard
-    target: torch.Tensor
-    weight: torch.Tensor | None
-    target_rows: rows.TargetRows
-    chunk: int = 0
-
-
-class _VocabParallelRows(torch.autograd.Function):
-    """Per-row losses of a logits shard; backward forms the shard's gradient locally from the saved ``lse``, ``u``."""
-
-    @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, call: _ShardCall) -> torch.Tensor:
-        z, _ = _transformed(logits, call.target, call.shard, scratch=False)
-        losses, lse, u = _row_losses(z, call.target, call.weight, call.target_rows, call.shard)
-        ctx.call = call
-        ctx.save_for_backward(logits, lse, u)
-        return losses
-
-    @staticmethod
-    def backward(ctx: Any, grad_rows: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        _refuse_second_order()
-        logits, lse, u = ctx.saved_tensors
-        call: _ShardCall = ctx.call
-        z, tanh = _transformed(logits, call.target, call.shard, scratch=False)
-        grad = _row_gradient_(z, tanh, call.target, call.weight, call.target_rows, lse, u, grad_rows, call.shard)
-        return grad.to(logits.dtype), None
-
-
-class _VocabParallelLinearRows(torch.autograd.Function):
-    """Per-row losses of a weight-sharded head, by the linear heads' chunk driver
-    (:func:`xent.kernels.linear.fused_pass`): forward runs the row statistics' all-reduces chunk by chunk; backward
-    recomputes each chunk's logits, forms their gradient locally and all-reduces ``d(input)`` once."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        input: torch.Tensor,
-        linear_weight: torch.Tensor,
-        linear_bias: torch.Tensor | None,
-        call: _ShardCall,
-    ) -> torch.Tensor:
-        dtype = accumulation_dtype(input.dtype)
-        shard, target, target_rows = call.shard, call.target, call.target_rows
-        lse, u = (torch.empty(input.shape[0], dtype=dtype, device=input.device) for _ in range(2))
-
-        def chunk_losses(logits: torch.Tensor, block: slice, scale: torch.Tensor, needs_grad: bool) -> torch.Tensor:
-            z, _ = _transformed(logits, target[block], shard, scratch=True)
-            losses, lse[block], u[block] = _row_losses(z, target[block], call.weight, target_rows[block], shard)
-            return losses
-
-        kept = target != shard.options.ignore_index  # absent, whatever their hidden states hold
-        ones = torch.ones(input.shape[0], dtype=dtype, device=input.device)
-        losses = fused_pass(input, linear_weight, linear_bias, chunk_losses, ones, call.chunk, (None,) * 3, kept)
-        ctx.call, ctx.kept = call, kept
-        ctx.save_for_backward(input, linear_weight, linear_bias, lse, u)
-        return losses
-
-    @staticmethod
-    def backward(ctx: Any, grad_rows: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        _refuse_second_order()
-        input, linear_weight, linear_bias, lse, u = ctx.saved_tensors
-        call: _ShardCall = ctx.call
-        shard, target, target_rows = call.shard, call.target, call.target_rows
-
-        def chunk_gradient(logits: torch.Tensor, block: slice, scale: torch.Tensor, needs_grad: bool) -> torch.Tensor:
-            z, tanh = _transformed(logits, target[block], shard, scratch=True)
-            grad = _row_gradient_(z, tanh, target[block], call.weight, target_rows[block], lse[block], u[block],
-                                  scale, shard)  # fmt: skip
-            if grad.data_ptr() != logits.data_ptr():
-                logits.copy_(grad)
-            return cast(torch.Tensor, lse[block])  # the losses are forward's: a placeholder of the right shape
-
-        accumulate = accumulation_dtype(linear_weight.dtype)
-        grads = new_grads(input, linear_weight, linear_bias, ctx.needs_input_grad[:3], accumulate)
-        fused_pass(input, linear_weight, linear_bias, chunk_gradient, grad_rows, call.chunk, grads, ctx.kept)
-        grad_input, grad_weight, grad_bias = cast_grads(grads, input, linear_weight, linear_bias)
-        if grad_input is not None:
-            dist.all_reduce(grad_input, group=shard.group)  # every rank's classes contribute to d(input)
-        return grad_input, grad_weight, grad_bias, None
-
-
-def _refuse_second_order() -> None:
-    """The gradients are formed without a graph: differentiating them again would silently give nothing."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "the vocab-parallel losses form their gradient without a graph and cannot be differentiated twice "
-            "(create_graph=True); gather the logits and use xent's loss with impl='reference' for second order"
-        )
