@@ -9,7 +9,7 @@ import torch
 
 from tests import family_samples
 from xent.core import rows
-from xent.core.reference import cross_entropy_rows
+from xent.core.reference import reference_rows
 from xent.core.rowloss import RowLoss
 from xent.losses.family import FAMILY
 
@@ -53,14 +53,14 @@ def test_losses_and_gradient_coefficients_equal_autograd_of_the_reference(name, 
     smooth = z.sum(1) if options.weight is None else z @ options.weight
     losses = rows.row_losses(u, lse, smooth, target_rows, options, C)
     kept = target != -100
-    expected = cross_entropy_rows(logits, target, options)
+    expected = reference_rows(logits, target, options)
     torch.testing.assert_close(torch.where(kept, losses, 0.0), expected, rtol=1e-12, atol=1e-12)
 
     # the gradient with respect to z: the reference on z itself, with the transform left out of the description
     on_z = dataclasses.replace(options, softcap=None, class_offset=None, target_margin=None, logit_scale=1.0)
     leaf = z.detach().requires_grad_()
     grad_rows = torch.linspace(-1.0, 2.0, 9, dtype=torch.float64)
-    (expected_grad,) = torch.autograd.grad(cross_entropy_rows(leaf, target, on_z), leaf, grad_rows)
+    (expected_grad,) = torch.autograd.grad(reference_rows(leaf, target, on_z), leaf, grad_rows)
     coefficient, slope = rows.gradient_coefficients(u, lse, target_rows, options, C)
     uniform = (
         options.label_smoothing / C * (torch.ones(C, dtype=torch.float64) if options.weight is None else options.weight)

@@ -150,12 +150,12 @@ def test_gradcheck(reduction):
     options = RowLoss(weight=torch.rand(5, dtype=torch.float64) + 0.5, label_smoothing=0.2, z_loss=0.05, softcap=2.0)
 
     def loss(x):
-        return chunked.chunked_cross_entropy(x, target, options, reduction, allow_retain_graph=True)
+        return chunked.chunked_row_loss(x, target, options, reduction, allow_retain_graph=True)
 
     assert torch.autograd.gradcheck(loss, (logits,))
     probs = torch.softmax(torch.randn(6, 5, dtype=torch.float64), 1)
     assert torch.autograd.gradcheck(
-        lambda x: chunked.chunked_cross_entropy(x, probs, options, reduction, allow_retain_graph=True), (logits,)
+        lambda x: chunked.chunked_row_loss(x, probs, options, reduction, allow_retain_graph=True), (logits,)
     )
 
 

@@ -156,7 +156,7 @@ def test_gradcheck(reduction):
     options = RowLoss(weight=torch.rand(V, dtype=torch.float64) + 0.5, label_smoothing=0.1, z_loss=0.05, softcap=2.5)
 
     def loss(x, w, b):
-        return linear.chunked_linear_cross_entropy(x, w, b, target, options, reduction, 4, allow_retain_graph=True)
+        return linear.chunked_linear_loss(x, w, b, target, options, reduction, 4, allow_retain_graph=True)
 
     inputs = tuple(t.clone().requires_grad_() for t in (x, w, b))
     assert torch.autograd.gradcheck(loss, inputs)

@@ -26,7 +26,7 @@ def transformed_logits(logits: torch.Tensor, target: torch.Tensor | None, option
     return z
 
 
-def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, options: RowLoss) -> torch.Tensor:
+def reference_rows(logits: torch.Tensor, target: torch.Tensor, options: RowLoss) -> torch.Tensor:
     """The reference: one loss per row of canonical logits, in the accumulation dtype.
 
     Args:
@@ -82,11 +82,9 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, options: RowL
     return torch.where(valid, loss, torch.zeros_like(loss))
 
 
-def reference_cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, options: RowLoss, reduction: str
-) -> torch.Tensor:
-    """The reference implementation on canonical tensors: :func:`cross_entropy_rows`, then the reduction."""
-    rows = cross_entropy_rows(logits, target, options)
+def reference_loss(logits: torch.Tensor, target: torch.Tensor, options: RowLoss, reduction: str) -> torch.Tensor:
+    """The reference implementation on canonical tensors: :func:`reference_rows`, then the reduction."""
+    rows = reference_rows(logits, target, options)
     denominator = mean_denominator(target, options, rows.dtype) if reduction == "mean" else None
     return reduce_loss(rows, reduction, denominator)
 
@@ -103,7 +101,7 @@ def without_ignored_rows(input: torch.Tensor, target: torch.Tensor, ignore_index
     return torch.where(kept, input, torch.zeros((), dtype=input.dtype, device=input.device))
 
 
-def reference_linear_cross_entropy(
+def reference_linear_loss(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
     linear_bias: torch.Tensor | None,
@@ -115,4 +113,4 @@ def reference_linear_cross_entropy(
     as zeros, :func:`without_ignored_rows`), then the reference loss."""
     input = without_ignored_rows(input, target, options.ignore_index)
     logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
-    return reference_cross_entropy(logits, target, options, reduction)
+    return reference_loss(logits, target, options, reduction)

@@ -1,6 +1,6 @@
 """Memory-lean cross-entropy in pure PyTorch, for any device.
 
-Data flow of :class:`ChunkedCrossEntropy` (logits ``(M, C)``, gradient buffer ``G`` of the same shape)::
+Data flow of :class:`ChunkedRowLoss` (logits ``(M, C)``, gradient buffer ``G`` of the same shape)::
 
     for each block of rows (sized to stay in cache):
         x  = logits[block]                         (upcast to float32 for half precision)
@@ -31,7 +31,7 @@ import torch
 from xent.core import rows
 from xent.core.autocast import autocast_off
 from xent.core.reduce import accumulation_dtype, safe_divide
-from xent.core.reference import reference_cross_entropy
+from xent.core.reference import reference_loss
 from xent.core.rowloss import RowLoss, mean_denominator
 from xent.kernels.threads import for_each_block
 from xent.kernels.triton import triton_installed
@@ -319,7 +319,7 @@ def reference_gradients(
 
 @dataclasses.dataclass(frozen=True)
 class ChunkedCall:
-    """What a :class:`ChunkedCrossEntropy` call runs, beside the tensors autograd differentiates: the description,
+    """What a :class:`ChunkedRowLoss` call runs, beside the tensors autograd differentiates: the description,
     the reduction, whether the gradient goes into the logits' storage, whether the stored gradient is kept for a
     second backward, and the row kernel."""
 
@@ -330,7 +330,7 @@ class ChunkedCall:
     allow_retain_graph: bool = False
 
 
-class ChunkedCrossEntropy(torch.autograd.Function):
+class ChunkedRowLoss(torch.autograd.Function):
     """Cross-entropy on canonical logits with the gradient formed in the forward pass (see the module docstring)
     by a row kernel: :func:`loss_and_grad_` on any device, or the Triton kernel on GPUs. ``weight`` is
     ``call.options.weight``, passed apart so that autograd sees it."""
@@ -366,7 +366,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
             def reference(target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
                 options = dataclasses.replace(call.options, weight=weight)
-                return reference_cross_entropy(logits, target, options, call.reduction)
+                return reference_loss(logits, target, options, call.reduction)
 
             grad_target, grad_weight = reference_gradients(
                 reference, (target, weight), ctx.needs_input_grad[1:3], grad_output
@@ -403,7 +403,7 @@ def scale_(grad: torch.Tensor, factor: torch.Tensor) -> None:
         grad.mul_(factor.to(grad.dtype))
 
 
-def chunked_cross_entropy(
+def chunked_row_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
     options: RowLoss,
@@ -413,7 +413,7 @@ def chunked_cross_entropy(
     allow_retain_graph: bool = False,
     kernel: RowKernel | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of canonical logits ``(M, C)`` by :class:`ChunkedCrossEntropy`, already reduced; ``kernel``
+    """Cross-entropy of canonical logits ``(M, C)`` by :class:`ChunkedRowLoss`, already reduced; ``kernel``
     defaults to :func:`loss_and_grad_`.
 
     By default backward scales the stored gradient in place and returns it — no second logits-sized buffer — so
@@ -433,7 +433,7 @@ def chunked_cross_entropy(
         logits = logits.contiguous()
     return cast(
         torch.Tensor,
-        ChunkedCrossEntropy.apply(
+        ChunkedRowLoss.apply(
             logits,
             target,
             options.weight,

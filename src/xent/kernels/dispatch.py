@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from xent.core.reference import reference_cross_entropy, reference_linear_cross_entropy
+from xent.core.reference import reference_linear_loss, reference_loss
 from xent.core.rowloss import RowLoss
 from xent.kernels import chunked
 from xent.kernels import linear as chunked_linear
@@ -54,9 +54,9 @@ def _triton_kernel(device: torch.device) -> chunked.RowKernel:
         if triton_installed():
             why = f"the tensors are on {device.type}; Triton needs CUDA (or TRITON_INTERPRET=1 to simulate it)"
         raise ValueError(f"impl='triton' cannot run here: {why}")
-    from xent.kernels.triton import cross_entropy
+    from xent.kernels.triton import row_loss
 
-    return cross_entropy.loss_and_grad_
+    return row_loss.loss_and_grad_
 
 
 def row_kernel(impl: Impl | None, device: torch.device) -> chunked.RowKernel:
@@ -118,7 +118,7 @@ def choose(
 def _logits_reference(
     logits: torch.Tensor, target: torch.Tensor, options: RowLoss, reduction: str, **_: Any
 ) -> torch.Tensor:
-    return reference_cross_entropy(logits, target, options, reduction)
+    return reference_loss(logits, target, options, reduction)
 
 
 def _logits_fused(impl: Impl) -> Callable[..., torch.Tensor]:
@@ -126,7 +126,7 @@ def _logits_fused(impl: Impl) -> Callable[..., torch.Tensor]:
         logits: torch.Tensor, target: torch.Tensor, options: RowLoss, reduction: str, *, inplace_backward: bool
     ) -> torch.Tensor:
         kernel = _triton_kernel(logits.device) if impl == "triton" else None
-        return chunked.chunked_cross_entropy(
+        return chunked.chunked_row_loss(
             logits, target, options, reduction, inplace_backward=inplace_backward, kernel=kernel
         )
 
@@ -142,7 +142,7 @@ def _linear_reference(
     reduction: str,
     **_: Any,
 ) -> torch.Tensor:
-    return reference_linear_cross_entropy(input, linear_weight, linear_bias, target, options, reduction)
+    return reference_linear_loss(input, linear_weight, linear_bias, target, options, reduction)
 
 
 def _linear_fused(impl: Impl) -> Callable[..., torch.Tensor]:
@@ -158,7 +158,7 @@ def _linear_fused(impl: Impl) -> Callable[..., torch.Tensor]:
         weight_grad_dtype: torch.dtype | None,
     ) -> torch.Tensor:
         kernel = _triton_kernel(input.device) if impl == "triton" else None
-        return chunked_linear.chunked_linear_cross_entropy(
+        return chunked_linear.chunked_linear_loss(
             input, linear_weight, linear_bias, target, options, reduction, chunk_size,
             kernel=kernel, weight_grad_dtype=weight_grad_dtype,
         )  # fmt: skip
@@ -177,7 +177,7 @@ IMPLEMENTATIONS: dict[tuple[Operation, Impl], Callable[..., torch.Tensor]] = {
 }
 
 
-def dispatch_cross_entropy(
+def dispatch_logits_loss(
     impl: object,
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -191,7 +191,7 @@ def dispatch_cross_entropy(
     return IMPLEMENTATIONS["logits", chosen](logits, target, options, reduction, inplace_backward=inplace_backward)
 
 
-def dispatch_linear_cross_entropy(
+def dispatch_linear_loss(
     impl: object,
     input: torch.Tensor,
     linear_weight: torch.Tensor,

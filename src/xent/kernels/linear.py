@@ -32,7 +32,7 @@ from typing import Any, cast
 import torch
 
 from xent.core.reduce import accumulation_dtype, safe_divide
-from xent.core.reference import reference_linear_cross_entropy
+from xent.core.reference import reference_linear_loss
 from xent.core.rowloss import RowLoss, mean_denominator
 from xent.kernels import chunked
 
@@ -279,7 +279,7 @@ def cast_grads(
     )
 
 
-def chunked_linear_cross_entropy(
+def chunked_linear_loss(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
     linear_bias: torch.Tensor | None,
@@ -294,7 +294,7 @@ def chunked_linear_cross_entropy(
 ) -> torch.Tensor:
     """Linear cross-entropy of canonical tensors (``input (N, D)``) by :class:`ChunkedLinearLoss`.
 
-    ``allow_retain_graph`` as in :func:`xent.kernels.chunked.chunked_cross_entropy`; ``kernel`` is the row kernel
+    ``allow_retain_graph`` as in :func:`xent.kernels.chunked.chunked_row_loss`; ``kernel`` is the row kernel
     run in place on each logits chunk (:func:`xent.kernels.chunked.loss_and_grad_` by default, Triton's on GPUs);
     ``weight_grad_dtype``: the dtype ``dW`` is summed in over chunks (the weight's by default).
     """
@@ -312,7 +312,7 @@ def chunked_linear_cross_entropy(
         weight: torch.Tensor | None,
     ) -> torch.Tensor:
         options_with_weight = dataclasses.replace(options, weight=weight)
-        return reference_linear_cross_entropy(input, linear_weight, linear_bias, target, options_with_weight, reduction)
+        return reference_linear_loss(input, linear_weight, linear_bias, target, options_with_weight, reduction)
 
     return cast(
         torch.Tensor,

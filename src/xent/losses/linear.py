@@ -9,7 +9,7 @@ import torch
 
 from xent.core.autocast import autocast_off, cast_for_linear, result_dtype
 from xent.core.reference import without_ignored_rows
-from xent.kernels.dispatch import Impl, dispatch_linear_cross_entropy
+from xent.kernels.dispatch import Impl, dispatch_linear_loss
 from xent.losses import checks
 from xent.losses.family import check_fused_call, family_loss
 from xent.losses.softmax import check_token_weight, checked_options, cross_entropy
@@ -276,7 +276,7 @@ def accumulated_linear_loss(
                 logits, flat_target, token_weight=flat_token_weight, impl=impl, **shared, **own_options
             )
         else:
-            result = dispatch_linear_cross_entropy(
+            result = dispatch_linear_loss(
                 impl,
                 flat_input,
                 linear_weight,

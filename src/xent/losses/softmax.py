@@ -18,7 +18,7 @@ from xent.core.autocast import autocast_off, result_dtype
 from xent.core.reduce import accumulation_dtype, reduce_loss
 from xent.core.rowloss import RowLoss, mean_denominator
 from xent.kernels import dispatch
-from xent.kernels.dispatch import Impl, dispatch_cross_entropy
+from xent.kernels.dispatch import Impl, dispatch_logits_loss
 from xent.losses import checks
 
 
@@ -300,5 +300,5 @@ def cross_entropy(
     options = checked_options(options, weight, target, logits.shape[-1])
     # Under autocast: no float32 copy of the logits — every impl already computes in float32 — only a float32 result.
     with autocast_off(input):
-        loss = dispatch_cross_entropy(impl, logits, target, options, reduction, inplace_backward=inplace_backward)
+        loss = dispatch_logits_loss(impl, logits, target, options, reduction, inplace_backward=inplace_backward)
     return (loss.view(batch_shape) if reduction == "none" else loss).to(result_dtype(input))

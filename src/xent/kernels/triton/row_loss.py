@@ -1,6 +1,6 @@
 """Cross-entropy on GPUs in Triton: one program per row, the loss and the gradient in one launch.
 
-Data flow of :func:`cross_entropy_kernel` for row ``n`` of logits ``(M, C)``::
+Data flow of :func:`row_loss_kernel` for row ``n`` of logits ``(M, C)``::
 
     pass 1 over V in blocks: online log-sum-exp (running max m, running Σ exp(x - m)), and the row sums the loss
                              needs (Σ w_c x_c for smoothing; Σ w_c t'_c x_c and Σ w_c t'_c for probabilities)
@@ -127,7 +127,7 @@ def _target_term(u, smoothing, num_classes, p0, p1, p2, TERM: tl.constexpr):
 
 
 @triton.jit
-def cross_entropy_kernel(
+def row_loss_kernel(
     logits_ptr,  # (M, C) read only, any float dtype — unless it is grad_ptr
     logits_stride,  # elements between rows
     grad_ptr,  # (M, C) overwritten with scale · ∂loss/∂logits (may alias logits_ptr); unused without HAS_GRAD
@@ -316,7 +316,7 @@ def loss_and_grad_(
         alpha = None if options.alpha is None else float32(options.alpha)[safe_target]
         margin = None if options.target_margin is None else float32(options.target_margin)[safe_target]
     term, p0, p1, p2 = term_parameters(options.term)
-    cross_entropy_kernel[(num_rows,)](
+    row_loss_kernel[(num_rows,)](
         logits,
         logits.stride(0),
         grad if grad is not None else logits,
