@@ -9,9 +9,10 @@ import torch.nn.functional as F
 
 import xent
 from xent.cli import main
+from xent.losses.family import FAMILY
 from xent.train.config import TrainConfig, resolve
 from xent.train.data import DataBundle, Split
-from xent.train.losses import LDAM_SCALE, LOSSES
+from xent.train.losses import LDAM_SCALE, LOSSES, TrainLoss
 from xent.train.models import NormedLinear, build_model
 from xent.train.objective import build_criterion
 
@@ -89,3 +90,26 @@ def test_ldam_drw_logits_are_the_scaled_cosines_its_loss_scores():
         cosines, y, class_counts=COUNTS, scale=LDAM_SCALE, weight=xent.deferred_reweighting(COUNTS, 9, start_epoch=8)
     )
     torch.testing.assert_close(criterion(logits, y, 9, "mean"), expected)
+
+
+def test_every_loss_of_the_fused_family_is_trained_by_an_entry():
+    """The table names the loss of the fused family each entry trains with; a loss added to the registry fails here
+    until ``xent train --loss`` offers it."""
+    assert set(FAMILY) <= {loss.family for loss in LOSSES.values()}
+    with pytest.raises(ValueError, match="family must name a loss"):
+        TrainLoss("nothing", LOSSES["ce"].build, family="no_such_loss")
+
+
+@pytest.mark.parametrize("name", [name for name, loss in LOSSES.items() if loss.family is not None])
+def test_an_entry_trains_with_the_loss_of_the_family_it_names(name, monkeypatch):
+    family = LOSSES[name].family
+    function, calls = getattr(xent, family), []
+
+    def spy(*args, **kwargs):
+        calls.append(family)
+        return function(*args, **kwargs)
+
+    monkeypatch.setattr(xent, family, spy)
+    criterion = build_criterion(resolve(TrainConfig(loss=name, epochs=10)), _bundle())
+    criterion(torch.randn(7, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0, 1, 3]), 0, "mean")
+    assert calls == [family]

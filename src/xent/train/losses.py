@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import xent
+from xent.losses.family import FAMILY
 
 if TYPE_CHECKING:
     from xent.train.config import TrainConfig
@@ -34,6 +35,11 @@ class TrainLoss:
     flags: tuple[str, ...] = ()  # the TrainConfig fields the loss reads
     counted: bool = False  # built from the training split's class counts: every class must have one
     cosine_scale: float | None = None  # the model ends in a cosine head whose outputs are scaled by this
+    family: str | None = None  # the loss of the fused family (xent.losses.family.FAMILY) it trains with, if any
+
+    def __post_init__(self) -> None:
+        if self.family is not None and self.family not in FAMILY:
+            raise ValueError(f"family must name a loss of xent.losses.family.FAMILY, got {self.family!r}")
 
 
 def _per_example(reduction: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -116,23 +122,32 @@ def _poly1(config: TrainConfig, counts: torch.Tensor) -> Criterion:
 
 
 LOSSES: dict[str, TrainLoss] = {
-    "ce": TrainLoss("cross-entropy", _ce, ("label_smoothing",)),
+    "ce": TrainLoss("cross-entropy", _ce, ("label_smoothing",), family="cross_entropy"),
     "mse": TrainLoss(
         "squared error between softmax(x) and the one-hot target — the textbook baseline, not a recommendation", _mse
     ),
     "bce": TrainLoss("one-vs-rest: binary cross-entropy of each class's sigmoid, summed", _bce, ("label_smoothing",)),
-    "focal": TrainLoss("focal loss (Lin et al., 2017)", _focal, ("gamma",)),
+    "focal": TrainLoss("focal loss (Lin et al., 2017)", _focal, ("gamma",), family="focal_loss"),
     "cb": TrainLoss(
         "cross-entropy with class-balanced weights (Cui et al., 2019)",
         _class_balanced,
         ("beta", "label_smoothing"),
         counted=True,
+        family="cross_entropy",
     ),
     "la": TrainLoss(
-        "logit-adjusted cross-entropy (Menon et al., 2021)", _logit_adjusted, ("tau", "label_smoothing"), counted=True
+        "logit-adjusted cross-entropy (Menon et al., 2021)",
+        _logit_adjusted,
+        ("tau", "label_smoothing"),
+        counted=True,
+        family="logit_adjusted_cross_entropy",
     ),
     "balanced-softmax": TrainLoss(
-        "balanced softmax (Ren et al., 2020)", _balanced_softmax, ("label_smoothing",), counted=True
+        "balanced softmax (Ren et al., 2020)",
+        _balanced_softmax,
+        ("label_smoothing",),
+        counted=True,
+        family="balanced_softmax_cross_entropy",
     ),
     "ldam-drw": TrainLoss(
         "LDAM with deferred re-weighting and a cosine head (Cao et al., 2019)",
@@ -140,10 +155,20 @@ LOSSES: dict[str, TrainLoss] = {
         ("beta", "drw_epoch"),
         counted=True,
         cosine_scale=LDAM_SCALE,
+        family="ldam_loss",
     ),
-    "gce": TrainLoss("generalized cross-entropy (Zhang & Sabuncu, 2018)", _gce, ("q",)),
-    "sce": TrainLoss("symmetric cross-entropy (Wang et al., 2019)", _sce, ("sce_alpha", "sce_beta")),
-    "poly1": TrainLoss("Poly-1 (Leng et al., 2022)", _poly1, ("poly_epsilon", "label_smoothing")),
+    "gce": TrainLoss(
+        "generalized cross-entropy (Zhang & Sabuncu, 2018)", _gce, ("q",), family="generalized_cross_entropy"
+    ),
+    "sce": TrainLoss(
+        "symmetric cross-entropy (Wang et al., 2019)",
+        _sce,
+        ("sce_alpha", "sce_beta"),
+        family="symmetric_cross_entropy",
+    ),
+    "poly1": TrainLoss(
+        "Poly-1 (Leng et al., 2022)", _poly1, ("poly_epsilon", "label_smoothing"), family="poly1_cross_entropy"
+    ),
 }
 
 
