@@ -18,16 +18,17 @@ Nothing is copied from a model class: the steps between the head and the loss ar
 (its config's ``final_logit_softcapping``, ``logit_scale`` or ``logits_scaling`` are what they carry), so a new
 model type either runs exactly or is refused with a TypeError — it is never left silently unfused. Everything is
 per instance: :func:`unpatch` deletes what :func:`patch` set.
+
+This module holds the patch itself — the checks at patch time, what it installs on the instance and how a call is
+routed; what a fused step computes (the head's stand-in for the logits, the loss) is in
+:mod:`xent.integrations.causal_lm_loss`.
 """
 
 from __future__ import annotations
 
-import builtins
-import contextlib
 import copy
 import functools
 import inspect
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,11 +42,8 @@ try:
 except ImportError as error:  # pragma: no cover - exercised without the extra only
     raise ImportError('xent.hf needs transformers: pip install "xent[hf]"') from error
 
-from xent._config import value_checks, value_checks_enabled
-from xent.integrations.heads import LinearHead, causal_lm, head_parts, widen
-from xent.losses import checks
-from xent.losses.family import check_fused_call, family_loss
-from xent.losses.linear import accumulated_linear_loss
+from xent.integrations.causal_lm_loss import FusedLoss, HeadOutput, check_labels
+from xent.integrations.heads import causal_lm, head_parts, widen
 
 __all__ = ["HeadOutput", "is_patched", "patch", "unpatch"]
 
@@ -163,184 +161,6 @@ def is_patched(model: nn.Module) -> bool:
     return _STATE in causal_lm(model).__dict__
 
 
-@dataclass(frozen=True)
-class FusedLoss:
-    """The loss :func:`patch` computes: a fused loss of xent and its options, checked once."""
-
-    loss: Any
-    options: dict[str, Any]
-
-    # Options of the fused path itself; the rest are the loss's own (checked by its description).
-    PATH_OPTIONS = ("chunk_size", "impl", "weight_grad_dtype", "weight")
-
-    @classmethod
-    def build(cls, loss: Any, options: dict[str, Any]) -> FusedLoss:
-        entry = family_loss("cross_entropy" if loss is None else loss)
-        for reserved in ("ignore_index", "reduction", "linear_bias"):
-            if reserved in options:
-                raise TypeError(
-                    f"{reserved} is the model's to set (transformers' causal-LM loss decides it), not a loss option"
-                )
-        own = {key: value for key, value in options.items() if key not in (*cls.PATH_OPTIONS, "softcap")}
-        check_fused_call(  # every fused loss takes a cap (xent.linear_loss)
-            entry,
-            own,
-            softcap=options.get("softcap"),
-            chunk_size=options.get("chunk_size"),
-            weight_grad_dtype=options.get("weight_grad_dtype"),
-            also=("softcap", *cls.PATH_OPTIONS),
-        )
-        entry.check_values(own)
-        return cls(entry.function, dict(options))
-
-    # Under torch.compile the model is compiled and its loss runs eagerly: the fused kernels are chunk loops and
-    # value checks that a graph would unroll or break on, at no gain.
-    @torch.compiler.disable  # type: ignore[untyped-decorator]  # torch.compiler.disable is unannotated
-    def __call__(
-        self, hidden: torch.Tensor, head: LinearHead, target: torch.Tensor, ignore_index: int, reduction: str, cap: Any
-    ) -> torch.Tensor:
-        options = dict(self.options)
-        own_cap = options.pop("softcap", None)
-        if cap is not None and own_cap is not None:
-            raise ValueError(f"the model caps its logits at {cap}; softcap={own_cap} would cap them twice")
-        return accumulated_linear_loss(
-            self.loss,
-            hidden,
-            head.weight,
-            target,
-            linear_bias=head.bias,
-            chunk_size=options.pop("chunk_size", None),
-            weight_grad_dtype=options.pop("weight_grad_dtype", None),
-            impl=options.pop("impl", None),
-            weight=options.pop("weight", None),
-            token_weight=None,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            softcap=own_cap if cap is None else cap,
-            **options,
-        )
-
-
-class HeadOutput:
-    """What a patched model's output embeddings return during a fused step, in place of the logits: the hidden
-    states, and the elementwise steps the model applies to the logits before its loss.
-
-    ``head`` is anything with the ``weight`` ``(V, D)`` and ``bias`` of the logits ``hidden @ weight.T + bias``: the
-    output embeddings (an ``nn.Linear``), or for a LoRA head the weight and hidden states widened by the update's
-    rank.
-
-    A scalar multiplication or division and ``tanh`` are recorded (they are what logit scales and soft caps are made
-    of); ``float()``, ``to(dtype)`` and ``contiguous()`` change nothing (the loss is computed in float32);
-    ``device``, ``shape``, ``size()`` and ``dim()`` answer as the logits would. Any other use raises TypeError naming
-    the model and the operation: its logits would be needed, and xent.hf will not form them silently.
-    """
-
-    def __init__(
-        self, model_name: str, hidden: torch.Tensor, head: LinearHead, steps: tuple[tuple[Any, ...], ...] = ()
-    ) -> None:
-        self.model_name, self.hidden, self.head, self.steps = model_name, hidden, head, steps
-
-    def _then(self, step: tuple[Any, ...]) -> HeadOutput:
-        return HeadOutput(self.model_name, self.hidden, self.head, (*self.steps, step))
-
-    def _refuse(self, operation: str) -> TypeError:
-        return TypeError(
-            f"{self.model_name} applies {operation} to its logits between the output embeddings and the loss; "
-            "xent.hf fuses a head whose logits reach self.loss_function unchanged but for scales and tanh soft caps "
-            "(a model that computes its loss itself is not fused). Call xent.hf.unpatch(model) to train it unfused"
-        )
-
-    def _scalar(self, value: Any, operation: str) -> float:
-        if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad:
-            value = value.item()
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0:
-            raise self._refuse(f"{operation} by {type(value).__name__} {value!r}")
-        return float(value)
-
-    def __mul__(self, other: Any) -> HeadOutput:
-        return self._then(("mul", self._scalar(other, "a multiplication")))
-
-    __rmul__ = __mul__
-
-    def __truediv__(self, other: Any) -> HeadOutput:
-        return self._then(("div", self._scalar(other, "a division")))
-
-    def tanh(self) -> HeadOutput:
-        return self._then(("tanh",))
-
-    def float(self) -> HeadOutput:
-        return self
-
-    def contiguous(self) -> HeadOutput:
-        return self
-
-    # What the logits would be, read without forming them (a model may move its labels to the logits' device).
-    @property
-    def device(self) -> torch.device:
-        return self.hidden.device
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((*self.hidden.shape[:-1], self.head.weight.shape[0]))
-
-    def size(self, dim: int | None = None) -> torch.Size | int:
-        return self.shape if dim is None else self.shape[dim]
-
-    def dim(self) -> int:
-        return self.hidden.dim()
-
-    def to(self, *args: Any, **kwargs: Any) -> HeadOutput:
-        targets = [*args, *kwargs.values()]
-        if all(isinstance(value, torch.dtype) and value.is_floating_point for value in targets):
-            return self
-        raise self._refuse(f".to({', '.join(map(repr, targets))})")
-
-    @classmethod
-    def __torch_function__(
-        cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
-    ) -> Any:
-        if func in (torch.tanh, torch.Tensor.tanh) and len(args) == 1 and not kwargs:
-            return args[0].tanh()
-        receiver = next(arg for arg in args if isinstance(arg, HeadOutput))
-        raise receiver._refuse(getattr(func, "__name__", repr(func)))
-
-    def __getattr__(self, name: str) -> Any:
-        raise self._refuse(f"logits.{name}")
-
-    def transform(self) -> tuple[builtins.float, builtins.float | None]:
-        """The recorded steps as ``(scale, cap)``: logits ``cap · tanh(scale · z / cap)`` (``scale · z`` without a
-        cap) of the head's logits ``z``. Scales are kept as ratios so that Gemma's ``/c, tanh, ·c`` gives exactly
-        ``(1.0, c)``."""
-        numerator = denominator = 1.0  # the running scale, before the tanh or outside it
-        inner = None  # the scale inside the tanh, once there is one
-        for step in self.steps:
-            if step[0] == "mul":
-                numerator *= step[1]
-            elif step[0] == "div":
-                denominator *= step[1]
-            elif inner is not None:
-                raise self._refuse("tanh twice")
-            else:
-                inner, numerator, denominator = (numerator, denominator), 1.0, 1.0
-        if inner is None:
-            return numerator / denominator, None
-        cap = numerator / denominator
-        if cap <= 0:
-            raise self._refuse(f"a negative factor {cap} after tanh")
-        # c·tanh(s·z) = c·tanh((c·s)·z / c): a cap c on logits scaled by c·s
-        return (numerator * inner[0]) / (denominator * inner[1]), cap
-
-    # The operators a model might apply to logits that are not scales: refused by name rather than by Python's
-    # generic "unsupported operand" error.
-    def __add__(self, other: Any) -> HeadOutput:
-        raise self._refuse("an addition")
-
-    __radd__ = __sub__ = __rsub__ = __add__
-
-    def __getitem__(self, index: Any) -> HeadOutput:
-        raise self._refuse(f"indexing [{index!r}]")
-
-
 @dataclass
 class _Patch:
     """What :func:`patch` holds for one instance."""
@@ -415,37 +235,6 @@ class _Patch:
             raise TypeError(f"{self.model_name}.forward did not pass its head's logits to self.loss_function")
         return _without_logits(outputs)
 
-    def check_labels(self, name: str, labels: Any, positions: torch.Size) -> torch.Tensor:
-        """``labels`` (or ``shift_labels``) as transformers' causal-LM loss reads them: integer token ids, one per
-        position of the logits — the input's shape — named as the user passed them (not as the flattened target)."""
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor of token ids, got {type(labels).__name__}")
-        shown = checks.shape_str(labels.shape)
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(
-                f"{name} of shape {shown} must hold token ids (an integer dtype), got {labels.dtype} "
-                f"(use {name}.long())"
-            )
-        if labels.shape == positions:
-            return labels
-        given = self.input
-        expected = None if given is None else given[1] if given[0] == "input_ids" else given[1][:-1]
-        if given is not None and expected == positions:
-            raise ValueError(
-                f"{name} has shape {shown} but {given[0]} has shape {checks.shape_str(given[1])}; "
-                f"{self.model_name}'s loss takes {name} of shape {checks.shape_str(positions)}, one token id per "
-                "position"
-            )
-        if expected is not None:  # the model kept fewer positions than its input has
-            raise ValueError(
-                f"{self.model_name} kept {positions.numel()} positions for the loss (logits_to_keep?) but {name} "
-                f"has shape {shown}"
-            )
-        raise ValueError(
-            f"{name} has shape {shown} but {self.model_name}'s logits have positions of shape "
-            f"{checks.shape_str(positions)}; its loss takes one token id per position"
-        )
-
     def loss_function(
         self,
         logits: Any,
@@ -459,9 +248,11 @@ class _Patch:
         """transformers' causal-LM loss, fused: the same shift, ``ignore_index`` and normalisation."""
         positions = logits.shape[:-1]
         if shift_labels is None:
-            named, labels = "labels", self.check_labels("labels", labels, positions)
+            labels = check_labels("labels", labels, positions, model_name=self.model_name, given=self.input)
         else:
-            named, shift_labels = "shift_labels", self.check_labels("shift_labels", shift_labels, positions)
+            shift_labels = check_labels(
+                "shift_labels", shift_labels, positions, model_name=self.model_name, given=self.input
+            )
         if not isinstance(logits, HeadOutput):
             if self.active:
                 raise TypeError(f"{self.model_name}.forward passed logits it formed itself to its loss")
@@ -469,37 +260,7 @@ class _Patch:
                 logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels, **kwargs
             )
         self.consumed += 1
-        hidden, head = logits.hidden, logits.head
-        if head.weight.shape[0] != vocab_size:
-            raise TypeError(
-                f"{self.model_name}'s head has {head.weight.shape[0]} outputs but its loss reads {vocab_size} classes"
-            )
-        if shift_labels is None:
-            labels = nn.functional.pad(labels, (0, 1), value=ignore_index)
-            shift_labels = labels[..., 1:]
-        target = shift_labels.reshape(-1).to(hidden.device)
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        checked = value_checks_enabled(target)
-        if checked and target.numel():
-            bad = ((target < 0) | (target >= vocab_size)) & (target != ignore_index)
-            if bool(bad.any()):  # a host sync, as every value check
-                raise ValueError(
-                    f"{named} hold token id {int(target[bad][0])}, outside [0, {vocab_size}) for "
-                    f"{self.model_name}'s vocabulary of {vocab_size} (and not ignore_index={ignore_index})"
-                )
-        scale, cap = logits.transform()
-        if scale != 1.0:
-            if head.bias is not None:  # s·(x Wᵀ + b) is not (s·x) Wᵀ + b
-                raise logits._refuse("a logit scale to a head with a bias")
-            hidden = hidden * scale  # s·(x Wᵀ) = (s·x) Wᵀ
-        reduction = "mean" if num_items_in_batch is None else "sum"
-        with value_checks(False) if checked else contextlib.nullcontext():  # checked above, naming the labels
-            loss: torch.Tensor = self.fused(hidden, head, target, ignore_index, reduction, cap)
-        if num_items_in_batch is not None:
-            if torch.is_tensor(num_items_in_batch):
-                num_items_in_batch = num_items_in_batch.to(loss.device)
-            loss = loss / num_items_in_batch
-        return loss
+        return self.fused.causal_lm_loss(logits, labels, shift_labels, vocab_size, num_items_in_batch, ignore_index)
 
 
 class _Forward:
