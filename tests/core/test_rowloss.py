@@ -9,7 +9,8 @@ from xent.core.rowloss import RowLoss
 
 def test_options_dataclass_defaults_describe_cross_entropy():
     options = RowLoss()
-    assert options.term == rowloss.CROSS_ENTROPY and not options.transforms_per_class
+    assert options.term == rowloss.CROSS_ENTROPY
+    assert options.class_offset is None and options.target_margin is None and options.logit_scale == 1.0
 
 
 def test_extreme_and_confident_logits_stay_finite():

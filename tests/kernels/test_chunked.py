@@ -226,3 +226,26 @@ def test_half_precision_matches_the_float32_definition(dtype):
     expected = xent.focal_loss(**{**tensors, "input": tensors["input"].float()}, gamma=2.0, impl="reference")
     assert loss.dtype == dtype
     torch.testing.assert_close(loss.float(), expected, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize(("name", "index"), family_samples.cases())
+def test_tiny_target_probabilities_for_every_loss_of_the_family(name, index):
+    # The fallback of the log-sum-exp (target probability below 2^-64) under every target term and transform: one row
+    # of the block (the per-row way), then every third row (the whole-block way) far below another class.
+    options, function = family_samples.sample(name, index, 11), FAMILY[name].function
+    for every in (12, 3):
+        generator = torch.Generator().manual_seed(every)
+        logits = torch.randn(12, 11, generator=generator, dtype=torch.float64)
+        target = torch.randint(11, (12,), generator=generator)
+        tiny = torch.arange(12) % every == 0
+        logits[tiny, (target[tiny] + 1) % 11] += 80.0
+        if name == "ldam_loss":  # cosines, scaled by s
+            logits = torch.tanh(logits / 80.0)
+        target[5] = -100
+        leaf, expected_leaf = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        loss = function(leaf, target, impl="chunked", reduction="sum", **options)
+        expected = function(expected_leaf, target, impl="reference", reduction="sum", **options)
+        loss.backward()
+        expected.backward()
+        torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(leaf.grad, expected_leaf.grad, rtol=1e-9, atol=1e-12)

@@ -142,11 +142,6 @@ class RowLoss:
     target_margin: torch.Tensor | None = None
     logit_scale: float = 1.0
 
-    @property
-    def transforms_per_class(self) -> bool:
-        """Whether the logits change beyond the soft cap (offset, margin or scale)."""
-        return self.class_offset is not None or self.target_margin is not None or self.logit_scale != 1.0
-
 
 def mean_denominator(target: torch.Tensor, options: RowLoss, dtype: torch.dtype) -> torch.Tensor:
     """What ``reduction="mean"`` divides by: Σ r_n w_y over non-ignored targets, or Σ r_n for probabilities."""

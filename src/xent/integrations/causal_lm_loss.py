@@ -11,7 +11,6 @@ loss would misread, naming them.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from xent._config import value_checks, value_checks_enabled
+from xent._config import value_checks_enabled, values_checked
 from xent.integrations.heads import LinearHead
 from xent.losses import checks
 from xent.losses.family import check_fused_call, family_loss
@@ -226,8 +225,7 @@ class FusedLoss:
             shift_labels = labels[..., 1:]
         target = shift_labels.reshape(-1).to(hidden.device)
         hidden = hidden.reshape(-1, hidden.shape[-1])
-        checked = value_checks_enabled(target)
-        if checked and target.numel():
+        if value_checks_enabled(target) and target.numel():
             bad = ((target < 0) | (target >= vocab_size)) & (target != ignore_index)
             if bool(bad.any()):  # a host sync, as every value check
                 raise ValueError(
@@ -240,7 +238,7 @@ class FusedLoss:
                 raise logits._refuse("a logit scale to a head with a bias")
             hidden = hidden * scale  # s·(x Wᵀ) = (s·x) Wᵀ
         reduction = "mean" if num_items_in_batch is None else "sum"
-        with value_checks(False) if checked else contextlib.nullcontext():  # checked above, naming the labels
+        with values_checked():  # checked above, naming the labels: not again inside the loss
             loss: torch.Tensor = self(hidden, head, target, ignore_index, reduction, cap)
         if num_items_in_batch is not None:
             if torch.is_tensor(num_items_in_batch):

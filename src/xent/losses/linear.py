@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from xent._config import values_checked
 from xent.core.autocast import autocast_off, cast_for_linear, result_dtype
 from xent.core.reference import without_ignored_rows
 from xent.kernels.dispatch import Impl, dispatch_linear_loss
@@ -272,9 +273,10 @@ def accumulated_linear_loss(
             if softcap is not None and not entry.caps_itself:
                 logits = softcap * torch.tanh(logits / softcap)
             shared = {"weight": weight, "ignore_index": ignore_index, "reduction": reduction}
-            result = entry.function(
-                logits, flat_target, token_weight=flat_token_weight, impl=impl, **shared, **own_options
-            )
+            with values_checked():  # the target's values were checked above (checked_options)
+                result = entry.function(
+                    logits, flat_target, token_weight=flat_token_weight, impl=impl, **shared, **own_options
+                )
         else:
             result = dispatch_linear_loss(
                 impl,
