@@ -148,7 +148,7 @@ def test_modules_reject_bad_options_at_construction(module, kwargs, match):
     [
         (lambda: xent.nn.SigmoidFocalLoss(gamma=-1.0), r"gamma must be in \[0, inf\], got -1"),
         (lambda: xent.nn.SigmoidFocalLoss(alpha=2.0), r"alpha must be in \[0, 1\], got 2"),
-        (lambda: xent.nn.DistillationLoss(temperature=0.0), r"temperature must be in \(0, inf\], got 0"),
+        (lambda: xent.nn.DistillationLoss(temperature=0.0), r"temperature must be in \(0, inf\), got 0"),
         (lambda: xent.nn.DistillationLoss(reduction="avg"), r"reduction must be one of 'none', 'batchmean'"),
         (lambda: xent.nn.GANDiscriminatorLoss(reduction="none"), r"reduction must be one of 'mean', 'sum'"),
         (lambda: xent.nn.GANDiscriminatorLoss(label_smoothing=1.5), r"label_smoothing must be in \[0, 1\]"),

@@ -845,15 +845,16 @@ def linear_distillation_cases(draw):
         q = (z_t / temperature).softmax(-1)
         kl = (torch.xlogy(q, q) - q * (z / temperature).log_softmax(-1)).sum(-1) * temperature**2
         hard = torch.zeros_like(kl)
-        if "target" in t:
+        if "target" in t:  # ignored tokens drop out of the soft term too
+            kl = torch.where(t["target"] != -100, kl, torch.zeros_like(kl))
             hard = family_reference("cross_entropy", z, t["target"], None, None, -100, "none",
                                     {"label_smoothing": 0.0, "z_loss": 0.0}, class_dim=-1)  # fmt: skip
         if reduction == "none":
             return kl + hard_weight * hard
-        kept = max(int((t["target"] != -100).sum()), 1) if "target" in t else 1
+        kept = max(int((t["target"] != -100).sum()), 1) if "target" in t else max(n, 1)
         if reduction == "sum":
             return kl.sum() + hard_weight * hard.sum()
-        return kl.sum() / max(n, 1) + hard_weight * hard.sum() / kept
+        return (kl.sum() + hard_weight * hard.sum()) / kept
 
     scale = float(tensors["linear_weight"].abs().sum(1).amax() + tensors["teacher_linear_weight"].abs().sum(1).amax())
     return Case(call, reference, tensors, requires, broken, scale * 4)

@@ -36,7 +36,13 @@ def _distillation_definition(reduction, temperature, hard_weight, with_target):
     def loss(input, linear_weight, linear_bias, teacher_input, teacher_linear_weight, teacher_linear_bias, target):
         student = torch.nn.functional.linear(input, linear_weight, linear_bias).reshape(-1, C)
         teacher = torch.nn.functional.linear(teacher_input, teacher_linear_weight, teacher_linear_bias).reshape(-1, C)
-        value = xent.distillation_loss(student, teacher.detach(), temperature=temperature, reduction=reduction)
+        if with_target:  # ignored tokens drop out of the soft term too
+            kept = target.reshape(-1) != -100
+            rows = xent.distillation_loss(student, teacher.detach(), temperature=temperature, reduction="none")
+            rows = torch.where(kept, rows, torch.zeros_like(rows))
+            value = {"none": rows, "sum": rows.sum()}.get(reduction, rows.sum() / kept.sum())
+        else:
+            value = xent.distillation_loss(student, teacher.detach(), temperature=temperature, reduction=reduction)
         if with_target:
             hard = "mean" if reduction in ("batchmean", "mean") else reduction
             value = value + hard_weight * xent.cross_entropy(student, target.reshape(-1), reduction=hard)

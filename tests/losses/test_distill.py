@@ -96,7 +96,7 @@ LOGITS, TARGET = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
         (
             lambda: xent.distillation_loss(LOGITS, LOGITS, temperature=0.0),
             ValueError,
-            r"temperature must be in \(0, inf\], got 0",
+            r"temperature must be in \(0, inf\), got 0",
         ),
         (
             lambda: xent.distillation_loss(LOGITS, LOGITS[:2]),

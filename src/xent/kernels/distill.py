@@ -1,73 +1,298 @@
 """Fused linear distillation: the student's and the teacher's heads chunk by chunk, neither ``N × V`` logits formed.
 
-For each chunk of tokens, inside :class:`xent.kernels.linear.ChunkedLinearLoss`::
+For each chunk of tokens, inside :class:`xent.kernels.linear.ChunkedLinearLoss` (the student's logits ``X_c Wᵀ + b``
+are its buffer)::
 
-    S_c = X_c Wᵀ                               the student's logits (the Function's buffer)
-    log q = log_softmax(X_t,c W_tᵀ / T)        the teacher's, without gradient (a second c × V buffer)
-    KL_n = T² [CE(S_c / T, q)_n + Σ q log q]    the row kernel with probability targets q and logit scale 1/T:
-    G_c  = T (p − q)                            its gradient, written over S_c
-    + λ · CE(S_c, y)                            the hard-label term, by the same kernel on a copy of S_c
+    teacher: L_t = X_t,c W_tᵀ + b_t             a second (c × V) buffer, no gradient (dense teacher only)
+    for each cache-sized block of rows:        (shared out over threads on the CPU, as in xent.kernels.chunked)
+        u = s · cap(x), z = u / T              the student's logits; the teacher's alike
+        log p, log q                           log-softmax of each (a top-k teacher's categories are given)
+        D, ∂D/∂z                               core.divergence: terms, slopes, the simplex projection
+        + λ CE(u, y)                           the hard-label term at T = 1, on the same block
+        G = r (T ∂D/∂z + λ (softmax(u) − e_y)) · s (1 − tanh²)     written over the student's block
 
-so the student's gradient GEMMs run once on the summed gradient. Extra memory: three logits chunks (four with the
-hard-label term), hence chunks of a quarter of :func:`xent.kernels.linear.default_chunk_size`'s tokens.
+so the student's gradient GEMMs run once per chunk on the summed gradient: four GEMMs in all with a dense teacher
+(the floor: the teacher's logits cost one), three with a top-k one. Extra memory: two logits chunks with a dense
+teacher, one with a top-k teacher, plus a few blocks of rows. Ignored tokens (``kept``) get no loss and no gradient.
+
+:func:`dense_rows_` and :func:`top_k_rows_` are the row kernels of one chunk; ``xent.kernels.triton.divergence`` has
+their Triton twins, with the same signatures.
 """
 
 from __future__ import annotations
 
-from typing import cast
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from xent.core import divergence as math_
 from xent.core.reduce import accumulation_dtype
-from xent.core.rowloss import RowLoss
 from xent.kernels import chunked
 from xent.kernels.linear import ChunkLoss
+from xent.kernels.threads import for_each_block
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    """What a distillation call computes, beside its tensors: the divergence (``beta`` read by ``"jsd"``), the
+    temperature, each model's logit transform ``z = logit_scale · softcap · tanh(x / softcap)`` (no cap for
+    ``None``) and a top-k teacher's tail treatment."""
+
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    teacher_logit_scale: float = 1.0
+    teacher_softcap: float | None = None
+    tail: str = "renormalize"
+
+
+@dataclass(frozen=True)
+class HardLabels:
+    """The hard-label term of a chunk: ``weight · CE(u, target)`` per token, ``target (c,)`` with ignored tokens
+    already masked out by the caller (their target is any valid class; their ``weight`` is 0)."""
+
+    target: torch.Tensor
+    weight: torch.Tensor
+
+
+def transformed(x: torch.Tensor, scale: float, cap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(u, tanh(x / cap))``: a model's logits ``u = scale · cap · tanh(x / cap)`` in the accumulation dtype, in
+    place when ``x`` already has it (``x`` is scratch)."""
+    u = x.to(accumulation_dtype(x.dtype))
+    tanh = None
+    if cap is not None:
+        tanh = torch.tanh(u.div_(cap))
+        u = tanh * (cap * scale)
+    elif scale != 1.0:
+        u = u.mul_(scale)
+    return u, tanh
+
+
+def _log_softmax_(z: torch.Tensor) -> torch.Tensor:
+    """``z − logsumexp(z)`` in place over the last dimension; returns the log-sum-exp ``(B,)``."""
+    lse = torch.logsumexp(z, dim=1)
+    z.sub_(lse.unsqueeze(1))
+    return lse
+
+
+def _entropy(log_p: torch.Tensor) -> torch.Tensor:
+    return -math_._times_exp(log_p, log_p).sum(dim=1)
+
+
+def _finish_(
+    student: torch.Tensor,
+    grad_u: torch.Tensor,
+    spec: DistillSpec,
+    tanh: torch.Tensor | None,
+) -> None:
+    """Chain ``∂/∂u`` through the student's transform and write it over its block."""
+    if tanh is not None:
+        grad_u = grad_u.mul_(tanh.square_().neg_().add_(1.0))
+    if spec.logit_scale != 1.0:
+        grad_u = grad_u.mul_(spec.logit_scale)
+    student.copy_(grad_u)
+
+
+def _hard_(
+    u: torch.Tensor, grad_u: torch.Tensor | None, hard: HardLabels, rows: slice, scale: torch.Tensor
+) -> torch.Tensor:
+    """The hard-label term's losses ``(B,)``; adds ``scale · weight · (softmax(u) − e_y)`` to ``grad_u``."""
+    target = hard.target[rows].unsqueeze(1)
+    weight = hard.weight[rows]
+    log_p = u - torch.logsumexp(u, dim=1, keepdim=True)
+    losses = -weight * log_p.gather(1, target).squeeze(1)
+    if grad_u is not None:
+        coefficient = (weight * scale).unsqueeze(1)
+        grad_u.add_(log_p.exp_().mul_(coefficient)).scatter_add_(1, target, -coefficient)
+    return losses
+
+
+def dense_rows_(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    spec: DistillSpec,
+    grad_scale: torch.Tensor,
+    needs_grad: bool,
+    entropy: torch.Tensor | None,
+    hard: HardLabels | None = None,
+) -> torch.Tensor:
+    """Per-row ``T² D(q, p)`` of raw head outputs ``student`` and ``teacher`` ``(c, V)`` (both scratch); with
+    ``needs_grad``, ``grad_scale[n] · ∂(T² D + hard term)/∂x`` written over ``student``; the student's entropy at
+    temperature T into ``entropy`` when given. Returns the losses (hard term included) in the accumulation dtype."""
+    temperature = spec.temperature
+    losses = torch.empty(student.shape[0], dtype=accumulation_dtype(student.dtype), device=student.device)
+
+    def block_(rows: slice) -> None:
+        u, tanh = transformed(student[rows], spec.logit_scale, spec.softcap)
+        z = u / temperature
+        log_p = z.sub_(torch.logsumexp(z, dim=1, keepdim=True))
+        log_q, _ = transformed(teacher[rows], spec.teacher_logit_scale, spec.teacher_softcap)
+        log_q = log_q.div_(temperature) if temperature != 1.0 else log_q
+        log_q = log_q.sub_(torch.logsumexp(log_q, dim=1, keepdim=True))
+        terms, slopes = math_.divergence_terms(log_p, log_q, spec.divergence, spec.beta)
+        loss = terms.sum(dim=1) * temperature**2
+        if entropy is not None:
+            entropy[rows] = _entropy(log_p)
+        grad_u = None
+        if needs_grad:
+            # ∂(T² D)/∂u = T ∂D/∂z
+            grad_u = math_.softmax_gradient(slopes, log_p).mul_((grad_scale[rows] * temperature).unsqueeze(1))
+        if hard is not None:
+            loss = loss + _hard_(u, grad_u, hard, rows, grad_scale[rows])
+        losses[rows] = loss
+        if grad_u is not None:
+            _finish_(student[rows], grad_u, spec, tanh)
+
+    _for_each_row_block(student, block_)
+    return losses
+
+
+def top_k_rows_(
+    student: torch.Tensor,
+    indices: torch.Tensor,
+    teacher: torch.Tensor,
+    valid: torch.Tensor,
+    spec: DistillSpec,
+    grad_scale: torch.Tensor,
+    needs_grad: bool,
+    entropy: torch.Tensor | None,
+    hard: HardLabels | None = None,
+) -> torch.Tensor:
+    """As :func:`dense_rows_` for a top-k teacher: ``indices (c, k)`` its support, ``teacher (c, k + 1)`` its
+    categories' log-probabilities (:func:`xent.core.divergence.teacher_categories`), ``valid (c, k)`` False at
+    padding entries (whose ids are not read)."""
+    temperature = spec.temperature
+    losses = torch.empty(student.shape[0], dtype=accumulation_dtype(student.dtype), device=student.device)
+    support_ids, any_valid, first_valid = _support(indices, valid)
+
+    def block_(rows: slice) -> None:
+        u, tanh = transformed(student[rows], spec.logit_scale, spec.softcap)
+        z = u / temperature
+        lse = torch.logsumexp(z, dim=1)
+        ids = support_ids[rows]
+        block_valid = valid[rows]
+        support = z.gather(1, ids)
+        # the tail: the support's columns masked (a row without support masks nothing: it writes z back)
+        masked = z.scatter(1, ids, torch.where(any_valid[rows].unsqueeze(1), -math.inf, support))
+        lse_tail = torch.logsumexp(masked, dim=1)
+        if entropy is not None:
+            entropy[rows] = _entropy(z - lse.unsqueeze(1))
+        parts = math_.top_k_rows(
+            support, lse, lse_tail, teacher[rows], block_valid, spec.divergence, spec.beta, spec.tail
+        )
+        loss = parts.loss * temperature**2
+        grad_u = None
+        if needs_grad:
+            # classes of the tail: c e^(z − lse_tail); the support's: their own gradient (a padding entry repeats
+            # its row's first valid entry, or, in a row without support, writes the tail's value back)
+            finite_tail = torch.where(lse_tail == -math.inf, torch.zeros_like(lse_tail), lse_tail)
+            grad_z = masked.sub_(finite_tail.unsqueeze(1)).exp_().mul_(parts.tail_coefficient.unsqueeze(1))
+            repeated = parts.support_gradient.gather(1, first_valid[rows])
+            values = torch.where(block_valid, parts.support_gradient, repeated)
+            values = torch.where(any_valid[rows].unsqueeze(1), values, grad_z.gather(1, ids))
+            grad_u = grad_z.scatter_(1, ids, values).mul_((grad_scale[rows] * temperature).unsqueeze(1))
+        if hard is not None:
+            loss = loss + _hard_(u, grad_u, hard, rows, grad_scale[rows])
+        losses[rows] = loss
+        if grad_u is not None:
+            _finish_(student[rows], grad_u, spec, tanh)
+
+    _for_each_row_block(student, block_)
+    return losses
+
+
+def _support(indices: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ids, any_valid (c,), first_valid (c, 1))``: the support's ids with each padding entry replaced by its
+    row's first valid id (0 in a row without any), whether each row has a support, and where its first valid entry
+    is."""
+    any_valid = valid.any(dim=1)
+    first_valid = valid.to(torch.int8).argmax(dim=1, keepdim=True)
+    fill = indices.gather(1, first_valid)
+    fill = torch.where(any_valid.unsqueeze(1), fill, torch.zeros_like(fill))
+    return torch.where(valid, indices, fill), any_valid, first_valid
+
+
+def _for_each_row_block(logits: torch.Tensor, block_: Callable[[slice], None]) -> None:
+    num_rows, vocab_size = logits.shape
+    # a few block-sized temporaries live at once: blocks of a quarter of the cross-entropy kernel's
+    rows = max(1, chunked.rows_per_block(vocab_size, logits.device) // 4)
+    for_each_block(num_rows, rows, block_, logits.device)
+
+
+RowsKernel = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DenseTeacher:
+    """A teacher given by its head: hidden states ``(N, D_t)``, weight ``(V, D_t)``, bias ``(V,)`` or None."""
+
+    input: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class TopKTeacher:
+    """A teacher given by its top-k: ``indices (N, k)``, categories ``(N, k + 1)``, ``valid (N, k)``."""
+
+    indices: torch.Tensor
+    categories: torch.Tensor
+    valid: torch.Tensor
 
 
 def distillation_chunk_loss(
-    teacher_input: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    teacher_bias: torch.Tensor | None,
-    temperature: float,
-    soft_factor: float | torch.Tensor,
-    kernel: chunked.RowKernel,
-    hard: tuple[torch.Tensor, RowLoss, float | torch.Tensor] | None = None,
+    teacher: DenseTeacher | TopKTeacher,
+    spec: DistillSpec,
+    factor: torch.Tensor,
+    kept: torch.Tensor,
+    hard: HardLabels | None,
+    entropy: torch.Tensor | None,
+    kernels: tuple[RowsKernel, RowsKernel] = (dense_rows_, top_k_rows_),
 ) -> ChunkLoss:
-    """The chunk loss ``soft_factor · T² KL(q ‖ p) + hard_factor · CE(S, y)`` of each token.
+    """The chunk loss ``factor · (T² D + hard term)`` of each kept token, 0 for the others.
 
     Args:
-        teacher_input: ``(N, D_t)``, read only; teacher_weight: ``(V, D_t)``; teacher_bias: ``(V,)`` or None.
-        temperature: T > 0.
-        soft_factor: the factor of the distillation term (``1 / N`` for a mean, 1 for a sum).
-        kernel: the row kernel (chunked PyTorch or Triton).
-        hard: ``(target (N,), its options, hard_factor)`` for the hard-label cross-entropy, or None.
+        teacher: the teacher's head or top-k.
+        spec: the divergence and the transforms.
+        factor: ``()`` the factor of every token's loss (``1 / n`` for a mean, 1 for a sum).
+        kept: ``(N,)`` bool, the tokens that count.
+        hard: the hard-label term (its weights already 0 at ignored tokens), or None.
+        entropy: ``(N,)`` written with the student's entropy (0 at ignored tokens), or None.
+        kernels: ``(dense, top_k)`` row kernels (:func:`dense_rows_`, :func:`top_k_rows_` or their Triton twins).
     """
-    soft_options = RowLoss(logit_scale=1.0 / temperature)
-    squared = temperature**2
+    dense_kernel, top_k_kernel = kernels
 
     def chunk_loss(logits: torch.Tensor, rows: slice, grad_scale: torch.Tensor, needs_grad: bool) -> torch.Tensor:
-        dtype = accumulation_dtype(logits.dtype)
-        with torch.no_grad():  # two (c, V) buffers at most: log q in place of the teacher's logits, then q
-            log_q = torch.nn.functional.linear(teacher_input[rows], teacher_weight, teacher_bias).to(dtype)
-            log_q.div_(temperature)
-            log_q.sub_(torch.logsumexp(log_q, dim=1, keepdim=True))
-            probs = log_q.exp()
-            # Σ q log q as a batched dot product (no third buffer); q = 0 where log q = -inf gives 0 · -inf: masked
-            log_q.masked_fill_(probs == 0, 0.0)
-            neg_entropy = torch.bmm(probs.unsqueeze(1), log_q.unsqueeze(2)).view(-1)
-            del log_q
-        student = logits.clone() if hard is not None else None
-        soft_scale = grad_scale * (squared * soft_factor)
-        losses = kernel(logits, logits if needs_grad else None, probs, soft_options, soft_scale)
-        losses = (losses + neg_entropy) * (squared * soft_factor)
-        if hard is not None:
-            target, hard_options, hard_factor = hard
-            student = cast(torch.Tensor, student)  # cloned above, as hard is given
-            hard_scale = grad_scale * hard_factor
-            hard_losses = kernel(student, student if needs_grad else None, target[rows], hard_options, hard_scale)
-            if needs_grad:
-                logits.add_(student)
-            losses = losses + hard_factor * hard_losses
-        return losses
+        row_kept = kept[rows]
+        weight = torch.where(row_kept, factor, torch.zeros_like(factor))
+        scale = grad_scale * weight
+        chunk_entropy = None if entropy is None else entropy[rows]
+        chunk_hard = None if hard is None else HardLabels(hard.target[rows], hard.weight[rows])
+        if isinstance(teacher, DenseTeacher):
+            with torch.no_grad():  # an ignored token's hidden state is read as zeros, as fused_pass does the student's
+                hidden = teacher.input[rows]
+                hidden = torch.where(row_kept.unsqueeze(1), hidden, torch.zeros((), dtype=hidden.dtype))
+                teacher_logits = torch.nn.functional.linear(hidden, teacher.weight, teacher.bias)
+            losses = dense_kernel(logits, teacher_logits, spec, scale, needs_grad, chunk_entropy, hard=chunk_hard)
+        else:
+            losses = top_k_kernel(
+                logits,
+                teacher.indices[rows],
+                teacher.categories[rows],
+                teacher.valid[rows],
+                spec,
+                scale,
+                needs_grad,
+                chunk_entropy,
+                hard=chunk_hard,
+            )
+        if chunk_entropy is not None:
+            chunk_entropy.masked_fill_(~row_kept, 0.0)
+        # masked, not multiplied: an ignored token's loss may be NaN (its teacher's row is read as it is)
+        return torch.where(row_kept, losses * factor, torch.zeros_like(losses))
 
     return chunk_loss

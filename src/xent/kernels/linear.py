@@ -345,9 +345,10 @@ def fused_linear_loss(
     *,
     chunk_size: int | None = None,
     weight_grad_dtype: torch.dtype | None = None,
+    kept: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A loss of the head ``input (N, D) @ linear_weight.T`` given by its chunk loss, summed (``"sum"``) or per
-    token (``"none"``), by :class:`ChunkedLinearLoss`."""
+    token (``"none"``), by :class:`ChunkedLinearLoss`; ``kept`` as in :func:`fused_pass`."""
     chunk_size = chunk_size or default_chunk_size(
         input.shape[0], linear_weight.shape[0], input.device, input.element_size()
     )
@@ -359,6 +360,6 @@ def fused_linear_loss(
             linear_bias,
             None,
             None,
-            LinearCall(chunk_loss, reduction, chunk_size, weight_grad_dtype or linear_weight.dtype),
+            LinearCall(chunk_loss, reduction, chunk_size, weight_grad_dtype or linear_weight.dtype, kept=kept),
         ),
     )

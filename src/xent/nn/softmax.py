@@ -10,8 +10,10 @@ from collections.abc import Sequence
 import torch
 
 from xent import losses
+from xent.losses import checks
 from xent.losses.distill import check_distillation_options
 from xent.losses.softmax import check_softmax_options
+from xent.losses.teachers import check_divergence, check_tail
 from xent.nn.base import _Loss
 
 
@@ -201,10 +203,54 @@ class SymmetricCrossEntropyLoss(_Loss):
 
 
 class DistillationLoss(_Loss):
-    """Module form of :func:`xent.distillation_loss` (Hinton et al., 2015): ``forward(student_logits, teacher)``."""
+    """Module form of :func:`xent.distillation_loss`: ``forward(student_logits, teacher=None, *, target=None,
+    teacher_indices=None, teacher_log_probs=None, num_items_in_batch=None)``, the options stored at construction."""
 
     function = staticmethod(losses.distillation_loss)
 
-    def __init__(self, temperature: float = 1.0, reduction: str = "batchmean", teacher_is_probs: bool = False):
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        reduction: str = "batchmean",
+        teacher_is_probs: bool = False,
+        *,
+        divergence: str = "forward_kl",
+        beta: float | None = None,
+        top_k_tail: str = "renormalize",
+        hard_weight: float = 1.0,
+        ignore_index: int = -100,
+    ):
         temperature = check_distillation_options(temperature=temperature, reduction=reduction)
-        super().__init__(temperature=temperature, reduction=reduction, teacher_is_probs=teacher_is_probs)
+        checked_beta = check_divergence(divergence, beta)
+        options: dict[str, object] = dict(
+            temperature=temperature,
+            reduction=reduction,
+            teacher_is_probs=teacher_is_probs,
+            divergence=divergence,
+            beta=None if beta is None else checked_beta,
+            top_k_tail=check_tail(top_k_tail),
+            hard_weight=checks.check_in_range("hard_weight", hard_weight, 0.0),
+            ignore_index=checks.check_ignore_index(ignore_index),
+        )
+        super().__init__(**options)
+
+    def forward(  # type: ignore[override]  # the teacher and the per-batch tensors are keyword arguments
+        self,
+        student_logits: torch.Tensor,
+        teacher: torch.Tensor | None = None,
+        *,
+        target: torch.Tensor | None = None,
+        teacher_indices: torch.Tensor | None = None,
+        teacher_log_probs: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        options = {name: getattr(self, name) for name in self._option_names}
+        return losses.distillation_loss(
+            student_logits,
+            teacher,
+            target=target,
+            teacher_indices=teacher_indices,
+            teacher_log_probs=teacher_log_probs,
+            num_items_in_batch=num_items_in_batch,
+            **options,
+        )
