@@ -40,9 +40,10 @@ A **top-k teacher** gives, per token, the ids :math:`S` of its k most likely cla
   \tilde q)` with :math:`\tilde p` the student renormalised on :math:`S` (its mass outside :math:`S` is then left
   alone);
 - ``"bucket"``: both distributions over the :math:`k + 1` categories :math:`S \cup \{\text{tail}\}`, the teacher's
-  tail being :math:`1 - \sum_S e^{\ell}` (floored at the dtype's smallest normal number, which keeps the reverse KL
-  finite when the teacher's top-k holds all its mass) and the student's :math:`P_{\bar S} = \sum_{j \notin S} p_j`.
-  Every divergence is exact over those categories.
+  tail being :math:`1 - \sum_S e^{\ell}` (0 when within the rounding of that sum, :math:`k` times the dtype's
+  epsilon; after softening, floored at the dtype's smallest normal number, which keeps the reverse KL finite when the
+  teacher's top-k holds all its mass) and the student's :math:`P_{\bar S} = \sum_{j \notin S} p_j`. Every
+  divergence is exact over those categories. When the support covers the whole vocabulary there is no tail.
 
 Entries of :math:`S` whose log-probability is :math:`-\infty` are padding (a teacher that returned fewer than k
 classes): they are not part of the support, and their ids are not read.
@@ -123,13 +124,17 @@ def teacher_categories(
     if tail == "renormalize":
         categories = torch.cat([log_q, torch.full_like(log_q[:, :1], -math.inf)], dim=1)
     else:
-        kept = torch.logsumexp(log_q, dim=1).clamp(max=0.0)
-        tiny = torch.finfo(log_q.dtype).tiny
-        log_tail = torch.log((-torch.expm1(kept)).clamp(min=tiny))
-        categories = torch.cat([log_q, log_tail.unsqueeze(1)], dim=1)
+        remainder = -torch.expm1(torch.logsumexp(log_q, dim=1).clamp(max=0.0))
+        # a remainder within the rounding of the top-k's sum is no mass (softened, it would grow as r^(1/T))
+        rounding = log_q.shape[1] * torch.finfo(log_q.dtype).eps
+        remainder = torch.where(remainder > rounding, remainder, torch.zeros_like(remainder))
+        categories = torch.cat([log_q, remainder.log().unsqueeze(1)], dim=1)
     if temperature != 1.0:
         categories = categories / temperature
-    return torch.log_softmax(categories, dim=1)
+    categories = torch.log_softmax(categories, dim=1)
+    if tail == "bucket":  # floored after softening, so that the reverse KL stays finite
+        categories[:, -1].clamp_(min=math.log(torch.finfo(categories.dtype).tiny))
+    return categories
 
 
 def top_k_rows(
@@ -159,6 +164,10 @@ def top_k_rows(
     """
     log_support = (student_support - lse.unsqueeze(1)).masked_fill(~valid, -math.inf)
     log_tail = lse_tail - lse
+    # a support that covers the vocabulary leaves no tail: the teacher's (floored) tail has no classes either
+    teacher = torch.cat(
+        [teacher[:, :-1], teacher[:, -1:].masked_fill(log_tail.unsqueeze(1) == -math.inf, -math.inf)], 1
+    )
     if differentiable:
         lowest = torch.finfo(log_support.dtype).min
         log_support, log_tail, teacher = (

@@ -97,20 +97,6 @@ def _finish_(
     student.copy_(grad_u)
 
 
-def _hard_(
-    u: torch.Tensor, grad_u: torch.Tensor | None, hard: HardLabels, rows: slice, scale: torch.Tensor
-) -> torch.Tensor:
-    """The hard-label term's losses ``(B,)``; adds ``scale · weight · (softmax(u) − e_y)`` to ``grad_u``."""
-    target = hard.target[rows].unsqueeze(1)
-    weight = hard.weight[rows]
-    log_p = u - torch.logsumexp(u, dim=1, keepdim=True)
-    losses = -weight * log_p.gather(1, target).squeeze(1)
-    if grad_u is not None:
-        coefficient = (weight * scale).unsqueeze(1)
-        grad_u.add_(log_p.exp_().mul_(coefficient)).scatter_add_(1, target, -coefficient)
-    return losses
-
-
 def dense_rows_(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -122,33 +108,95 @@ def dense_rows_(
 ) -> torch.Tensor:
     """Per-row ``T² D(q, p)`` of raw head outputs ``student`` and ``teacher`` ``(c, V)`` (both scratch); with
     ``needs_grad``, ``grad_scale[n] · ∂(T² D + hard term)/∂x`` written over ``student``; the student's entropy at
-    temperature T into ``entropy`` when given. Returns the losses (hard term included) in the accumulation dtype."""
+    temperature T into ``entropy`` when given. Returns the losses (hard term included) in the accumulation dtype.
+
+    The closed forms of :mod:`xent.core.divergence`, written in place for each divergence: a block's log-probabilities
+    overwrite its logits, one or two exponentials and the mixture are the only temporaries, and the per-row sums are
+    batched dot products. Log-probabilities are clamped at the dtype's lowest number, so a probability of exactly 0
+    (a masked class) contributes 0 without a ``0 · -inf``."""
     temperature = spec.temperature
     losses = torch.empty(student.shape[0], dtype=accumulation_dtype(student.dtype), device=student.device)
 
     def block_(rows: slice) -> None:
         u, tanh = transformed(student[rows], spec.logit_scale, spec.softcap)
-        z = u / temperature
-        log_p = z.sub_(torch.logsumexp(z, dim=1, keepdim=True))
-        log_q, _ = transformed(teacher[rows], spec.teacher_logit_scale, spec.teacher_softcap)
-        log_q = log_q.div_(temperature) if temperature != 1.0 else log_q
-        log_q = log_q.sub_(torch.logsumexp(log_q, dim=1, keepdim=True))
-        terms, slopes = math_.divergence_terms(log_p, log_q, spec.divergence, spec.beta)
-        loss = terms.sum(dim=1) * temperature**2
-        if entropy is not None:
-            entropy[rows] = _entropy(log_p)
-        grad_u = None
-        if needs_grad:
-            # ∂(T² D)/∂u = T ∂D/∂z
-            grad_u = math_.softmax_gradient(slopes, log_p).mul_((grad_scale[rows] * temperature).unsqueeze(1))
+        hard_loss = hard_grad = None
         if hard is not None:
-            loss = loss + _hard_(u, grad_u, hard, rows, grad_scale[rows])
-        losses[rows] = loss
-        if grad_u is not None:
-            _finish_(student[rows], grad_u, spec, tanh)
+            hard_loss, hard_grad = _hard_terms(u, hard, rows, grad_scale[rows] if needs_grad else None)
+        log_p = _log_probs_(u, temperature)
+        log_q = _log_probs_(transformed(teacher[rows], spec.teacher_logit_scale, spec.teacher_softcap)[0], temperature)
+        p = log_p.exp()
+        if entropy is not None:
+            entropy[rows] = -_dot(p, log_p)
+        coefficient = (grad_scale[rows] * temperature).unsqueeze(1) if needs_grad else None  # ∂(T² D)/∂u = T ∂D/∂z
+        loss = _divergence_(log_p, log_q, p, spec.divergence, spec.beta, coefficient) * temperature**2
+        losses[rows] = loss if hard_loss is None else loss + hard_loss
+        if needs_grad:
+            if hard_grad is not None:
+                log_p.add_(hard_grad)
+            _finish_(student[rows], log_p, spec, tanh)
 
     _for_each_row_block(student, block_)
     return losses
+
+
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of ``(B, V)`` blocks, ``(B,)``, in one pass without a ``(B, V)`` temporary."""
+    return torch.linalg.vecdot(x, y)
+
+
+def _log_probs_(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log_softmax(z / T)`` in place (one fused pass), clamped at the dtype's lowest number."""
+    if temperature != 1.0:
+        z.div_(temperature)
+    torch._log_softmax(z, 1, False, out=z)
+    return z.clamp_(min=torch.finfo(z.dtype).min)
+
+
+def _divergence_(
+    log_p: torch.Tensor,
+    log_q: torch.Tensor,
+    p: torch.Tensor,
+    divergence: str,
+    beta: float,
+    coefficient: torch.Tensor | None,
+) -> torch.Tensor:
+    """``D (B,)`` of a block, ``p = e^log_p``; with ``coefficient (B, 1)``, ``coefficient · ∂D/∂z`` written over
+    ``log_p``. ``log_q`` is overwritten."""
+    if divergence == "forward_kl":
+        q = log_q.exp()
+        loss = _dot(q, log_q.sub_(log_p))  # Σ q (log q − log p)
+        if coefficient is not None:
+            torch.sub(p, q, out=log_p).mul_(coefficient)  # p − q
+        return loss
+    if divergence == "reverse_kl":
+        gap = torch.sub(log_p, log_q, out=log_q)  # log p − log q
+        loss = _dot(p, gap)
+        if coefficient is not None:
+            torch.mul(gap.sub_(loss.unsqueeze(1)).mul_(coefficient), p, out=log_p)  # p (log p − log q − KL)
+        return loss
+    q = log_q.exp()
+    log_m = torch.lerp(p, q, beta).clamp_(min=torch.finfo(p.dtype).tiny).log_()  # m = (1 − β) p + β q
+    kl_teacher = _dot(q, log_q.sub_(log_m))  # Σ q (log q − log m)
+    gap = torch.sub(log_p, log_m, out=log_m)  # log p − log m
+    kl_student = _dot(p, gap)
+    if coefficient is not None:  # (1 − β) p (log p − log m − KL(p ‖ m))
+        torch.mul(gap.sub_(kl_student.unsqueeze(1)).mul_(coefficient * (1.0 - beta)), p, out=log_p)
+    return beta * kl_teacher + (1.0 - beta) * kl_student
+
+
+def _hard_terms(
+    u: torch.Tensor, hard: HardLabels, rows: slice, grad_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The hard-label term of a block of logits ``u`` (read only): its losses ``(B,)`` and, given the rows'
+    ``grad_scale``, its gradient ``grad_scale · weight · (softmax(u) − e_y)``."""
+    target = hard.target[rows].unsqueeze(1)
+    weight = hard.weight[rows]
+    log_p = u - torch.logsumexp(u, dim=1, keepdim=True)
+    losses = -weight * log_p.gather(1, target).squeeze(1)
+    if grad_scale is None:
+        return losses, None
+    coefficient = (weight * grad_scale).unsqueeze(1)
+    return losses, log_p.exp_().mul_(coefficient).scatter_add_(1, target, -coefficient)
 
 
 def top_k_rows_(
@@ -196,7 +244,10 @@ def top_k_rows_(
             values = torch.where(any_valid[rows].unsqueeze(1), values, grad_z.gather(1, ids))
             grad_u = grad_z.scatter_(1, ids, values).mul_((grad_scale[rows] * temperature).unsqueeze(1))
         if hard is not None:
-            loss = loss + _hard_(u, grad_u, hard, rows, grad_scale[rows])
+            hard_loss, hard_grad = _hard_terms(u, hard, rows, grad_scale[rows] if needs_grad else None)
+            loss = loss + hard_loss
+            if grad_u is not None and hard_grad is not None:
+                grad_u.add_(hard_grad)
         losses[rows] = loss
         if grad_u is not None:
             _finish_(student[rows], grad_u, spec, tanh)
@@ -265,6 +316,7 @@ def distillation_chunk_loss(
         kernels: ``(dense, top_k)`` row kernels (:func:`dense_rows_`, :func:`top_k_rows_` or their Triton twins).
     """
     dense_kernel, top_k_kernel = kernels
+    buffers: list[torch.Tensor] = []
 
     def chunk_loss(logits: torch.Tensor, rows: slice, grad_scale: torch.Tensor, needs_grad: bool) -> torch.Tensor:
         row_kept = kept[rows]
@@ -276,7 +328,13 @@ def distillation_chunk_loss(
             with torch.no_grad():  # an ignored token's hidden state is read as zeros, as fused_pass does the student's
                 hidden = teacher.input[rows]
                 hidden = torch.where(row_kept.unsqueeze(1), hidden, torch.zeros((), dtype=hidden.dtype))
-                teacher_logits = torch.nn.functional.linear(hidden, teacher.weight, teacher.bias)
+                if not buffers or buffers[0].shape[0] < hidden.shape[0]:  # one teacher chunk, reused
+                    buffers[:] = [hidden.new_empty(hidden.shape[0], teacher.weight.shape[0])]
+                teacher_logits = buffers[0][: hidden.shape[0]]
+                if teacher.bias is None:
+                    torch.mm(hidden, teacher.weight.t(), out=teacher_logits)
+                else:
+                    torch.addmm(teacher.bias, hidden, teacher.weight.t(), out=teacher_logits)
             losses = dense_kernel(logits, teacher_logits, spec, scale, needs_grad, chunk_entropy, hard=chunk_hard)
         else:
             losses = top_k_kernel(

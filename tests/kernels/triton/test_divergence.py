@@ -5,6 +5,7 @@ Every case holds a row whose first block of columns (and one more) is masked to 
 padded for the GPU; 37 columns: three interpreter blocks of 16, the last partial), a top-k row with padding entries
 whose ids are out of range (never read), and a full one."""
 
+import itertools
 import math
 
 import pytest
@@ -198,8 +199,8 @@ def test_support_covering_the_vocabulary():
     log_probs, indices = torch.log_softmax(teacher, dim=1).sort(dim=1, descending=True)
     valid = torch.ones_like(indices, dtype=torch.bool)
     scale = torch.tensor([1.0, -0.5], dtype=torch.float64)
-    for divergence in ("forward_kl", "reverse_kl", "jsd"):
-        spec = DistillSpec(divergence, 0.5, 2.0, tail="renormalize")
+    for divergence, tail in itertools.product(("forward_kl", "reverse_kl", "jsd"), ("renormalize", "bucket")):
+        spec = DistillSpec(divergence, 0.5, 2.0, tail=tail)
         want_loss, want_entropy, want_grad, _ = _reference(spec, student, None, indices, log_probs, valid, scale, None)
         x, entropy = student.float().to(DEVICE), torch.empty(2, device=DEVICE)
         categories = teacher_categories(log_probs, valid, spec.tail, 2.0).float().to(DEVICE)

@@ -342,6 +342,7 @@ def top_k_rows_kernel(
     u_lse = u_top + tl.log(u_total)
     a_support = z_support - lse
     a_tail = lse_tail - lse
+    b_tail = tl.where(a_tail == float("-inf"), float("-inf"), b_tail)  # a support covering V leaves no tail
 
     # the k + 1 categories — xent.core.divergence.top_k_rows
     if SUPPORT_ONLY:
