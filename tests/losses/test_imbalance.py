@@ -125,6 +125,58 @@ def test_gradcheck(name):
     assert torch.autograd.gradcheck(lambda x: GRADCHECKED[name](x, target), (logits,))
 
 
+HALF_COUNTS = torch.tensor([400.0, 200, 100, 50, 20, 5])
+FORMED = {  # each loss whose definition forms new logits from the input, and those logits written out in float64
+    "ldam_loss": (
+        lambda x, t, impl: xent.ldam_loss(x, t, class_counts=HALF_COUNTS, scale=30.0, reduction="none", impl=impl),
+        lambda x, t: 30.0 * (x - xent.ldam_margins(HALF_COUNTS, 0.5)[t].unsqueeze(1) * F.one_hot(t, C)),
+    ),
+    "logit_adjusted_cross_entropy": (
+        lambda x, t, impl: xent.logit_adjusted_cross_entropy(
+            x, t, class_counts=HALF_COUNTS, tau=2.0, reduction="none", impl=impl
+        ),
+        lambda x, t: x + 2.0 * (HALF_COUNTS.double() / HALF_COUNTS.sum()).log(),
+    ),
+    "balanced_softmax_cross_entropy": (
+        lambda x, t, impl: xent.balanced_softmax_cross_entropy(
+            x, t, class_counts=HALF_COUNTS, reduction="none", impl=impl
+        ),
+        lambda x, t: x + HALF_COUNTS.double().log(),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(FORMED))
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_form_the_loss_logits_in_float32(name, impl, dtype):
+    """s (x − m) and x + τ log π are formed in float32 from half inputs, as the kernels form them: the loss and the
+    gradient are the float64 ones up to their rounding to the input's dtype. Formed in half precision, they were
+    off by s times the inputs' rounding: the fuzz layer's float16 LDAM case (s = 30, x ≈ 6) gave 11.875 for
+    11.953."""
+    loss_of, formed = FORMED[name]
+    x = (torch.randn(64, C, dtype=torch.float64) * 16).to(dtype).requires_grad_()
+    target = torch.randint(C, (64,))
+    exact_x = x.detach().double().requires_grad_()
+    exact = F.cross_entropy(formed(exact_x, target), target, reduction="none")
+    loss = loss_of(x, target, impl)
+    assert loss.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(loss.double(), exact.detach(), rtol=eps, atol=1e-4)
+    grad_output = torch.randn(64, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(loss, x, grad_output.to(dtype))
+    (exact_grad,) = torch.autograd.grad(exact, exact_x, grad_output.to(dtype).double())
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=eps, atol=eps * exact_grad.abs().max().item())
+
+
+def test_ldam_in_float16_matches_the_fuzz_case():
+    x = torch.tensor([6.6133, 2.6699, 0.6167, 6.2148], dtype=torch.float16)
+    loss = xent.ldam_loss(x, torch.tensor(3), class_counts=torch.ones(4), max_margin=0.0, scale=30.0)
+    exact = F.cross_entropy(30.0 * x.double(), torch.tensor(3))
+    assert loss.dtype == torch.float16
+    assert loss.item() == exact.half().item() == 11.953125
+
+
 # --- errors ----------------------------------------------------------------------------------------------------
 
 LOGITS, TARGET = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])

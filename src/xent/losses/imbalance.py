@@ -13,6 +13,7 @@ from typing import Any, cast
 import torch
 
 from xent.core.autocast import float32_under_autocast
+from xent.core.reduce import accumulation_dtype
 from xent.core.rowloss import RowLoss
 from xent.kernels.dispatch import Impl
 from xent.losses import checks
@@ -174,13 +175,20 @@ def logit_adjusted_cross_entropy(
         "reduction": reduction,
         "token_weight": token_weight,
     }
+
+    def readable() -> torch.Tensor:
+        # The offset is added in float32 for half inputs, as the kernels add it: x + τ log π rounded to half
+        # precision would shift the logits by up to half a unit in their last place.
+        logits = input.to(accumulation_dtype(input.dtype))
+        adjusted = logits + offset.to(logits.dtype)
+        loss = cross_entropy(adjusted, target, label_smoothing=label_smoothing, impl="reference", **options)
+        return loss.to(input.dtype)
+
     return fused_index_loss(
         "logit_adjusted_cross_entropy",
         input,
         target,
-        lambda: cross_entropy(
-            input + offset.to(input.dtype), target, label_smoothing=label_smoothing, impl="reference", **options
-        ),
+        readable,
         impl=impl,
         description=description,
         **options,
@@ -317,9 +325,12 @@ def ldam_loss(
         # cross_entropy below reports them as PyTorch would.
         safe_target = torch.where(target == ignore_index, torch.zeros_like(target), target)
         safe_target = safe_target.clamp(0, margins.numel() - 1)
-        margin_of_target = margins.to(device=input.device, dtype=input.dtype)[safe_target].unsqueeze(class_dim)
-        offset = torch.zeros_like(input).scatter(class_dim, safe_target.unsqueeze(class_dim), margin_of_target)
-        return cross_entropy(scale * (input - offset), target, impl="reference", **options)
+        # s (x − m) in float32 for half inputs, as the kernels form it: rounded to half precision, the scaled logits
+        # would be off by s times the inputs' rounding (0.08 at s = 30 and x ≈ 6).
+        logits = input.to(accumulation_dtype(input.dtype))
+        margin_of_target = margins.to(device=input.device, dtype=logits.dtype)[safe_target].unsqueeze(class_dim)
+        offset = torch.zeros_like(logits).scatter(class_dim, safe_target.unsqueeze(class_dim), margin_of_target)
+        return cross_entropy(scale * (logits - offset), target, impl="reference", **options).to(input.dtype)
 
     return fused_index_loss(
         "ldam_loss",
