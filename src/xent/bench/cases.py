@@ -3,13 +3,17 @@
 Each implementation is prepared on a :class:`~xent.bench.Problem` and then stepped (:mod:`xent.bench.problem`). A
 *floor* is not a loss: it is the least work any implementation must do — for linear cross-entropy the three GEMMs
 (logits, d(input), d(weight)); for cross-entropy on given logits one pass that reads two logits-sized tensors and
-writes a third, the traffic of "read the logits twice, write the gradient once".
+writes a third, the traffic of "read the logits twice, write the gradient once"; for distilling one head into another
+four (the teacher's logits too, none for a top-k teacher). A *baseline* is not an implementation either: another
+loss on the same inputs, the yardstick of the table's "× baseline" column (linear-distill's is the student head's
+linear cross-entropy).
 """
 
 from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 
 import xent
 from xent.bench.problem import (
+    DISTILL_TEMPERATURE,
     LM_BATCH,
     NEEDS_CUDA,
     NOT_APPLICABLE,
@@ -26,6 +31,7 @@ from xent.bench.problem import (
     Prepared,
     Problem,
     Unavailable,
+    jsd_beta,
     lm_config,
     loss_options,
 )
@@ -214,22 +220,86 @@ def _lm_step(patch: dict[str, Any] | None) -> Callable[[Problem], Prepared]:
 
 # --- linear distillation ------------------------------------------------------------------------------------------
 
+TOP_K_BLOCK = 1024  # rows of teacher logits at a time while a top-k teacher is made (untimed)
+
+
+def _teacher(problem: Problem) -> dict[str, torch.Tensor]:
+    """The teacher, as linear_distillation_loss takes it: a head of the student's shape (``teacher_input``,
+    ``teacher_linear_weight``), or with ``--top-k`` that head's k most likely ids per token and their
+    log-probabilities (``teacher_indices``, ``teacher_log_probs``: what a teacher served offline returns), made here
+    a block of rows at a time, before anything is timed."""
+    teacher_hidden, teacher_weight, _ = _inputs(problem, seed=1)
+    if problem.top_k is None:
+        return {"teacher_input": teacher_hidden, "teacher_linear_weight": teacher_weight}
+    ids, log_probs = [], []
+    for rows in teacher_hidden.split(TOP_K_BLOCK):
+        logits = (rows @ teacher_weight.t()).float()
+        top = logits.topk(problem.top_k, dim=-1)
+        ids.append(top.indices)
+        log_probs.append((top.values - logits.logsumexp(-1, keepdim=True)).to(problem.torch_dtype))
+    return {"teacher_indices": torch.cat(ids), "teacher_log_probs": torch.cat(log_probs)}
+
+
+def distill_loss(problem: Problem, impl: Impl | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """linear_distillation_loss of a student's hidden states and head, with the problem's divergence and teacher
+    (T = 2)."""
+    teacher = _teacher(problem)
+
+    def loss(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return xent.linear_distillation_loss(
+            hidden,
+            weight,
+            teacher.get("teacher_input"),
+            teacher.get("teacher_linear_weight"),
+            teacher_indices=teacher.get("teacher_indices"),
+            teacher_log_probs=teacher.get("teacher_log_probs"),
+            top_k_tail=problem.top_k_tail,
+            divergence=problem.divergence,
+            beta=problem.beta,
+            temperature=DISTILL_TEMPERATURE,
+            impl=impl,
+        )
+
+    return loss
+
 
 def _distill(impl: Impl | None, *, compiled: bool = False) -> Callable[[Problem], Prepared]:
-    """linear_distillation_loss with a teacher head of the student's shape (T = 2)."""
-
     def prepare(problem: Problem) -> Prepared:
         hidden, weight, _ = _inputs(problem)
-        teacher_hidden, teacher_weight, _ = _inputs(problem, seed=1)
         hidden, weight = _leaves(hidden, weight)
-
-        def loss(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-            return xent.linear_distillation_loss(hidden, weight, teacher_hidden, teacher_weight, temperature=2.0,
-                                                 impl=impl)  # fmt: skip
-
+        loss = distill_loss(problem, impl)
         return Prepared(_loss_step(_compiled(loss) if compiled else loss, hidden, weight), _clear(hidden, weight))
 
     return prepare
+
+
+def trl_beta(problem: Problem) -> float:
+    """TRL's ``beta`` for the problem's divergence: 0 is its forward KL, 1 its reverse KL, between them its JSD."""
+    return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(problem.divergence, jsd_beta(problem))
+
+
+def _trl_distill(problem: Problem) -> Prepared:
+    """TRL's ChunkedDivergenceFunction (its DistillationTrainer's loss) on the same hidden states and heads: the
+    per-token divergences summed, then backward. Its value is xent's / T² (xent's loss carries Hinton's T²)."""
+    chunked = importlib.import_module("trl.kernels.chunked_divergence")  # Any: TRL is optional
+    hidden, weight, _ = _inputs(problem)
+    teacher = _teacher(problem)
+    hidden, weight = _leaves(hidden, weight)
+    beta = trl_beta(problem)
+
+    def loss(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        divergence, _entropy = chunked.ChunkedDivergenceFunction.apply(hidden, weight, None, teacher["teacher_input"],
+                                                                       teacher["teacher_linear_weight"], None, beta,
+                                                                       DISTILL_TEMPERATURE)  # fmt: skip
+        return cast(torch.Tensor, divergence.sum())
+
+    return Prepared(_loss_step(loss, hidden, weight), _clear(hidden, weight))
+
+
+def _distill_baseline(problem: Problem) -> Prepared:
+    """xent.linear_cross_entropy of the student's head alone, on the same hidden states and head: the yardstick of
+    a fused distillation loss (its floor is four GEMMs to cross-entropy's three, 4/3 of this time)."""
+    return _linear(lambda hidden, weight, target: xent.linear_cross_entropy(hidden, weight, target))(problem)
 
 
 def _distill_floor(problem: Problem) -> Prepared:
@@ -238,8 +308,10 @@ def _distill_floor(problem: Problem) -> Prepared:
     out: list[torch.Tensor] = []
 
     def step() -> None:
-        logits, teacher = hidden @ weight.t(), teacher_hidden @ teacher_weight.t()  # (N, V) each
-        out.extend((teacher, logits @ weight, logits.t() @ hidden))  # d(input), d(weight)
+        logits = hidden @ weight.t()  # (N, V)
+        if problem.top_k is None:  # the teacher's logits; a top-k teacher comes as k numbers per token
+            out.append(teacher_hidden @ teacher_weight.t())
+        out.extend((logits @ weight, logits.t() @ hidden))  # d(input), d(weight)
 
     return Prepared(step, out.clear)
 
@@ -283,6 +355,19 @@ def _needs_package(module: str, *, cuda: bool = True) -> Callable[[Problem], Una
     return needs
 
 
+def _needs_trl(problem: Problem) -> Unavailable | None:
+    """TRL with its ChunkedDivergenceFunction (TRL 1.16: ``pip install -e ".[trl]"``), on a teacher head. Looked up
+    on disk: importing it imports transformers, seconds that every table would pay."""
+    spec = importlib.util.find_spec("trl")
+    if spec is None or not any(
+        Path(folder, "kernels", "chunked_divergence.py").is_file() for folder in spec.submodule_search_locations or []
+    ):
+        return Unavailable(NOT_INSTALLED, "trl.kernels.chunked_divergence (TRL 1.16)")
+    if problem.top_k is not None:
+        return Unavailable(NOT_APPLICABLE, "TRL's ChunkedDivergenceFunction takes the teacher's head, not its top-k")
+    return None
+
+
 def _needs_cuda(problem: Problem) -> Unavailable | None:
     return None if problem.device == "cuda" else Unavailable(NEEDS_CUDA, "on the CPU, xent is the chunked kernel")
 
@@ -309,7 +394,8 @@ def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
 
 # Beside xent's automatic choice: its chunked kernel (on GPUs, where the automatic one is Triton), its plain
 # reference (the loss of the materialised logits, eager) and torch.compile of that same formula — the baselines of a
-# family loss that no other library has — and, for plain cross-entropy, PyTorch's, Liger's and CCE's.
+# family loss that no other library has — and, for plain cross-entropy, PyTorch's, Liger's and CCE's; for
+# distillation, TRL's fused divergence and, as a yardstick, the student head's own linear cross-entropy.
 IMPLEMENTATIONS: dict[str, list[Implementation]] = {
     "ce": [
         Implementation("xent", "ce", _ce_family(None)),
@@ -361,6 +447,8 @@ IMPLEMENTATIONS: dict[str, list[Implementation]] = {
         Implementation("xent-chunked", "linear-distill", _distill("chunked"), needs=_needs_cuda),
         Implementation("xent-reference", "linear-distill", _distill("reference")),
         Implementation("reference-compile", "linear-distill", _distill("reference", compiled=True), compiles=True),
+        Implementation("trl", "linear-distill", _trl_distill, needs=_needs_trl),
+        Implementation("xent-linear-ce", "linear-distill", _distill_baseline, is_baseline=True),
         Implementation("floor", "linear-distill", _distill_floor, is_floor=True),
     ],
     "lm-step": [

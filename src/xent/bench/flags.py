@@ -11,7 +11,8 @@ import torch
 
 from xent.bench.cases import IMPLEMENTATIONS
 from xent.bench.load import SPINNERS_PER_CORE, check_spinners
-from xent.bench.problem import DTYPES, LM_BATCH, OPERATIONS, SHAPES, Problem
+from xent.bench.problem import DTYPES, JSD_BETA, LM_BATCH, OPERATIONS, SHAPES, Problem
+from xent.core.divergence import DIVERGENCES, TOP_K_TAILS
 from xent.losses.family import FAMILY
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -32,6 +33,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def unit_interval(text: str) -> float:
+    """A number strictly between 0 and 1 (the JSD's β; its endpoints are the two KLs, ``--divergence``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"must be strictly between 0 and 1, got {text!r} (β = 0 and 1 are --divergence forward_kl and reverse_kl)"
+        )
+    return value
+
+
 def int_list(text: str) -> list[int]:
     return [positive_int(part) for part in text.split(",") if part]
 
@@ -41,7 +55,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "operation",
         choices=OPERATIONS,
         help="ce: a loss on given logits; linear-ce: a loss of a linear head (--loss); "
-        "linear-distill: distillation of one head into another; lm-step: a training step of a small Llama "
+        "linear-distill: distillation of one head into another (--divergence, --top-k), beside TRL's and the student "
+        "head's linear cross-entropy; lm-step: a training step of a small Llama "
         "(hidden size --d, 4 layers) patched by xent.hf against the unpatched model (needs transformers)",
     )
     shape = parser.add_argument_group("problem")
@@ -57,6 +72,29 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default="cross_entropy",
         help="the family loss to measure (default cross_entropy); beside xent, its materialised reference, eager "
         "and under torch.compile",
+    )
+    distill = parser.add_argument_group("linear-distill")
+    distill.add_argument(
+        "--divergence",
+        choices=DIVERGENCES,
+        help="the divergence of student and teacher (default forward_kl); TRL's row runs its beta 0, 1 or --beta",
+    )
+    distill.add_argument(
+        "--beta",
+        type=unit_interval,
+        help=f"the JSD's mixture weight, in (0, 1), with --divergence jsd (default {JSD_BETA})",
+    )
+    distill.add_argument(
+        "--top-k",
+        type=positive_int,
+        metavar="K",
+        help="a top-k teacher: K ids and log-probabilities per token (the teacher head's most likely) in place of "
+        "the teacher's head",
+    )
+    distill.add_argument(
+        "--top-k-tail",
+        choices=TOP_K_TAILS,
+        help="with --top-k: renormalize the teacher over its K ids (default) or keep the rest as one tail category",
     )
     run = parser.add_argument_group("run")
     names = "; ".join(f"{op}: {', '.join(i.name for i in impls)}" for op, impls in IMPLEMENTATIONS.items())
@@ -92,6 +130,7 @@ def problems(args: argparse.Namespace) -> list[Problem]:
     check_spinners(args.contend)
     if args.loss != "cross_entropy" and args.operation == "linear-distill":
         raise ValueError("--loss applies to ce and linear-ce; linear-distill measures linear_distillation_loss")
+    distill = _distillation(args)
     if args.operation == "lm-step" and args.shape is not None:
         raise ValueError("--shape sets a head's shape; lm-step builds a model: give --n, --d and --v")
     if args.operation == "lm-step" and (args.n or defaults["n"]) % LM_BATCH:
@@ -102,7 +141,27 @@ def problems(args: argparse.Namespace) -> list[Problem]:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
     dtype = args.dtype or defaults["dtype"]
-    return [
-        Problem(args.operation, args.n or defaults["n"], args.d or defaults["d"], vocab, dtype, device, args.loss)
-        for vocab in args.v or int_list(defaults["v"])
-    ]
+    vocabularies = args.v or int_list(defaults["v"])
+    if args.top_k is not None and args.top_k > min(vocabularies):
+        raise ValueError(f"--top-k {args.top_k} is more than the {min(vocabularies)} classes of --v")
+    n, d = args.n or defaults["n"], args.d or defaults["d"]
+    return [Problem(args.operation, n, d, vocab, dtype, device, args.loss, **distill) for vocab in vocabularies]
+
+
+def _distillation(args: argparse.Namespace) -> dict[str, Any]:
+    """The linear-distill flags as Problem fields, checked: none given for another operation, --beta only with the
+    JSD, --top-k-tail only with --top-k."""
+    given = [flag for flag in ("divergence", "beta", "top_k", "top_k_tail") if getattr(args, flag) is not None]
+    if given and args.operation != "linear-distill":
+        raise ValueError(f"--{given[0].replace('_', '-')} applies to linear-distill only")
+    divergence = args.divergence or "forward_kl"
+    if args.beta is not None and divergence != "jsd":
+        raise ValueError(f"--beta is the JSD's mixture weight: give it with --divergence jsd, not {divergence}")
+    if args.top_k_tail is not None and args.top_k is None:
+        raise ValueError("--top-k-tail says how to treat a top-k teacher's tail: give it with --top-k K")
+    return {
+        "divergence": divergence,
+        "beta": args.beta,
+        "top_k": args.top_k,
+        "top_k_tail": args.top_k_tail or "renormalize",
+    }

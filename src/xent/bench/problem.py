@@ -28,7 +28,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class Problem:
-    """One benchmark problem. ``n`` rows (tokens), ``d`` features (linear-ce only), ``v`` classes."""
+    """One benchmark problem. ``n`` rows (tokens), ``d`` features (not for ce), ``v`` classes."""
 
     operation: str
     n: int
@@ -37,10 +37,27 @@ class Problem:
     dtype: str = "float32"
     device: str = "cpu"
     loss: str = "cross_entropy"  # any loss linear_loss fuses (`--loss`)
+    # linear-distill only: the divergence (`--divergence`, `--beta`) and a top-k teacher (`--top-k`, `--top-k-tail`:
+    # k ids and log-probabilities per token instead of the teacher's head)
+    divergence: str = "forward_kl"
+    beta: float | None = None
+    top_k: int | None = None
+    top_k_tail: str = "renormalize"
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    def distillation(self) -> str:
+        """linear-distill's options in words, for the table's title and the CSV: ``jsd β=0.5, T=2``, with
+        ``, top-8 teacher (renormalize)`` for a top-k teacher; empty for the other operations."""
+        if self.operation != "linear-distill":
+            return ""
+        words = self.divergence + (f" β={jsd_beta(self):g}" if self.divergence == "jsd" else "")
+        words += f", T={DISTILL_TEMPERATURE:g}"
+        if self.top_k is not None:
+            words += f", top-{self.top_k} teacher ({self.top_k_tail})"
+        return words
 
     def floor_bytes(self) -> int:
         """Memory no implementation can avoid beyond its inputs: the gradients it returns."""
@@ -51,6 +68,16 @@ class Problem:
             return self.n * self.v * size  # d(logits)
         # linear-ce and linear-distill (the teacher's head is not differentiated)
         return (self.n * self.d + self.v * self.d) * size  # d(input) + d(weight)
+
+
+# linear-distill's temperature: it changes no work, only the numbers (xent's loss carries a T² factor, TRL's not)
+DISTILL_TEMPERATURE = 2.0
+JSD_BETA = 0.5  # xent's default β for divergence="jsd"
+
+
+def jsd_beta(problem: Problem) -> float:
+    """The JSD's mixture weight β of a linear-distill problem (xent's default when ``--beta`` is not given)."""
+    return JSD_BETA if problem.beta is None else problem.beta
 
 
 @dataclass
@@ -87,13 +114,16 @@ class Unavailable:
 @dataclass(frozen=True)
 class Implementation:
     """One way to run an operation: ``prepare`` makes it ready on a problem, ``needs`` says why it cannot run there
-    (or None); a floor is the least work any implementation must do, not a loss."""
+    (or None); a floor is the least work any implementation must do, not a loss; a baseline is another loss on the
+    same inputs, the yardstick its ratio column compares each implementation with (linear-distill's: the student
+    head's linear cross-entropy) — neither is ranked."""
 
     name: str
     operation: str
     prepare: Callable[[Problem], Prepared]
     is_floor: bool = False
     compiles: bool = False
+    is_baseline: bool = False  # a yardstick from another operation, not ranked (linear-distill's xent-linear-ce)
     needs: Callable[[Problem], Unavailable | None] = lambda problem: None  # why it cannot run, or None
 
 

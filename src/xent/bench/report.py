@@ -15,21 +15,33 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 MB = 1 << 20
+# What each baseline row is, for the legend under its table.
+BASELINES = {
+    "xent-linear-ce": "the student head's linear_cross_entropy on the same inputs, not ranked (with a teacher head a "
+    "distillation's floor is four GEMMs to cross-entropy's three: 4/3 of its time)",
+}
 
 
 def ratios(measurements: Sequence[Measurement]) -> dict[str, dict[str, float | None]]:
-    """For each implementation: time over the best implementation of another library (xent's rows are compared
-    with torch, Liger and CCE, not with each other), time over the floor, and peak memory minus the memory floor
-    (the gradients it must return)."""
+    """For each implementation: time and peak memory over the best implementation of another library (xent's rows
+    are compared with torch, Liger, CCE and TRL, not with each other), time over the floor and over the baseline
+    (where the operation has one), and peak memory minus the memory floor (the gradients it must return)."""
     measured = [m for m in measurements if m.time_s is not None]
     floor = next((m for m in measured if m.is_floor), None)
+    baseline = next((m for m in measured if m.is_baseline), None)
     result: dict[str, dict[str, float | None]] = {}
     for m in measured:  # each with its time_s
-        others = [cast(float, o.time_s) for o in measured if _library(o.name) != _library(m.name) and not o.is_floor]
-        peak = m.peak
+        ranked = not m.is_floor and not m.is_baseline
+        others = [o for o in measured if _library(o.name) != _library(m.name) and not o.is_floor and not o.is_baseline]
+        other_peaks = [o.peak for o in others if o.peak is not None]
+        peak, time_s = m.peak, cast(float, m.time_s)
         result[m.name] = {
-            "vs_best_other": cast(float, m.time_s) / min(others) if others and not m.is_floor else None,
-            "vs_floor": cast(float, m.time_s) / cast(float, floor.time_s) if floor and not m.is_floor else None,
+            "vs_best_other": time_s / min(cast(float, o.time_s) for o in others) if others and ranked else None,
+            "peak_vs_best_other": peak / min(other_peaks)
+            if peak is not None and other_peaks and min(other_peaks) > 0 and ranked
+            else None,
+            "vs_floor": time_s / cast(float, floor.time_s) if floor and not m.is_floor else None,
+            "vs_baseline": time_s / cast(float, baseline.time_s) if baseline and ranked else None,
             "extra_over_floor_mb": (peak - m.problem.floor_bytes()) / MB
             if peak is not None and not m.is_floor
             else None,
@@ -70,8 +82,11 @@ def _mb(size: float) -> str:
 
 
 def _ranked(measurements: Sequence[Measurement]) -> list[Measurement]:
-    """The implementations that ran (the floor is not one), fastest first."""
-    return sorted((m for m in measurements if m.time_s is not None and not m.is_floor), key=lambda m: m.time_s or 0)
+    """The implementations that ran (the floor and the baseline are not implementations), fastest first."""
+    return sorted(
+        (m for m in measurements if m.time_s is not None and not m.is_floor and not m.is_baseline),
+        key=lambda m: m.time_s or 0,
+    )
 
 
 def _fastest(ranked: list[Measurement]) -> str:
@@ -118,7 +133,7 @@ def _leanest(ranked: list[Measurement]) -> str:
 
 def verdict(measurements: Sequence[Measurement]) -> str:
     """One line: what won on time and on memory, by how much over the runner-up, or that the runs cannot tell the
-    first two apart; computed from the measured rows (not the floor's)."""
+    first two apart; computed from the measured rows (not the floor's or the baseline's)."""
     ranked = _ranked(measurements)
     if not ranked:
         return "verdict: no implementation ran"
@@ -149,14 +164,22 @@ def _with_spinners(count: int) -> str:
 
 def _title(measurements: Sequence[Measurement]) -> str:
     problem = measurements[0].problem
-    shape = f"N={problem.n}, V={problem.v}" + (f", D={problem.d}" if problem.operation == "linear-ce" else "")
+    shape = f"N={problem.n}, V={problem.v}" + (f", D={problem.d}" if problem.operation != "ce" else "")
     title = f"xent bench {problem.operation} — {shape}, {problem.dtype}, {problem.device}"
+    if problem.distillation():
+        title += f"; {problem.distillation()}"
     rounds = max(len(m.times_s) for m in measurements)
     if rounds:
         title += f"; medians of {rounds} interleaved runs (--repeat {rounds})"
     if measurements[0].spinning:
         title += f"; {_with_spinners(measurements[0].spinning)}"
     return title
+
+
+def _baseline_legend(baseline: Measurement | None) -> str:
+    if baseline is None:
+        return ""
+    return f"; × baseline: time over {baseline.name}'s, {BASELINES.get(baseline.name, 'a yardstick, not ranked')}"
 
 
 def print_table(measurements: Sequence[Measurement], console: Console | None = None) -> None:
@@ -167,34 +190,32 @@ def print_table(measurements: Sequence[Measurement], console: Console | None = N
 
     console = console or Console()
     table = Table(title=_title(measurements))
-    for column in (
-        "implementation",
-        "median ms",
-        "runs ms",
-        "spread",
-        "warm-up s",
-        "peak MB",
-        "× best other",
-        "× floor",
-        "MB over grad",
-    ):
-        table.add_column(column, justify="left" if column == "implementation" else "right")
+    baseline = next((m for m in measurements if m.is_baseline and m.time_s is not None), None)
+    columns = ["implementation", "median ms", "runs ms", "spread", "warm-up s", "peak MB", "× best other",
+               "peak × other", "× floor", *(["× baseline"] if baseline else []), "MB over grad"]  # fmt: skip
+    for column in columns:
+        if column == "implementation":
+            table.add_column(column, no_wrap=True)  # a name in one piece: "xent-linear-ce (baseline)"
+        else:
+            table.add_column(column, justify="right")
     table_ratios = ratios(measurements)
     for m in measurements:
         if m.time_s is None:
             continue  # folded into the line under the table
         r = table_ratios[m.name]
         table.add_row(
-            m.name + (" (floor)" if m.is_floor else ""),
+            m.name + (" (floor)" if m.is_floor else " (baseline)" if m.is_baseline else ""),
             f"{m.time_s * 1e3:.1f}",
             " ".join(f"{t * 1e3:.0f}" for t in m.times_s),
             _fmt(None if spread(m) is None else 100 * cast(float, spread(m)), ".0f") + " %",
             _fmt(m.warmup_s, ".1f"),
             _fmt(None if m.peak is None else m.peak / MB, ".0f"),
             _fmt(r["vs_best_other"], ".2f"),
+            _fmt(r["peak_vs_best_other"], ".2f"),
             _fmt(r["vs_floor"], ".2f"),
+            *([_fmt(r["vs_baseline"], ".2f")] if baseline else []),
             _fmt(r["extra_over_floor_mb"], ".0f"),
-            style="bold" if m.name.startswith("xent") else None,
+            style="bold" if m.name.startswith("xent") and not m.is_baseline else None,
         )
     console.print(table)
     folded = not_run(measurements)
@@ -203,9 +224,11 @@ def print_table(measurements: Sequence[Measurement], console: Console | None = N
     console.print(
         "peak MB: resident (CPU) or allocated (CUDA) memory above the inputs during one forward + backward; "
         "MB over grad: peak minus the gradients the step must return (the memory floor). × best other: time over the "
-        "fastest implementation of another library (xent's rows against torch, Liger and CCE) — below 1, faster than "
-        "all of them; × floor: time over the least work any implementation must do (1 = as fast as the floor). "
-        "Medians of interleaved runs; spread: (max − min) / median of the runs.",
+        "fastest implementation of another library (xent's rows against torch, Liger, CCE and TRL) — below 1, faster "
+        "than all of them; peak × other: peak over the leanest of them; × floor: time over the least work any "
+        "implementation must do (1 = as fast as the floor)"
+        + _baseline_legend(baseline)
+        + ". Medians of interleaved runs; spread: (max − min) / median of the runs.",
         markup=False,
     )
     console.print(verdict(measurements), style="bold", markup=False, highlight=False)
@@ -228,14 +251,18 @@ CSV_FIELDS = [
     "v",
     "dtype",
     "device",
+    "distillation",
     "implementation",
     "is_floor",
+    "is_baseline",
     "median_ms",
     "runs_ms",
     "warmup_s",
     "peak_mb",
     "vs_best_other",
+    "peak_vs_best_other",
     "vs_floor",
+    "vs_baseline",
     "extra_over_floor_mb",
     "skipped",
     "spinning",
@@ -258,14 +285,18 @@ def write_csv(path: Path, measurements: Sequence[Measurement]) -> None:
                     "v": p.v,
                     "dtype": p.dtype,
                     "device": p.device,
+                    "distillation": p.distillation(),
                     "implementation": m.name,
                     "is_floor": m.is_floor,
+                    "is_baseline": m.is_baseline,
                     "median_ms": None if m.time_s is None else round(m.time_s * 1e3, 3),
                     "runs_ms": " ".join(f"{t * 1e3:.3f}" for t in m.times_s),
                     "warmup_s": m.warmup_s,
                     "peak_mb": None if m.peak is None else round(m.peak / MB, 1),
                     "vs_best_other": r.get("vs_best_other"),
+                    "peak_vs_best_other": r.get("peak_vs_best_other"),
                     "vs_floor": r.get("vs_floor"),
+                    "vs_baseline": r.get("vs_baseline"),
                     "extra_over_floor_mb": r.get("extra_over_floor_mb"),
                     "skipped": None if m.skipped is None else str(m.skipped),
                     "spinning": m.spinning,
@@ -297,7 +328,14 @@ def plot(path: Path, measurements: Sequence[Measurement]) -> None:
         if not points:
             continue
         vocab = [v for v, _ in points]
-        style = {"linestyle": "--", "color": "gray"} if points[0][1].is_floor else {"marker": "o"}
+        first = points[0][1]
+        style = (
+            {"linestyle": "--", "color": "gray"}
+            if first.is_floor
+            else {"linestyle": ":", "marker": "s", "color": "gray"}
+            if first.is_baseline
+            else {"marker": "o"}
+        )
         time_axis.plot(vocab, [cast(float, m.time_s) * 1e3 for _, m in points], label=name, **style)
         if not points[0][1].is_floor and all(m.peak is not None for _, m in points):
             memory_axis.plot(vocab, [cast(int, m.peak) / MB for _, m in points], label=name, **style)
@@ -309,5 +347,8 @@ def plot(path: Path, measurements: Sequence[Measurement]) -> None:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     busy = f", {_with_spinners(measurements[0].spinning)}" if measurements[0].spinning else ""
-    figure.suptitle(f"xent bench {problem.operation}: N={problem.n}, {problem.dtype}, {problem.device}{busy}")
+    distillation = f", {problem.distillation()}" if problem.distillation() else ""
+    figure.suptitle(
+        f"xent bench {problem.operation}: N={problem.n}, {problem.dtype}, {problem.device}{distillation}{busy}"
+    )
     save(figure, path, dpi=100)

@@ -31,8 +31,9 @@ SETTLE_SECONDS = 0.3
 
 @dataclass
 class Measurement:
-    """One implementation's runs on one problem: ``skipped`` says why it did not run (then it has no times), and
-    ``spinning`` how many spinning processes ran beside it (``contend``)."""
+    """One implementation's runs on one problem: ``skipped`` says why it did not run (then it has no times),
+    ``spinning`` how many spinning processes ran beside it (``contend``), ``is_baseline`` that it is the yardstick of
+    the problem's "× baseline" column rather than an implementation."""
 
     problem: Problem
     name: str
@@ -42,6 +43,7 @@ class Measurement:
     peak_bytes: list[int] = field(default_factory=list)
     skipped: Unavailable | None = None
     spinning: int = 0
+    is_baseline: bool = False
 
     @property
     def time_s(self) -> float | None:
@@ -107,7 +109,10 @@ def run_bench(
     """Measure the chosen implementations (all by default) of ``problem``; ``repeat`` interleaved rounds, with
     ``contend`` spinning processes beside them (a busy machine on purpose; stopped before this returns or raises)."""
     implementations = _select(problem, names)
-    measurements = [Measurement(problem, impl.name, impl.is_floor, spinning=contend) for impl in implementations]
+    measurements = [
+        Measurement(problem, impl.name, impl.is_floor, spinning=contend, is_baseline=impl.is_baseline)
+        for impl in implementations
+    ]
     runnable = []
     for implementation, measurement in zip(implementations, measurements, strict=True):
         measurement.skipped = implementation.needs(problem)
