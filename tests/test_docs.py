@@ -12,6 +12,7 @@ import xent.distributed
 import xent.hf
 import xent.nn
 import xent.train
+import xent.trl
 from xent.cli import COMMANDS
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -19,7 +20,7 @@ DIRECTIVE = re.compile(r"^\.\. (?:auto(?:function|class|exception)|py:data):: ([
 
 # Names of __all__ that are not objects to document: the version string and the nn submodule (its own page).
 NOT_DOCUMENTED = {"xent.__version__", "xent.nn"}
-PUBLIC_MODULES = [xent, xent.nn, xent.hf, xent.distributed, xent.train, xent.bench]
+PUBLIC_MODULES = [xent, xent.nn, xent.hf, xent.trl, xent.distributed, xent.train, xent.bench]
 
 
 def _documented() -> list[str]:

@@ -82,3 +82,18 @@ def test_vocab_parallel_example_matches_one_process():
     assert "vocabulary 1,009 split [505, 504]" in result.stdout
     difference = float(result.stdout.split("largest difference ")[1].split()[0])
     assert difference < 1e-4
+
+
+def test_distill_example_trains_teacher_and_students():
+    pytest.importorskip("transformers")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "distill.py"), "--quick", "--divergence", "jsd"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "student, distilled   step    8" in result.stdout
+    scores = re.search(r"teacher (\S+), distilled (\S+), from bytes (\S+)$", result.stdout.strip())
+    assert scores and all(0 < float(score) < 6 for score in scores.groups())
