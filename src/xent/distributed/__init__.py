@@ -1,6 +1,8 @@
 """Losses over a vocabulary split across the ranks of a ``torch.distributed`` process group (tensor parallelism):
-the logits are never gathered. See :mod:`xent.distributed.vocab_parallel`."""
+the logits are never gathered. See :mod:`xent.distributed.vocab_parallel` and, for distillation,
+:mod:`xent.distributed.divergence`."""
 
+from xent.distributed.divergence import vocab_parallel_distillation_loss, vocab_parallel_linear_distillation_loss
 from xent.distributed.vocab_parallel import (
     vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
@@ -10,7 +12,9 @@ from xent.distributed.vocab_parallel import (
 
 __all__ = [
     "vocab_parallel_cross_entropy",
+    "vocab_parallel_distillation_loss",
     "vocab_parallel_linear_cross_entropy",
+    "vocab_parallel_linear_distillation_loss",
     "vocab_parallel_linear_loss",
     "vocab_parallel_loss",
 ]

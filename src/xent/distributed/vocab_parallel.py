@@ -104,10 +104,10 @@ def vocab_parallel_loss(
         shard = full_logits.tensor_split(world_size, dim=-1)[rank]          # (N, V_r)
         loss = vocab_parallel_loss(xent.focal_loss, shard, target, gamma=2.0)
     """
-    group = _group_of(logits_shard, group)
+    group = group_of(logits_shard, group)
     terms = Terms()
     try:  # every local check, its error kept for the agreement step, so that every rank raises it
-        logits_shard = checks.check_floating("logits_shard", _local(logits_shard, group))
+        logits_shard = checks.check_floating("logits_shard", local_shard(logits_shard, group))
         target = checks.check_tensor("target", target)
         if logits_shard.dim() == 0 or logits_shard.shape[:-1] != target.shape:
             raise ValueError(
@@ -119,7 +119,8 @@ def vocab_parallel_loss(
                                 ignore_index, reduction, softcap, loss_options)  # fmt: skip
     except Exception as error:  # whatever it is, every rank must hear of it, or the others hang
         terms.error = error
-    shard, _ = _agree(terms, group, _device(group, logits_shard, target), loss, ignore_index, softcap, loss_options)
+    device = collective_device(group, logits_shard, target)
+    shard, _ = _agree(terms, group, device, loss, ignore_index, softcap, loss_options)
     flat_target = _flat_target(terms)
     target_weight, total_weight = target_weight_of(flat_target, weight, shard, logits_shard.dtype)
     call = ShardCall(shard, flat_target, weight, target_rows_of(flat_target, target_weight, total_weight, shard))
@@ -195,12 +196,12 @@ def vocab_parallel_linear_loss(
         ValueError, TypeError: as :func:`vocab_parallel_loss`, on every rank alike; ``input``'s shape and dtype are
             agreed on too (it is replicated).
     """
-    group = _group_of(linear_weight_shard, group)
+    group = group_of(linear_weight_shard, group)
     terms = Terms()
     try:  # every local check, its error kept for the agreement step, so that every rank raises it
-        linear_weight_shard = _local(linear_weight_shard, group, dim=0)
+        linear_weight_shard = local_shard(linear_weight_shard, group, dim=0)
         if linear_bias_shard is not None:
-            linear_bias_shard = _local(linear_bias_shard, group, dim=0)
+            linear_bias_shard = local_shard(linear_bias_shard, group, dim=0)
         size = check_head(
             input, linear_weight_shard, linear_bias_shard, ("input", "linear_weight_shard", "linear_bias_shard")
         )
@@ -218,7 +219,8 @@ def vocab_parallel_linear_loss(
         terms.chunk_size = chunk_size or default_chunk_size(target.numel(), size, input.device)
     except Exception as error:  # whatever it is, every rank must hear of it, or the others hang
         terms.error = error
-    shard, chunk_size = _agree(terms, group, _device(group, input, target), loss, ignore_index, softcap, loss_options)
+    device = collective_device(group, input, target)
+    shard, chunk_size = _agree(terms, group, device, loss, ignore_index, softcap, loss_options)
     flat_target = _flat_target(terms)
     target_weight, total_weight = target_weight_of(flat_target, weight, shard, input.dtype)
     flat_input = input.reshape(-1, input.shape[-1]).contiguous()
@@ -260,7 +262,7 @@ def vocab_parallel_linear_cross_entropy(
 # --- checks and set-up -------------------------------------------------------------------------------------------
 
 
-def _group_of(tensor: Any, group: Any) -> Any:
+def group_of(tensor: Any, group: Any) -> Any:
     """The group the ranks agree in: ``group``, else a DTensor's mesh's, else the world (None)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab-parallel losses need torch.distributed initialised (init_process_group)")
@@ -275,7 +277,7 @@ def _group_of(tensor: Any, group: Any) -> Any:
     return None
 
 
-def _local(tensor: torch.Tensor, group: Any, dim: int = -1) -> torch.Tensor:
+def local_shard(tensor: torch.Tensor, group: Any, dim: int = -1) -> torch.Tensor:
     """A DTensor sharded on ``dim`` of a 1-D mesh (whose group is ``group``) → its local shard; anything else as
     is."""
     try:
@@ -294,7 +296,7 @@ def _local(tensor: torch.Tensor, group: Any, dim: int = -1) -> torch.Tensor:
     return tensor.to_local()
 
 
-def _device(group: Any, *tensors: Any) -> torch.device:
+def collective_device(group: Any, *tensors: Any) -> torch.device:
     """Where the agreement's vector lives: the first tensor argument's device (NCCL needs the rank's GPU)."""
     for tensor in tensors:
         if isinstance(tensor, torch.Tensor):
@@ -327,13 +329,13 @@ def _check_locally(
         raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
     # what every rank must pass alike: the row-loss options, the target (shape and contents), whether it is weighted
     terms.agreed.update({"loss": entry.name, "reduction": reduction, "ignore_index": ignore_index, "softcap": softcap})
-    terms.agreed.update({key: _agreed_value(value) for key, value in sorted(loss_options.items())})
+    terms.agreed.update({key: agreed_value(value) for key, value in sorted(loss_options.items())})
     terms.agreed.update({"weight": None if weight is None else GIVEN, "target": target.long()})
     terms.size, terms.target, terms.ignore_index = size, target.reshape(-1).long(), ignore_index
     return weight
 
 
-def _agreed_value(value: Any) -> Any:
+def agreed_value(value: Any) -> Any:
     """An option as the ranks compare it: numbers as floats (``0`` and ``0.0`` agree), tensors and the rest as is."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
