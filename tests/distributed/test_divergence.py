@@ -17,7 +17,11 @@ import torch.nn.functional as F
 import xent
 from tests.distributed.spawn import spawn_and_wait
 from tests.distributed.test_vocab_parallel import AGREEMENT, Communication
-from xent.distributed import vocab_parallel_distillation_loss, vocab_parallel_linear_distillation_loss
+from xent.distributed import (
+    vocab_parallel_distillation_loss,
+    vocab_parallel_linear_distillation,
+    vocab_parallel_linear_distillation_loss,
+)
 
 SIZES = [9, 14]  # V = 23
 VOCAB = sum(SIZES)
@@ -208,9 +212,8 @@ def _check_linear(rank):
         if not dense:
             teacher_args = {"teacher_indices": t["ids"].view(*SHAPE, K),
                             "teacher_log_probs": t["log_probs"].view(*SHAPE, K)}  # fmt: skip
-        loss, entropy = vocab_parallel_linear_distillation_loss(
-            mine[0], mine[1], linear_bias_shard=mine[2], **teacher_args, **transform, **options, return_entropy=True,
-            chunk_size=3,
+        loss, entropy = vocab_parallel_linear_distillation(
+            mine[0], mine[1], linear_bias_shard=mine[2], **teacher_args, **transform, **options, chunk_size=3
         )  # fmt: skip
         what = f"linear rank {rank} case {case}: {divergence} {teacher_kind} {options['reduction']} {transform}"
         loss = loss.reshape(-1) if options["reduction"] == "none" else loss
@@ -220,8 +223,8 @@ def _check_linear(rank):
         if dense:
             teacher_args = {"teacher_input": teacher_hidden, "teacher_linear_weight": heads["W_t"],
                             "teacher_linear_bias": heads["b_t"]}  # fmt: skip
-        single, single_entropy = xent.linear_distillation_loss(
-            hidden, heads["W"], linear_bias=heads["b"], **teacher_args, **transform, **options, return_entropy=True
+        single, single_entropy = xent.linear_distillation(
+            hidden, heads["W"], linear_bias=heads["b"], **teacher_args, **transform, **options
         )
         _close(loss, single.reshape(-1) if options["reduction"] == "none" else single, what + " against xent's")
         _close(entropy, single_entropy, what + " entropy against xent's")
@@ -312,9 +315,8 @@ def _check_communication(rank):
     heads = [torch.randn(VOCAB, d, generator=generator, dtype=torch.float64) for d in (6, 3)]
     head = _mine(heads[0], rank, dim=0).clone().requires_grad_()
     with Communication() as sent:
-        loss, _ = vocab_parallel_linear_distillation_loss(hidden.requires_grad_(), head, teacher_hidden,
-                                                          _mine(heads[1], rank, dim=0), chunk_size=3,
-                                                          return_entropy=True)  # fmt: skip
+        loss, _ = vocab_parallel_linear_distillation(hidden.requires_grad_(), head, teacher_hidden,
+                                                     _mine(heads[1], rank, dim=0), chunk_size=3)  # fmt: skip
         loss.backward()
     assert sent.elements == AGREEMENT + 7 * ROWS + ROWS * 6  # statistics chunk by chunk, then d(input) (N × D) once
 

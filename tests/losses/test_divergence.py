@@ -562,9 +562,10 @@ REQUIRES = ("input", "linear_weight", "linear_bias")
 LINEAR_IMPLS = ("chunked", "reference")
 
 
-def _linear(impl, **options):
+def _linear(impl, with_entropy=False, **options):
     chunk = {"chunk_size": 2} if impl != "reference" else {}
-    return lambda **t: xent.linear_distillation_loss(**t, **options, impl=impl, **chunk)
+    function = xent.linear_distillation if with_entropy else xent.linear_distillation_loss
+    return lambda **t: function(**t, **options, impl=impl, **chunk)
 
 
 @pytest.mark.parametrize("impl", LINEAR_IMPLS)
@@ -723,7 +724,7 @@ def reference_entropy(input, linear_weight, linear_bias=None, logit_scale=1.0, s
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 @pytest.mark.parametrize("top_k", [None, "bucket"])
 @pytest.mark.parametrize("with_target", [False, True])
-def test_return_entropy_is_the_students_entropy_at_the_temperature(impl, divergence, temperature, top_k, with_target):
+def test_linear_distillation_gives_the_entropy_at_the_temperature(impl, divergence, temperature, top_k, with_target):
     """The entropy at temperature T of the transformed logits, per token, without a gradient; the loss unchanged."""
     if top_k is None:
         tensors, _ = linear_problem(torch.float64, with_target)
@@ -736,7 +737,7 @@ def test_return_entropy_is_the_students_entropy_at_the_temperature(impl, diverge
     leaves = {key: value.clone().requires_grad_(key in REQUIRES) for key, value in tensors.items()}
     expected = reference_entropy(*(tensors[key] for key in REQUIRES), 0.8, 3.0, temperature, tensors.get("target"))
     for reduction in ("none", "batchmean"):
-        loss, entropy = _linear(impl, **options, reduction=reduction, return_entropy=True)(**leaves)
+        loss, entropy = _linear(impl, **options, reduction=reduction, with_entropy=True)(**leaves)
         assert_close(loss, _linear(impl, **options, reduction=reduction)(**leaves))
         assert entropy.shape == BATCH
         assert not entropy.requires_grad
@@ -765,7 +766,7 @@ def test_triton_linear_distillation(divergence, top_k):
         torch.float32,
     )
     leaves = {key: value.clone() for key, value in tensors.items()}
-    _, entropy = _linear("triton", **options, return_entropy=True)(**leaves)
+    _, entropy = _linear("triton", **options, with_entropy=True)(**leaves)
     expected = reference_entropy(*(in_float64(tensors)[key] for key in REQUIRES), options["logit_scale"],
                                  options["softcap"], 2.5, tensors["target"])  # fmt: skip
     torch.testing.assert_close(entropy.double(), expected, rtol=2e-5, atol=2e-6)
@@ -949,7 +950,7 @@ def test_equals_trls_generalized_jsd_loss(divergence, temperature, reduction, nu
 @pytest.mark.parametrize("transform", [(1.0, None, 1.0, None), (0.6, 2.0, 1.4, 4.0)], ids=str)
 def test_equals_trls_chunked_divergence(impl, divergence, temperature, transform):
     """TRL's ChunkedDivergenceFunction (float32 on CPU): the per-token divergence is xent's reduction="none" / T²,
-    the entropy xent's return_entropy; TRL's (scale s, softcap c) is cap_c(s x) = xent's (logit_scale s, softcap
+    the entropy xent.linear_distillation's; TRL's (scale s, softcap c) is cap_c(s x) = xent's (logit_scale s, softcap
     c / s)."""
     chunked = pytest.importorskip("trl.kernels.chunked_divergence")
     tensors, _ = linear_problem(torch.float32)
@@ -963,7 +964,7 @@ def test_equals_trls_chunked_divergence(impl, divergence, temperature, transform
                                                        teacher_scale, teacher_cap)  # fmt: skip
 
     def ours(**t):
-        return xent.linear_distillation_loss(
+        return xent.linear_distillation(
             **t,
             divergence=divergence[0],
             beta=divergence[1],
@@ -973,7 +974,6 @@ def test_equals_trls_chunked_divergence(impl, divergence, temperature, transform
             softcap=None if cap is None else cap / scale,
             teacher_logit_scale=teacher_scale,
             teacher_softcap=None if teacher_cap is None else teacher_cap / teacher_scale,
-            return_entropy=True,
             impl=impl,
         )
 

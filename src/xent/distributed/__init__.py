@@ -2,7 +2,11 @@
 the logits are never gathered. See :mod:`xent.distributed.vocab_parallel` and, for distillation,
 :mod:`xent.distributed.divergence`."""
 
-from xent.distributed.divergence import vocab_parallel_distillation_loss, vocab_parallel_linear_distillation_loss
+from xent.distributed.divergence import (
+    vocab_parallel_distillation_loss,
+    vocab_parallel_linear_distillation,
+    vocab_parallel_linear_distillation_loss,
+)
 from xent.distributed.vocab_parallel import (
     vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
@@ -14,6 +18,7 @@ __all__ = [
     "vocab_parallel_cross_entropy",
     "vocab_parallel_distillation_loss",
     "vocab_parallel_linear_cross_entropy",
+    "vocab_parallel_linear_distillation",
     "vocab_parallel_linear_distillation_loss",
     "vocab_parallel_linear_loss",
     "vocab_parallel_loss",

@@ -18,7 +18,7 @@ The hard term's statistics travel in the same all-reduces. The numbers, per bloc
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -36,7 +36,7 @@ from xent.distributed.vocab_parallel import agreed_value, collective_device, gro
 from xent.kernels.distill import DistillSpec
 from xent.kernels.linear import default_chunk_size
 from xent.losses import checks, teachers
-from xent.losses.distill import check_num_items
+from xent.losses.distill import LinearDistillation
 from xent.losses.linear import check_head
 
 __all__ = ["vocab_parallel_distillation_loss", "vocab_parallel_linear_distillation_loss"]
@@ -162,10 +162,9 @@ def vocab_parallel_linear_distillation_loss(
     hard_weight: float = 1.0,
     ignore_index: int = -100,
     num_items_in_batch: int | torch.Tensor | None = None,
-    return_entropy: bool = False,
     chunk_size: int | None = None,
     group: Any = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     r""":func:`xent.linear_distillation_loss` of student and teacher heads whose weights are split over the
     vocabulary across ``group``: neither model's logits are formed whole, nor gathered.
 
@@ -191,14 +190,8 @@ def vocab_parallel_linear_distillation_loss(
             tokens).
         logit_scale, softcap: the student's transform (scale after the cap); teacher_logit_scale, teacher_softcap:
             the teacher's.
-        return_entropy: also return the student's entropy at temperature T per token ``(...)`` (0 at ignored
-            tokens; not differentiable).
         chunk_size: tokens per chunk (the ranks use the smallest rank's).
         group: the process group (default: the world).
-
-    Returns:
-        The loss as :func:`vocab_parallel_distillation_loss` returns it; with ``return_entropy``, ``(loss,
-        entropy)``.
 
     Raises:
         ValueError, TypeError: as :func:`vocab_parallel_distillation_loss`, on every rank alike; the teacher's
@@ -209,6 +202,70 @@ def vocab_parallel_linear_distillation_loss(
         loss = vocab_parallel_linear_distillation_loss(hidden, head_shard, teacher_hidden, teacher_head_shard,
                                                        target=labels, hard_weight=0.5, temperature=2.0)
     """
+    return _linear_distillation(**locals(), with_entropy=False)[0]
+
+
+def vocab_parallel_linear_distillation(
+    input: torch.Tensor,
+    linear_weight_shard: torch.Tensor,
+    teacher_input: torch.Tensor | None = None,
+    teacher_linear_weight_shard: torch.Tensor | None = None,
+    *,
+    linear_bias_shard: torch.Tensor | None = None,
+    teacher_linear_bias_shard: torch.Tensor | None = None,
+    teacher_indices: torch.Tensor | None = None,
+    teacher_log_probs: torch.Tensor | None = None,
+    top_k_tail: str = "renormalize",
+    divergence: str = "forward_kl",
+    beta: float | None = None,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: float | None = None,
+    target: torch.Tensor | None = None,
+    hard_weight: float = 1.0,
+    ignore_index: int = -100,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    group: Any = None,
+) -> LinearDistillation:
+    """:func:`vocab_parallel_linear_distillation_loss` and the student's entropy per token ``(...)`` at temperature
+    T (0 at ignored tokens, no gradient), from the same pass: :class:`xent.LinearDistillation`, as
+    :func:`xent.linear_distillation` returns it; one more all-reduce of a number per token and chunk."""
+    loss, entropy = _linear_distillation(**locals(), with_entropy=True)
+    return LinearDistillation(loss, cast(torch.Tensor, entropy))  # computed when asked for
+
+
+def _linear_distillation(
+    input: torch.Tensor,
+    linear_weight_shard: torch.Tensor,
+    teacher_input: torch.Tensor | None = None,
+    teacher_linear_weight_shard: torch.Tensor | None = None,
+    *,
+    linear_bias_shard: torch.Tensor | None = None,
+    teacher_linear_bias_shard: torch.Tensor | None = None,
+    teacher_indices: torch.Tensor | None = None,
+    teacher_log_probs: torch.Tensor | None = None,
+    top_k_tail: str = "renormalize",
+    divergence: str = "forward_kl",
+    beta: float | None = None,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: float | None = None,
+    target: torch.Tensor | None = None,
+    hard_weight: float = 1.0,
+    ignore_index: int = -100,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    with_entropy: bool,
+    chunk_size: int | None = None,
+    group: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Both public functions: the loss, and the entropy ``with_entropy``."""
     group = group_of(linear_weight_shard, group)
     terms, options = Terms(), None
     try:  # every local check, its error kept for the agreement step, so that every rank raises it
@@ -246,13 +303,12 @@ def vocab_parallel_linear_distillation_loss(
                                  teacher_indices, teacher_log_probs, top_k_tail, divergence, beta, temperature,
                                  reduction, target, ignore_index, hard_weight, num_items_in_batch)  # fmt: skip
         options = dataclasses.replace(options, spec=dataclasses.replace(
-            options.spec, logit_scale=_scale("logit_scale", logit_scale), softcap=_cap("softcap", softcap),
-            teacher_logit_scale=_scale("teacher_logit_scale", teacher_logit_scale),
-            teacher_softcap=_cap("teacher_softcap", teacher_softcap)))  # fmt: skip
-        if not isinstance(return_entropy, bool):
-            raise TypeError(f"return_entropy must be a bool, got {checks.shown(return_entropy)}")
+            options.spec, logit_scale=teachers.check_logit_scale("logit_scale", logit_scale),
+            softcap=teachers.check_softcap("softcap", softcap),
+            teacher_logit_scale=teachers.check_logit_scale("teacher_logit_scale", teacher_logit_scale),
+            teacher_softcap=teachers.check_softcap("teacher_softcap", teacher_softcap)))  # fmt: skip
         spec = options.spec
-        terms.agreed.update({"logit_scale": spec.logit_scale, "softcap": spec.softcap, "return_entropy": return_entropy,
+        terms.agreed.update({"logit_scale": spec.logit_scale, "softcap": spec.softcap, "with_entropy": with_entropy,
                              "teacher_logit_scale": spec.teacher_logit_scale,
                              "teacher_softcap": spec.teacher_softcap})  # fmt: skip
         for name, bias in (
@@ -267,13 +323,13 @@ def vocab_parallel_linear_distillation_loss(
         terms.error = error
     agreement = agree(terms, group, collective_device(group, input, target))  # raises alike, or not
     options = _checked(options)
-    _, call = _set_up(terms, group, options, input, agreement.sizes, agreement.chunk_size, return_entropy)
+    _, call = _set_up(terms, group, options, input, agreement.sizes, agreement.chunk_size, with_entropy)
     flat = [None if x is None else x.reshape(-1, x.shape[-1]).contiguous() for x in (input, teacher_input)]
     teacher_head = (teacher_linear_weight_shard, teacher_linear_bias_shard)
     per_row, entropy = DistillShardLinearRows.apply(flat[0], linear_weight_shard, linear_bias_shard, flat[1],
                                                     *teacher_head, call)  # fmt: skip
     loss = _reduce(per_row, input.shape[:-1], options, call.kept)
-    return (loss, entropy.view(input.shape[:-1])) if return_entropy else loss
+    return loss, entropy.view(input.shape[:-1]) if with_entropy else None
 
 
 # --- checks and set-up -------------------------------------------------------------------------------------------
@@ -314,8 +370,7 @@ def _check_locally(
                        tail=teachers.check_tail(top_k_tail))  # fmt: skip
     hard_weight = checks.check_in_range("hard_weight", hard_weight, 0.0)
     checks.check_ignore_index(ignore_index)
-    check_num_items(num_items_in_batch, reduction)
-    num_items_in_batch = _items(num_items_in_batch)
+    num_items_in_batch = teachers.check_num_items(num_items_in_batch, reduction)
     top_k = None
     if teacher_indices is not None and teacher_log_probs is not None:
         teachers.refuse_grad(function, teacher_log_probs=teacher_log_probs)
@@ -343,25 +398,6 @@ def _check_locally(
                          "ignore_index": ignore_index, "target": None if target is None else target.long(),
                          "num_items_in_batch": agreed_value(num_items_in_batch)})  # fmt: skip
     return _Options(spec, reduction, hard_weight, num_items_in_batch, top_k)
-
-
-def _items(value: int | torch.Tensor | None) -> int | torch.Tensor | None:
-    """``num_items_in_batch`` as :func:`xent.distillation_loss` takes it: a non-negative int or a one-element
-    tensor."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.detach().reshape(())
-    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-        return value
-    shown = f"shape {checks.shape_str(value.shape)}" if isinstance(value, torch.Tensor) else checks.shown(value)
-    raise ValueError(f"num_items_in_batch must be a non-negative int or a one-element tensor, got {shown}")
-
-
-def _scale(name: str, value: float) -> float:
-    return checks.check_in_range(name, value, 0.0, float("inf"), low_inclusive=False, high_inclusive=False)
-
-
-def _cap(name: str, value: float | None) -> float | None:
-    return None if value is None else _scale(name, value)
 
 
 def _checked(options: _Options | None) -> _Options:

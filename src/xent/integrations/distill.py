@@ -174,7 +174,7 @@ def distillation_loss(
     attention_mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     **loss_options: Any,
-) -> Any:
+) -> torch.Tensor:
     r"""Distil ``teacher_model`` into ``student_model`` on ``input_ids``: the divergence of their next-token
     distributions computed from both models' last hidden states and heads (:func:`xent.linear_distillation_loss`),
     without forming either's ``N × V`` logits.
@@ -206,13 +206,12 @@ def distillation_loss(
         labels: ``(B, T)`` token ids, or None.
         **loss_options: options of :func:`xent.linear_distillation_loss`: ``divergence``, ``beta``,
             ``temperature`` (xent's convention: the divergence is multiplied by :math:`T^2`), ``reduction``,
-            ``hard_weight``, ``ignore_index``, ``num_items_in_batch``, ``return_entropy``, ``chunk_size``,
+            ``hard_weight``, ``ignore_index``, ``num_items_in_batch``, ``chunk_size``,
             ``impl``. What the models and labels decide (the heads' biases, scales and soft caps, ``target``) and
             the top-k teacher's options are refused.
 
     Returns:
-        The loss, as :func:`xent.linear_distillation_loss` returns it (with ``return_entropy=True``, also the
-        student's entropy per position, ``(B, T - 1)``).
+        The loss, as :func:`xent.linear_distillation_loss` returns it.
 
     Raises:
         TypeError: a model whose logits cannot be read (see ``xent.integrations.distill``), an option the models

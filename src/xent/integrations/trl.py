@@ -1,5 +1,5 @@
 """TRL's ``DistillationTrainer`` (TRL 1.16) on xent's fused divergences: :func:`patch` one trainer, and its loss is
-:func:`xent.linear_distillation_loss` of both models' hidden states and heads.
+:func:`xent.linear_distillation` of both models' hidden states and heads (the loss, and the entropy TRL logs).
 
 What a patched trainer's step runs, in place of TRL's ``DistillationTrainer._compute_loss`` (everything around it —
 generation, ``compute_loss``'s ``num_items_in_batch`` and entropy logging, the forward redirection through DDP/FSDP
@@ -10,7 +10,7 @@ wrappers — stays TRL's)::
                                     reading): the scale and soft cap it applies to its logits are read from what it
                                     does, not from config names; logits_to_keep as TRL passes it
       └ teacher forward             the same, under no_grad, through the trainer's forward redirection; another width
-      └ linear_distillation_loss    divergence from trainer.beta (0 forward KL, 1 reverse KL, else JSD with β),
+      └ linear_distillation         divergence from trainer.beta (0 forward KL, 1 reverse KL, else JSD with β),
                                     temperature=trainer.temperature, the completion (and tool) mask as the target's
                                     ignore_index, the mean over kept tokens or sum / num_items_in_batch; / T² (TRL's
                                     divergence has no T² factor, xent's has), and the student's entropy for TRL's
@@ -40,7 +40,7 @@ from xent.integrations.distill import (
 )
 from xent.integrations.heads import causal_lm, head_parts
 from xent.kernels.dispatch import Impl, check_impl
-from xent.losses import checks, linear_distillation_loss
+from xent.losses import checks, linear_distillation
 
 __all__ = ["divergence_from_beta", "is_patched", "patch", "unpatch"]
 
@@ -227,7 +227,7 @@ class _ComputeLoss:
         valid = loss_mask.to(device) != 0
         ignore_index = -100
         target = torch.zeros(valid.shape, dtype=torch.long, device=device).masked_fill(~valid, ignore_index)
-        loss, entropy = linear_distillation_loss(
+        loss, entropy = linear_distillation(
             student.hidden.to(device),
             student.weight,
             teacher.hidden.to(device),
@@ -246,7 +246,6 @@ class _ComputeLoss:
             hard_weight=0.0,  # the target only masks: TRL's loss has no hard-label term
             ignore_index=ignore_index,
             num_items_in_batch=num_items_in_batch,
-            return_entropy=True,
             chunk_size=self.options.chunk_size,
             impl=self.options.impl,
         )

@@ -2,7 +2,7 @@
 
 from xent.losses.calibration import fit_temperature
 from xent.losses.combine import weighted_sum
-from xent.losses.distill import distillation_loss, linear_distillation_loss
+from xent.losses.distill import LinearDistillation, distillation_loss, linear_distillation, linear_distillation_loss
 from xent.losses.focal import focal_loss, poly1_cross_entropy, sigmoid_focal_loss
 from xent.losses.generative import gan_discriminator_loss, gan_generator_loss, vae_loss
 from xent.losses.imbalance import (
@@ -21,6 +21,7 @@ from xent.losses.sigmoid import binary_cross_entropy, binary_cross_entropy_with_
 from xent.losses.softmax import cross_entropy
 
 __all__ = [
+    "LinearDistillation",
     "balanced_softmax_cross_entropy",
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
@@ -36,6 +37,7 @@ __all__ = [
     "ldam_loss",
     "ldam_margins",
     "linear_cross_entropy",
+    "linear_distillation",
     "linear_distillation_loss",
     "linear_log_probs",
     "linear_loss",

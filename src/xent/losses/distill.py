@@ -15,7 +15,7 @@ per position, the :math:`T^2` keeping the gradient's size independent of :math:`
 from __future__ import annotations
 
 import math
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -31,7 +31,14 @@ from xent.losses.linear import canonicalize_linear
 from xent.losses.softmax import class_dimension, cross_entropy
 from xent.losses.teachers import DISTILLATION_REDUCTIONS, check_distillation_options
 
-__all__ = ["DISTILLATION_REDUCTIONS", "check_distillation_options", "distillation_loss", "linear_distillation_loss"]
+__all__ = [
+    "DISTILLATION_REDUCTIONS",
+    "LinearDistillation",
+    "check_distillation_options",
+    "distillation_loss",
+    "linear_distillation",
+    "linear_distillation_loss",
+]
 
 
 def _divergence_rows(logits: torch.Tensor, teacher: Any, spec: kernel.DistillSpec) -> torch.Tensor:
@@ -143,7 +150,7 @@ def distillation_loss(
     class_dim = class_dimension(student_logits, "student_logits")
     teachers.check_teacher_given("teacher", teacher, teacher_indices, teacher_log_probs)
     teachers.refuse_grad("distillation_loss", teacher=teacher, teacher_log_probs=teacher_log_probs)
-    check_num_items(num_items_in_batch, reduction)
+    num_items_in_batch = teachers.check_num_items(num_items_in_batch, reduction)
     num_classes = student_logits.shape[class_dim]
     batch_shape = student_logits.movedim(class_dim, -1).shape[:-1]
     flat = student_logits.movedim(class_dim, -1).reshape(-1, num_classes)
@@ -185,7 +192,7 @@ def distillation_loss(
         loss = total if hard_total is None else total + hard_total
         return loss.to(student_logits.dtype)
     if num_items_in_batch is not None:
-        count = _items("num_items_in_batch", num_items_in_batch, dtype, student_logits.device)
+        count = torch.as_tensor(num_items_in_batch, dtype=dtype, device=student_logits.device)
         loss = total if hard_total is None else total + hard_total
         return safe_divide(loss, count).to(student_logits.dtype)
     count = kept.sum().to(dtype)
@@ -235,25 +242,6 @@ def _rows_of(
     return tensor.movedim(class_dim, -1).reshape(-1, shape[-1])
 
 
-def _items(name: str, value: object, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(
-                f"{name} must be a number or a one-element tensor, got shape {checks.shape_str(value.shape)}"
-            )
-        return value.detach().reshape(()).to(device=device, dtype=dtype)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int or a one-element tensor, got {checks.shown(value)}")
-    return torch.tensor(value, dtype=dtype, device=device)
-
-
-def check_num_items(num_items_in_batch: object, reduction: str) -> None:
-    if num_items_in_batch is not None and reduction not in ("mean", "batchmean"):
-        raise ValueError(
-            f"num_items_in_batch divides the sum of a mean; it needs reduction 'mean' or 'batchmean', got {reduction!r}"
-        )
-
-
 def _check_teacher_mass(teacher: torch.Tensor, kept: torch.Tensor, batch_shape: torch.Size) -> None:
     """Every kept teacher distribution has some probability mass: an all-zero row has no softened distribution
     (its normalisation is 0 / 0). Needs a host sync, so it obeys the value-check switch."""
@@ -294,10 +282,9 @@ def linear_distillation_loss(
     hard_weight: float = 1.0,
     ignore_index: int = -100,
     num_items_in_batch: int | torch.Tensor | None = None,
-    return_entropy: bool = False,
     chunk_size: int | None = None,
     impl: Impl | None = None,
-) -> Any:
+) -> torch.Tensor:
     r"""Distillation of a language model's head into another's, without either's ``N × V`` logits.
 
     .. math::
@@ -335,35 +322,115 @@ def linear_distillation_loss(
         ignore_index: the target of tokens to leave out.
         num_items_in_batch: with ``"mean"``/``"batchmean"``, divide the sum by this count instead (gradient
             accumulation's correct mean).
-        return_entropy: also return the student's entropy :math:`-\sum_j p_j \log p_j` at temperature T per token
-            ``(...)`` (0 at ignored tokens; float32, no gradient — a metric, as TRL logs it).
         chunk_size: tokens per chunk, as in :func:`xent.linear_cross_entropy`.
         impl: ``None`` (the fused kernels: Triton on CUDA when installed, chunked PyTorch otherwise), ``"chunked"``,
             ``"triton"``, or ``"reference"`` (:func:`distillation_loss` on the materialised logits).
-
-    Returns:
-        The loss, or ``(loss, entropy)`` with ``return_entropy=True``.
 
     Example:
         >>> student, teacher = torch.randn(4, 64, 256, requires_grad=True), torch.randn(4, 64, 512)
         >>> W, W_t = torch.randn(32000, 256, requires_grad=True), torch.randn(32000, 512)
         >>> xent.linear_distillation_loss(student, W, teacher, W_t, divergence="jsd", beta=0.5).backward()
     """
+    return _linear_distillation(**locals(), with_entropy=False)[0]
+
+
+class LinearDistillation(NamedTuple):
+    """What :func:`linear_distillation` returns."""
+
+    loss: torch.Tensor
+    """The loss, as :func:`linear_distillation_loss` returns it."""
+    entropy: torch.Tensor
+    """The student's entropy :math:`-\\sum_j p_j \\log p_j` at temperature T per token ``(...)``: 0 at ignored
+    tokens, float32 (float64 for float64 inputs), no gradient — a metric, as TRL logs it."""
+
+
+def linear_distillation(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    teacher_input: torch.Tensor | None = None,
+    teacher_linear_weight: torch.Tensor | None = None,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    teacher_linear_bias: torch.Tensor | None = None,
+    teacher_indices: torch.Tensor | None = None,
+    teacher_log_probs: torch.Tensor | None = None,
+    top_k_tail: str = "renormalize",
+    divergence: str = "forward_kl",
+    beta: float | None = None,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: float | None = None,
+    target: torch.Tensor | None = None,
+    hard_weight: float = 1.0,
+    ignore_index: int = -100,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    impl: Impl | None = None,
+) -> LinearDistillation:
+    r""":func:`linear_distillation_loss` and the student's entropy per token, from the same pass over the logits
+    (one more dot product per token): the divergence a distillation trainer minimises and the entropy it logs.
+
+    Takes the arguments of :func:`linear_distillation_loss`; returns :class:`LinearDistillation` ``(loss,
+    entropy)``.
+
+    Example:
+        >>> student, teacher = torch.randn(2, 16, 64, requires_grad=True), torch.randn(2, 16, 96)
+        >>> W, W_t = torch.randn(1000, 64, requires_grad=True), torch.randn(1000, 96)
+        >>> loss, entropy = xent.linear_distillation(student, W, teacher, W_t, divergence="reverse_kl")
+        >>> loss.backward()
+        >>> entropy.shape
+        torch.Size([2, 16])
+    """
+    loss, entropy = _linear_distillation(**locals(), with_entropy=True)
+    return LinearDistillation(loss, cast(torch.Tensor, entropy))  # computed when asked for
+
+
+def _linear_distillation(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    teacher_input: torch.Tensor | None = None,
+    teacher_linear_weight: torch.Tensor | None = None,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    teacher_linear_bias: torch.Tensor | None = None,
+    teacher_indices: torch.Tensor | None = None,
+    teacher_log_probs: torch.Tensor | None = None,
+    top_k_tail: str = "renormalize",
+    divergence: str = "forward_kl",
+    beta: float | None = None,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: float | None = None,
+    target: torch.Tensor | None = None,
+    hard_weight: float = 1.0,
+    ignore_index: int = -100,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    with_entropy: bool,
+    chunk_size: int | None = None,
+    impl: Impl | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Both public functions: the loss, and the entropy ``with_entropy``."""
     temperature = check_distillation_options(temperature=temperature, reduction=reduction)
     beta = teachers.check_divergence(divergence, beta)
     tail = teachers.check_tail(top_k_tail)
     hard_weight = checks.check_in_range("hard_weight", hard_weight, 0.0)
-    check_num_items(num_items_in_batch, reduction)
+    num_items_in_batch = teachers.check_num_items(num_items_in_batch, reduction)
     checks.check_chunk_size(chunk_size)
     impl = dispatch.check_impl(impl)
     spec = kernel.DistillSpec(
         divergence,
         beta,
         temperature,
-        _scale("logit_scale", logit_scale),
-        _cap("softcap", softcap),
-        _scale("teacher_logit_scale", teacher_logit_scale),
-        _cap("teacher_softcap", teacher_softcap),
+        teachers.check_logit_scale("logit_scale", logit_scale),
+        teachers.check_softcap("softcap", softcap),
+        teachers.check_logit_scale("teacher_logit_scale", teacher_logit_scale),
+        teachers.check_softcap("teacher_softcap", teacher_softcap),
         tail,
     )
     teachers.check_teacher_given(
@@ -458,7 +525,7 @@ def linear_distillation_loss(
             kernels = _row_kernels(impl, flat_input.device)
             if reduction in ("batchmean", "mean"):
                 count = (
-                    _items("num_items_in_batch", num_items_in_batch, dtype, input.device)
+                    torch.as_tensor(num_items_in_batch, dtype=dtype, device=input.device)
                     if num_items_in_batch is not None
                     else kept.sum().to(dtype)
                 )
@@ -469,7 +536,7 @@ def linear_distillation_loss(
             if flat_target is not None and hard_weight:
                 safe_target = torch.where(kept, flat_target, torch.zeros_like(flat_target))
                 hard = kernel.HardLabels(safe_target, kept.to(dtype) * hard_weight)
-            if return_entropy:
+            if with_entropy:
                 entropy = torch.zeros(flat_input.shape[0], dtype=dtype, device=input.device)
             buffers = 2 if isinstance(teacher, kernel.DenseTeacher) else 1
             chunk_size = chunk_size or max(
@@ -486,9 +553,7 @@ def linear_distillation_loss(
                 kept=kept,
             )
     loss = (loss.view(batch_shape) if reduction == "none" else loss).to(out_dtype)
-    if not return_entropy:
-        return loss
-    return loss, cast(torch.Tensor, entropy).view(batch_shape)  # every path computes it when asked for
+    return loss, None if entropy is None else entropy.view(batch_shape)
 
 
 def _row_kernels(impl: Impl | None, device: torch.device) -> tuple[kernel.RowsKernel, kernel.RowsKernel]:
@@ -506,14 +571,6 @@ def _transform(x: torch.Tensor, scale: float, cap: float | None) -> torch.Tensor
     if cap is not None:
         x = cap * torch.tanh(x / cap)
     return x * scale if scale != 1.0 else x
-
-
-def _scale(name: str, value: object) -> float:
-    return checks.check_in_range(name, value, 0.0, math.inf, low_inclusive=False, high_inclusive=False)
-
-
-def _cap(name: str, value: object) -> float | None:
-    return None if value is None else _scale(name, value)
 
 
 def _linear_reference(

@@ -40,6 +40,36 @@ def check_divergence(divergence: object, beta: object) -> float:
     return checks.check_in_range("beta", beta, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
 
 
+def check_num_items(num_items_in_batch: object, reduction: str) -> int | torch.Tensor | None:
+    """``num_items_in_batch``: ``None``, a non-negative int or a one-element tensor (detached, shape ``()``), which
+    divides the sum of a ``"mean"``/``"batchmean"`` loss."""
+    if num_items_in_batch is None:
+        return None
+    if reduction not in ("mean", "batchmean"):
+        raise ValueError(
+            f"num_items_in_batch divides the sum of a mean; it needs reduction 'mean' or 'batchmean', got {reduction!r}"
+        )
+    if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.numel() == 1:
+        return num_items_in_batch.detach().reshape(())
+    if isinstance(num_items_in_batch, int) and not isinstance(num_items_in_batch, bool) and num_items_in_batch >= 0:
+        return num_items_in_batch
+    if isinstance(num_items_in_batch, torch.Tensor):
+        shown = f"shape {checks.shape_str(num_items_in_batch.shape)}"
+    else:
+        shown = checks.shown(num_items_in_batch)
+    raise ValueError(f"num_items_in_batch must be a non-negative int or a one-element tensor, got {shown}")
+
+
+def check_logit_scale(name: str, value: object) -> float:
+    """A model's logit scale: a finite number > 0."""
+    return checks.check_in_range(name, value, 0.0, math.inf, low_inclusive=False, high_inclusive=False)
+
+
+def check_softcap(name: str, value: object) -> float | None:
+    """A model's soft cap: ``None`` or a finite number > 0."""
+    return None if value is None else check_logit_scale(name, value)
+
+
 def check_tail(top_k_tail: object) -> str:
     if top_k_tail not in math_.TOP_K_TAILS:
         raise ValueError(f"top_k_tail must be one of {', '.join(map(repr, math_.TOP_K_TAILS))}, got {top_k_tail!r}")
