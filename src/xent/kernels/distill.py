@@ -39,7 +39,9 @@ from xent.kernels.threads import for_each_block
 class DistillSpec:
     """What a distillation call computes, beside its tensors: the divergence (``beta`` read by ``"jsd"``), the
     temperature, each model's logit transform ``z = logit_scale · softcap · tanh(x / softcap)`` (no cap for
-    ``None``) and a top-k teacher's tail treatment."""
+    ``None``) and a top-k teacher's tail treatment. ``finite_logits``: neither model's logits can be ``-inf`` (no
+    bias holds one; a cap bounds them), so their log-probabilities need no clamp against ``0 · -inf`` — two passes
+    over each block fewer."""
 
     divergence: str = "forward_kl"
     beta: float = 0.5
@@ -49,6 +51,7 @@ class DistillSpec:
     teacher_logit_scale: float = 1.0
     teacher_softcap: float | None = None
     tail: str = "renormalize"
+    finite_logits: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,8 +123,10 @@ def dense_rows_(
     def body(
         u: torch.Tensor, rows: slice, coefficient: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        log_p = _log_probs_(u, temperature)
-        log_q = _log_probs_(transformed(teacher[rows], spec.teacher_logit_scale, spec.teacher_softcap)[0], temperature)
+        clamp = not spec.finite_logits
+        log_p = _log_probs_(u, temperature, clamp)
+        log_q = transformed(teacher[rows], spec.teacher_logit_scale, spec.teacher_softcap)[0]
+        log_q = _log_probs_(log_q, temperature, clamp)
         p = log_p.exp()
         if entropy is not None:
             entropy[rows] = -_dot(p, log_p)
@@ -164,16 +169,21 @@ def _rows_(
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot products of ``(B, V)`` blocks, ``(B,)`` (one fused pass: 8× faster than ``bmm`` here)."""
+    """Row-wise dot products of ``(B, V)`` blocks, ``(B,)``. For a CPU block of a few rows, the diagonal of one
+    ``B × B`` GEMM: B times the products, at the GEMM's rate, is half the time of ``vecdot`` (which multiplies, then
+    sums) and a tenth of ``bmm``'s."""
+    if x.shape[0] <= 32:
+        return torch.mm(x, y.t()).diagonal()
     return cast(torch.Tensor, torch.linalg.vecdot(x, y))
 
 
-def _log_probs_(z: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``log_softmax(z / T)`` in place (one fused pass), clamped at the dtype's lowest number."""
+def _log_probs_(z: torch.Tensor, temperature: float, clamp: bool) -> torch.Tensor:
+    """``log_softmax(z / T)`` in place (one fused pass), clamped at the dtype's lowest number with ``clamp`` (a
+    ``-inf`` logit's log-probability is ``-inf`` otherwise)."""
     if temperature != 1.0:
         z.mul_(1.0 / temperature)  # a multiplication: twice as fast as a division on the CPU
     torch._log_softmax(z, 1, False, out=z)
-    return z.clamp_(min=torch.finfo(z.dtype).min)
+    return z.clamp_(min=torch.finfo(z.dtype).min) if clamp else z
 
 
 def _divergence_(
@@ -193,19 +203,25 @@ def _divergence_(
             torch.sub(p, q, out=log_p).mul_(coefficient)  # p − q
         return loss
     if divergence == "reverse_kl":
-        gap = torch.sub(log_p, log_q, out=log_q)  # log p − log q
+        gap = log_q.neg_().add_(log_p)  # log p − log q (in place: a third operand costs a pass)
         loss = _dot(p, gap)
-        if coefficient is not None:
-            torch.mul(gap.sub_(loss.unsqueeze(1)).mul_(coefficient), p, out=log_p)  # p (log p − log q − KL)
+        if coefficient is not None:  # p (log p − log q − KL)
+            torch.mul(_shifted_(gap, loss, coefficient), p, out=log_p)
         return loss
     q = log_q.exp()
     log_m = torch.mul(p, 1.0 - beta).add_(q, alpha=beta).clamp_(min=torch.finfo(p.dtype).tiny).log_()
     kl_teacher = _dot(q, log_q.sub_(log_m))  # Σ q (log q − log m)
-    gap = torch.sub(log_p, log_m, out=log_m)  # log p − log m
+    gap = log_m.neg_().add_(log_p)  # log p − log m
     kl_student = _dot(p, gap)
     if coefficient is not None:  # (1 − β) p (log p − log m − KL(p ‖ m))
-        torch.mul(gap.sub_(kl_student.unsqueeze(1)).mul_(coefficient * (1.0 - beta)), p, out=log_p)
+        torch.mul(_shifted_(gap, kl_student, coefficient * (1.0 - beta)), p, out=log_p)
     return beta * kl_teacher + (1.0 - beta) * kl_student
+
+
+def _shifted_(x: torch.Tensor, shift: torch.Tensor, coefficient: torch.Tensor) -> torch.Tensor:
+    """``coefficient · (x − shift)`` in place, per row (``shift (B,)``, ``coefficient (B, 1)``): two one-operand
+    passes, faster than ``addcmul``'s one pass over three operands."""
+    return x.sub_(shift.unsqueeze(1)).mul_(coefficient)
 
 
 def _hard_terms(

@@ -14,6 +14,7 @@ per position, the :math:`T^2` keeping the gradient's size independent of :math:`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple, cast
 
@@ -106,8 +107,11 @@ def distillation_loss(
     almost no loss. Here the endpoints are named divergences, and ``beta`` is ``"jsd"``'s only, in (0, 1).
     **Temperature.** The :math:`T^2` factor keeps the gradient's magnitude independent of :math:`T`, so the loss can
     be mixed with a hard-label cross-entropy without re-tuning its weight; TRL's divergence has none (divide by
-    :math:`T^2` to compare). Terms with probability 0 contribute 0 (``xlogy``). The teacher is not differentiated: a
-    teacher that requires grad (with grad mode on) raises rather than silently getting no gradient.
+    :math:`T^2` to compare). Terms with probability 0 contribute 0 (``xlogy``); a divergence that is infinite (the
+    forward KL where the student gives probability 0 to a class the teacher does not, the reverse KL the other way
+    round) comes out enormous, never NaN: the log of 0 is taken as the dtype's lowest number (the Triton kernel gives
+    ``inf``). The teacher is not differentiated: a teacher that requires grad (with grad mode on) raises rather than
+    silently getting no gradient.
 
     Args:
         student_logits: ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``.
@@ -523,6 +527,9 @@ def _linear_distillation(
             )
         else:
             kernels = _row_kernels(impl, flat_input.device)
+            if kernels[0] is kernel.dense_rows_ and isinstance(teacher, kernel.DenseTeacher):
+                heads = ((linear_bias, spec.softcap), (teacher.bias, spec.teacher_softcap))
+                spec = dataclasses.replace(spec, finite_logits=all(_finite(*head) for head in heads))
             if reduction in ("batchmean", "mean"):
                 count = (
                     torch.as_tensor(num_items_in_batch, dtype=dtype, device=input.device)
@@ -564,6 +571,12 @@ def _row_kernels(impl: Impl | None, device: torch.device) -> tuple[kernel.RowsKe
 
         return triton_divergence.dense_rows_, triton_divergence.top_k_rows_
     return kernel.dense_rows_, kernel.top_k_rows_
+
+
+def _finite(bias: torch.Tensor | None, cap: float | None) -> bool:
+    """Whether a head's logits are finite (for finite hidden states and weight): no bias entry is ``-inf`` (a masked
+    class), or a cap bounds them."""
+    return bias is None or cap is not None or bool(torch.isfinite(bias).all())
 
 
 def _transform(x: torch.Tensor, scale: float, cap: float | None) -> torch.Tensor:
