@@ -1,7 +1,7 @@
 r"""Knowledge distillation: a student matches a teacher's softened distribution — forward KL, reverse KL or the
 generalized Jensen–Shannon divergence, from the teacher's logits, probabilities, head or top-k.
 
-The divergences and their conventions are defined in :mod:`xent.core.divergence`; both functions here compute
+The divergences and their conventions are defined in ``xent.core.divergence``; both functions here compute
 
 .. math::
     \ell_n = T^2\, D\bigl(q_n, p_n\bigr) + \lambda \operatorname{CE}(z_n, y_n), \qquad
@@ -95,7 +95,7 @@ def distillation_loss(
         \ell_n = T^2\, D(q_n, p_n) \;[+\; \lambda \operatorname{CE}(z_n, y_n)], \qquad
         p_n = \operatorname{softmax}(z_n / T), \quad q_n = \operatorname{softmax}(z_{t,n} / T)
 
-    with :math:`D` one of (:mod:`xent.core.divergence`):
+    with :math:`D` one of (``xent.core.divergence``):
 
     - ``"forward_kl"`` (the default): :math:`\mathrm{KL}(q \| p)`, Hinton et al.'s distillation, mass-covering;
     - ``"reverse_kl"``: :math:`\mathrm{KL}(p \| q)`, mode-seeking (MiniLLM, on-policy distillation);
@@ -131,7 +131,7 @@ def distillation_loss(
             distillation temperature's base: the top-k distribution is softened as :math:`q \propto q^{1/T}` over
             its categories.
         top_k_tail: ``"renormalize"`` (the teacher renormalised over its top-k) or ``"bucket"`` (the mass outside
-            the top-k as one more category, the student's too); see :mod:`xent.core.divergence`.
+            the top-k as one more category, the student's too); see ``xent.core.divergence``.
         target: class indices of the batch shape: positions whose target is ``ignore_index`` drop out of everything
             (padding, prompt tokens), and with ``hard_weight > 0`` the hard-label term
             :math:`\lambda \operatorname{CE}(z, y)` (at :math:`T = 1`, reduced as cross-entropy's ``"mean"`` for
