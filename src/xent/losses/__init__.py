@@ -16,12 +16,17 @@ from xent.losses.imbalance import (
 )
 from xent.losses.linear import linear_cross_entropy, linear_loss
 from xent.losses.logprobs import linear_log_probs
+from xent.losses.policy import PolicyLoss, policy_loss, rollout_importance_ratio
+from xent.losses.preference import KTOLoss, PreferenceLoss, kto_loss, preference_loss, wpo_weights
 from xent.losses.robust import generalized_cross_entropy, symmetric_cross_entropy
 from xent.losses.sigmoid import binary_cross_entropy, binary_cross_entropy_with_logits
 from xent.losses.softmax import cross_entropy
 
 __all__ = [
+    "KTOLoss",
     "LinearDistillation",
+    "PolicyLoss",
+    "PreferenceLoss",
     "balanced_softmax_cross_entropy",
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
@@ -34,6 +39,7 @@ __all__ = [
     "gan_discriminator_loss",
     "gan_generator_loss",
     "generalized_cross_entropy",
+    "kto_loss",
     "ldam_loss",
     "ldam_margins",
     "linear_cross_entropy",
@@ -43,9 +49,13 @@ __all__ = [
     "linear_loss",
     "logit_adjust",
     "logit_adjusted_cross_entropy",
+    "policy_loss",
     "poly1_cross_entropy",
+    "preference_loss",
+    "rollout_importance_ratio",
     "sigmoid_focal_loss",
     "symmetric_cross_entropy",
     "vae_loss",
     "weighted_sum",
+    "wpo_weights",
 ]
