@@ -15,6 +15,7 @@ from xent.losses.imbalance import (
     logit_adjusted_cross_entropy,
 )
 from xent.losses.linear import linear_cross_entropy, linear_loss
+from xent.losses.linear_policy import SequenceLogProbs, linear_policy_loss, linear_sequence_log_probs
 from xent.losses.logprobs import linear_log_probs
 from xent.losses.policy import PolicyLoss, policy_loss, rollout_importance_ratio
 from xent.losses.preference import KTOLoss, PreferenceLoss, kto_loss, preference_loss, wpo_weights
@@ -27,6 +28,7 @@ __all__ = [
     "LinearDistillation",
     "PolicyLoss",
     "PreferenceLoss",
+    "SequenceLogProbs",
     "balanced_softmax_cross_entropy",
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
@@ -47,6 +49,8 @@ __all__ = [
     "linear_distillation_loss",
     "linear_log_probs",
     "linear_loss",
+    "linear_policy_loss",
+    "linear_sequence_log_probs",
     "logit_adjust",
     "logit_adjusted_cross_entropy",
     "policy_loss",
