@@ -97,3 +97,23 @@ def test_distill_example_trains_teacher_and_students():
     assert "student, distilled   step    8" in result.stdout
     scores = re.search(r"teacher (\S+), distilled (\S+), from bytes (\S+)$", result.stdout.strip())
     assert scores and all(0 < float(score) < 6 for score in scores.groups())
+
+
+@pytest.mark.parametrize("loss", ["xent", "no-xent"])
+def test_grpo_example_runs_a_few_steps(loss, tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "reward.png"
+    flags = ["--no-xent"] if loss == "no-xent" else []
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "grpo.py"), "--quick", "--out", str(out), *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "step   10  reward" in result.stdout
+    rewards = re.search(rf"summary \({loss}\): reward (\S+) → (\S+) ", result.stdout)
+    assert rewards and all(0 <= float(value) <= 1 for value in rewards.groups())
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
