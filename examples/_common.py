@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import sys
 import time
@@ -91,3 +92,17 @@ def save_grid(images: torch.Tensor, path: Path, title: str) -> None:
     figure.savefig(temporary, dpi=80, format="png")
     plt.close(figure)
     os.replace(temporary, path)
+
+
+def return_freed_memory() -> None:
+    """Have glibc's malloc give blocks of 128 KiB and more back to the kernel as soon as they are freed (a fixed mmap
+    threshold; by default it rises and freed blocks stay resident), so that what is resident is what is in use."""
+    ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+
+
+def resident_bytes(field: str) -> int:
+    """A field of /proc/self/status (``VmRSS``: resident now, ``VmHWM``: its high-water mark) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)

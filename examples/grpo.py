@@ -26,13 +26,13 @@ before, read from Linux's /proc; on the GPU the allocator's) and saves the rewar
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _common import resident_bytes, return_freed_memory
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -159,20 +159,6 @@ def policy_loss(model, sequences, completions, advantages, old_log_probs, args) 
     return xent.linear_policy_loss(hidden, head, completions, advantages, mask, temperature=args.temperature, **options)
 
 
-def return_freed_memory() -> None:
-    """Have glibc's malloc give blocks of 128 KiB and more back to the kernel as soon as they are freed (a fixed mmap
-    threshold; by default it rises and freed blocks stay resident), so that what is resident is what is in use."""
-    ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-
-
-def _resident_bytes(field: str) -> int:
-    """A field of /proc/self/status (``VmRSS``: resident now, ``VmHWM``: its high-water mark) in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 @dataclass
 class Step:
     reward: float  # mean over the step's completions
@@ -198,14 +184,14 @@ def train_step(model, optimizer, prompts, args, generator) -> Step:
         before = torch.cuda.memory_allocated(sequences.device)
     else:
         gc.collect()
-        before = _resident_bytes("VmRSS")
+        before = resident_bytes("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")
     start = time.perf_counter()
     out = policy_loss(model, sequences, completions, advantages, old_log_probs, args)
     out.loss.backward()
     entropy = out.entropy.item()  # waits for the GPU
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(sequences.device) if cuda else _resident_bytes("VmHWM")
+    peak = torch.cuda.max_memory_allocated(sequences.device) if cuda else resident_bytes("VmHWM")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return Step(rewards.mean().item(), entropy, seconds, peak - before)

@@ -19,7 +19,6 @@ a sample generated from the prompt ``def ``."""
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import math
 import sysconfig
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _common import resident_bytes, return_freed_memory
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -110,20 +110,6 @@ def build_model(vocab: int, seq_len: int, eos: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def return_freed_memory() -> None:
-    """Have glibc's malloc give blocks of 128 KiB and more back to the kernel as soon as they are freed (a fixed mmap
-    threshold; by default it rises and freed blocks stay resident), so that what is resident is what is in use."""
-    ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-
-
-def _resident_bytes(field: str) -> int:
-    """A field of /proc/self/status (``VmRSS``: resident now, ``VmHWM``: its high-water mark) in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 @dataclass
 class Step:
     loss: float
@@ -154,7 +140,7 @@ def train_step(model: LlamaForCausalLM, optimizer: torch.optim.Optimizer, batch:
         before = torch.cuda.memory_allocated(batch.device)
     else:
         gc.collect()
-        before = _resident_bytes("VmRSS")
+        before = resident_bytes("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")
     start = time.perf_counter()
     loss = model(input_ids=batch, labels=batch).loss
@@ -163,7 +149,7 @@ def train_step(model: LlamaForCausalLM, optimizer: torch.optim.Optimizer, batch:
     optimizer.zero_grad(set_to_none=True)
     value = loss.item()  # waits for the GPU
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(batch.device) if cuda else _resident_bytes("VmHWM")
+    peak = torch.cuda.max_memory_allocated(batch.device) if cuda else resident_bytes("VmHWM")
     return Step(value, batch.numel(), seconds, peak - before)
 
 
