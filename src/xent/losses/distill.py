@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, cast
 
 import torch
 
+from xent._config import value_checks_enabled
 from xent.core import divergence as math_
 from xent.core.autocast import autocast_off, cast_for_linear, float32_under_autocast, result_dtype
 from xent.core.reduce import accumulation_dtype, safe_divide
@@ -249,8 +250,6 @@ def _rows_of(
 def _check_teacher_mass(teacher: torch.Tensor, kept: torch.Tensor, batch_shape: torch.Size) -> None:
     """Every kept teacher distribution has some probability mass: an all-zero row has no softened distribution
     (its normalisation is 0 / 0). Needs a host sync, so it obeys the value-check switch."""
-    from xent._config import value_checks_enabled
-
     if not value_checks_enabled(teacher) or teacher.numel() == 0:
         return
     empty = kept & (teacher.sum(1) <= 0)
