@@ -450,7 +450,10 @@ def _ddp_worker(rank: int, world: int, store_path: str, results: str) -> None:
     if rank == 0:
         torch.save({name: p.grad for name, p in model.named_parameters()}, results)
     # DDP's gradient all-reduces run Python callbacks on gloo's threads: let them finish before the group goes, or its
-    # destruction can deadlock on the GIL
+    # destruction can deadlock on the GIL; and DDP's reducer goes before the group does (freed when the worker
+    # returned, after destroy_process_group, it hung one rank in 2 of 4 CI runs)
+    torch.distributed.barrier()
+    del ddp
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
