@@ -30,11 +30,18 @@ def _problem(batch, dtype=torch.float64, *, bias=True, seed=0):
     return x, w, b, target
 
 
-def reference(x, w, b, target, temperature=1.0):
-    """``(log p_y, H)`` on the materialised logits, in float32 (float64 for float64), plain PyTorch."""
+def reference_logits(x, w, b, temperature=1.0, logit_scale=1.0, softcap=None):
+    """``s · c tanh(L / c) / T`` of the materialised head ``L``, in float32 (float64 for float64)."""
     logits = F.linear(x, w, b)
     logits = logits.double() if logits.dtype == torch.float64 else logits.float()
-    log_p = torch.log_softmax(logits / temperature, -1)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logit_scale * logits / temperature
+
+
+def reference(x, w, b, target, temperature=1.0, **head):
+    """``(log p_y, H)`` on the materialised logits, in float32 (float64 for float64), plain PyTorch."""
+    log_p = torch.log_softmax(reference_logits(x, w, b, temperature, **head), -1)
     valid = target != IGNORE
     picked = log_p.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
     log_probs = torch.where(valid, picked, torch.zeros_like(picked))
@@ -70,22 +77,95 @@ def _assert_all_close(actual, expected, dtype):
 
 
 OUTPUTS = {"log_probs": (True, False), "entropy": (False, True), "both": (True, True)}
+# What turns the head's output into the logits: the temperature, Cohere's and Granite's scales, Gemma 2's soft cap.
+HEADS = {
+    "plain": {},
+    "temperature": {"temperature": 0.7},
+    "scale": {"logit_scale": 1.7},
+    "softcap": {"softcap": 2.0},
+    "all": {"temperature": 0.7, "logit_scale": 0.5, "softcap": 3.0},
+}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("head", list(HEADS))
 @pytest.mark.parametrize("outputs", list(OUTPUTS))
 @pytest.mark.parametrize("batch", [(37,), (3, 13)])
-def test_matches_reference(dtype, bias, temperature, outputs, batch):
+def test_matches_reference(dtype, bias, head, outputs, batch):
     x, w, b, target = _problem(batch, dtype, bias=bias)
     generator = torch.Generator().manual_seed(1)
     grad_outputs = [torch.randn(batch, generator=generator, dtype=torch.float64) for _ in range(2)]
     requires = (True, True, bias)
     args = ((x, w, b), target, requires, OUTPUTS[outputs], grad_outputs)
-    expected = _outputs_and_grads(reference, *args, temperature=temperature)
-    actual = _outputs_and_grads(ours, *args, temperature=temperature, chunk_size=8)  # 37, 39 tokens: uneven chunks
+    expected = _outputs_and_grads(reference, *args, **HEADS[head])
+    actual = _outputs_and_grads(ours, *args, **HEADS[head], chunk_size=8)  # 37, 39 tokens: uneven chunks
     _assert_all_close(actual, expected, dtype)
+
+
+def reference_statistics(x, w, b, target, **head):
+    """``(log Σ p², mean z, argmax z == y)`` on the materialised logits; ignored tokens are not top-1."""
+    logits = reference_logits(x, w, b, **head)
+    log_p = torch.log_softmax(logits, -1)
+    is_top1 = (logits.argmax(-1) == target) & (target != IGNORE)
+    return torch.logsumexp(2 * log_p, -1), logits.mean(-1), is_top1
+
+
+STATISTICS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("head", ["plain", "all"])
+@pytest.mark.parametrize("asked", [(), ("mean_logits",), ("log_sum_sq_probs", "is_top1"), STATISTICS])
+def test_token_outputs_match_reference(dtype, head, asked):
+    """Each statistic asked for equals the materialised logits'; those not asked for are None; the log-probabilities
+    (and the entropy when asked for) keep their gradient, the other statistics have none."""
+    x, w, b, target = _problem((37,), dtype)
+    x.requires_grad_()
+    got = xent.linear_token_outputs(
+        x, w, target, linear_bias=b, **HEADS[head], chunk_size=8, outputs=("log_probs", *asked)
+    )
+    ref_log_probs, ref_entropy = reference(x, w, b, target, **HEADS[head])
+    expected = dict(zip(STATISTICS, (ref_entropy, *reference_statistics(x, w, b, target, **HEADS[head])), strict=True))
+    torch.testing.assert_close(got.log_probs.double(), ref_log_probs.double(), **TOLERANCES[dtype])
+    for name in STATISTICS:
+        value = getattr(got, name)
+        if name not in asked:
+            assert value is None, name
+        elif name == "is_top1":
+            assert value.dtype == torch.bool and not value.requires_grad
+            assert torch.equal(value, expected[name]), name
+        else:
+            assert value.requires_grad == (name == "entropy"), name
+            torch.testing.assert_close(value.double(), expected[name].double(), **TOLERANCES[dtype], msg=name)
+    # the gradient of the log-probabilities alone, with or without the entropy computed
+    (grad,) = torch.autograd.grad(got.log_probs.sum(), x)
+    (ref_grad,) = torch.autograd.grad(ref_log_probs.sum(), x)
+    torch.testing.assert_close(grad.double(), ref_grad.double(), **TOLERANCES[dtype])
+
+
+def test_is_top1_takes_the_first_of_tied_maxima():
+    """A target tied with an earlier class for the largest logit is not top-1 (argmax's first maximum); tied with a
+    later one, it is."""
+    w = torch.eye(4, dtype=torch.float64)
+    x = torch.tensor([[1.0, 3.0, 3.0, 0.0], [1.0, 3.0, 3.0, 0.0], [5.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    target = torch.tensor([2, 1, 0])
+    got = xent.linear_token_outputs(x, w, target, outputs=("is_top1",))
+    assert got.is_top1.tolist() == [False, True, True]
+
+
+def test_statistics_of_a_masked_class():
+    """A class with bias -inf: probability 0 (the same log Σ p² as without it) and a mean logit of -inf."""
+    x, w, b, target = _problem((37,))
+    target = torch.where(target == 0, torch.ones_like(target), target)
+    masked_bias = b.clone()
+    masked_bias[0] = -math.inf
+    got = xent.linear_token_outputs(
+        x, w, target, linear_bias=masked_bias, chunk_size=8, outputs=("log_sum_sq_probs", "mean_logits")
+    )
+    expected, _, _ = reference_statistics(x, w[1:], b[1:], target)
+    assert_close(got.log_sum_sq_probs, expected)
+    assert bool((got.mean_logits == -math.inf).all())
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from tests.kernels.test_logprobs import D, V, _problem, ours
 
 def test_exported():
     assert "linear_log_probs" in xent.__all__ and xent.linear_log_probs is xent.losses.linear_log_probs
+    assert "linear_token_outputs" in xent.__all__ and xent.TokenOutputs is xent.losses.TokenOutputs
 
 
 @pytest.mark.parametrize(
@@ -24,6 +25,10 @@ def test_exported():
         ({"temperature": "1"}, TypeError, "temperature must be a number, got str"),
         ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int, got float 1.5"),
         ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int or None, got 0"),
+        ({"logit_scale": 0.0}, ValueError, r"logit_scale must be in \(0, inf\), got 0"),
+        ({"logit_scale": None}, TypeError, "logit_scale must be a number"),
+        ({"softcap": -1.0}, ValueError, r"softcap must be in \(0, inf\), got -1"),
+        ({"softcap": math.inf}, ValueError, r"softcap must be in \(0, inf\), got inf"),
         ({"w": torch.randn(V, D + 1, dtype=torch.float64)}, ValueError, r"linear_weight has shape \(13, 7\)"),
         (
             {"w": torch.randn(V, D)},
@@ -51,3 +56,16 @@ def test_errors_name_the_argument(change, error, message):
     x, w, b, target = (arguments.pop(key) for key in ("x", "w", "b", "target"))
     with pytest.raises(error, match=message):
         ours(x, w, b, target, **arguments)
+
+
+@pytest.mark.parametrize(
+    ("outputs", "error", "message"),
+    [
+        (("log_probs", "entropies"), ValueError, "outputs has 'entropies'; expected names among 'log_probs'"),
+        ("entropy", TypeError, "outputs must be a collection of output names, not the string 'entropy'"),
+    ],
+)
+def test_token_outputs_errors_name_the_argument(outputs, error, message):
+    x, w, b, target = _problem((4,))
+    with pytest.raises(error, match=message):
+        xent.linear_token_outputs(x, w, target, linear_bias=b, outputs=outputs)

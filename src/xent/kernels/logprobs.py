@@ -1,30 +1,37 @@
-"""Per-token log-probabilities and entropies of a linear head, chunk by chunk: the ``N × V`` logits are never formed.
+"""Per-token outputs of a linear head, chunk by chunk: the ``N × V`` logits are never formed.
 
-Data flow of :class:`ChunkedLinearLogProbs` (``z = (x Wᵀ + b) / T``, ``log p = z − lse``)::
+Data flow of :class:`ChunkedLinearLogProbs` (``L = x Wᵀ + b``, ``z = a · c·tanh(L / c)`` or ``z = a · L`` without a
+soft cap, ``a = logit_scale / T``; ``log p = z − lse``)::
 
     forward, for each chunk of tokens X_c (c × D):
         L_c = X_c Wᵀ + b                         GEMM 1, a (c × V) buffer reused by every chunk
         for each block of rows of L_c:           (sized to stay in cache, as in xent.kernels.chunked)
-            z' = L / T − max                     in place (a float32 copy for half precision)
+            z' = z − max                         in place (a float32 copy for half precision)
             log p_y = z'_y − log Σ e^z'           the target's log-probability, 0 for ignored rows
-            H       = log Σ e^z' − Σ e^z' z' / Σ e^z'
-        kept: lse (N,) and H (N,)
+            H       = log Σ e^z' − Σ e^z' z' / Σ e^z'           when asked for
+            log Σ p² = 2 (log ‖e^z'‖₂ − log Σ e^z')             when asked for, no gradient
+            mean z  = Σ z' / V + max                             when asked for, no gradient
+            top-1   = argmax z == y (the first maximum)          when asked for
+        kept: lse (N,), and H (N,) when asked for
 
     backward (g_lp, g_H: the two outputs' per-token grad_outputs, either None), for each chunk:
         L_c  = X_c Wᵀ + b                        GEMM 1 again: the gradient needs g_lp and g_H
-        G_c  = (g_lp (e_y − p) − g_H p (log p + H)) / T    in place over L_c, block by block
+        G_c  = (g_lp (e_y − p) − g_H p (log p + H)) · dz/dL          in place over L_c, block by block,
+                                                 dz/dL = a (1 − tanh²(L / c)), or a without a cap
         dX_c = G_c W                             GEMM 2
         dW  += G_cᵀ X_c                          GEMM 3, into a float32 (float64) buffer
         db  += Σ_rows G_c                        in float32 (float64)
 
 The GEMM loop is :func:`xent.kernels.linear.fused_pass`'s, driven by a chunk function for each pass. Extra memory:
-one logits chunk, a block of float32 rows, and ``dW``/``db`` in float32 for half-precision heads.
+one logits chunk, a block of float32 rows (two with a soft cap, in the backward), and ``dW``/``db`` in float32 for
+half-precision heads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
@@ -39,18 +46,48 @@ SECOND_ORDER_MESSAGE = (
     "torch.log_softmax(F.linear(input, linear_weight, linear_bias).float() / temperature, -1) on the materialised "
     "logits instead"
 )
+# The per-token outputs besides the log-probabilities, in the order the kernel returns them.
+STATISTICS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+@dataclass(frozen=True)
+class HeadTransform:
+    """What turns the head's output ``L`` into the logits ``z``: ``z = scale · softcap · tanh(L / softcap)``, or
+    ``z = scale · L`` when ``softcap`` is None (``scale`` folds the logit scale and ``1 / T``)."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def apply_(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(z, tanh(L / c))`` of a block ``L`` in the accumulation dtype, in place when ``logits`` already has it
+        (the buffer is scratch); the tanh is None without a soft cap."""
+        z = logits.to(accumulation_dtype(logits.dtype))
+        if self.softcap is None:
+            return (z if self.scale == 1.0 else z.mul_(self.scale)), None
+        tanh = torch.tanh(z / self.softcap)
+        return torch.mul(tanh, self.scale * self.softcap, out=z), tanh
+
+    def chain_(self, grad: torch.Tensor, tanh: torch.Tensor | None) -> torch.Tensor:
+        """``∂/∂L`` from ``∂/∂z`` (in place): times ``scale (1 − tanh²)``."""
+        if tanh is not None:
+            grad.mul_(tanh.square_().neg_().add_(1.0))
+        return grad if self.scale == 1.0 else grad.mul_(self.scale)
+
+
+class RowOutputs(NamedTuple):
+    """A block's per-row outputs ``(B,)``, each None when not asked for."""
+
+    log_probs: torch.Tensor
+    entropy: torch.Tensor | None
+    log_sum_sq_probs: torch.Tensor | None
+    mean_logits: torch.Tensor | None
+    is_top1: torch.Tensor | None
 
 
 def _for_each_row_block(logits: torch.Tensor, block_: Callable[[slice], None]) -> None:
     """``block_(rows)`` for each cache-sized block of a chunk's rows, shared out over threads on the CPU."""
     num_rows, vocab_size = logits.shape
     for_each_block(num_rows, chunked.rows_per_block(vocab_size, logits.device), block_, logits.device)
-
-
-def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``logits / T`` in the accumulation dtype, in place when ``logits`` already has it (the buffer is scratch)."""
-    z = logits.to(accumulation_dtype(logits.dtype))
-    return z if temperature == 1.0 else z.div_(temperature)
 
 
 def _safe_target(target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,47 +97,58 @@ def _safe_target(target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor,
 
 
 def forward_block_(
-    logits: torch.Tensor, target: torch.Tensor, temperature: float, ignore_index: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(log p_y, H, lse)`` of a block of rows ``(B, V)``, each ``(B,)`` in the accumulation dtype; ``logits`` is
-    overwritten. Ignored rows get ``log p_y = 0``."""
-    z = _scaled(logits, temperature)
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    transform: HeadTransform,
+    ignore_index: int,
+    statistics: frozenset[str],
+) -> tuple[RowOutputs, torch.Tensor]:
+    """The outputs of a block of rows ``(B, V)`` named in ``statistics`` (and always ``log p_y``, 0 for ignored
+    rows), and the rows' log-sum-exps, in the accumulation dtype; ``logits`` is overwritten."""
+    z, _ = transform.apply_(logits)
+    valid, column = _safe_target(target, ignore_index)
+    is_top1 = (z.argmax(dim=1) == column.squeeze(1)) & valid if "is_top1" in statistics else None
     row_max = z.amax(dim=1, keepdim=True)
     z.sub_(row_max)  # z' ≤ 0
-    valid, column = _safe_target(target, ignore_index)
     target_logit = z.gather(1, column).squeeze(1)
+    mean_logits = z.sum(dim=1).div_(z.shape[1]).add_(row_max.squeeze(1)) if "mean_logits" in statistics else None
     # A class masked with a -inf logit has e^z' = 0; clamped, its term e^z' · z' is 0, not 0 · -inf = NaN.
     z.clamp_(min=torch.finfo(z.dtype).min)
     exp = z.exp()
     total = exp.sum(dim=1)
     log_total = total.log()
-    weighted = exp.mul_(z).sum(dim=1)  # Σ e^z' z'
-    entropy = log_total - weighted / total
+    log_sum_sq_probs = None
+    if "log_sum_sq_probs" in statistics:  # log Σ p² = 2 (log ‖e^z'‖₂ − log Σ e^z')
+        log_sum_sq_probs = torch.linalg.vector_norm(exp, dim=1).log_().sub_(log_total).mul_(2.0)
+    entropy = None
+    if "entropy" in statistics:
+        entropy = log_total - exp.mul_(z).sum(dim=1).div_(total)  # log Σ e^z' − Σ e^z' z' / Σ e^z'
     log_probs = torch.where(valid, target_logit - log_total, torch.zeros_like(log_total))
-    return log_probs, entropy, row_max.squeeze(1) + log_total
+    return RowOutputs(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), row_max.squeeze(1) + log_total
 
 
 def backward_block_(
     logits: torch.Tensor,
     target: torch.Tensor,
-    temperature: float,
+    transform: HeadTransform,
     ignore_index: int,
     lse: torch.Tensor,
-    entropy: torch.Tensor,
+    entropy: torch.Tensor | None,
     grad_log_probs: torch.Tensor | None,
     grad_entropy: torch.Tensor | None,
 ) -> None:
-    """Overwrite a block of logits ``(B, V)`` with ``∂(g_lp · log p_y + g_H · H)/∂logits`` row by row:
-    ``(g_lp (e_y − p) − g_H p (log p + H)) / T``, ``g_lp`` taken as 0 on ignored rows. At least one of the two
-    grad_outputs ``(B,)`` is given."""
-    z = _scaled(logits, temperature)
+    """Overwrite a block of head outputs ``(B, V)`` with ``∂(g_lp · log p_y + g_H · H)/∂L`` row by row:
+    ``(g_lp (e_y − p) − g_H p (log p + H)) · dz/dL``, ``g_lp`` taken as 0 on ignored rows. At least one of the two
+    grad_outputs ``(B,)`` is given; ``entropy`` is when ``grad_entropy`` is."""
+    z, tanh = transform.apply_(logits)
     log_p = z.sub_(lse.unsqueeze(1))
     valid, column = _safe_target(target, ignore_index)
     if grad_log_probs is not None:
         grad_log_probs = torch.where(valid, grad_log_probs, torch.zeros_like(grad_log_probs))
-    if grad_entropy is None:
-        # one of the two grad_outputs is given
-        grad = log_p.exp_().mul_(-cast(torch.Tensor, grad_log_probs).unsqueeze(1))  # −g_lp p
+    if grad_entropy is None or entropy is None:
+        if grad_log_probs is None:  # pragma: no cover - the autograd Function returns before
+            raise RuntimeError("backward_block_ needs a grad_output")
+        grad = log_p.exp_().mul_(-grad_log_probs.unsqueeze(1))  # −g_lp p
     else:
         log_p.clamp_(min=torch.finfo(z.dtype).min)  # p log p = 0 for a -inf logit, as in the forward
         probs = log_p.exp()
@@ -111,26 +159,31 @@ def backward_block_(
         grad.addcmul_(probs, coefficient.unsqueeze(1), value=-1.0)  # − p (g_lp + g_H H)
     if grad_log_probs is not None:
         grad.scatter_add_(1, column, grad_log_probs.unsqueeze(1))  # + g_lp e_y
-    if temperature != 1.0:
-        grad.div_(temperature)
+    grad = transform.chain_(grad, tanh)
     if grad is not logits:
         logits.copy_(grad)
 
 
 def _forward_chunk_loss(
-    target: torch.Tensor, temperature: float, ignore_index: int, entropy: torch.Tensor, lse: torch.Tensor
+    target: torch.Tensor,
+    transform: HeadTransform,
+    ignore_index: int,
+    statistics: frozenset[str],
+    outputs: dict[str, torch.Tensor],
+    lse: torch.Tensor,
 ) -> ChunkLoss:
-    """The forward pass's chunk function: returns the chunk's log-probabilities, writes its entropies and
-    log-sum-exps into ``entropy`` and ``lse`` ``(N,)``."""
+    """The forward pass's chunk function: returns the chunk's log-probabilities, writes its log-sum-exps into
+    ``lse`` and its statistics into ``outputs`` (each ``(N,)``)."""
 
     def chunk_loss(logits: torch.Tensor, rows: slice, grad_scale: torch.Tensor, needs_grad: bool) -> torch.Tensor:
         log_probs = torch.empty(logits.shape[0], dtype=lse.dtype, device=logits.device)
 
         def block_(block: slice) -> None:
             token = slice(rows.start + block.start, rows.start + block.stop)
-            log_probs[block], entropy[token], lse[token] = forward_block_(
-                logits[block], target[token], temperature, ignore_index
-            )
+            row_outputs, lse[token] = forward_block_(logits[block], target[token], transform, ignore_index, statistics)
+            log_probs[block] = row_outputs.log_probs
+            for name, values in outputs.items():
+                values[token] = getattr(row_outputs, name)
 
         _for_each_row_block(logits, block_)
         return log_probs
@@ -140,10 +193,10 @@ def _forward_chunk_loss(
 
 def _backward_chunk_loss(
     target: torch.Tensor,
-    temperature: float,
+    transform: HeadTransform,
     ignore_index: int,
     lse: torch.Tensor,
-    entropy: torch.Tensor,
+    entropy: torch.Tensor | None,
     grad_log_probs: torch.Tensor | None,
     grad_entropy: torch.Tensor | None,
 ) -> ChunkLoss:
@@ -158,10 +211,10 @@ def _backward_chunk_loss(
             backward_block_(
                 logits[block],
                 target[token],
-                temperature,
+                transform,
                 ignore_index,
                 lse[token],
-                entropy[token],
+                rows_of(entropy, token),
                 rows_of(grad_log_probs, token),
                 rows_of(grad_entropy, token),
             )
@@ -173,9 +226,10 @@ def _backward_chunk_loss(
 
 
 class ChunkedLinearLogProbs(torch.autograd.Function):
-    """``(log p_y, H)`` of each token of the head ``input @ linear_weight.T + linear_bias`` at temperature ``T``
-    without the logits (see the module docstring). The forward keeps the log-sum-exps; the backward recomputes the
-    logits chunk by chunk, since the gradient depends on both per-token grad_outputs (either may be None)."""
+    """``(log p_y, H, log Σ p², mean z, top-1)`` of each token of the head ``input @ linear_weight.T + linear_bias``
+    under ``transform``, without the logits (see the module docstring); the statistics not named are None. The
+    forward keeps the log-sum-exps; the backward recomputes the logits chunk by chunk, since the gradient depends on
+    both differentiable outputs' grad_outputs (either may be None). The last three outputs have no gradient."""
 
     @staticmethod
     def forward(
@@ -184,30 +238,41 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
         linear_weight: torch.Tensor,
         linear_bias: torch.Tensor | None,
         target: torch.Tensor,
-        temperature: float,
+        transform: HeadTransform,
         ignore_index: int,
         chunk_size: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        statistics: frozenset[str],
+    ) -> tuple[torch.Tensor | None, ...]:
         ctx.set_materialize_grads(False)  # an unused output's grad_output arrives as None
         dtype = accumulation_dtype(input.dtype)
         num_tokens = input.shape[0]
-        entropy = torch.empty(num_tokens, dtype=dtype, device=input.device)
-        lse = torch.empty_like(entropy)
-        chunk_loss = _forward_chunk_loss(target, temperature, ignore_index, entropy, lse)
+        outputs = {
+            name: torch.empty(num_tokens, dtype=torch.bool if name == "is_top1" else dtype, device=input.device)
+            for name in STATISTICS
+            if name in statistics
+        }
+        lse = torch.empty(num_tokens, dtype=dtype, device=input.device)
+        chunk_loss = _forward_chunk_loss(target, transform, ignore_index, statistics, outputs, lse)
         ones = torch.ones(num_tokens, dtype=dtype, device=input.device)
         log_probs = fused_pass(input, linear_weight, linear_bias, chunk_loss, ones, chunk_size, (None,) * 3)
-        ctx.temperature, ctx.ignore_index, ctx.chunk_size = temperature, ignore_index, chunk_size
+        ctx.transform, ctx.ignore_index, ctx.chunk_size = transform, ignore_index, chunk_size
+        entropy = outputs.get("entropy")
+        ctx.has_entropy = entropy is not None
         ctx.save_for_backward(input, linear_weight, linear_bias, target, lse, entropy)
-        return log_probs, entropy.clone()  # a copy: the caller may change its outputs in place (N floats)
+        results = [outputs.get(name) for name in STATISTICS]
+        if entropy is not None:
+            results[0] = entropy.clone()  # a copy: the caller may change its outputs in place (N floats)
+        ctx.mark_non_differentiable(*(value for value in results[1:] if value is not None))
+        return log_probs, *results
 
     @staticmethod
-    def backward(
-        ctx: Any, grad_log_probs: torch.Tensor | None, grad_entropy: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_log_probs: torch.Tensor | None, grad_entropy: torch.Tensor | None, *_: Any) -> Any:
         if torch.is_grad_enabled():
             raise RuntimeError(SECOND_ORDER_MESSAGE)
-        unused = (None,) * 4
+        unused = (None,) * 5
         needs = ctx.needs_input_grad[:3]
+        if not ctx.has_entropy:
+            grad_entropy = None
         if (grad_log_probs is None and grad_entropy is None) or not any(needs):
             return None, None, None, *unused
         input, linear_weight, linear_bias, target, lse, entropy = ctx.saved_tensors
@@ -215,7 +280,7 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
         grad_log_probs = None if grad_log_probs is None else grad_log_probs.to(dtype)
         grad_entropy = None if grad_entropy is None else grad_entropy.to(dtype)
         chunk_loss = _backward_chunk_loss(
-            target, ctx.temperature, ctx.ignore_index, lse, entropy, grad_log_probs, grad_entropy
+            target, ctx.transform, ctx.ignore_index, lse, entropy, grad_log_probs, grad_entropy
         )
         grads = new_grads(input, linear_weight, linear_bias, needs, accumulation_dtype(linear_weight.dtype))
         ones = torch.ones(input.shape[0], dtype=dtype, device=input.device)
@@ -228,19 +293,21 @@ def chunked_linear_log_probs(
     linear_weight: torch.Tensor,
     linear_bias: torch.Tensor | None,
     target: torch.Tensor,
-    temperature: float,
+    transform: HeadTransform,
     ignore_index: int,
     chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log p_y, H)``, each ``(N,)`` in the accumulation dtype, of canonical tensors (``input (N, D)``,
-    ``target (N,)``) by :class:`ChunkedLinearLogProbs`; ``chunk_size`` defaults to
-    :func:`xent.kernels.linear.default_chunk_size`."""
+    statistics: frozenset[str] = frozenset({"entropy"}),
+) -> RowOutputs:
+    """The outputs of canonical tensors (``input (N, D)``, ``target (N,)``) by :class:`ChunkedLinearLogProbs`, each
+    ``(N,)`` in the accumulation dtype (``is_top1`` bool), those not in ``statistics`` None; ``chunk_size`` defaults
+    to :func:`xent.kernels.linear.default_chunk_size`."""
+    unknown = statistics - set(STATISTICS)
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}; expected some of {STATISTICS}")
     chunk_size = chunk_size or default_chunk_size(
         input.shape[0], linear_weight.shape[0], input.device, input.element_size()
     )
-    return cast(
-        tuple[torch.Tensor, torch.Tensor],
-        ChunkedLinearLogProbs.apply(
-            input.contiguous(), linear_weight, linear_bias, target, temperature, ignore_index, chunk_size
-        ),
+    results = ChunkedLinearLogProbs.apply(
+        input.contiguous(), linear_weight, linear_bias, target, transform, ignore_index, chunk_size, statistics
     )
+    return RowOutputs(*results)

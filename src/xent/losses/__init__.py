@@ -16,7 +16,7 @@ from xent.losses.imbalance import (
 )
 from xent.losses.linear import linear_cross_entropy, linear_loss
 from xent.losses.linear_policy import SequenceLogProbs, linear_policy_loss, linear_sequence_log_probs
-from xent.losses.logprobs import linear_log_probs
+from xent.losses.logprobs import TokenOutputs, linear_log_probs, linear_token_outputs
 from xent.losses.policy import PolicyLoss, policy_loss, rollout_importance_ratio
 from xent.losses.preference import KTOLoss, PreferenceLoss, kto_loss, preference_loss, wpo_weights
 from xent.losses.robust import generalized_cross_entropy, symmetric_cross_entropy
@@ -29,6 +29,7 @@ __all__ = [
     "PolicyLoss",
     "PreferenceLoss",
     "SequenceLogProbs",
+    "TokenOutputs",
     "balanced_softmax_cross_entropy",
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
@@ -51,6 +52,7 @@ __all__ = [
     "linear_loss",
     "linear_policy_loss",
     "linear_sequence_log_probs",
+    "linear_token_outputs",
     "logit_adjust",
     "logit_adjusted_cross_entropy",
     "policy_loss",

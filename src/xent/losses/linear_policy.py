@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 
 from xent.losses import checks
-from xent.losses.logprobs import linear_log_probs
+from xent.losses.logprobs import linear_log_probs, linear_token_outputs
 from xent.losses.policy import PolicyLoss, policy_loss
 
 __all__ = ["SequenceLogProbs", "linear_policy_loss", "linear_sequence_log_probs"]
@@ -137,7 +137,7 @@ def linear_sequence_log_probs(
     target = checks.check_tensor("target", target)
     if target.dim() != 2:
         raise ValueError(f"target must be (B, T) token ids, got shape {checks.shape_str(target.shape)}")
-    log_probs, _ = linear_log_probs(
+    log_probs = linear_token_outputs(  # no entropy: one pass less over each block of logits
         input,
         linear_weight,
         target,
@@ -145,5 +145,6 @@ def linear_sequence_log_probs(
         temperature=temperature,
         ignore_index=ignore_index,
         chunk_size=chunk_size,
-    )
+        outputs=("log_probs",),
+    ).log_probs
     return SequenceLogProbs(log_probs.sum(dim=-1), (target != ignore_index).sum(dim=-1))
