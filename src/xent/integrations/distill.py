@@ -31,7 +31,7 @@ from xent.integrations.causal_lm_loss import HeadOutput, check_labels
 from xent.integrations.heads import causal_lm, head_parts, widen
 from xent.losses import checks, linear_distillation_loss
 
-__all__ = ["HeadLogits", "distillation_loss", "read_logits"]
+__all__ = ["HeadLogits", "distillation_loss", "read_forward", "read_logits"]
 
 # Options of xent.linear_distillation_loss that distillation_loss sets itself, from the models or from the labels.
 _FROM_THE_MODELS = (
@@ -64,7 +64,7 @@ class HeadLogits:
 
 
 class _Logits(HeadOutput):
-    """xent.hf's stand-in for the logits, with a refusal that speaks of distillation rather than of a patched
+    """xent.hf's stand-in for the logits, with a refusal that speaks of the logits read rather than of a patched
     training loss."""
 
     def _then(self, step: tuple[Any, ...]) -> _Logits:
@@ -72,10 +72,10 @@ class _Logits(HeadOutput):
 
     def _refuse(self, operation: str) -> TypeError:
         return TypeError(
-            f"{self.model_name} applies {operation} to its logits after its output embeddings; xent's distillation "
-            "reads a model's logits as its head's hidden states and the scales and tanh soft caps applied after the "
-            "head, and these cannot be read without forming them. Distill it on its materialised logits "
-            "(xent.distillation_loss), or, in TRL, leave the trainer unpatched (xent.trl.unpatch(trainer))"
+            f"{self.model_name} applies {operation} to its logits after its output embeddings; xent reads a model's "
+            "logits as its head's hidden states and the scales and tanh soft caps applied after the head, and these "
+            "cannot be read without forming them. Compute the loss on its materialised logits (xent.distillation_loss "
+            "for distillation), or, in TRL, leave the trainer unpatched (xent.trl.unpatch(trainer))"
         )
 
 
@@ -92,6 +92,13 @@ def read_logits(model: nn.Module, **forward_kwargs: Any) -> HeadLogits:
             something to the logits besides scales and tanh soft caps, does not call its head exactly once, or
             does not return what the head returned as its logits.
     """
+    logits, _ = read_forward(model, **forward_kwargs)
+    return logits
+
+
+def read_forward(model: nn.Module, *args: Any, **forward_kwargs: Any) -> tuple[HeadLogits, Any]:
+    """:func:`read_logits` that also returns the forward's outputs (its ``aux_loss``, ``past_key_values``…; their
+    ``logits`` is xent's stand-in, not a tensor)."""
     target = causal_lm(model)
     name = type(target).__name__
     if "labels" in forward_kwargs:
@@ -110,7 +117,7 @@ def read_logits(model: nn.Module, **forward_kwargs: Any) -> HeadLogits:
     saved = head.__dict__.get("forward")  # xent.hf's patch of the head, if any: shadowed, then restored
     head.__dict__["forward"] = forward
     try:
-        outputs = target(**forward_kwargs)
+        outputs = target(*args, **forward_kwargs)
     finally:
         del head.__dict__["forward"]
         if saved is not None:
@@ -123,7 +130,7 @@ def read_logits(model: nn.Module, **forward_kwargs: Any) -> HeadLogits:
         raise TypeError(f"{name}.forward did not return what its output embeddings computed as its logits")
     logits = found[0]
     scale, cap = logits.transform()  # logits cap · tanh(scale · z / cap): TRL's order, the cap after the scale
-    return HeadLogits(
+    head_logits = HeadLogits(
         model_name=name,
         hidden=logits.hidden,
         weight=logits.head.weight,
@@ -132,6 +139,7 @@ def read_logits(model: nn.Module, **forward_kwargs: Any) -> HeadLogits:
         # cap · tanh(s·z / cap) = s · c' · tanh(z / c') with c' = cap / |s| (c'·tanh(z/c') is even in c')
         softcap=None if cap is None else cap / abs(scale),
     )
+    return head_logits, outputs
 
 
 def output_embeddings(model: nn.Module) -> nn.Module | None:

@@ -1,175 +1,137 @@
-"""TRL's ``DistillationTrainer`` (TRL 1.16) on xent's fused divergences: :func:`patch` one trainer, and its loss is
-:func:`xent.linear_distillation` of both models' hidden states and heads (the loss, and the entropy TRL logs).
+"""TRL 1.16's trainers on xent's kernels: :func:`patch` one trainer, :func:`unpatch` it.
 
-What a patched trainer's step runs, in place of TRL's ``DistillationTrainer._compute_loss`` (everything around it —
-generation, ``compute_loss``'s ``num_items_in_batch`` and entropy logging, the forward redirection through DDP/FSDP
-wrappers — stays TRL's)::
+Two kinds of trainer, one entry point:
 
-    prompt_ids + completion_ids     the sequence, masks concatenated as TRL does
-      └ student forward             the model's own forward, its head returning its hidden states (xent.hf's
-                                    reading): the scale and soft cap it applies to its logits are read from what it
-                                    does, not from config names; logits_to_keep as TRL passes it
-      └ teacher forward             the same, under no_grad, through the trainer's forward redirection; another width
-      └ linear_distillation         divergence from trainer.beta (0 forward KL, 1 reverse KL, else JSD with β),
-                                    temperature=trainer.temperature, the completion (and tool) mask as the target's
-                                    ignore_index, the mean over kept tokens or sum / num_items_in_batch; / T² (TRL's
-                                    divergence has no T² factor, xent's has), and the student's entropy for TRL's
-                                    metric
-
-TRL's kernel reads the scale and cap from config names (``logit_scale``, ``logits_scaling``,
-``final_logit_softcapping``…) in the order ``cap(s · x)``; xent reads the steps the forward applies after the head, in
-the same order, and hands them to its loss as ``logit_scale = s``, ``softcap = c / s``. For the models whose config
-names TRL knows the two agree; for others xent's is what the model computes (or a refusal naming the operation).
+- ``GRPOTrainer``, ``RLOOTrainer``, ``DPOTrainer``, ``KTOTrainer`` and ``SFTTrainer`` compute every loss from the
+  per-token outputs of TRL's fused LM head (``model(..., labels=…, fused_lm_head=True)``, set on the model and the
+  reference model by TRL's ``add_fused_lm_head``). The patch gives both models xent's fused head for that call
+  (:mod:`xent.integrations.trl_head`): every TRL option keeps working, because the trainer's code is TRL's own.
+- ``DistillationTrainer``'s loss step becomes :func:`xent.linear_distillation` of the student's and teacher's
+  heads (:mod:`xent.integrations.trl_distill`).
 """
 
 from __future__ import annotations
 
 import importlib
+import types
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-from xent.integrations.distill import (
-    HeadLogits,
-    check_same_vocabulary,
-    forward_accepts,
-    output_embeddings,
-    read_logits,
-)
+from xent.integrations import trl_head
+from xent.integrations.distill import output_embeddings
 from xent.integrations.heads import causal_lm, head_parts
+from xent.integrations.trl_distill import ComputeLoss, Options, divergence_from_beta
 from xent.kernels.dispatch import Impl, check_impl
-from xent.losses import checks, linear_distillation
+from xent.losses import checks
 
 __all__ = ["divergence_from_beta", "is_patched", "patch", "unpatch"]
 
 _STATE = "_xent_trl_patch"
-_TRL_VERSION = "1.16"  # the DistillationTrainer._compute_loss this module stands in for
-# Multimodal (VLM) fields of a batch, passed to both forwards as TRL passes them to the backbones.
-_MULTIMODAL_KEYS = (
-    "pixel_values",
-    "image_grid_thw",
-    "pixel_attention_mask",
-    "spatial_shapes",
-    "image_sizes",
-    "token_type_ids",
-    "mm_token_type_ids",
-    "image_position_ids",
+_TRL_VERSION = "1.16"  # the trainers and the fused-head protocol this module stands in for
+# The trainers whose models TRL gives a fused LM head: (module, class).
+_FUSED_HEAD_TRAINERS = (
+    ("trl.trainer.grpo_trainer", "GRPOTrainer"),
+    ("trl.trainer.rloo_trainer", "RLOOTrainer"),
+    ("trl.trainer.dpo_trainer", "DPOTrainer"),
+    ("trl.trainer.kto_trainer", "KTOTrainer"),
+    ("trl.trainer.sft_trainer", "SFTTrainer"),
 )
-
-
-def divergence_from_beta(beta: float) -> tuple[str, float | None]:
-    r"""TRL's ``beta`` (``DistillationConfig.beta``, GKD's) as xent's ``(divergence, beta)``.
-
-    TRL's generalized JSD :math:`\beta\,\mathrm{KL}(q \| m) + (1 - \beta)\,\mathrm{KL}(p \| m)`,
-    :math:`m = \beta q + (1 - \beta) p` (teacher :math:`q`, student :math:`p`), is xent's ``"jsd"`` with the same
-    :math:`\beta` for :math:`0 < \beta < 1`; TRL reads its endpoints as the KL divergences: :math:`\beta = 0` is the
-    forward KL :math:`\mathrm{KL}(q \| p)`, :math:`\beta = 1` the reverse KL :math:`\mathrm{KL}(p \| q)`.
-
-    Returns:
-        ``("forward_kl", None)``, ``("reverse_kl", None)`` or ``("jsd", beta)``: the keyword arguments
-        ``divergence`` and ``beta`` of :func:`xent.distillation_loss` and :func:`xent.linear_distillation_loss`.
-
-    Raises:
-        ValueError: ``beta`` outside :math:`[0, 1]`.
-
-    Example:
-        >>> import xent.trl
-        >>> xent.trl.divergence_from_beta(0.0), xent.trl.divergence_from_beta(0.5)
-        (('forward_kl', None), ('jsd', 0.5))
-    """
-    value = checks.check_number("beta", beta)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"TRL's beta must be in [0, 1] (0 forward KL, 1 reverse KL, JSD between), got {beta!r}")
-    if value == 0.0:
-        return "forward_kl", None
-    if value == 1.0:
-        return "reverse_kl", None
-    return "jsd", value
+_NAMES = ", ".join(name for _, name in _FUSED_HEAD_TRAINERS) + " or DistillationTrainer"
 
 
 def patch(trainer: Any, *, chunk_size: int | None = None, impl: Impl | None = None) -> Any:
-    r"""Compute a TRL ``DistillationTrainer``'s loss with :func:`xent.linear_distillation_loss`.
+    r"""Run a TRL 1.16 trainer's language-model head on xent's kernels.
 
-    Patches ``trainer`` in place (this instance only) and returns it: its ``_compute_loss`` — the step TRL runs
-    inside ``compute_loss`` — becomes xent's, which takes the same batch and returns what TRL's does (the loss, the
-    student's entropy summed over the kept tokens, their number), so everything around it is TRL's own. The loss
-    equals TRL's and every student parameter gets the same gradient (to float32 rounding):
+    Patches ``trainer`` in place (this instance only) and returns it.
+
+    **GRPO, RLOO, DPO, KTO, SFT.** TRL builds these trainers with its own fused LM head on the model (its base model
+    under PEFT) and on the reference model: called with ``fused_lm_head=True`` the model returns a
+    ``FusedCausalLMOutput`` of per-token log-probabilities and whatever else the trainer asked for (entropy,
+    :math:`\log \sum p^2`, mean logit, top-1), never the logits. The patch answers the same call with
+    :func:`xent.linear_token_outputs`: the same fields (each zero where the label is -100), the same loss and MoE
+    router loss, at the trainer's temperature and fp32 cast, so the trainer's loss, its metrics and every
+    parameter's gradient are TRL's own (to float32 rounding), whatever the loss type or option. Each model's logit
+    scale and soft cap are read from what its forward does (as :func:`xent.hf.patch` reads them), not from config
+    names; a LoRA head is fused as :func:`xent.hf.patch` fuses it; only the positions with a label go through the
+    head; an FSDP2-sharded head is gathered as TRL gathers it.
+
+    **Distillation.** A ``DistillationTrainer``'s ``_compute_loss`` becomes :func:`xent.linear_distillation_loss`
+    of the student's and the teacher's heads:
 
     - the divergence is TRL's ``beta`` read at each step (:func:`divergence_from_beta`), at
       ``trainer.temperature``, divided by :math:`T^2` (TRL's divergence has no :math:`T^2` factor, xent's does);
     - the tokens are the completion's (times ``tool_mask`` when the batch has one), reduced as TRL: the sum
       divided by ``num_items_in_batch`` when TRL passes one (training), else the mean over the kept tokens;
-    - each model's logit scale and soft cap are read from what its forward does (as :func:`xent.hf.patch` reads
-      them) rather than from config names; the teacher may be of another width and dtype, same vocabulary.
+    - the teacher may be of another width and dtype, same vocabulary.
 
     Args:
-        trainer: a ``trl.DistillationTrainer`` of TRL 1.16 with a local teacher model.
-        chunk_size, impl: :func:`xent.linear_distillation_loss`'s (by default its choice).
+        trainer: a ``GRPOTrainer``, ``RLOOTrainer``, ``DPOTrainer``, ``KTOTrainer``, ``SFTTrainer`` or
+            ``DistillationTrainer`` of TRL 1.16 (or a subclass), after it is built.
+        chunk_size: tokens per chunk of the head's logits (by default xent's choice).
+        impl: distillation only: :func:`xent.linear_distillation_loss`'s implementation.
 
     Returns:
         ``trainer``, patched.
 
     Raises:
         ImportError: TRL is not installed (``pip install "xent[trl]"``).
-        TypeError: ``trainer`` is not a ``DistillationTrainer`` of TRL 1.16, or its class replaces the loss steps
-            this patch stands in for (``_compute_loss``, ``_get_last_hidden_state``), or a model's head cannot be
-            read (its class is named).
-        ValueError: the trainer is already patched, or has no local teacher (a teacher served elsewhere gives no
-            head to fuse).
+        TypeError: ``trainer`` is none of these trainers of TRL 1.16; a model has no fused head of TRL's (the
+            trainer is not built yet); a ``DistillationTrainer`` subclass replaces the loss steps the patch stands
+            in for (``_compute_loss``, ``_get_last_hidden_state``); a model's head cannot be read (its class is
+            named).
+        ValueError: the trainer is already patched; ``impl`` given for a trainer other than distillation's; a
+            ``DistillationTrainer`` has no local teacher (a teacher served elsewhere gives no head to fuse).
 
-    When a step runs, a model whose forward does something to its logits besides scales and tanh soft caps, heads
-    sharded by FSDP2 (DTensor) or DeepSpeed ZeRO-3, or heads on different devices are refused with a TypeError or
-    ValueError naming them; :func:`unpatch` gives the trainer back TRL's loss.
+    When a step runs, a model whose forward does something to its logits besides scales and tanh soft caps, or a
+    head partitioned by DeepSpeed ZeRO-3, is refused with a TypeError naming it; :func:`unpatch` gives the trainer
+    back TRL's own head.
 
     Example (not run here: it needs TRL)::
 
-        trainer = trl.DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=prompts)
+        trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=prompts)
         xent.trl.patch(trainer)
         trainer.train()
     """
-    try:  # imported here: xent.trl imports without TRL (the documentation's autodoc, Sybil's docstrings)
-        trl = importlib.import_module("trl")
-        DistillationTrainer = importlib.import_module("trl.trainer.distillation_trainer").DistillationTrainer
-    except ImportError as error:  # pragma: no cover - exercised without the extra only
-        raise ImportError('xent.trl needs TRL: pip install "xent[trl]"') from error
-    name = type(trainer).__name__
-    if not isinstance(trainer, DistillationTrainer):
-        raise TypeError(f"xent.trl.patch takes a trl DistillationTrainer, got {name}")
-    if not str(trl.__version__).startswith(f"{_TRL_VERSION}."):
-        raise TypeError(
-            f"xent.trl.patch stands in for TRL {_TRL_VERSION}'s DistillationTrainer loss; TRL {trl.__version__} is "
-            f'installed (pip install "xent[trl]" installs {_TRL_VERSION})'
-        )
-    for method in ("_compute_loss", "_get_last_hidden_state"):
-        if getattr(type(trainer), method) is not getattr(DistillationTrainer, method):
-            raise TypeError(
-                f"{name} replaces DistillationTrainer.{method}, which xent.trl.patch stands in for; it serves "
-                "DistillationTrainer's own loss"
-            )
+    _import_trl()
     if is_patched(trainer):
-        raise ValueError(f"this {name} is already patched by xent.trl; call xent.trl.unpatch(trainer) first")
-    if trainer.teacher_model is None:
         raise ValueError(
-            f"this {name} has no local teacher model (teacher_model=None, a teacher served elsewhere): xent.trl fuses "
-            "the teacher's head with the student's"
+            f"this {type(trainer).__name__} is already patched by xent.trl; call xent.trl.unpatch(trainer) first"
         )
-    options = _Options(checks.check_chunk_size(chunk_size), check_impl(impl))
-    for role, model in (("student", trainer.model), ("teacher", trainer.teacher_model)):
-        target = causal_lm(trainer.accelerator.unwrap_model(model))
-        head_parts(output_embeddings(target), f"the {role} {type(target).__name__}")
-    trainer.__dict__["_compute_loss"] = _ComputeLoss(trainer, options)
-    trainer.__dict__[_STATE] = options
+    chunk_size = checks.check_chunk_size(chunk_size)
+    distillation_trainer = importlib.import_module("trl.trainer.distillation_trainer").DistillationTrainer
+    if isinstance(trainer, distillation_trainer):
+        return _patch_distillation(trainer, distillation_trainer, Options(chunk_size, check_impl(impl)))
+    if not any(isinstance(trainer, cls) for cls in _fused_head_trainer_classes()):
+        raise TypeError(f"xent.trl.patch takes a TRL {_NAMES}, got {type(trainer).__name__}")
+    if impl is not None:
+        raise ValueError(
+            f"impl={impl!r} selects the distillation kernel; a {type(trainer).__name__}'s head runs on "
+            "xent.linear_token_outputs, which has one implementation"
+        )
+    models = _head_models(trainer)
+    for model in models:
+        head_parts(output_embeddings(model), type(model).__name__)  # a head it cannot read is refused now
+        if trl_head.trl_forward(model) is None:
+            raise TypeError(
+                f"the {type(model).__name__} of this {type(trainer).__name__} has no fused LM head of TRL's "
+                "(add_fused_lm_head): patch the trainer after it is built"
+            )
+    trainer.__dict__[_STATE] = _FusedHeads([(model, trl_head.install(model, chunk_size)) for model in models])
     return trainer
 
 
 def unpatch(trainer: Any) -> Any:
-    """Undo :func:`patch`: the trainer computes TRL's own loss again (returns ``trainer``)."""
+    """Undo :func:`patch`: the trainer runs on TRL's own head (or loss) again (returns ``trainer``)."""
     if not is_patched(trainer):
         raise ValueError(f"this {type(trainer).__name__} is not patched by xent.trl")
-    del trainer.__dict__["_compute_loss"]
-    del trainer.__dict__[_STATE]
+    state = trainer.__dict__.pop(_STATE)
+    if isinstance(state, _FusedHeads):
+        for model, original in state.models:
+            trl_head.restore(model, original)
+    else:
+        del trainer.__dict__["_compute_loss"]
     return trainer
 
 
@@ -179,117 +141,55 @@ def is_patched(trainer: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class _Options:
-    chunk_size: int | None
-    impl: Impl | None
+class _FusedHeads:
+    """A patched fused-head trainer: each model given xent's head, with TRL's forward to give back."""
+
+    models: list[tuple[nn.Module, types.MethodType]]
 
 
-class _ComputeLoss:
-    """The patched trainer's ``_compute_loss(unwrapped_student, inputs, num_items_in_batch)``: TRL 1.16's, with the
-    divergence on xent's fused kernels. Returns ``(loss, entropy_sum, num_valid_tokens)`` as TRL's does."""
-
-    def __init__(self, trainer: Any, options: _Options) -> None:
-        self.trainer, self.options = trainer, options
-
-    def __call__(
-        self, unwrapped_student: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        trainer = self.trainer
-        divergence, beta = divergence_from_beta(trainer.beta)  # read at each step, as TRL reads it
-        temperature = float(trainer.temperature)
-        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        loss_mask = inputs["completion_mask"]
-        if "tool_mask" in inputs:  # multi-turn: the tools' tokens are not the student's
-            loss_mask = loss_mask * inputs["tool_mask"]
-        completion_length = inputs["completion_ids"].size(1)
-        multimodal = {key: inputs[key] for key in _MULTIMODAL_KEYS if key in inputs}
-
-        student = _completion_logits(unwrapped_student, input_ids, attention_mask, completion_length, multimodal)
-        trainer.teacher_model.eval()
-        unwrapped_teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
-        with torch.no_grad():
-            # through the teacher's wrapper, as TRL runs it: FSDP/DeepSpeed gather its parameters for the forward
-            teacher = trainer._forward_redirection(
-                trainer.teacher_model,
-                unwrapped_teacher,
-                _completion_logits,
-                unwrapped_teacher,
-                input_ids,
-                attention_mask,
-                completion_length,
-                multimodal,
-            )
-        check_same_vocabulary(student, teacher)
-        for role, logits in (("student", student), ("teacher", teacher)):
-            _refuse_sharded(role, logits)
-        device = student.weight.device  # with a device_map the backbone may end on another device than the head
-        valid = loss_mask.to(device) != 0
-        ignore_index = -100
-        target = torch.zeros(valid.shape, dtype=torch.long, device=device).masked_fill(~valid, ignore_index)
-        loss, entropy = linear_distillation(
-            student.hidden.to(device),
-            student.weight,
-            teacher.hidden.to(device),
-            teacher.weight.detach(),  # its parameters may require grad: the teacher is not trained
-            linear_bias=student.bias,
-            teacher_linear_bias=None if teacher.bias is None else teacher.bias.detach(),
-            divergence=divergence,
-            beta=beta,
-            temperature=temperature,
-            reduction="mean",  # the mean over kept tokens (0 when none), or with num_items_in_batch sum / it
-            logit_scale=student.logit_scale,
-            softcap=student.softcap,
-            teacher_logit_scale=teacher.logit_scale,
-            teacher_softcap=teacher.softcap,
-            target=target,
-            hard_weight=0.0,  # the target only masks: TRL's loss has no hard-label term
-            ignore_index=ignore_index,
-            num_items_in_batch=num_items_in_batch,
-            chunk_size=self.options.chunk_size,
-            impl=self.options.impl,
+def _import_trl() -> None:
+    try:  # imported here: xent.trl imports without TRL (the documentation's autodoc, Sybil's docstrings)
+        trl = importlib.import_module("trl")
+    except ImportError as error:  # pragma: no cover - exercised without the extra only
+        raise ImportError('xent.trl needs TRL: pip install "xent[trl]"') from error
+    if not str(trl.__version__).startswith(f"{_TRL_VERSION}."):
+        raise TypeError(
+            f"xent.trl.patch stands in for TRL {_TRL_VERSION}'s trainers; TRL {trl.__version__} is installed "
+            f'(pip install "xent[trl]" installs {_TRL_VERSION})'
         )
-        # TRL's divergence has no T² factor (its generalized_jsd_loss and kernel), xent's (Hinton's) has; TRL's loss
-        # is float32 whatever the models' dtype.
-        loss = loss.float() / (temperature * temperature)
-        entropy_sum = entropy.detach().float().masked_fill(~valid, 0.0).sum()
-        return loss, entropy_sum, valid.sum()
 
 
-def _completion_logits(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    completion_length: int,
-    multimodal: dict[str, Any],
-) -> HeadLogits:
-    """The model's logits at the positions that predict the completion's tokens, unformed (TRL's
-    ``_get_last_hidden_state``, through the whole forward so that what follows the head is read too)."""
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **multimodal, "use_cache": False}
-    if forward_accepts(model, "logits_to_keep"):
-        inputs["logits_to_keep"] = completion_length + 1  # + 1: the last position predicts past the sequence
-    logits = read_logits(model, **inputs)
-    hidden = logits.hidden[:, :-1, :][:, -completion_length:, :]  # (B, K, D)
-    return HeadLogits(logits.model_name, hidden, logits.weight, logits.bias, logits.logit_scale, logits.softcap)
+def _fused_head_trainer_classes() -> list[type]:
+    return [getattr(importlib.import_module(module), name) for module, name in _FUSED_HEAD_TRAINERS]
 
 
-def _refuse_sharded(role: str, logits: HeadLogits) -> None:
-    """Heads whose parameters are shards (FSDP2's DTensor, DeepSpeed ZeRO-3's partitions) are not read here."""
-    sharded: tuple[type, ...] = ()
-    if torch.distributed.is_available():
-        from torch.distributed.tensor import DTensor
+def _head_models(trainer: Any) -> list[nn.Module]:
+    """The models TRL gave a fused head: the trained model (a PEFT model's base model) and the reference model."""
+    models = [causal_lm(trainer.accelerator.unwrap_model(trainer.model))]
+    reference = getattr(trainer, "ref_model", None)
+    if reference is not None:
+        reference = causal_lm(trainer.accelerator.unwrap_model(reference))
+        if all(reference is not model for model in models):
+            models.append(reference)
+    return models
 
-        sharded = (DTensor,)
-    for name, tensor in (("weight", logits.weight), ("bias", logits.bias)):
-        if tensor is None:
-            continue
-        if isinstance(tensor, sharded):
+
+def _patch_distillation(trainer: Any, distillation_trainer: type, options: Options) -> Any:
+    name = type(trainer).__name__
+    for method in ("_compute_loss", "_get_last_hidden_state"):
+        if getattr(type(trainer), method) is not getattr(distillation_trainer, method):
             raise TypeError(
-                f"the {role}'s ({logits.model_name}) head {name} is an FSDP2-sharded DTensor; xent.trl reads whole "
-                "heads: leave the trainer unpatched (xent.trl.unpatch(trainer)) under FSDP2"
+                f"{name} replaces DistillationTrainer.{method}, which xent.trl.patch stands in for; it serves "
+                "DistillationTrainer's own loss"
             )
-        if hasattr(tensor, "ds_id"):
-            raise TypeError(
-                f"the {role}'s ({logits.model_name}) head {name} is partitioned by DeepSpeed ZeRO-3; xent.trl reads "
-                "whole heads: leave the trainer unpatched (xent.trl.unpatch(trainer)) under ZeRO-3"
-            )
+    if trainer.teacher_model is None:
+        raise ValueError(
+            f"this {name} has no local teacher model (teacher_model=None, a teacher served elsewhere): xent.trl fuses "
+            "the teacher's head with the student's"
+        )
+    for role, model in (("student", trainer.model), ("teacher", trainer.teacher_model)):
+        target = causal_lm(trainer.accelerator.unwrap_model(model))
+        head_parts(output_embeddings(target), f"the {role} {type(target).__name__}")
+    trainer.__dict__["_compute_loss"] = ComputeLoss(trainer, options)
+    trainer.__dict__[_STATE] = options
+    return trainer
