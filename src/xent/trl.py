@@ -1,4 +1,5 @@
-"""TRL's ``DistillationTrainer`` on xent's fused divergences (the ``trl`` extra): ``xent.trl.patch(trainer)``.
+"""TRL 1.16's trainers on xent's kernels (the ``trl`` extra): ``xent.trl.patch(trainer)`` — GRPO, RLOO, DPO, KTO and
+SFT on xent's fused head, distillation on its fused divergences.
 
 See :mod:`xent.integrations.trl` for how it works. Importing this module does not import TRL; :func:`patch` does.
 """
