@@ -16,12 +16,10 @@ peak resident memory above the inputs (of which d(hidden) + d(weight) are the gr
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 
 import torch
+from _rounds import interleaved_rounds, serve  # benchmarks/, the script's folder
 
 import xent
 from xent.bench.problem import Prepared
@@ -67,12 +65,7 @@ def worker(name: str, n: int, d: int, v: int) -> None:
     prepared = prepare(name, n, d, v)
     for _ in range(3):  # the first step, then two to fault the large allocations in
         measure_once(prepared)
-    print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        if line.strip() != "run":
-            break
-        elapsed, peak = measure_once(prepared)
-        print(json.dumps({"time_s": elapsed, "peak_bytes": peak}), flush=True)
+    serve(prepared)
 
 
 def main() -> None:
@@ -87,22 +80,7 @@ def main() -> None:
         worker(args.worker, args.n, args.d, args.v)
         return
     sizes = ["--n", str(args.n), "--d", str(args.d), "--v", str(args.v)]
-    workers = {}
-    for name in NAMES:
-        process = subprocess.Popen([sys.executable, __file__, "--worker", name, *sizes], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, text=True)  # fmt: skip
-        if json.loads(process.stdout.readline()).get("ready"):
-            workers[name] = process
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in workers}
-    for _ in range(args.repeat):
-        for name, process in workers.items():
-            process.stdin.write("run\n")
-            process.stdin.flush()
-            runs[name].append(json.loads(process.stdout.readline()))
-    for process in workers.values():
-        process.stdin.write("exit\n")
-        process.stdin.close()
-        process.wait()
+    runs, _ = interleaved_rounds(__file__, list(NAMES), sizes, args.repeat)
     gradients = (args.n * args.d + args.v * args.d) * 4 / 2**20
     baseline = statistics.median(r["time_s"] for r in runs["linear_cross_entropy"])
     print(f"N={args.n} D={args.d} V={args.v} float32, medians of {args.repeat}; gradients {gradients:.0f} MB")
