@@ -84,7 +84,7 @@ class RowOutputs(NamedTuple):
     is_top1: torch.Tensor | None
 
 
-def _for_each_row_block(logits: torch.Tensor, block_: Callable[[slice], None]) -> None:
+def for_each_row_block(logits: torch.Tensor, block_: Callable[[slice], None]) -> None:
     """``block_(rows)`` for each cache-sized block of a chunk's rows, shared out over threads on the CPU."""
     num_rows, vocab_size = logits.shape
     for_each_block(num_rows, chunked.rows_per_block(vocab_size, logits.device), block_, logits.device)
@@ -137,17 +137,35 @@ def backward_block_(
     grad_log_probs: torch.Tensor | None,
     grad_entropy: torch.Tensor | None,
 ) -> None:
-    """Overwrite a block of head outputs ``(B, V)`` with ``∂(g_lp · log p_y + g_H · H)/∂L`` row by row:
-    ``(g_lp (e_y − p) − g_H p (log p + H)) · dz/dL``, ``g_lp`` taken as 0 on ignored rows. At least one of the two
-    grad_outputs ``(B,)`` is given; ``entropy`` is when ``grad_entropy`` is."""
+    """Overwrite a block of head outputs ``(B, V)`` with ``∂(g_lp · log p_y + g_H · H)/∂L`` row by row
+    (:func:`gradient_block_` over the whole vocabulary). At least one of the two grad_outputs ``(B,)`` is given;
+    ``entropy`` is when ``grad_entropy`` is."""
+    valid, column = _safe_target(target, ignore_index)
+    gradient_block_(logits, transform, lse, entropy, grad_log_probs, grad_entropy, valid, column, valid)
+
+
+def gradient_block_(
+    logits: torch.Tensor,
+    transform: HeadTransform,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    grad_log_probs: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    valid: torch.Tensor,
+    column: torch.Tensor,
+    held: torch.Tensor,
+) -> None:
+    """Overwrite a block of head outputs ``(B, V)`` — the whole vocabulary, or one rank's columns of it — with
+    ``(g_lp (e_y − p) − g_H p (log p + H)) · dz/dL``: ``g_lp`` taken as 0 on rows not ``valid``, ``e_y`` the column
+    ``column (B, 1)`` of the rows whose target the block ``held``; ``lse`` and ``entropy`` are the whole
+    vocabulary's."""
     z, tanh = transform.apply_(logits)
     log_p = z.sub_(lse.unsqueeze(1))
-    valid, column = _safe_target(target, ignore_index)
     if grad_log_probs is not None:
         grad_log_probs = torch.where(valid, grad_log_probs, torch.zeros_like(grad_log_probs))
     if grad_entropy is None or entropy is None:
-        if grad_log_probs is None:  # pragma: no cover - the autograd Function returns before
-            raise RuntimeError("backward_block_ needs a grad_output")
+        if grad_log_probs is None:  # pragma: no cover - the autograd Functions return before
+            raise RuntimeError("gradient_block_ needs a grad_output")
         grad = log_p.exp_().mul_(-grad_log_probs.unsqueeze(1))  # −g_lp p
     else:
         log_p.clamp_(min=torch.finfo(z.dtype).min)  # p log p = 0 for a -inf logit, as in the forward
@@ -158,7 +176,7 @@ def backward_block_(
             coefficient = coefficient + grad_log_probs
         grad.addcmul_(probs, coefficient.unsqueeze(1), value=-1.0)  # − p (g_lp + g_H H)
     if grad_log_probs is not None:
-        grad.scatter_add_(1, column, grad_log_probs.unsqueeze(1))  # + g_lp e_y
+        grad.scatter_add_(1, column, (grad_log_probs * held).unsqueeze(1))  # + g_lp e_y
     grad = transform.chain_(grad, tanh)
     if grad is not logits:
         logits.copy_(grad)
@@ -185,7 +203,7 @@ def _forward_chunk_loss(
             for name, values in outputs.items():
                 values[token] = getattr(row_outputs, name)
 
-        _for_each_row_block(logits, block_)
+        for_each_row_block(logits, block_)
         return log_probs
 
     return chunk_loss
@@ -219,7 +237,7 @@ def _backward_chunk_loss(
                 rows_of(grad_entropy, token),
             )
 
-        _for_each_row_block(logits, block_)
+        for_each_row_block(logits, block_)
         return grad_scale  # placeholder per-token values: the backward pass keeps none
 
     return chunk_loss
