@@ -21,8 +21,9 @@ scales or caps its logits in a new way is read exactly or refused, never silentl
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import torch
 from torch import nn
@@ -30,6 +31,9 @@ from torch import nn
 from xent.integrations.causal_lm_loss import HeadOutput, check_labels
 from xent.integrations.heads import causal_lm, head_parts, widen
 from xent.losses import checks, linear_distillation_loss
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["HeadLogits", "distillation_loss", "read_forward", "read_logits"]
 
@@ -103,8 +107,9 @@ def read_forward(model: nn.Module, *args: Any, **forward_kwargs: Any) -> tuple[H
     name = type(target).__name__
     if "labels" in forward_kwargs:
         raise TypeError("read_logits runs the forward without labels: the loss is computed from the logits read")
-    head = output_embeddings(target)
-    head_parts(head, name)  # refuses a head it cannot read, by its class, before anything runs
+    found_head = output_embeddings(target)
+    head_parts(found_head, name)  # refuses a head it cannot read (None among them), by its class, before anything runs
+    head = cast(nn.Module, found_head)
     calls = 0
 
     def forward(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> _Logits:
@@ -116,9 +121,15 @@ def read_forward(model: nn.Module, *args: Any, **forward_kwargs: Any) -> tuple[H
 
     saved = head.__dict__.get("forward")  # xent.hf's patch of the head, if any: shadowed, then restored
     head.__dict__["forward"] = forward
+    # A tensor-parallel head (its weight a DTensor) keeps the hooks that lay out its input, not those that lay out
+    # logits it no longer returns.
+    hooks = head._forward_hooks
+    if is_dtensor(getattr(head, "weight", None)):
+        head._forward_hooks = OrderedDict()
     try:
         outputs = target(*args, **forward_kwargs)
     finally:
+        head._forward_hooks = hooks
         del head.__dict__["forward"]
         if saved is not None:
             head.__dict__["forward"] = saved
@@ -140,6 +151,15 @@ def read_forward(model: nn.Module, *args: Any, **forward_kwargs: Any) -> tuple[H
         softcap=None if cap is None else cap / abs(scale),
     )
     return head_logits, outputs
+
+
+def is_dtensor(tensor: Any) -> TypeGuard[DTensor]:
+    """Whether ``tensor`` is a ``torch.distributed`` DTensor (a sharded or replicated parameter, activation)."""
+    if tensor is None or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def output_embeddings(model: nn.Module) -> nn.Module | None:

@@ -18,10 +18,13 @@ TRL's ``add_fused_lm_head`` sets each model's ``forward`` (an instance attribute
 
 Called without ``fused_lm_head``, the forward is TRL's (so the model's own), and generation is unchanged.
 
-Where TRL reads a hand-kept list of config names (``logit_scale``, ``logits_scaling``, ``final_logit_softcapping``…)
-and gathers FSDP2 heads whole, xent reads what the forward does (a model that does something else to its logits is
-refused by name, never silently wrong) and, likewise, gathers an FSDP2-sharded head (``DTensor.full_tensor``)
-before its chunked pass.
+Where TRL reads a hand-kept list of config names (``logit_scale``, ``logits_scaling``, ``final_logit_softcapping``…),
+xent reads what the forward does (a model that does something else to its logits is refused by name, never silently
+wrong). Where TRL gathers a tensor-parallel head whole (``DTensor.full_tensor``: every rank then holds the whole
+``V × D`` head and its gradient), xent runs :func:`xent.distributed.vocab_parallel_linear_token_outputs` on each
+rank's rows of the vocabulary: a head whose weight is a ``DTensor`` sharded on the vocabulary over a 1-D mesh
+(``ColwiseParallel``), its input laid out by the head's own input hook, its output hook skipped (there are no logits
+to lay out).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from xent.integrations.distill import HeadLogits, read_forward
+from xent.distributed.logprobs import vocab_parallel_linear_token_outputs
+from xent.integrations.distill import HeadLogits, is_dtensor, read_forward
 from xent.losses import linear_token_outputs
 
 _TRL_SETTINGS = ("temperature", "cast_lm_head_to_fp32", "outputs")
@@ -132,26 +136,33 @@ class _FusedHead:
             hidden, targets = logits.hidden[:, :-1], labels[:, 1:]  # type: ignore[index]
         else:
             hidden, targets = logits.hidden, shift_labels
-        weight, bias = _whole(logits.weight), _whole(logits.bias)
-        hidden, targets = hidden.to(weight.device), targets.to(weight.device)  # a device_map may split the model
+        weight, bias = logits.weight, logits.bias
+        _refuse_partitioned(weight)
+        sharded = is_dtensor(weight)  # a tensor-parallel head: its rank's rows of the vocabulary
+        device = weight.to_local().device if is_dtensor(weight) else weight.device
+        if is_dtensor(hidden):  # laid out by the head's input hook: whole on every rank of the head's group
+            hidden = hidden.full_tensor()
+        hidden, targets = hidden.to(device), targets.to(device)  # a device_map may split the model
         mask = targets != -100
         autocast: AbstractContextManager[Any] = nullcontext()
         if self.settings.cast_lm_head_to_fp32:  # TRL's option: the head's product in float32, outside autocast
             hidden, weight = hidden.float(), weight.float()
             bias = None if bias is None else bias.float()
             autocast = torch.autocast(hidden.device.type, enabled=False)
+        options: dict[str, Any] = {
+            "temperature": self.settings.temperature,
+            "logit_scale": logits.logit_scale,
+            "softcap": logits.softcap,
+            "chunk_size": self.chunk_size,
+            "outputs": self.settings.outputs,
+        }
         with autocast:
-            kept = linear_token_outputs(
-                hidden[mask],
-                weight,
-                targets[mask],
-                linear_bias=bias,
-                temperature=self.settings.temperature,
-                logit_scale=logits.logit_scale,
-                softcap=logits.softcap,
-                chunk_size=self.chunk_size,
-                outputs=self.settings.outputs,
-            )
+            if sharded:
+                kept = vocab_parallel_linear_token_outputs(
+                    hidden[mask], weight, targets[mask], linear_bias_shard=bias, **options
+                )
+            else:
+                kept = linear_token_outputs(hidden[mask], weight, targets[mask], linear_bias=bias, **options)
         # masked_scatter keeps every output connected to the model even when no label counts: a differentiable zero
         fields = {
             name: None if value is None else value.new_zeros(mask.shape).masked_scatter(mask, value)
@@ -179,20 +190,10 @@ def _aux_loss(outputs: Any, kwargs: dict[str, Any], logits: HeadLogits) -> torch
     return aux_loss
 
 
-def _whole(tensor: torch.Tensor | None) -> Any:
-    """A head parameter whole: an FSDP2-sharded one (a DTensor) gathered, differentiably; DeepSpeed ZeRO-3's
-    partitions refused (they are gathered only inside the head's own call)."""
-    if tensor is None:
-        return None
-    if hasattr(tensor, "ds_id"):  # DeepSpeed's partitioned parameters carry their id
+def _refuse_partitioned(weight: torch.Tensor) -> None:
+    """DeepSpeed ZeRO-3's partitioned heads are whole only inside the head's own call, which xent's read replaces."""
+    if hasattr(weight, "ds_id"):  # DeepSpeed's partitioned parameters carry their id
         raise TypeError(
             "the model's head is partitioned by DeepSpeed ZeRO-3, whose parameters are whole only inside the head's "
             "own call; leave the trainer unpatched (xent.trl.unpatch(trainer)) under ZeRO-3"
         )
-    if torch.distributed.is_available():
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(tensor, DTensor):
-            whole: torch.Tensor = tensor.full_tensor()
-            return whole
-    return tensor
