@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
@@ -100,9 +101,13 @@ def read_logits(model: nn.Module, **forward_kwargs: Any) -> HeadLogits:
     return logits
 
 
-def read_forward(model: nn.Module, *args: Any, **forward_kwargs: Any) -> tuple[HeadLogits, Any]:
+def read_forward(
+    model: nn.Module, *args: Any, call: Callable[..., Any] | None = None, **forward_kwargs: Any
+) -> tuple[HeadLogits, Any]:
     """:func:`read_logits` that also returns the forward's outputs (its ``aux_loss``, ``past_key_values``…; their
-    ``logits`` is xent's stand-in, not a tensor)."""
+    ``logits`` is xent's stand-in, not a tensor). ``call`` runs the forward instead of ``model(...)``: the model's
+    forward inside a call to the model already under way, whose hooks must not run twice (FSDP2's root would
+    reshard its parameters, the head's among them, when the inner call returns)."""
     target = causal_lm(model)
     name = type(target).__name__
     if "labels" in forward_kwargs:
@@ -121,13 +126,13 @@ def read_forward(model: nn.Module, *args: Any, **forward_kwargs: Any) -> tuple[H
 
     saved = head.__dict__.get("forward")  # xent.hf's patch of the head, if any: shadowed, then restored
     head.__dict__["forward"] = forward
-    # A tensor-parallel head (its weight a DTensor) keeps the hooks that lay out its input, not those that lay out
-    # logits it no longer returns.
+    # A tensor-parallel head (its weight a DTensor, the head not FSDP2's) keeps the hooks that lay out its input,
+    # not those that lay out logits it no longer returns.
     hooks = head._forward_hooks
-    if is_dtensor(getattr(head, "weight", None)):
+    if is_dtensor(getattr(head, "weight", None)) and not _is_fsdp_module(head):
         head._forward_hooks = OrderedDict()
     try:
-        outputs = target(*args, **forward_kwargs)
+        outputs = (target if call is None else call)(*args, **forward_kwargs)
     finally:
         head._forward_hooks = hooks
         del head.__dict__["forward"]
@@ -160,6 +165,15 @@ def is_dtensor(tensor: Any) -> TypeGuard[DTensor]:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
+
+
+def _is_fsdp_module(module: nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) manages ``module``'s parameters: its hooks are FSDP's, kept."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 def output_embeddings(model: nn.Module) -> nn.Module | None:

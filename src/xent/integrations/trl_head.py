@@ -131,13 +131,14 @@ class _FusedHead:
         kwargs["use_cache"] = False
         if getattr(self.text_config, "output_router_logits", False):  # MoE: as the model's own forward asks
             kwargs.setdefault("output_router_logits", True)
-        logits, outputs = read_forward(self.model, *args, **kwargs)
+        # TRL's forward, so the model's own: the call to the model under way already ran its hooks (FSDP2's root)
+        logits, outputs = read_forward(self.model, *args, call=self.original, **kwargs)
         if shift_labels is None:
             hidden, targets = logits.hidden[:, :-1], labels[:, 1:]  # type: ignore[index]
         else:
             hidden, targets = logits.hidden, shift_labels
         weight, bias = logits.weight, logits.bias
-        _refuse_partitioned(weight)
+        _refuse_unreadable(weight, logits)
         sharded = is_dtensor(weight)  # a tensor-parallel head: its rank's rows of the vocabulary
         device = weight.to_local().device if is_dtensor(weight) else weight.device
         if is_dtensor(hidden):  # laid out by the head's input hook: whole on every rank of the head's group
@@ -190,10 +191,24 @@ def _aux_loss(outputs: Any, kwargs: dict[str, Any], logits: HeadLogits) -> torch
     return aux_loss
 
 
-def _refuse_partitioned(weight: torch.Tensor) -> None:
-    """DeepSpeed ZeRO-3's partitioned heads are whole only inside the head's own call, which xent's read replaces."""
+def _refuse_unreadable(weight: torch.Tensor, logits: HeadLogits) -> None:
+    """Heads whose weight is not whole when the head has been called: DeepSpeed ZeRO-3's partitions, an FSDP2 unit
+    of its own resharded after its call, an FSDP2 shard read outside its unit's forward. A tensor-parallel head's
+    weight is a DTensor sharded on the vocabulary and its input a DTensor laid out by the head's input hook."""
+    where = f"{logits.model_name}'s head"
     if hasattr(weight, "ds_id"):  # DeepSpeed's partitioned parameters carry their id
         raise TypeError(
-            "the model's head is partitioned by DeepSpeed ZeRO-3, whose parameters are whole only inside the head's "
-            "own call; leave the trainer unpatched (xent.trl.unpatch(trainer)) under ZeRO-3"
+            f"{where} is partitioned by DeepSpeed ZeRO-3, whose parameters are whole only inside the head's own call; "
+            "leave the trainer unpatched (xent.trl.unpatch(trainer)) under ZeRO-3"
+        )
+    if is_dtensor(weight) and not is_dtensor(logits.hidden):
+        raise TypeError(
+            f"{where} weight is a DTensor ({weight.placements}) but its input is not one: an FSDP2 shard rather than "
+            "a tensor-parallel head; shard the head with its parent module (fully_shard the model's root), not as "
+            "a unit of its own"
+        )
+    if not is_dtensor(weight) and weight.numel() and weight.untyped_storage().size() == 0:
+        raise TypeError(
+            f"{where} weight was freed after the head's call (FSDP2 resharded a unit of its own); shard the head "
+            "with its parent module (fully_shard the model's root), or set reshard_after_forward=False on its unit"
         )
