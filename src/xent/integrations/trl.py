@@ -55,7 +55,9 @@ def patch(trainer: Any, *, chunk_size: int | None = None, impl: Impl | None = No
     parameter's gradient are TRL's own (to float32 rounding), whatever the loss type or option. Each model's logit
     scale and soft cap are read from what its forward does (as :func:`xent.hf.patch` reads them), not from config
     names; a LoRA head is fused as :func:`xent.hf.patch` fuses it; only the positions with a label go through the
-    head; an FSDP2-sharded head is gathered as TRL gathers it.
+    head. Under FSDP2 the head is read as the model's forward unshards it (with its parent module or the root); a
+    tensor-parallel head (its weight a ``DTensor`` sharded on the vocabulary) runs vocab-parallel
+    (:func:`xent.distributed.vocab_parallel_linear_token_outputs`), each rank its rows, where TRL gathers it whole.
 
     **Distillation.** A ``DistillationTrainer``'s ``_compute_loss`` becomes :func:`xent.linear_distillation_loss`
     of the student's and the teacher's heads:
@@ -84,9 +86,9 @@ def patch(trainer: Any, *, chunk_size: int | None = None, impl: Impl | None = No
         ValueError: the trainer is already patched; ``impl`` given for a trainer other than distillation's; a
             ``DistillationTrainer`` has no local teacher (a teacher served elsewhere gives no head to fuse).
 
-    When a step runs, a model whose forward does something to its logits besides scales and tanh soft caps, or a
-    head partitioned by DeepSpeed ZeRO-3, is refused with a TypeError naming it; :func:`unpatch` gives the trainer
-    back TRL's own head.
+    When a step runs, a model whose forward does something to its logits besides scales and tanh soft caps, a head
+    partitioned by DeepSpeed ZeRO-3 or one FSDP2 shards as a unit of its own is refused with a TypeError naming it;
+    :func:`unpatch` gives the trainer back TRL's own head.
 
     Example (not run here: it needs TRL)::
 
