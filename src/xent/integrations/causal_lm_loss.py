@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from xent._config import value_checks_enabled, values_checked
+from xent.distributed.vocab_parallel import vocab_parallel_linear_loss
 from xent.integrations.heads import LinearHead
 from xent.losses import checks
+from xent.losses.checks import is_dtensor
 from xent.losses.family import check_fused_call, family_loss
 from xent.losses.linear import accumulated_linear_loss
 
@@ -185,6 +187,19 @@ class FusedLoss:
         own_cap = options.pop("softcap", None)
         if cap is not None and own_cap is not None:
             raise ValueError(f"the model caps its logits at {cap}; softcap={own_cap} would cap them twice")
+        if is_dtensor(head.weight):  # a tensor-parallel head: each rank its rows of the vocabulary, never gathered
+            unsupported = [name for name in ("impl", "weight_grad_dtype", "weight") if options.get(name) is not None]
+            if unsupported:
+                raise TypeError(
+                    f"{', '.join(unsupported)} cannot be given for a tensor-parallel head (its weight a DTensor): the "
+                    "vocab-parallel loss has one implementation and reads the rank's rows of the head only"
+                )
+            return vocab_parallel_linear_loss(
+                self.loss, hidden.full_tensor() if is_dtensor(hidden) else hidden, head.weight, target,
+                linear_bias_shard=head.bias, chunk_size=options.pop("chunk_size", None), ignore_index=ignore_index,
+                reduction=reduction, softcap=own_cap if cap is None else cap,
+                **{key: value for key, value in options.items() if key not in self.PATH_OPTIONS},
+            )  # fmt: skip
         return accumulated_linear_loss(
             self.loss,
             hidden,

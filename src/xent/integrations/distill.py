@@ -21,20 +21,16 @@ scales or caps its logits in a new way is read exactly or refused, never silentl
 from __future__ import annotations
 
 import inspect
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeGuard, cast
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from xent.integrations.causal_lm_loss import HeadOutput, check_labels
-from xent.integrations.heads import causal_lm, head_parts, widen
+from xent.integrations.heads import causal_lm, head_parts, logits_layout_off, widen
 from xent.losses import checks, linear_distillation_loss
-
-if TYPE_CHECKING:
-    from torch.distributed.tensor import DTensor
 
 __all__ = ["HeadLogits", "distillation_loss", "read_forward", "read_logits"]
 
@@ -126,15 +122,10 @@ def read_forward(
 
     saved = head.__dict__.get("forward")  # xent.hf's patch of the head, if any: shadowed, then restored
     head.__dict__["forward"] = forward
-    # A tensor-parallel head (its weight a DTensor, the head not FSDP2's) keeps the hooks that lay out its input,
-    # not those that lay out logits it no longer returns.
-    hooks = head._forward_hooks
-    if is_dtensor(getattr(head, "weight", None)) and not _is_fsdp_module(head):
-        head._forward_hooks = OrderedDict()
     try:
-        outputs = (target if call is None else call)(*args, **forward_kwargs)
+        with logits_layout_off(head):
+            outputs = (target if call is None else call)(*args, **forward_kwargs)
     finally:
-        head._forward_hooks = hooks
         del head.__dict__["forward"]
         if saved is not None:
             head.__dict__["forward"] = saved
@@ -156,24 +147,6 @@ def read_forward(
         softcap=None if cap is None else cap / abs(scale),
     )
     return head_logits, outputs
-
-
-def is_dtensor(tensor: Any) -> TypeGuard[DTensor]:
-    """Whether ``tensor`` is a ``torch.distributed`` DTensor (a sharded or replicated parameter, activation)."""
-    if tensor is None or not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
-def _is_fsdp_module(module: nn.Module) -> bool:
-    """Whether FSDP2 (``fully_shard``) manages ``module``'s parameters: its hooks are FSDP's, kept."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
 
 
 def output_embeddings(model: nn.Module) -> nn.Module | None:

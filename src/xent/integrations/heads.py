@@ -4,11 +4,16 @@ hidden states. Anything else is refused by its class, naming PEFT's wrapper and 
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+from xent.losses.checks import is_dtensor
 
 
 class LinearHead(Protocol):
@@ -125,3 +130,26 @@ def causal_lm(model: nn.Module) -> nn.Module:
         base: nn.Module = peft_model.get_base_model()
         return base
     return model
+
+
+@contextmanager
+def logits_layout_off(head: nn.Module) -> Iterator[None]:
+    """While a fused step reads a tensor-parallel head (its weight a DTensor, the head not FSDP2's), its forward
+    hooks are off: they would lay out logits the head no longer returns. Its pre-hooks, which lay out its input,
+    stay."""
+    hooks = head._forward_hooks
+    if is_dtensor(getattr(head, "weight", None)) and not _is_fsdp_module(head):
+        head._forward_hooks = OrderedDict()
+    try:
+        yield
+    finally:
+        head._forward_hooks = hooks
+
+
+def _is_fsdp_module(module: nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) manages ``module``'s parameters: its hooks are FSDP's, kept."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)

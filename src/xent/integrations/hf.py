@@ -43,7 +43,7 @@ except ImportError as error:  # pragma: no cover - exercised without the extra o
     raise ImportError('xent.hf needs transformers: pip install "xent[hf]"') from error
 
 from xent.integrations.causal_lm_loss import FusedLoss, HeadOutput, check_labels
-from xent.integrations.heads import causal_lm, head_parts, widen
+from xent.integrations.heads import causal_lm, head_parts, logits_layout_off, widen
 
 __all__ = ["HeadOutput", "is_patched", "patch", "unpatch"]
 
@@ -223,7 +223,8 @@ class _Patch:
         self.follow_head()
         self.active, self.calls, self.consumed = True, 0, 0
         try:
-            outputs = forward(*args, **kwargs)
+            with logits_layout_off(self.head):
+                outputs = forward(*args, **kwargs)
         finally:
             self.active = False
         if self.calls == 0:

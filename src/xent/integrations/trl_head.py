@@ -42,8 +42,9 @@ import torch
 from torch import nn
 
 from xent.distributed.logprobs import vocab_parallel_linear_token_outputs
-from xent.integrations.distill import HeadLogits, is_dtensor, read_forward
+from xent.integrations.distill import HeadLogits, read_forward
 from xent.losses import linear_token_outputs
+from xent.losses.checks import is_dtensor
 
 _TRL_SETTINGS = ("temperature", "cast_lm_head_to_fp32", "outputs")
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import overload
+from typing import TYPE_CHECKING, TypeGuard, overload
 
 import torch
 
 from xent._config import value_checks_enabled
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -62,6 +65,29 @@ def check_floating(name: str, tensor: object) -> torch.Tensor:
     if not tensor.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
     return tensor
+
+
+def is_dtensor(tensor: object) -> TypeGuard[DTensor]:
+    """Whether ``tensor`` is a ``torch.distributed`` DTensor (a sharded or replicated parameter, activation)."""
+    if tensor is None or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def check_not_sharded(**tensors: torch.Tensor | None) -> None:
+    """A linear head's tensors must be whole, plain tensors: a DTensor (FSDP2's shard of a parameter outside its
+    module's forward, a tensor-parallel head's) is refused, naming it and the way to the loss it needs."""
+    for name, tensor in tensors.items():
+        if is_dtensor(tensor):
+            raise TypeError(
+                f"{name} is a DTensor (placements {tuple(tensor.placements)}, shape {shape_str(tensor.shape)}); "
+                "xent's linear losses take whole tensors. A parameter FSDP2 shards (fully_shard) is whole only "
+                "inside its module's forward: compute the loss there (xent.hf.patch(model) does, or register your "
+                "method with torch.distributed.fsdp.register_fsdp_forward_method). A head sharded over the "
+                "vocabulary (ColwiseParallel) takes xent.distributed's vocab_parallel_linear_* functions"
+            )
 
 
 def check_number(name: str, value: object) -> float:

@@ -27,6 +27,7 @@ def check_head(
     """Check a linear head's tensors — ``input (..., D)``, ``linear_weight (V, D)``, ``linear_bias (V,)`` or None,
     one floating dtype — and return V; errors call them by the caller's ``names``."""
     input_name, weight_name, bias_name = names
+    checks.check_not_sharded(**{input_name: input, weight_name: linear_weight, bias_name: linear_bias})
     input = checks.check_floating(input_name, input)
     linear_weight = checks.check_floating(weight_name, linear_weight)
     if input.dim() == 0:
