@@ -281,6 +281,11 @@ def test_models_that_do_not_fit_are_refused_by_name():
     custom.loss_function = lambda logits, labels, vocab_size, **kwargs: logits.sum()
     with pytest.raises(TypeError, match="not transformers' causal-LM loss"):
         xent.hf.patch(custom)
+    # DeepSpeed ZeRO-3 marks its partitioned parameters with a ds_id: empty outside their module's call
+    partitioned = tiny_model("llama")
+    partitioned.lm_head.weight.ds_id = 7
+    with pytest.raises(TypeError, match=r"LlamaForCausalLM's head is partitioned by DeepSpeed ZeRO-3.*unpatch"):
+        xent.hf.patch(partitioned)(input_ids=ids, labels=labels)
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["training step", "no_grad"])

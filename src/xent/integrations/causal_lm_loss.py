@@ -20,7 +20,7 @@ from torch import nn
 
 from xent._config import value_checks_enabled, values_checked
 from xent.distributed.vocab_parallel import vocab_parallel_linear_loss
-from xent.integrations.heads import LinearHead
+from xent.integrations.heads import LinearHead, refuse_partitioned
 from xent.losses import checks
 from xent.losses.checks import is_dtensor
 from xent.losses.family import check_fused_call, family_loss
@@ -231,6 +231,7 @@ class FusedLoss:
         by it. The labels are checked (:func:`check_labels`); their values are checked here, naming them."""
         named = "labels" if shift_labels is None else "shift_labels"
         model_name, hidden, head = logits.model_name, logits.hidden, logits.head
+        refuse_partitioned(head.weight, model_name, "Call xent.hf.unpatch(model) to train it unfused under ZeRO-3")
         if head.weight.shape[0] != vocab_size:
             raise TypeError(
                 f"{model_name}'s head has {head.weight.shape[0]} outputs but its loss reads {vocab_size} classes"

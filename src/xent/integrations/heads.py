@@ -153,3 +153,13 @@ def _is_fsdp_module(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(module, FSDPModule)
+
+
+def refuse_partitioned(weight: torch.Tensor, model_name: str, way_out: str) -> None:
+    """DeepSpeed ZeRO-3's partitioned parameters (they carry a ``ds_id``) are whole only inside their module's own
+    call, which a fused step replaces: read after it, the head's weight is an empty partition."""
+    if hasattr(weight, "ds_id"):
+        raise TypeError(
+            f"{model_name}'s head is partitioned by DeepSpeed ZeRO-3, whose parameters are whole only inside the "
+            f"head's own call; xent reads the head after it. {way_out}"
+        )

@@ -43,6 +43,7 @@ from torch import nn
 
 from xent.distributed.logprobs import vocab_parallel_linear_token_outputs
 from xent.integrations.distill import HeadLogits, read_forward
+from xent.integrations.heads import refuse_partitioned
 from xent.losses import linear_token_outputs
 from xent.losses.checks import is_dtensor
 
@@ -197,11 +198,9 @@ def _refuse_unreadable(weight: torch.Tensor, logits: HeadLogits) -> None:
     of its own resharded after its call, an FSDP2 shard read outside its unit's forward. A tensor-parallel head's
     weight is a DTensor sharded on the vocabulary and its input a DTensor laid out by the head's input hook."""
     where = f"{logits.model_name}'s head"
-    if hasattr(weight, "ds_id"):  # DeepSpeed's partitioned parameters carry their id
-        raise TypeError(
-            f"{where} is partitioned by DeepSpeed ZeRO-3, whose parameters are whole only inside the head's own call; "
-            "leave the trainer unpatched (xent.trl.unpatch(trainer)) under ZeRO-3"
-        )
+    refuse_partitioned(
+        weight, logits.model_name, "Leave the trainer unpatched (xent.trl.unpatch(trainer)) under ZeRO-3"
+    )
     if is_dtensor(weight) and not is_dtensor(logits.hidden):
         raise TypeError(
             f"{where} weight is a DTensor ({weight.placements}) but its input is not one: an FSDP2 shard rather than "
