@@ -29,3 +29,16 @@ def spawn_and_wait(worker, args: tuple, world: int, deadline_s: float = DEADLINE
             for process in context.processes:
                 process.kill()
             pytest.fail(f"the {world} ranks did not finish within {deadline_s:g} s")
+
+
+def run_ranks(worker, args: tuple, world: int, deadline_s: float = DEADLINE_S) -> None:
+    """:func:`spawn_and_wait` of ``worker(rank, *args, failures)``, failing the test with what the ranks put in
+    ``failures`` (each its traceback) when one of them fails or hangs."""
+    failures = torch.multiprocessing.get_context("spawn").SimpleQueue()
+    try:
+        spawn_and_wait(worker, (*args, failures), world, deadline_s)
+    except Exception:
+        messages = []
+        while not failures.empty():
+            messages.append(failures.get())
+        pytest.fail("\n".join(messages) or "a rank failed")

@@ -10,12 +10,11 @@ import datetime
 import re
 import traceback
 
-import pytest
 import torch
 import torch.distributed as dist
 
 import xent
-from tests.distributed.spawn import spawn_and_wait
+from tests.distributed.spawn import run_ranks
 from xent.distributed import (
     vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
@@ -279,12 +278,4 @@ def _worker(rank, store_path, failures):
 
 
 def test_every_rank_raises_when_one_rank_is_bad_or_the_ranks_disagree(tmp_path):
-    context = torch.multiprocessing.get_context("spawn")
-    failures = context.SimpleQueue()
-    try:
-        spawn_and_wait(_worker, (str(tmp_path / "store"), failures), WORLD, deadline_s=DEADLINE_S)
-    except Exception:
-        messages = []
-        while not failures.empty():
-            messages.append(failures.get())
-        pytest.fail("\n".join(messages) or "a rank failed")
+    run_ranks(_worker, (str(tmp_path / "store"),), WORLD, deadline_s=DEADLINE_S)

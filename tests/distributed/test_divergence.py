@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import xent
-from tests.distributed.spawn import spawn_and_wait
+from tests.distributed.spawn import run_ranks
 from tests.distributed.test_vocab_parallel import AGREEMENT, Communication
 from xent.distributed import (
     vocab_parallel_distillation_loss,
@@ -380,12 +380,4 @@ def _worker(rank, world, store_path, failures):
 
 
 def test_every_rank_gets_the_full_divergence_and_its_slice_of_the_gradients(tmp_path):
-    context = torch.multiprocessing.get_context("spawn")
-    failures = context.SimpleQueue()
-    try:
-        spawn_and_wait(_worker, (2, str(tmp_path / "store"), failures), 2)
-    except Exception:
-        messages = []
-        while not failures.empty():
-            messages.append(failures.get())
-        pytest.fail("\n".join(messages) or "a rank failed")
+    run_ranks(_worker, (2, str(tmp_path / "store")), 2)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.distributed.spawn import spawn_and_wait
+from tests.distributed.spawn import run_ranks
 from tests.kernels.test_logprobs import HEADS, reference_logits
 from xent.distributed import vocab_parallel_linear_log_probs, vocab_parallel_linear_token_outputs
 
@@ -141,12 +141,4 @@ def _worker(rank, world, store_path, failures):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_rank_gets_the_full_outputs_and_its_slice_of_the_gradients(world, tmp_path):
-    context = torch.multiprocessing.get_context("spawn")
-    failures = context.SimpleQueue()
-    try:
-        spawn_and_wait(_worker, (world, str(tmp_path / "store"), failures), world)
-    except Exception:
-        messages = []
-        while not failures.empty():
-            messages.append(failures.get())
-        pytest.fail("\n".join(messages) or "a rank failed")
+    run_ranks(_worker, (world, str(tmp_path / "store")), world)

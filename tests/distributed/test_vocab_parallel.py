@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 import xent
 from tests import family_samples
-from tests.distributed.spawn import spawn_and_wait
+from tests.distributed.spawn import run_ranks
 from xent.distributed import (
     vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
@@ -338,15 +338,7 @@ def _worker(rank, world, store_path, failures):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_rank_gets_the_full_loss_and_its_slice_of_the_gradients(world, tmp_path):
-    context = torch.multiprocessing.get_context("spawn")
-    failures = context.SimpleQueue()
-    try:
-        spawn_and_wait(_worker, (world, str(tmp_path / "store"), failures), world)
-    except Exception:
-        messages = []
-        while not failures.empty():
-            messages.append(failures.get())
-        pytest.fail("\n".join(messages) or "a rank failed")
+    run_ranks(_worker, (world, str(tmp_path / "store")), world)
 
 
 def test_without_an_initialised_group_the_error_says_so():

@@ -281,11 +281,14 @@ def test_models_that_do_not_fit_are_refused_by_name():
     custom.loss_function = lambda logits, labels, vocab_size, **kwargs: logits.sum()
     with pytest.raises(TypeError, match="not transformers' causal-LM loss"):
         xent.hf.patch(custom)
-    # DeepSpeed ZeRO-3 marks its partitioned parameters with a ds_id: empty outside their module's call
+    # DeepSpeed ZeRO-3 marks its parameters with a ds_id and their whole size: one still partitioned when read (here
+    # as if it were: ds_numel larger than what it holds) is refused; one gathered (ds_numel = numel) is computed on
     partitioned = tiny_model("llama")
-    partitioned.lm_head.weight.ds_id = 7
-    with pytest.raises(TypeError, match=r"LlamaForCausalLM's head is partitioned by DeepSpeed ZeRO-3.*unpatch"):
+    partitioned.lm_head.weight.ds_id, partitioned.lm_head.weight.ds_numel = 7, 10**6
+    with pytest.raises(TypeError, match=r"LlamaForCausalLM's head is partitioned by DeepSpeed ZeRO-3 .*1552 of its"):
         xent.hf.patch(partitioned)(input_ids=ids, labels=labels)
+    partitioned.lm_head.weight.ds_numel = partitioned.lm_head.weight.numel()
+    assert torch.isfinite(partitioned(input_ids=ids, labels=labels).loss)
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["training step", "no_grad"])

@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 
 import xent
 import xent.hf
-from tests.distributed.spawn import spawn_and_wait
+from tests.distributed.spawn import run_ranks
 from tests.integrations.tiny_models import VOCAB, tiny_model
 
 
@@ -102,12 +102,4 @@ def _worker(rank, world, store_path, failures):
 
 
 def test_tensor_parallel_head_equals_the_unsharded_model(tmp_path):
-    context = torch.multiprocessing.get_context("spawn")
-    failures = context.SimpleQueue()
-    try:
-        spawn_and_wait(_worker, (2, str(tmp_path / "store"), failures), 2)
-    except Exception:
-        messages = []
-        while not failures.empty():
-            messages.append(failures.get())
-        pytest.fail("\n".join(messages) or "a rank failed")
+    run_ranks(_worker, (2, str(tmp_path / "store")), 2)

@@ -36,7 +36,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from trl.trainer.utils import add_fused_lm_head
 
-from tests.distributed.spawn import spawn_and_wait
+from tests.distributed.spawn import run_ranks
 from tests.integrations.tiny_models import VOCAB, tiny_model
 from xent.integrations import distill, trl_head
 
@@ -179,14 +179,7 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str, failures) -> N
 def results(tmp_path_factory) -> dict[str, list[dict]]:
     """Each case's results, a dict per rank: ``trl`` and ``xent`` (see :func:`fused_step`) and ``read``."""
     directory = tmp_path_factory.mktemp("fsdp")
-    failures = torch.multiprocessing.get_context("spawn").SimpleQueue()
-    try:
-        spawn_and_wait(_worker, (WORLD, str(directory / "store"), str(directory), failures), WORLD, DEADLINE_S)
-    except Exception:
-        messages = []
-        while not failures.empty():
-            messages.append(failures.get())
-        pytest.fail("\n".join(messages) or "a rank failed")
+    run_ranks(_worker, (WORLD, str(directory / "store"), str(directory)), WORLD, DEADLINE_S)
     return {
         name: [torch.load(directory / f"{name}-{rank}.pt", weights_only=False) for rank in range(WORLD)]
         for name in [*CASES, "head-unit"]

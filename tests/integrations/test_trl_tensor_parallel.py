@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 pytest.importorskip("trl")
 
-from tests.distributed.spawn import spawn_and_wait
+from tests.distributed.spawn import run_ranks
 from tests.integrations.test_trl import sharpened
 from tests.integrations.tiny_models import VOCAB
 
@@ -88,12 +88,4 @@ def _worker(rank, world, store_path, failures):
 
 
 def test_tensor_parallel_head_equals_trl(tmp_path):
-    context = torch.multiprocessing.get_context("spawn")
-    failures = context.SimpleQueue()
-    try:
-        spawn_and_wait(_worker, (2, str(tmp_path / "store"), failures), 2)
-    except Exception:
-        messages = []
-        while not failures.empty():
-            messages.append(failures.get())
-        pytest.fail("\n".join(messages) or "a rank failed")
+    run_ranks(_worker, (2, str(tmp_path / "store")), 2)

@@ -156,10 +156,13 @@ def _is_fsdp_module(module: nn.Module) -> bool:
 
 
 def refuse_partitioned(weight: torch.Tensor, model_name: str, way_out: str) -> None:
-    """DeepSpeed ZeRO-3's partitioned parameters (they carry a ``ds_id``) are whole only inside their module's own
-    call, which a fused step replaces: read after it, the head's weight is an empty partition."""
-    if hasattr(weight, "ds_id"):
+    """DeepSpeed ZeRO-3's parameters (they carry a ``ds_id``) are whole while their module runs and re-gathered when
+    read inside the model's forward, where xent's fused step reads the head; one still partitioned when read (empty:
+    fewer elements than its ``ds_numel``) is refused rather than computed on."""
+    whole = getattr(weight, "ds_numel", weight.numel())
+    if hasattr(weight, "ds_id") and weight.numel() != whole:
         raise TypeError(
-            f"{model_name}'s head is partitioned by DeepSpeed ZeRO-3, whose parameters are whole only inside the "
-            f"head's own call; xent reads the head after it. {way_out}"
+            f"{model_name}'s head is partitioned by DeepSpeed ZeRO-3 and was not gathered when xent read it (it has "
+            f"{weight.numel()} of its {whole} elements); xent reads the head inside the model's forward, "
+            f"where ZeRO-3 gathers it. {way_out}"
         )
