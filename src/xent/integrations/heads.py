@@ -157,8 +157,8 @@ def _is_fsdp_module(module: nn.Module) -> bool:
 
 def refuse_partitioned(weight: torch.Tensor, model_name: str, way_out: str) -> None:
     """DeepSpeed ZeRO-3's parameters (they carry a ``ds_id``) are whole while their module runs and re-gathered when
-    read inside the model's forward, where xent's fused step reads the head; one still partitioned when read (empty:
-    fewer elements than its ``ds_numel``) is refused rather than computed on."""
+    read inside the engine's forward (of the module DeepSpeed holds), where xent's fused step reads the head; one
+    still partitioned when read (empty: fewer elements than its ``ds_numel``) is refused rather than computed on."""
     whole = getattr(weight, "ds_numel", weight.numel())
     if hasattr(weight, "ds_id") and weight.numel() != whole:
         raise TypeError(
