@@ -8,8 +8,6 @@ by name."""
 
 from __future__ import annotations
 
-import os
-import socket
 import traceback
 
 import pytest
@@ -20,11 +18,18 @@ pytest.importorskip("deepspeed")
 
 import xent.hf
 from tests.distributed.spawn import run_ranks
-from tests.integrations.tiny_models import COMMON, VOCAB, tiny_model
+from tests.integrations.tiny_models import tiny_model
+from tests.integrations.trainer_engines import (
+    HEAD_NUMEL,
+    STEPS,
+    WORLD,
+    TokenData,
+    arguments,
+    assert_patched_trains_as_unpatched,
+    free_port,
+    rank_environment,
+)
 
-WORLD = 2
-HEAD_NUMEL = VOCAB * COMMON["hidden_size"]
-STEPS, ACCUMULATION, BATCH, LENGTH = 3, 2, 2, 10
 ZERO3 = {
     "zero_optimization": {
         "stage": 3,
@@ -46,55 +51,12 @@ ZERO3 = {
 }
 
 
-class _Data(torch.utils.data.Dataset):
-    """Fixed token ids, their labels partly -100 (unevenly across rows, so that gradient accumulation's
-    normalisation by the micro-batches' token count matters)."""
-
-    def __init__(self) -> None:
-        generator = torch.Generator().manual_seed(1)
-        rows = WORLD * BATCH * ACCUMULATION * STEPS
-        self.input_ids = torch.randint(3, VOCAB, (rows, LENGTH), generator=generator)
-        self.labels = self.input_ids.clone()
-        for row in range(rows):
-            self.labels[row, : row % 5] = -100
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def __getitem__(self, index):
-        return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
-
-
-def _arguments(output_dir):
-    import transformers
-
-    return transformers.TrainingArguments(
-        output_dir=output_dir,
-        deepspeed=ZERO3,  # ZeRO-3 enabled from here on (transformers holds the config while these arguments live)
-        use_cpu=True,
-        per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=ACCUMULATION,
-        max_steps=STEPS,
-        learning_rate=1e-3,
-        # Adam moves a weight by about the learning rate whatever its gradient's size: a larger epsilon keeps the
-        # gradients' last-bit differences (the fused loss sums in another order) from moving tiny-gradient weights
-        adam_epsilon=1e-6,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        seed=0,
-        data_seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-
-
 def _train(tied, patched, output_dir):
     """The per-step losses and every final weight (gathered) of one ZeRO-3 run from scratch."""
     import deepspeed
     import transformers
 
-    arguments = _arguments(output_dir)
+    args = arguments(output_dir, deepspeed=ZERO3)  # ZeRO-3 on from here (transformers holds the config meanwhile)
     if tied:  # built whole (ZeRO-3 is not consulted by the constructor), partitioned when the engine is made
         model = tiny_model("llama", seed=0, tie_word_embeddings=True)
         assert not hasattr(model.lm_head.weight, "ds_id")
@@ -105,7 +67,7 @@ def _train(tied, patched, output_dir):
         assert model.lm_head.weight.numel() == 0 and hasattr(model.lm_head.weight, "ds_id")
     if patched:
         xent.hf.patch(model)
-    trainer = transformers.Trainer(model=model, args=arguments, train_dataset=_Data())
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData())
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == STEPS
@@ -143,7 +105,7 @@ def _refused_outside_the_engine():
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": ZERO3["zero_optimization"]}
     deepspeed.initialize(model=_Holder(model), config=config)
     assert model.lm_head.weight.numel() == 0
-    batch = _Data()[0]
+    batch = TokenData()[0]
     with pytest.raises(
         TypeError, match=rf"partitioned by DeepSpeed ZeRO-3 and was not gathered .* 0 of its {HEAD_NUMEL}"
     ):
@@ -151,15 +113,7 @@ def _refused_outside_the_engine():
 
 
 def _worker(rank, world, port, output_dir, failures):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        DS_ACCELERATOR="cpu",
-    )
-    torch.set_num_threads(1)
+    rank_environment(rank, world, port, DS_ACCELERATOR="cpu")
     try:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
@@ -168,40 +122,11 @@ def _worker(rank, world, port, output_dir, failures):
         assert get_accelerator().device_name() == "cpu"
         deepspeed.init_distributed(dist_backend="gloo")  # before TrainingArguments, which would start its own
         assert torch.distributed.get_backend() == "gloo"
-
-        from xent.integrations.causal_lm_loss import FusedLoss
-
-        fused_calls = []
-        original = FusedLoss.causal_lm_loss
-
-        def counted(self, logits, labels, shift_labels, vocab_size, num_items_in_batch, *args):
-            # the head's elements when xent read it, and whether the Trainer passed its accumulation's token count
-            fused_calls.append((logits.head.weight.numel(), num_items_in_batch is not None))
-            return original(self, logits, labels, shift_labels, vocab_size, num_items_in_batch, *args)
-
-        FusedLoss.causal_lm_loss = counted
-        try:
-            for tied in (False, True):
-                expected_losses, expected_weights = _train(tied, False, output_dir)
-                assert not fused_calls
-                losses, weights = _train(tied, True, output_dir)
-                # every micro-batch fused, the head whole (gathered by ZeRO-3) when xent read it
-                assert fused_calls == [(HEAD_NUMEL, True)] * (STEPS * ACCUMULATION), fused_calls
-                fused_calls.clear()
-                torch.testing.assert_close(losses, expected_losses, rtol=1e-5, atol=0)
-                assert weights.keys() == expected_weights.keys()
-                for name, weight in expected_weights.items():
-                    message = f"tied={tied} {name}"
-                    torch.testing.assert_close(
-                        weights[name],
-                        weight,
-                        rtol=1e-5,
-                        atol=1e-6,
-                        msg=lambda detail, message=message: f"{message}: {detail}",
-                    )
-            _refused_outside_the_engine()
-        finally:
-            FusedLoss.causal_lm_loss = original
+        # every micro-batch fused, the head whole (gathered by ZeRO-3) when xent read it
+        assert_patched_trains_as_unpatched(
+            lambda tied, patched: _train(tied, patched, output_dir), lambda weight: (weight.numel(),), (HEAD_NUMEL,)
+        )
+        _refused_outside_the_engine()
         torch.distributed.barrier()
     except BaseException:
         failures.put(f"rank {rank}:\n{traceback.format_exc()}")
@@ -211,13 +136,7 @@ def _worker(rank, world, port, output_dir, failures):
             torch.distributed.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_zero3_trainer_equals_unpatched(tmp_path, monkeypatch):
     # DeepSpeed picks its accelerator when imported, which the ranks do when they load this module
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    run_ranks(_worker, (WORLD, _free_port(), str(tmp_path)), WORLD)
+    run_ranks(_worker, (WORLD, free_port(), str(tmp_path)), WORLD)
