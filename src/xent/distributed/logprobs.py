@@ -33,12 +33,11 @@ import torch.distributed as dist
 from xent.core.reduce import accumulation_dtype
 from xent.distributed.agreement import Terms, agree
 from xent.distributed.shard import refuse_second_order
-from xent.distributed.vocab_parallel import collective_device, group_of, local_shard
+from xent.distributed.vocab_parallel import check_head_shard, collective_device, group_of
 from xent.kernels.linear import cast_grads, default_chunk_size, fused_pass, new_grads
 from xent.kernels.logprobs import STATISTICS, HeadTransform, RowOutputs, for_each_row_block, gradient_block_
 from xent.losses import checks
-from xent.losses.linear import check_head
-from xent.losses.logprobs import TOKEN_OUTPUTS, TokenOutputs
+from xent.losses.logprobs import TokenOutputs, check_outputs
 from xent.losses.teachers import check_logit_scale, check_softcap
 
 __all__ = ["vocab_parallel_linear_log_probs", "vocab_parallel_linear_token_outputs"]
@@ -115,21 +114,12 @@ def vocab_parallel_linear_token_outputs(
     group = group_of(linear_weight_shard, group)
     terms = Terms()
     try:  # every local check, its error kept for the agreement step, so that every rank raises it
-        linear_weight_shard = local_shard(linear_weight_shard, group, dim=0)
-        if linear_bias_shard is not None:
-            linear_bias_shard = local_shard(linear_bias_shard, group, dim=0)
-        size = check_head(
-            input, linear_weight_shard, linear_bias_shard, ("input", "linear_weight_shard", "linear_bias_shard")
+        linear_weight_shard, linear_bias_shard, target, size = check_head_shard(
+            input, linear_weight_shard, linear_bias_shard, target, group
         )
-        target = checks.check_tensor("target", target)
-        if input.shape[:-1] != target.shape:
-            raise ValueError(
-                f"input must have shape (..., D) with target's shape (...) in front; got input "
-                f"{checks.shape_str(input.shape)} and target {checks.shape_str(target.shape)}"
-            )
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
             raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
-        statistics = _check_outputs(outputs)
+        statistics = check_outputs(outputs)
         temperature = checks.check_in_range(
             "temperature", temperature, 0.0, math.inf, low_inclusive=False, high_inclusive=False
         )
@@ -163,16 +153,6 @@ def vocab_parallel_linear_token_outputs(
     log_probs, *statistics_ = ShardLinearLogProbs.apply(flat_input, linear_weight_shard, linear_bias_shard, call)
     shaped = (None if value is None else value.view(target.shape) for value in statistics_)
     return TokenOutputs(log_probs.view(target.shape), *shaped)
-
-
-def _check_outputs(outputs: Iterable[str]) -> frozenset[str]:
-    if isinstance(outputs, str):
-        raise TypeError(f"outputs must be a collection of output names, not the string {outputs!r}")
-    names = list(outputs)
-    for name in names:
-        if name not in TOKEN_OUTPUTS:
-            raise ValueError(f"outputs has {name!r}; expected names among {', '.join(map(repr, TOKEN_OUTPUTS))}")
-    return frozenset(names) - {"log_probs"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -199,18 +199,9 @@ def vocab_parallel_linear_loss(
     group = group_of(linear_weight_shard, group)
     terms = Terms()
     try:  # every local check, its error kept for the agreement step, so that every rank raises it
-        linear_weight_shard = local_shard(linear_weight_shard, group, dim=0)
-        if linear_bias_shard is not None:
-            linear_bias_shard = local_shard(linear_bias_shard, group, dim=0)
-        size = check_head(
-            input, linear_weight_shard, linear_bias_shard, ("input", "linear_weight_shard", "linear_bias_shard")
+        linear_weight_shard, linear_bias_shard, target, size = check_head_shard(
+            input, linear_weight_shard, linear_bias_shard, target, group
         )
-        target = checks.check_tensor("target", target)
-        if input.shape[:-1] != target.shape:
-            raise ValueError(
-                f"input must have shape (..., D) with target's shape (...) in front; got input "
-                f"{checks.shape_str(input.shape)} and target {checks.shape_str(target.shape)}"
-            )
         # the input is replicated: its shape and dtype size the collectives (per chunk, and d(input) in backward)
         terms.agreed.update({"input's shape": tuple(input.shape), "input's dtype": input.dtype})
         checks.check_chunk_size(chunk_size)
@@ -260,6 +251,26 @@ def vocab_parallel_linear_cross_entropy(
 
 
 # --- checks and set-up -------------------------------------------------------------------------------------------
+
+
+def check_head_shard(
+    input: torch.Tensor, linear_weight_shard: Any, linear_bias_shard: Any, target: Any, group: Any
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
+    """A rank's local checks of a weight-sharded head (run inside the agreement's try: they raise on one rank):
+    ``(weight shard, bias shard, target, V_r)``, a DTensor shard taken as its local rows."""
+    linear_weight_shard = local_shard(linear_weight_shard, group, dim=0)
+    if linear_bias_shard is not None:
+        linear_bias_shard = local_shard(linear_bias_shard, group, dim=0)
+    size = check_head(
+        input, linear_weight_shard, linear_bias_shard, ("input", "linear_weight_shard", "linear_bias_shard")
+    )
+    target = checks.check_tensor("target", target)
+    if input.shape[:-1] != target.shape:
+        raise ValueError(
+            f"input must have shape (..., D) with target's shape (...) in front; got input "
+            f"{checks.shape_str(input.shape)} and target {checks.shape_str(target.shape)}"
+        )
+    return linear_weight_shard, linear_bias_shard, target, size
 
 
 def group_of(tensor: Any, group: Any) -> Any:

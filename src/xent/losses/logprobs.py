@@ -153,16 +153,21 @@ def linear_token_outputs(
         >>> out.entropy is None, out.is_top1.dtype, tuple(out.mean_logits.shape)
         (True, torch.bool, (2, 16))
     """
+    return _token_outputs(
+        input, linear_weight, target, linear_bias, temperature, logit_scale, softcap, ignore_index, chunk_size,
+        check_outputs(outputs),
+    )  # fmt: skip
+
+
+def check_outputs(outputs: Iterable[str]) -> frozenset[str]:
+    """The statistics asked for besides the log-probabilities (always computed), from ``outputs``' names."""
     if isinstance(outputs, str):
         raise TypeError(f"outputs must be a collection of output names, not the string {outputs!r}")
     names = list(outputs)
     for name in names:
         if name not in TOKEN_OUTPUTS:
             raise ValueError(f"outputs has {name!r}; expected names among {', '.join(map(repr, TOKEN_OUTPUTS))}")
-    return _token_outputs(
-        input, linear_weight, target, linear_bias, temperature, logit_scale, softcap, ignore_index, chunk_size,
-        frozenset(names) - {"log_probs"},
-    )  # fmt: skip
+    return frozenset(names) - {"log_probs"}
 
 
 def _token_outputs(
