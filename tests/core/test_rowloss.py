@@ -9,7 +9,7 @@ from xent.core.rowloss import RowLoss
 
 def test_options_dataclass_defaults_describe_cross_entropy():
     options = RowLoss()
-    assert options.term == rowloss.CROSS_ENTROPY
+    assert options.term == rowloss.TargetTerm() and options.term.name == "cross_entropy"
     assert options.class_offset is None and options.target_margin is None and options.logit_scale == 1.0
 
 

@@ -11,7 +11,7 @@ from tests import family_samples
 from tests.conftest import assert_as_accurate_as_the_reference, assert_close, in_float64
 from tests.test_gradient_rule import gradients
 from xent.core.rowloss import RowLoss
-from xent.kernels import chunked
+from xent.kernels import chunked, ops
 from xent.losses.family import FAMILY
 
 OPTIONS = list(
@@ -150,12 +150,12 @@ def test_gradcheck(reduction):
     options = RowLoss(weight=torch.rand(5, dtype=torch.float64) + 0.5, label_smoothing=0.2, z_loss=0.05, softcap=2.0)
 
     def loss(x):
-        return chunked.chunked_row_loss(x, target, options, reduction, allow_retain_graph=True)
+        return ops.fused_row_loss(x, target, options, reduction, "chunked", retain=True)
 
     assert torch.autograd.gradcheck(loss, (logits,))
     probs = torch.softmax(torch.randn(6, 5, dtype=torch.float64), 1)
     assert torch.autograd.gradcheck(
-        lambda x: chunked.chunked_row_loss(x, probs, options, reduction, allow_retain_graph=True), (logits,)
+        lambda x: ops.fused_row_loss(x, probs, options, reduction, "chunked", retain=True), (logits,)
     )
 
 

@@ -13,7 +13,7 @@ from tests import family_samples
 from tests.conftest import assert_as_accurate_as_the_reference, assert_close, in_float64
 from tests.test_gradient_rule import gradients
 from xent.core.rowloss import RowLoss
-from xent.kernels import linear
+from xent.kernels import linear, ops
 from xent.losses.family import FAMILY
 
 N, D, V = 23, 6, 13
@@ -156,7 +156,7 @@ def test_gradcheck(reduction):
     options = RowLoss(weight=torch.rand(V, dtype=torch.float64) + 0.5, label_smoothing=0.1, z_loss=0.05, softcap=2.5)
 
     def loss(x, w, b):
-        return linear.chunked_linear_loss(x, w, b, target, options, reduction, 4, allow_retain_graph=True)
+        return ops.fused_linear_row_loss(x, w, b, target, options, reduction, "chunked", chunk_size=4, retain=True)
 
     inputs = tuple(t.clone().requires_grad_() for t in (x, w, b))
     assert torch.autograd.gradcheck(loss, inputs)

@@ -24,6 +24,7 @@ writing its :class:`TargetTerm` (ψ and ψ′) and choosing its transform — th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -42,6 +43,11 @@ class TargetTerm:
     """
 
     name: str = field(default="cross_entropy", init=False)
+    PARAMETERS: ClassVar[tuple[str, ...]] = ()  # the term's numbers, in its constructor's order
+
+    def parameters(self) -> list[float]:
+        """The term's numbers in its constructor's order: what a custom operator's arguments carry of it."""
+        return [float(getattr(self, name)) for name in self.PARAMETERS]
 
     def value(self, u: torch.Tensor, smoothing: float, num_classes: int) -> torch.Tensor:
         return -(1.0 - smoothing) * u
@@ -56,6 +62,7 @@ class FocalTerm(TargetTerm):
 
     gamma: float = 2.0
     name: str = field(default="focal", init=False)
+    PARAMETERS: ClassVar[tuple[str, ...]] = ("gamma",)
 
     def _log_one_minus_p(self, u: torch.Tensor) -> torch.Tensor:
         # clamped at the dtype's tiny so that (1 - p)^(γ - 1) stays finite at p = 1 (its product with u is 0 there)
@@ -80,6 +87,7 @@ class Poly1Term(TargetTerm):
 
     epsilon: float = 1.0
     name: str = field(default="poly1", init=False)
+    PARAMETERS: ClassVar[tuple[str, ...]] = ("epsilon",)
 
     def value(self, u: torch.Tensor, smoothing: float, num_classes: int) -> torch.Tensor:
         p_t = (1.0 - smoothing) * torch.exp(u) + smoothing / num_classes
@@ -95,6 +103,7 @@ class GeneralizedTerm(TargetTerm):
 
     q: float = 0.7
     name: str = field(default="generalized", init=False)
+    PARAMETERS: ClassVar[tuple[str, ...]] = ("q",)
 
     def value(self, u: torch.Tensor, smoothing: float, num_classes: int) -> torch.Tensor:
         return -torch.expm1(self.q * u) / self.q
@@ -111,6 +120,7 @@ class SymmetricTerm(TargetTerm):
     beta: float = 1.0
     log_zero: float = -4.0
     name: str = field(default="symmetric", init=False)
+    PARAMETERS: ClassVar[tuple[str, ...]] = ("alpha", "beta", "log_zero")
 
     def value(self, u: torch.Tensor, smoothing: float, num_classes: int) -> torch.Tensor:
         return -self.alpha * u - self.beta * self.log_zero * _one_minus_exp(u)
@@ -119,7 +129,15 @@ class SymmetricTerm(TargetTerm):
         return -self.alpha + self.beta * self.log_zero * torch.exp(u)
 
 
-CROSS_ENTROPY = TargetTerm()
+# every term by its name, for rebuilding one from a custom operator's arguments
+TERMS: dict[str, type[TargetTerm]] = {
+    term.name: type(term) for term in (TargetTerm(), FocalTerm(), Poly1Term(), GeneralizedTerm(), SymmetricTerm())
+}
+
+
+def make_term(name: str, parameters: list[float]) -> TargetTerm:
+    """The term of that name with those parameters (see :meth:`TargetTerm.parameters`)."""
+    return TERMS[name](*parameters)
 
 
 @dataclass(frozen=True)
@@ -135,12 +153,18 @@ class RowLoss:
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     softcap: float | None = None
-    term: TargetTerm = CROSS_ENTROPY
+    # None stands for cross-entropy's term, made in __post_init__: torch.compile can neither wrap a shared default
+    # object nor call a dataclass's default factory
+    term: TargetTerm = None  # type: ignore[assignment]
     alpha: torch.Tensor | None = None
     token_weight: torch.Tensor | None = None
     class_offset: torch.Tensor | None = None
     target_margin: torch.Tensor | None = None
     logit_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.term is None:
+            object.__setattr__(self, "term", TargetTerm())
 
 
 def mean_denominator(target: torch.Tensor, options: RowLoss, dtype: torch.dtype) -> torch.Tensor:

@@ -15,7 +15,7 @@ Data flow of :class:`ChunkedRowLoss` (logits ``(M, C)``, gradient buffer ``G`` o
 so the forward reads the logits once and writes the gradient once; extra memory is O(M) plus one block. With
 ``inplace_backward=True``, ``G`` *is* the logits' storage.
 
-:class:`~xent.kernels.linear.ChunkedLinearLoss` does it one level up: blocks of tokens → logits block ``X_b Wᵀ`` → the
+:func:`~xent.kernels.linear.fused_pass` does it one level up: blocks of tokens → logits block ``X_b Wᵀ`` → the
 block loop above on it, in place → ``dX_b = G_b W``, ``dW += G_bᵀ X_b``, ``db += Σ G_b``. The ``N × V``
 logits never exist; peak extra memory is one logits block.
 """
@@ -320,20 +320,22 @@ def reference_gradients(
 @dataclasses.dataclass(frozen=True)
 class ChunkedCall:
     """What a :class:`ChunkedRowLoss` call runs, beside the tensors autograd differentiates: the description,
-    the reduction, whether the gradient goes into the logits' storage, whether the stored gradient is kept for a
-    second backward, and the row kernel."""
+    the reduction, the row kernel, and whether the gradient goes into the logits' storage."""
 
     options: RowLoss
     reduction: str
     kernel: RowKernel
     inplace_backward: bool = False
-    allow_retain_graph: bool = False
 
 
 class ChunkedRowLoss(torch.autograd.Function):
     """Cross-entropy on canonical logits with the gradient formed in the forward pass (see the module docstring)
     by a row kernel: :func:`loss_and_grad_` on any device, or the Triton kernel on GPUs. ``weight`` is
-    ``call.options.weight``, passed apart so that autograd sees it."""
+    ``call.options.weight``, passed apart so that autograd sees it.
+
+    This Function runs ``inplace_backward=True`` only — the gradient written over the logits' own storage, which a
+    custom operator may not do to its input; every other fused call runs the operator ``xent::row_loss``
+    (:mod:`xent.kernels.ops`), which ``torch.compile`` sees."""
 
     @staticmethod
     def forward(
@@ -380,8 +382,6 @@ class ChunkedRowLoss(torch.autograd.Function):
                 "use impl='reference' to backpropagate through the graph twice"
             )
         scale = grad_output.unsqueeze(1) if call.reduction == "none" else grad_output
-        if call.allow_retain_graph:  # keep the stored gradient intact: one more logits-sized buffer
-            return grad * scale.to(grad.dtype), grad_target, grad_weight, None
         ctx.grad = None
         scale_(grad, scale)
         return grad, grad_target, grad_weight, None
@@ -410,16 +410,11 @@ def chunked_row_loss(
     reduction: str,
     *,
     inplace_backward: bool = False,
-    allow_retain_graph: bool = False,
     kernel: RowKernel | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of canonical logits ``(M, C)`` by :class:`ChunkedRowLoss`, already reduced; ``kernel``
-    defaults to :func:`loss_and_grad_`.
-
-    By default backward scales the stored gradient in place and returns it — no second logits-sized buffer — so
-    the graph can be backpropagated once. ``allow_retain_graph=True`` keeps it intact for repeated backward
-    passes (``retain_graph=True``, ``gradcheck``) at the cost of that buffer.
-    """
+    defaults to :func:`loss_and_grad_`. Backward scales the stored gradient in place and returns it — no second
+    logits-sized buffer — so the graph can be backpropagated once."""
     if (
         inplace_backward
         and torch.is_grad_enabled()
@@ -437,6 +432,6 @@ def chunked_row_loss(
             logits,
             target,
             options.weight,
-            ChunkedCall(options, reduction, kernel or loss_and_grad_, inplace_backward, allow_retain_graph),
+            ChunkedCall(options, reduction, kernel or loss_and_grad_, inplace_backward),
         ),
     )

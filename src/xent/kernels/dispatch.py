@@ -16,8 +16,7 @@ import torch
 
 from xent.core.reference import reference_linear_loss, reference_loss
 from xent.core.rowloss import RowLoss
-from xent.kernels import chunked
-from xent.kernels import linear as chunked_linear
+from xent.kernels import chunked, ops
 from xent.kernels.triton import triton_installed
 
 Impl = Literal["reference", "chunked", "triton"]
@@ -126,9 +125,9 @@ def _logits_fused(impl: Impl) -> Callable[..., torch.Tensor]:
         logits: torch.Tensor, target: torch.Tensor, options: RowLoss, reduction: str, *, inplace_backward: bool
     ) -> torch.Tensor:
         kernel = _triton_kernel(logits.device) if impl == "triton" else None
-        return chunked.chunked_row_loss(
-            logits, target, options, reduction, inplace_backward=inplace_backward, kernel=kernel
-        )
+        if inplace_backward:  # the gradient in the logits' storage: an eager-only autograd Function (see choose)
+            return chunked.chunked_row_loss(logits, target, options, reduction, inplace_backward=True, kernel=kernel)
+        return ops.fused_row_loss(logits, target, options, reduction, impl)
 
     return run
 
@@ -157,10 +156,11 @@ def _linear_fused(impl: Impl) -> Callable[..., torch.Tensor]:
         chunk_size: int | None,
         weight_grad_dtype: torch.dtype | None,
     ) -> torch.Tensor:
-        kernel = _triton_kernel(input.device) if impl == "triton" else None
-        return chunked_linear.chunked_linear_loss(
-            input, linear_weight, linear_bias, target, options, reduction, chunk_size,
-            kernel=kernel, weight_grad_dtype=weight_grad_dtype,
+        if impl == "triton":
+            _triton_kernel(input.device)  # refused here when it cannot run
+        return ops.fused_linear_row_loss(
+            input, linear_weight, linear_bias, target, options, reduction, impl,
+            chunk_size=chunk_size, weight_grad_dtype=weight_grad_dtype,
         )  # fmt: skip
 
     return run

@@ -1,7 +1,7 @@
 """Fused linear distillation: the student's and the teacher's heads chunk by chunk, neither ``N × V`` logits formed.
 
-For each chunk of tokens, inside :class:`xent.kernels.linear.ChunkedLinearLoss` (the student's logits ``X_c Wᵀ + b``
-are its buffer)::
+For each chunk of tokens, inside :func:`xent.kernels.linear.fused_pass` (which the custom operator
+``xent::linear_distillation`` runs; the student's logits ``X_c Wᵀ + b`` are its buffer)::
 
     teacher: L_t = X_t,c W_tᵀ + b_t             a second (c × V) buffer, no gradient (dense teacher only)
     for each cache-sized block of rows:        (shared out over threads on the CPU, as in xent.kernels.chunked)

@@ -1,7 +1,7 @@
 """Fused linear cross-entropy in pure PyTorch: the ``N × V`` logits are never materialised.
 
-Data flow of :class:`ChunkedLinearLoss` for ``reduction="mean"``/``"sum"`` (the gradient of a scalar loss
-is known up to one factor in the forward pass)::
+Data flow of :func:`fused_pass`, which the custom operator ``xent::linear_row_loss`` runs (:mod:`xent.kernels.ops`),
+for ``reduction="mean"``/``"sum"`` (the gradient of a scalar loss is known up to one factor in the forward pass)::
 
     for each chunk of tokens X_c (c × D):
         L_c  = X_c Wᵀ + b                       GEMM 1, a (c × V) buffer reused by every chunk
@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Any, cast
+from typing import cast
 
 import torch
 
-from xent.core.reduce import accumulation_dtype, safe_divide
-from xent.core.reference import reference_linear_loss
-from xent.core.rowloss import RowLoss, mean_denominator
+from xent.core.reduce import accumulation_dtype
+from xent.core.rowloss import RowLoss
 from xent.kernels import chunked
 
 # Bytes of one float32 logits chunk (c × V) on the CPU, where the chunk is the only memory beyond the inputs and
@@ -145,107 +144,6 @@ def fused_pass(
     return losses
 
 
-@dataclasses.dataclass(frozen=True)
-class LinearCall:
-    """What a :class:`ChunkedLinearLoss` call runs, beside the tensors autograd differentiates.
-
-    Attributes:
-        chunk_loss: the loss of each chunk of logits (see :data:`ChunkLoss`).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        chunk_size: tokens per chunk.
-        weight_grad_dtype: the dtype ``d(linear_weight)`` is summed in.
-        denominator: what ``"mean"`` divides by (None otherwise).
-        allow_retain_graph: keep the stored gradients intact for a second backward.
-        reference: ``reference(input, W, b, target, weight)``, the loss the gradients of ``target`` and ``weight``
-            are recomputed from in backward (None when they need none).
-        kept: ``(N,)`` bool, the tokens that count (None: all); see :func:`fused_pass`.
-    """
-
-    chunk_loss: ChunkLoss
-    reduction: str
-    chunk_size: int
-    weight_grad_dtype: torch.dtype
-    denominator: torch.Tensor | None = None
-    allow_retain_graph: bool = False
-    reference: Callable[..., torch.Tensor] | None = None
-    kept: torch.Tensor | None = None
-
-
-class ChunkedLinearLoss(torch.autograd.Function):
-    """A loss of ``input @ linear_weight.T + linear_bias`` without the logits (see the module docstring), chunk by
-    chunk through a :data:`ChunkLoss`. ``target`` and ``weight`` are passed apart so that autograd sees them: the
-    gradients the chunk loss does not form (probability targets, class weights) come from ``reference(target,
-    weight)``, recomputed in backward."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        input: torch.Tensor,
-        linear_weight: torch.Tensor,
-        linear_bias: torch.Tensor | None,
-        target: torch.Tensor | None,
-        weight: torch.Tensor | None,
-        call: LinearCall,
-    ) -> torch.Tensor:
-        dtype = accumulation_dtype(input.dtype)
-        needs = ctx.needs_input_grad[:3]
-        ctx.call = call
-        reduction, chunk_loss, chunk_size, kept = call.reduction, call.chunk_loss, call.chunk_size, call.kept
-        weight_grad_dtype, denominator = call.weight_grad_dtype, call.denominator
-        if reduction == "none" or any(ctx.needs_input_grad[3:5]):
-            ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
-        ones = torch.ones(input.shape[0], dtype=dtype, device=input.device)
-        if reduction == "none":
-            # Gradients wait for the per-token grad_output: recompute in backward.
-            return fused_pass(input, linear_weight, linear_bias, chunk_loss, ones, chunk_size, (None,) * 3, kept)
-        scale = torch.ones((), dtype=dtype, device=input.device)
-        if reduction == "mean":
-            scale = safe_divide(scale, cast(torch.Tensor, denominator).to(dtype))  # a mean comes with its denominator
-        grads = new_grads(input, linear_weight, linear_bias, needs, weight_grad_dtype)
-        losses = fused_pass(
-            input, linear_weight, linear_bias, chunk_loss, scale.expand_as(ones), chunk_size, grads, kept
-        )
-        ctx.grads = cast_grads(grads, input, linear_weight, linear_bias)
-        return losses.sum() * scale
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        chunked.refuse_second_order()
-        call: LinearCall = ctx.call
-        unused = (None,)  # the call
-        grad_target = grad_weight = None
-        if any(ctx.needs_input_grad[3:5]):
-            input, linear_weight, linear_bias, target, weight = ctx.saved_tensors
-            grad_target, grad_weight = chunked.reference_gradients(
-                lambda target, weight: cast(Callable[..., torch.Tensor], call.reference)(
-                    input, linear_weight, linear_bias, target, weight
-                ),
-                (target, weight),
-                ctx.needs_input_grad[3:5],
-                grad_output,
-            )
-        if call.reduction == "none":
-            input, linear_weight, linear_bias, _, _ = ctx.saved_tensors
-            grads = new_grads(input, linear_weight, linear_bias, ctx.needs_input_grad[:3], call.weight_grad_dtype)
-            scale = grad_output.to(accumulation_dtype(input.dtype))
-            fused_pass(input, linear_weight, linear_bias, call.chunk_loss, scale, call.chunk_size, grads, call.kept)
-            return *cast_grads(grads, input, linear_weight, linear_bias), grad_target, grad_weight, *unused
-        grads = ctx.grads
-        if grads is None:
-            raise RuntimeError(
-                "the fused linear loss scales its stored gradients in place, so it can be backpropagated once; "
-                "use impl='reference' to backpropagate through the graph twice"
-            )
-        if call.allow_retain_graph:
-            grads = cast(_Grads, tuple(None if grad is None else grad * grad_output.to(grad.dtype) for grad in grads))
-        else:
-            ctx.grads = None
-            for grad in grads:
-                if grad is not None:
-                    chunked.scale_(grad, grad_output)
-        return *grads, grad_target, grad_weight, *unused
-
-
 def new_grads(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
@@ -276,90 +174,4 @@ def cast_grads(
         grad_input,
         None if grad_weight is None else grad_weight.to(linear_weight.dtype),
         None if grad_bias is None else grad_bias.to(cast(torch.Tensor, linear_bias).dtype),  # db implies a bias
-    )
-
-
-def chunked_linear_loss(
-    input: torch.Tensor,
-    linear_weight: torch.Tensor,
-    linear_bias: torch.Tensor | None,
-    target: torch.Tensor,
-    options: RowLoss,
-    reduction: str,
-    chunk_size: int | None = None,
-    *,
-    allow_retain_graph: bool = False,
-    kernel: chunked.RowKernel | None = None,
-    weight_grad_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Linear cross-entropy of canonical tensors (``input (N, D)``) by :class:`ChunkedLinearLoss`.
-
-    ``allow_retain_graph`` as in :func:`xent.kernels.chunked.chunked_row_loss`; ``kernel`` is the row kernel
-    run in place on each logits chunk (:func:`xent.kernels.chunked.loss_and_grad_` by default, Triton's on GPUs);
-    ``weight_grad_dtype``: the dtype ``dW`` is summed in over chunks (the weight's by default).
-    """
-    chunk_size = chunk_size or default_chunk_size(
-        input.shape[0], linear_weight.shape[0], input.device, input.element_size()
-    )
-    kernel = kernel or chunked.loss_and_grad_
-    denominator = mean_denominator(target, options, accumulation_dtype(input.dtype)) if reduction == "mean" else None
-
-    def reference(
-        input: torch.Tensor,
-        linear_weight: torch.Tensor,
-        linear_bias: torch.Tensor | None,
-        target: torch.Tensor,
-        weight: torch.Tensor | None,
-    ) -> torch.Tensor:
-        options_with_weight = dataclasses.replace(options, weight=weight)
-        return reference_linear_loss(input, linear_weight, linear_bias, target, options_with_weight, reduction)
-
-    return cast(
-        torch.Tensor,
-        ChunkedLinearLoss.apply(
-            input.contiguous(),
-            linear_weight,
-            linear_bias,
-            target,
-            options.weight,
-            LinearCall(
-                row_kernel_loss(target, options, kernel),
-                reduction,
-                chunk_size,
-                weight_grad_dtype or linear_weight.dtype,
-                denominator=denominator,
-                allow_retain_graph=allow_retain_graph,
-                reference=reference,
-                kept=None if target.is_floating_point() else target != options.ignore_index,
-            ),
-        ),
-    )
-
-
-def fused_linear_loss(
-    input: torch.Tensor,
-    linear_weight: torch.Tensor,
-    linear_bias: torch.Tensor | None,
-    chunk_loss: ChunkLoss,
-    reduction: str,
-    *,
-    chunk_size: int | None = None,
-    weight_grad_dtype: torch.dtype | None = None,
-    kept: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """A loss of the head ``input (N, D) @ linear_weight.T`` given by its chunk loss, summed (``"sum"``) or per
-    token (``"none"``), by :class:`ChunkedLinearLoss`; ``kept`` as in :func:`fused_pass`."""
-    chunk_size = chunk_size or default_chunk_size(
-        input.shape[0], linear_weight.shape[0], input.device, input.element_size()
-    )
-    return cast(
-        torch.Tensor,
-        ChunkedLinearLoss.apply(
-            input.contiguous(),
-            linear_weight,
-            linear_bias,
-            None,
-            None,
-            LinearCall(chunk_loss, reduction, chunk_size, weight_grad_dtype or linear_weight.dtype, kept=kept),
-        ),
     )

@@ -1,7 +1,8 @@
 """Per-token outputs of a linear head, chunk by chunk: the ``N × V`` logits are never formed.
 
-Data flow of :class:`ChunkedLinearLogProbs` (``L = x Wᵀ + b``, ``z = a · c·tanh(L / c)`` or ``z = a · L`` without a
-soft cap, ``a = logit_scale / T``; ``log p = z − lse``)::
+Data flow of :func:`linear_log_probs_forward` and :func:`linear_log_probs_gradients`, which the custom operators
+``xent::linear_log_probs`` and its backward run (``L = x Wᵀ + b``, ``z = a · c·tanh(L / c)`` or ``z = a · L`` without
+a soft cap, ``a = logit_scale / T``; ``log p = z − lse``)::
 
     forward, for each chunk of tokens X_c (c × D):
         L_c = X_c Wᵀ + b                         GEMM 1, a (c × V) buffer reused by every chunk
@@ -31,13 +32,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from xent.core.reduce import accumulation_dtype
 from xent.kernels import chunked
-from xent.kernels.linear import ChunkLoss, cast_grads, default_chunk_size, fused_pass, new_grads
+from xent.kernels.linear import ChunkLoss, cast_grads, fused_pass, new_grads
 from xent.kernels.threads import for_each_block
 
 SECOND_ORDER_MESSAGE = (
@@ -243,89 +244,55 @@ def _backward_chunk_loss(
     return chunk_loss
 
 
-class ChunkedLinearLogProbs(torch.autograd.Function):
-    """``(log p_y, H, log Σ p², mean z, top-1)`` of each token of the head ``input @ linear_weight.T + linear_bias``
-    under ``transform``, without the logits (see the module docstring); the statistics not named are None. The
-    forward keeps the log-sum-exps; the backward recomputes the logits chunk by chunk, since the gradient depends on
-    both differentiable outputs' grad_outputs (either may be None). The last three outputs have no gradient."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        input: torch.Tensor,
-        linear_weight: torch.Tensor,
-        linear_bias: torch.Tensor | None,
-        target: torch.Tensor,
-        transform: HeadTransform,
-        ignore_index: int,
-        chunk_size: int,
-        statistics: frozenset[str],
-    ) -> tuple[torch.Tensor | None, ...]:
-        ctx.set_materialize_grads(False)  # an unused output's grad_output arrives as None
-        dtype = accumulation_dtype(input.dtype)
-        num_tokens = input.shape[0]
-        outputs = {
-            name: torch.empty(num_tokens, dtype=torch.bool if name == "is_top1" else dtype, device=input.device)
-            for name in STATISTICS
-            if name in statistics
-        }
-        lse = torch.empty(num_tokens, dtype=dtype, device=input.device)
-        chunk_loss = _forward_chunk_loss(target, transform, ignore_index, statistics, outputs, lse)
-        ones = torch.ones(num_tokens, dtype=dtype, device=input.device)
-        log_probs = fused_pass(input, linear_weight, linear_bias, chunk_loss, ones, chunk_size, (None,) * 3)
-        ctx.transform, ctx.ignore_index, ctx.chunk_size = transform, ignore_index, chunk_size
-        entropy = outputs.get("entropy")
-        ctx.has_entropy = entropy is not None
-        ctx.save_for_backward(input, linear_weight, linear_bias, target, lse, entropy)
-        results = [outputs.get(name) for name in STATISTICS]
-        if entropy is not None:
-            results[0] = entropy.clone()  # a copy: the caller may change its outputs in place (N floats)
-        ctx.mark_non_differentiable(*(value for value in results[1:] if value is not None))
-        return log_probs, *results
-
-    @staticmethod
-    def backward(ctx: Any, grad_log_probs: torch.Tensor | None, grad_entropy: torch.Tensor | None, *_: Any) -> Any:
-        if torch.is_grad_enabled():
-            raise RuntimeError(SECOND_ORDER_MESSAGE)
-        unused = (None,) * 5
-        needs = ctx.needs_input_grad[:3]
-        if not ctx.has_entropy:
-            grad_entropy = None
-        if (grad_log_probs is None and grad_entropy is None) or not any(needs):
-            return None, None, None, *unused
-        input, linear_weight, linear_bias, target, lse, entropy = ctx.saved_tensors
-        dtype = lse.dtype
-        grad_log_probs = None if grad_log_probs is None else grad_log_probs.to(dtype)
-        grad_entropy = None if grad_entropy is None else grad_entropy.to(dtype)
-        chunk_loss = _backward_chunk_loss(
-            target, ctx.transform, ctx.ignore_index, lse, entropy, grad_log_probs, grad_entropy
-        )
-        grads = new_grads(input, linear_weight, linear_bias, needs, accumulation_dtype(linear_weight.dtype))
-        ones = torch.ones(input.shape[0], dtype=dtype, device=input.device)
-        fused_pass(input, linear_weight, linear_bias, chunk_loss, ones, ctx.chunk_size, grads)
-        return *cast_grads(grads, input, linear_weight, linear_bias), *unused
-
-
-def chunked_linear_log_probs(
+def linear_log_probs_forward(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
     linear_bias: torch.Tensor | None,
     target: torch.Tensor,
     transform: HeadTransform,
     ignore_index: int,
-    chunk_size: int | None = None,
-    statistics: frozenset[str] = frozenset({"entropy"}),
-) -> RowOutputs:
-    """The outputs of canonical tensors (``input (N, D)``, ``target (N,)``) by :class:`ChunkedLinearLogProbs`, each
-    ``(N,)`` in the accumulation dtype (``is_top1`` bool), those not in ``statistics`` None; ``chunk_size`` defaults
-    to :func:`xent.kernels.linear.default_chunk_size`."""
-    unknown = statistics - set(STATISTICS)
-    if unknown:
-        raise ValueError(f"unknown statistics {sorted(unknown)}; expected some of {STATISTICS}")
-    chunk_size = chunk_size or default_chunk_size(
-        input.shape[0], linear_weight.shape[0], input.device, input.element_size()
-    )
-    results = ChunkedLinearLogProbs.apply(
-        input.contiguous(), linear_weight, linear_bias, target, transform, ignore_index, chunk_size, statistics
-    )
-    return RowOutputs(*results)
+    chunk_size: int,
+    statistics: frozenset[str],
+) -> tuple[RowOutputs, torch.Tensor]:
+    """``(log p_y, H, log Σ p², mean z, top-1)`` of each token of the head ``input @ linear_weight.T + linear_bias``
+    under ``transform``, without the logits (see the module docstring), the statistics not named None; and the
+    log-sum-exps the backward reads."""
+    dtype = accumulation_dtype(input.dtype)
+    num_tokens = input.shape[0]
+    outputs = {
+        name: torch.empty(num_tokens, dtype=torch.bool if name == "is_top1" else dtype, device=input.device)
+        for name in STATISTICS
+        if name in statistics
+    }
+    lse = torch.empty(num_tokens, dtype=dtype, device=input.device)
+    chunk_loss = _forward_chunk_loss(target, transform, ignore_index, statistics, outputs, lse)
+    ones = torch.ones(num_tokens, dtype=dtype, device=input.device)
+    log_probs = fused_pass(input, linear_weight, linear_bias, chunk_loss, ones, chunk_size, (None,) * 3)
+    return RowOutputs(log_probs, *(outputs.get(name) for name in STATISTICS)), lse
+
+
+def linear_log_probs_gradients(
+    grad_log_probs: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    transform: HeadTransform,
+    ignore_index: int,
+    chunk_size: int,
+    needs: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of ``input``, ``linear_weight``, ``linear_bias`` flagged in ``needs``, of
+    ``Σ grad_log_probs · log p_y + grad_entropy · H`` (either may be None): the backward recomputes the logits
+    chunk by chunk, since the gradient depends on both grad_outputs."""
+    dtype = lse.dtype
+    grad_log_probs = None if grad_log_probs is None else grad_log_probs.to(dtype)
+    grad_entropy = None if grad_entropy is None else grad_entropy.to(dtype)
+    chunk_loss = _backward_chunk_loss(target, transform, ignore_index, lse, entropy, grad_log_probs, grad_entropy)
+    grads = new_grads(input, linear_weight, linear_bias, needs, accumulation_dtype(linear_weight.dtype))
+    ones = torch.ones(input.shape[0], dtype=dtype, device=input.device)
+    fused_pass(input, linear_weight, linear_bias, chunk_loss, ones, chunk_size, grads)
+    return cast_grads(grads, input, linear_weight, linear_bias)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, TypeGuard, overload
 import torch
 
 from xent._config import value_checks_enabled
+from xent.core.values import check_class_indices as check_class_indices  # where every loss finds its checks
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -167,19 +168,6 @@ def check_broadcasts_to(name: str, tensor: torch.Tensor | None, shape: torch.Siz
     if broadcast != shape:
         raise ValueError(f"{name} of shape {shape_str(tensor.shape)} does not broadcast to {what} {shape_str(shape)}")
     return tensor
-
-
-def check_class_indices(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Every index in [0, C) or equal to ``ignore_index``. Needs a host sync, so it obeys the value-check switch."""
-    if not value_checks_enabled(target) or target.numel() == 0:
-        return
-    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
-    if bool(bad.any()):
-        value = int(target[bad][0])
-        raise ValueError(
-            f"target holds class index {value}, outside [0, {num_classes}) for input with {num_classes} classes "
-            f"(and not ignore_index={ignore_index})"
-        )
 
 
 def check_probabilities(name: str, tensor: torch.Tensor) -> None:

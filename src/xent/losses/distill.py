@@ -24,10 +24,10 @@ from xent._config import value_checks_enabled
 from xent.core import divergence as math_
 from xent.core.autocast import autocast_off, cast_for_linear, float32_under_autocast, result_dtype
 from xent.core.reduce import accumulation_dtype, safe_divide
-from xent.kernels import dispatch
+from xent.kernels import dispatch, ops
 from xent.kernels import distill as kernel
 from xent.kernels.dispatch import Impl
-from xent.kernels.linear import default_chunk_size, fused_linear_loss
+from xent.kernels.linear import default_chunk_size
 from xent.losses import checks, teachers
 from xent.losses.linear import canonicalize_linear
 from xent.losses.softmax import class_dimension, cross_entropy
@@ -525,8 +525,8 @@ def _linear_distillation(
                 num_items_in_batch,
             )
         else:
-            kernels = _row_kernels(impl, flat_input.device)
-            if kernels[0] is kernel.dense_rows_ and isinstance(teacher, kernel.DenseTeacher):
+            fused = _fused_impl(impl, flat_input.device)
+            if fused == "chunked" and isinstance(teacher, kernel.DenseTeacher):
                 heads = ((linear_bias, spec.softcap), (teacher.bias, spec.teacher_softcap))
                 spec = dataclasses.replace(spec, finite_logits=all(_finite(*head) for head in heads))
             if reduction in ("batchmean", "mean"):
@@ -542,40 +542,32 @@ def _linear_distillation(
             if flat_target is not None and hard_weight:
                 safe_target = torch.where(kept, flat_target, torch.zeros_like(flat_target))
                 hard = kernel.HardLabels(safe_target, kept.to(dtype) * hard_weight)
-            if with_entropy:
-                entropy = torch.zeros(flat_input.shape[0], dtype=dtype, device=input.device)
             buffers = 2 if isinstance(teacher, kernel.DenseTeacher) else 1
             chunk_size = chunk_size or max(
                 1, default_chunk_size(flat_input.shape[0], vocab, flat_input.device, 4) // buffers
             )
-            chunk_loss = kernel.distillation_chunk_loss(teacher, spec, factor, kept, hard, entropy, kernels)
-            loss = fused_linear_loss(
-                flat_input,
-                linear_weight,
-                linear_bias,
-                chunk_loss,
-                "none" if reduction == "none" else "sum",
-                chunk_size=chunk_size,
-                kept=kept,
-            )
+            loss, entropy = ops.fused_linear_distillation(
+                flat_input, linear_weight, linear_bias, teacher, spec, factor, kept, hard,
+                "none" if reduction == "none" else "sum", fused, chunk_size, with_entropy,
+            )  # fmt: skip
     loss = (loss.view(batch_shape) if reduction == "none" else loss).to(out_dtype)
     return loss, None if entropy is None else entropy.view(batch_shape)
 
 
-def _row_kernels(impl: Impl | None, device: torch.device) -> tuple[kernel.RowsKernel, kernel.RowsKernel]:
-    """The ``(dense, top_k)`` row kernels of a fused implementation (``None``: the device's)."""
-    if (impl or dispatch.fused_impl(device)) == "triton":
-        dispatch.row_kernel("triton", device)  # refuses, saying why, where Triton cannot run
-        from xent.kernels.triton import divergence as triton_divergence
-
-        return triton_divergence.dense_rows_, triton_divergence.top_k_rows_
-    return kernel.dense_rows_, kernel.top_k_rows_
+def _fused_impl(impl: Impl | None, device: torch.device) -> Impl:
+    """The fused implementation that runs (``None``: the device's), refused, saying why, where Triton cannot run."""
+    fused = impl or dispatch.fused_impl(device)
+    if fused == "triton":
+        dispatch.row_kernel("triton", device)
+    return fused
 
 
 def _finite(bias: torch.Tensor | None, cap: float | None) -> bool:
     """Whether a head's logits are finite (for finite hidden states and weight): no bias entry is ``-inf`` (a masked
-    class), or a cap bounds them."""
-    return bias is None or cap is not None or bool(torch.isfinite(bias).all())
+    class), or a cap bounds them. A compiled call cannot read the bias and takes the general way."""
+    if bias is None or cap is not None:
+        return True
+    return not torch.compiler.is_compiling() and bool(torch.isfinite(bias).all())
 
 
 def _transform(x: torch.Tensor, scale: float, cap: float | None) -> torch.Tensor:

@@ -27,7 +27,7 @@ def _log_one_minus_p_t(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, 
     return log_p, log_not_p, torch.logaddexp(torch.log(t) + log_not_p, torch.log1p(-t) + log_p)
 
 
-class _SigmoidModulation(torch.autograd.Function):
+class _SigmoidModulationFunction(torch.autograd.Function):
     r"""The sigmoid focal loss's :math:`(1 - p_t)^\gamma = e^{\gamma L}`, with its gradients written out.
 
     Autograd through :math:`L`'s ``log(t)`` gives ∞ · 0 = NaN for a target of exactly 0 or 1 that requires grad;
@@ -49,7 +49,6 @@ class _SigmoidModulation(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         x, t, gamma = inputs
         ctx.save_for_backward(x, t)
-        ctx.save_for_forward(x, t)
         ctx.gamma = gamma
 
     @staticmethod
@@ -64,10 +63,20 @@ class _SigmoidModulation(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, t = ctx.saved_tensors
-        by_x, by_t = _SigmoidModulation._partials(x, t, ctx.gamma)
+        by_x, by_t = _SigmoidModulationFunction._partials(x, t, ctx.gamma)
         grad_x = grad * by_x if ctx.needs_input_grad[0] else None
         grad_t = grad * by_t if ctx.needs_input_grad[1] else None
         return grad_x, grad_t, None
+
+
+class _SigmoidModulation(_SigmoidModulationFunction):
+    """:class:`_SigmoidModulationFunction` with forward-mode AD too (``torch.func.jvp``, ``jacfwd``). Dynamo cannot
+    trace a Function that defines ``jvp``, so a compiled call takes the parent class."""
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        _SigmoidModulationFunction.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:2])
 
     @staticmethod
     def jvp(ctx: Any, x_tangent: torch.Tensor | None, t_tangent: torch.Tensor | None, _: None) -> torch.Tensor:
@@ -236,7 +245,10 @@ def sigmoid_focal_loss(
     x, t = input.to(dtype), target.to(dtype)
     loss = binary_cross_entropy_with_logits(x, t, reduction="none")
     if gamma:
-        loss = loss * _SigmoidModulation.apply(x, t, gamma)
+        if torch.compiler.is_compiling():  # Dynamo cannot trace a Function with a jvp
+            loss = loss * _SigmoidModulationFunction.apply(x, t, gamma)  # type: ignore[no-untyped-call]
+        else:
+            loss = loss * _SigmoidModulation.apply(x, t, gamma)
     if alpha is not None:
         loss = loss * (alpha * t + (1.0 - alpha) * (1.0 - t))
     return reduce_loss(loss, reduction).to(input.dtype)

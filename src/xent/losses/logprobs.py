@@ -11,7 +11,8 @@ from typing import NamedTuple
 import torch
 
 from xent.core.autocast import autocast_off, cast_for_linear
-from xent.kernels.logprobs import STATISTICS, HeadTransform, chunked_linear_log_probs
+from xent.kernels.logprobs import STATISTICS, HeadTransform
+from xent.kernels.ops import fused_linear_log_probs
 from xent.losses import checks
 from xent.losses.linear import canonicalize_linear
 from xent.losses.teachers import check_logit_scale, check_softcap
@@ -206,7 +207,7 @@ def _token_outputs(
         )
     checks.check_class_indices(flat_target, linear_weight.shape[0], ignore_index)
     with autocast_off(input):
-        rows = chunked_linear_log_probs(
+        rows = fused_linear_log_probs(
             flat_input, linear_weight, linear_bias, flat_target, transform, ignore_index, chunk_size, statistics
         )
     shaped = (None if value is None else value.view(batch_shape) for value in rows[1:])

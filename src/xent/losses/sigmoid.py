@@ -100,6 +100,11 @@ def binary_cross_entropy_with_logits(
     return reduce_loss(loss, reduction).to(input.dtype)
 
 
+# PyTorch's ε of the binary cross-entropy's gradient: 1e-12 rounded to float32 (a module constant, which a compiled
+# backward can read, unlike a class attribute of the Function)
+_BCE_EPSILON = 9.999999960041972e-13
+
+
 class _ClampedBinaryCrossEntropy(torch.autograd.Function):
     """-[t log p + (1 - t) log(1 - p)] with each log clamped at -100, and PyTorch's gradient.
 
@@ -107,8 +112,6 @@ class _ClampedBinaryCrossEntropy(torch.autograd.Function):
     ∂ℓ/∂p = (p - t) / max(p (1 - p), ε), finite everywhere. We reproduce that, with PyTorch's ε: 1e-12 rounded to
     float32.
     """
-
-    EPSILON = 9.999999960041972e-13
 
     @staticmethod
     def forward(ctx: Any, probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -127,7 +130,7 @@ class _ClampedBinaryCrossEntropy(torch.autograd.Function):
         probs, target = ctx.saved_tensors
         grad_probs = grad_target = None
         if ctx.needs_input_grad[0]:
-            grad_probs = grad * (probs - target) / (probs * (1.0 - probs)).clamp_min(_ClampedBinaryCrossEntropy.EPSILON)
+            grad_probs = grad * (probs - target) / (probs * (1.0 - probs)).clamp_min(_BCE_EPSILON)
         if ctx.needs_input_grad[1]:
             log_p, log_not_p = _ClampedBinaryCrossEntropy.clamped_logs(probs)
             grad_target = grad * (log_not_p - log_p)
