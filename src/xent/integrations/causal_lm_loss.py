@@ -177,9 +177,6 @@ class FusedLoss:
         entry.check_values(own)
         return cls(entry.function, dict(options))
 
-    # Under torch.compile the model is compiled and its loss runs eagerly: the fused kernels are chunk loops and
-    # value checks that a graph would unroll or break on, at no gain.
-    @torch.compiler.disable  # type: ignore[untyped-decorator]  # torch.compiler.disable is unannotated
     def __call__(
         self, hidden: torch.Tensor, head: LinearHead, target: torch.Tensor, ignore_index: int, reduction: str, cap: Any
     ) -> torch.Tensor:
