@@ -191,9 +191,10 @@ def _cce_linear(filter_eps: str | None) -> Callable[[Problem], Prepared]:
 # --- a language model's training step -------------------------------------------------------------------------------
 
 
-def _lm_step(patch: dict[str, Any] | None) -> Callable[[Problem], Prepared]:
+def _lm_step(patch: dict[str, Any] | None, *, compiled: bool = False) -> Callable[[Problem], Prepared]:
     """Forward and backward of the whole model on ``n`` tokens: unpatched (``patch=None``, its own loss on its logits),
-    or through ``xent.hf.patch(model, **patch)`` with the problem's loss."""
+    or through ``xent.hf.patch(model, **patch)`` with the problem's loss; ``compiled``: the model under
+    ``torch.compile(fullgraph=True)`` (the first step compiles, untimed)."""
 
     def prepare(problem: Problem) -> Prepared:
         from transformers import LlamaForCausalLM
@@ -209,9 +210,10 @@ def _lm_step(patch: dict[str, Any] | None) -> Callable[[Problem], Prepared]:
             xent.hf.patch(model, loss=problem.loss, **patch, **loss_options(problem))
         generator = torch.Generator().manual_seed(0)
         tokens = torch.randint(problem.v, (LM_BATCH, problem.n // LM_BATCH), generator=generator).to(problem.device)
+        forward = torch.compile(model, fullgraph=True) if compiled else model
 
         def step() -> None:
-            model(input_ids=tokens, labels=tokens).loss.backward()
+            forward(input_ids=tokens, labels=tokens).loss.backward()
 
         return Prepared(step, lambda: model.zero_grad(set_to_none=True))
 
@@ -399,6 +401,7 @@ def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
 IMPLEMENTATIONS: dict[str, list[Implementation]] = {
     "ce": [
         Implementation("xent", "ce", _ce_family(None)),
+        Implementation("xent-compile", "ce", _ce_family(None, compiled=True), compiles=True),
         Implementation("xent-inplace", "ce", _ce_inplace, needs=_inplace_option),
         Implementation("xent-chunked", "ce", _ce_family("chunked"), needs=_needs_cuda),
         Implementation("xent-reference", "ce", _ce_family("reference"), needs=_family_only),
@@ -414,6 +417,7 @@ IMPLEMENTATIONS: dict[str, list[Implementation]] = {
     ],
     "linear-ce": [
         Implementation("xent", "linear-ce", _linear_family(None)),
+        Implementation("xent-compile", "linear-ce", _linear_family(None, compiled=True), compiles=True),
         Implementation("xent-chunked", "linear-ce", _linear_family("chunked"), needs=_needs_cuda),
         Implementation("xent-reference", "linear-ce", _linear_family("reference"), needs=_family_only),
         Implementation(
@@ -444,6 +448,7 @@ IMPLEMENTATIONS: dict[str, list[Implementation]] = {
     ],
     "linear-distill": [
         Implementation("xent", "linear-distill", _distill(None)),
+        Implementation("xent-compile", "linear-distill", _distill(None, compiled=True), compiles=True),
         Implementation("xent-chunked", "linear-distill", _distill("chunked"), needs=_needs_cuda),
         Implementation("xent-reference", "linear-distill", _distill("reference")),
         Implementation("reference-compile", "linear-distill", _distill("reference", compiled=True), compiles=True),
@@ -454,6 +459,13 @@ IMPLEMENTATIONS: dict[str, list[Implementation]] = {
     "lm-step": [
         Implementation("xent", "lm-step", _lm_step({}), needs=_needs_package("transformers", cuda=False)),
         Implementation(
+            "xent-compile",
+            "lm-step",
+            _lm_step({}, compiled=True),
+            compiles=True,
+            needs=_needs_package("transformers", cuda=False),
+        ),
+        Implementation(
             "xent-reference",
             "lm-step",
             _lm_step({"impl": "reference"}),
@@ -463,6 +475,13 @@ IMPLEMENTATIONS: dict[str, list[Implementation]] = {
             "torch-eager",
             "lm-step",
             _lm_step(None),
+            needs=_cross_entropy_only(_needs_package("transformers", cuda=False)),
+        ),
+        Implementation(
+            "torch-compile",
+            "lm-step",
+            _lm_step(None, compiled=True),
+            compiles=True,
             needs=_cross_entropy_only(_needs_package("transformers", cuda=False)),
         ),
     ],
