@@ -180,3 +180,20 @@ def test_the_distillation_spec_is_the_operators_nine_numbers():
     fields = ("divergence", "beta", "temperature", "logit_scale", "softcap", "teacher_logit_scale", "teacher_softcap",
               "tail", "finite_logits")  # fmt: skip
     assert distill.DistillSpec(*(getattr(spec, name) for name in fields)) == spec
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_compiled_fused_loss_scales_its_stored_gradients_by_any_grad_output(reduction):
+    """Compiled, the stored gradients are scaled in place by the operator xent::scale_ (what lets Inductor skip the
+    pass for a factor of 1): a factor other than 1, per row or per token too, gives eager's gradients."""
+    logits = torch.randn(256, 256, dtype=torch.float64, requires_grad=True)
+    hidden, weight = _leaf(256, 8), _leaf(300, 8)
+    target = _classes(256, 256)
+    factor = torch.rand(256 if reduction == "none" else (), dtype=torch.float64) + 0.5
+    for function, inputs in ((xent.cross_entropy, (logits,)), (xent.linear_cross_entropy, (hidden, weight))):
+        backend = "inductor" if reduction == "mean" else "aot_eager"  # Inductor runs the in-place product itself
+        compiled = torch.compile(function, fullgraph=True, backend=backend)
+        expected = torch.autograd.grad((function(*inputs, target, reduction=reduction) * factor).sum(), inputs)
+        actual = torch.autograd.grad((compiled(*inputs, target, reduction=reduction) * factor).sum(), inputs)
+        for got, want in zip(actual, expected, strict=True):
+            torch.testing.assert_close(got, want)

@@ -1,21 +1,25 @@
 """The fused kernels as ``torch.library`` custom operators: what ``torch.compile`` and ``torch.library.opcheck`` see.
 
-Two operators run every fused row loss (cross-entropy and its family, on logits and on a linear head); a third is
-the linear head's backward for ``reduction="none"``:
+The operators, each with its fake implementation and registered autograd:
 
-============================  ==================================================================================
-``xent::row_loss``            logits ``(M, C)`` → (loss, its gradient ``(M, C)``), formed in the forward pass
-``xent::linear_row_loss``     ``input (N, D)``, head ``(V, D)`` → (loss, ``d input``, ``d weight``, ``d bias``)
-``xent::linear_row_loss_backward``  the same gradients for ``reduction="none"``, scaled per token in backward
-============================  ==================================================================================
+- ``xent::row_loss``: logits ``(M, C)`` → the loss and its gradient ``(M, C)``, formed in the forward pass (every
+  fused row loss: cross-entropy and its family);
+- ``xent::linear_row_loss``: ``input (N, D)`` and a head ``(V, D)`` → the loss and the gradients of the input, the
+  weight and the bias; ``xent::linear_row_loss_backward`` forms them for ``reduction="none"``;
+- ``xent::linear_log_probs`` (and its backward): each token's log-probability and statistics of a head;
+- ``xent::linear_distillation`` (and its backward): the distillation loss of a student head against a teacher's head
+  or top-k;
+- ``xent::scale_``: a stored gradient scaled in place by ``grad_output``.
 
 An operator's arguments are tensors and numbers only — the :class:`~xent.core.rowloss.RowLoss` description is
 flattened into them (:func:`row_arguments`) and rebuilt inside — so a compiled graph holds the call as one opaque
 node: Dynamo traces the fake implementation (shapes and dtypes, no data), and the kernel runs at run time as it
 does eagerly, threads, host reads and Triton launches included. The gradient the forward formed is an output the
-registered backward multiplies by ``grad_output``: in place when the tensor is a real one (eager: no second
-buffer), out of place while AOTAutograd traces it (it must not mutate a graph value). Eager calls go through the
-same operators, so the whole test grid runs them.
+registered backward multiplies by ``grad_output``, out of place while traced (a caller may keep that output). xent
+itself calls the operators through small autograd Functions that keep the gradients inside their node, so their
+backward scales them in place, eagerly and compiled (the operator ``xent::scale_``, which Inductor runs on the
+stored buffer and which skips the pass for ``loss.backward()``'s factor 1): a compiled ``xent.cross_entropy`` takes
+eager's time. Eager calls go through the same operators, so the whole test grid runs them.
 
 What the operators do not do, the callers keep out: gradients of probability targets and class weights come from
 the reference, recomputed in an eager backward (:func:`xent.kernels.chunked.reference_gradients`); a compiled call
@@ -105,16 +109,34 @@ def _reduced_shape(rows: int, reduction: str) -> tuple[int, ...]:
     return (rows,) if reduction == "none" else ()
 
 
+@torch.library.custom_op("xent::scale_", mutates_args=("grad",))
+def scale_(grad: Tensor, factor: Tensor) -> None:
+    """``grad *= factor`` in place, skipped when ``factor`` is a scalar exactly 1 that can be read without a device
+    sync (:func:`xent.kernels.chunked.scale_`)."""
+    chunked.scale_(grad, factor)
+
+
+@scale_.register_fake
+def _(grad: Tensor, factor: Tensor) -> None:
+    return None
+
+
 def _scaled(ctx: Any, grad: Tensor, factor: Tensor) -> Tensor:
     """``grad · factor`` for a backward: in place on a real tensor (eager), unless it is kept for another backward
-    (``ctx.retain``), after which the node refuses a second backward. While AOTAutograd traces it, out of place: a
-    traced backward must not change a value the forward returned, and Inductor writes the product into the stored
-    gradient's buffer anyway (its last use) — a compiled ``xent.cross_entropy`` step takes eager's time
-    (``xent bench ce --impl xent,xent-compile``)."""
-    if ctx.retain or type(grad) is not torch.Tensor:
+    (``ctx.retain``), after which the node refuses a second backward. While traced, in place only when the gradient
+    never left its node (``ctx.owned``); otherwise out of place, since a traced backward must not change a value
+    the forward returned."""
+    if ctx.retain:
         return grad * factor.to(grad.dtype)
-    chunked.scale_(grad, factor)
-    ctx.scaled = True
+    # traced by Dynamo (which shows a plain tensor type) or by AOTAutograd (a functional tensor)
+    traced = torch.compiler.is_compiling() or type(grad) is not torch.Tensor
+    if not traced:
+        chunked.scale_(grad, factor)
+        ctx.scaled = True
+    elif getattr(ctx, "owned", False):
+        scale_(grad, factor)
+    else:
+        return grad * factor.to(grad.dtype)
     return grad
 
 
@@ -221,12 +243,30 @@ def _row_loss_backward(ctx: Any, grad_output: Tensor | None, _: Tensor | None) -
 row_loss.register_autograd(_row_loss_backward, setup_context=_row_loss_setup)
 
 
+class _RowLossOwningItsGradient(torch.autograd.Function):
+    """:func:`row_loss` as xent calls it: the same operator, setup and backward, but the gradient output never
+    leaves this node, so its backward may scale it in place even while traced (the operator :func:`scale_`),
+    which Inductor runs on the stored buffer and which skips the pass for ``loss.backward()``'s factor 1 — as eager
+    does. The operator's own registered backward cannot: a caller of the operator may keep its gradient output."""
+
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> Tensor:
+        loss, grad = row_loss(*inputs)
+        _row_loss_setup(ctx, inputs, (loss, grad))
+        ctx.owned = True
+        return cast(Tensor, loss)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor | None) -> tuple[Tensor | None, ...]:
+        return _row_loss_backward(ctx, grad_output, None)
+
+
 def fused_row_loss(
     logits: Tensor, target: Tensor, options: RowLoss, reduction: str, impl: str, *, retain: bool = False
 ) -> Tensor:
     """The reduced loss of canonical logits by :func:`row_loss`; ``impl`` is ``"chunked"`` or ``"triton"``."""
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, _ = row_loss(
+    loss = _RowLossOwningItsGradient.apply(  # type: ignore[no-untyped-call]  # forward takes the operator's *inputs
         logits.contiguous(), target, *row_arguments(options), reduction, impl, needs_grad, retain, _check(target)
     )  # fmt: skip
     return cast(Tensor, loss)
@@ -409,6 +449,22 @@ def _linear_backward(ctx: Any, grad_output: Tensor | None, *_: Tensor | None) ->
 linear_row_loss.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
+class _LinearRowLossOwningItsGradients(torch.autograd.Function):
+    """:func:`linear_row_loss` as xent calls it, its gradient outputs never leaving the node: see
+    :class:`_RowLossOwningItsGradient`."""
+
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> Tensor:
+        output = linear_row_loss(*inputs)
+        _linear_setup(ctx, inputs, output)
+        ctx.owned = True
+        return cast(Tensor, output[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor | None) -> tuple[Tensor | None, ...]:
+        return _linear_backward(ctx, grad_output)
+
+
 def fused_linear_row_loss(
     input: Tensor,
     linear_weight: Tensor,
@@ -430,7 +486,7 @@ def fused_linear_row_loss(
     chunk_size = chunk_size or chunked_linear.default_chunk_size(
         input.shape[0], linear_weight.shape[0], input.device, input.element_size()
     )
-    loss, *_ = linear_row_loss(
+    loss = _LinearRowLossOwningItsGradients.apply(  # type: ignore[no-untyped-call]  # forward takes *inputs
         input.contiguous(), linear_weight, linear_bias, target, *row_arguments(options), reduction, impl,
         chunk_size, weight_grad_dtype or linear_weight.dtype, needs, retain, _check(target),
     )  # fmt: skip
