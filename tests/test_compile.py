@@ -246,3 +246,19 @@ def test_compiles_whole_and_equals_eager(case):
     actual = _run(compiled, args, kwargs, case.outputs)
     for got, want in zip(actual[0] + actual[1], expected[0] + expected[1], strict=True):
         assert_close(got, want, torch.float64)
+
+
+def test_a_compiled_linear_head_with_a_target_that_requires_grad_takes_the_reference():
+    """Probability targets that require grad: the fused backward would recompute the reference for their gradient,
+    which a traced backward cannot; compiled, the automatic choice is the reference, with eager's gradients."""
+    head = _head(n=16, v=32)
+    target = torch.softmax(torch.randn(16, 32, dtype=torch.float64), 1).requires_grad_()
+
+    def loss(input, linear_weight, target):
+        return xent.linear_cross_entropy(input, linear_weight, target)
+
+    args = (head["input"], head["linear_weight"], target)
+    expected = _run(loss, args, {}, lambda result: [result])
+    actual = _run(torch.compile(loss, fullgraph=True, backend="aot_eager"), args, {}, lambda result: [result])
+    for got, want in zip(actual[0] + actual[1], expected[0] + expected[1], strict=True):
+        assert_close(got, want, torch.float64)

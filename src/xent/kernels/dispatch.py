@@ -90,8 +90,9 @@ def choose(
     automatic choice — fused for a linear head, fused for logits from :data:`CHUNKED_MIN_ELEMENTS` (in evaluation too:
     the reference's materialised log-softmax is slower, 2.5–3× PyTorch's time on a busy 2-core machine,
     ``benchmarks/contention.py``), the reference below and whenever a tensor the fused kernels do not differentiate
-    requires grad (a target or class weight too, for logits: the fused kernels would recompute the reference for
-    them in backward). ``input``: the logits, or the linear head's input."""
+    requires grad (a target or class weight too, for logits — the fused kernels would recompute the reference for
+    them in backward — and for a linear head under ``torch.compile``, whose traced backward cannot).
+    ``input``: the logits, or the linear head's input."""
     impl = check_impl(impl)
     if impl == "reference" and inplace_backward:
         raise ValueError(
@@ -108,9 +109,12 @@ def choose(
     if undifferentiated:
         return "reference"
     fused = fused_impl(input.device)
+    extra_grads = torch.is_grad_enabled() and any(
+        tensor is not None and tensor.requires_grad for tensor in (target, options.weight)
+    )
     if operation == "linear" or inplace_backward:
-        return fused
-    extra_grads = any(tensor is not None and tensor.requires_grad for tensor in (target, options.weight))
+        # compiled, the fused backward cannot recompute the reference for a target's or a class weight's gradient
+        return "reference" if extra_grads and torch.compiler.is_compiling() else fused
     return fused if not extra_grads and input.numel() >= CHUNKED_MIN_ELEMENTS else "reference"
 
 

@@ -11,8 +11,8 @@ The operators, each with its fake implementation and registered autograd:
   or top-k;
 - ``xent::scale_``: a stored gradient scaled in place by ``grad_output``.
 
-An operator's arguments are tensors and numbers only — the :class:`~xent.core.rowloss.RowLoss` description is
-flattened into them (:func:`row_arguments`) and rebuilt inside — so a compiled graph holds the call as one opaque
+An operator's arguments are tensors and numbers only — the ``RowLoss`` description is
+flattened into them (``row_arguments``) and rebuilt inside — so a compiled graph holds the call as one opaque
 node: Dynamo traces the fake implementation (shapes and dtypes, no data), and the kernel runs at run time as it
 does eagerly, threads, host reads and Triton launches included. The gradient the forward formed is an output the
 registered backward multiplies by ``grad_output``, out of place while traced (a caller may keep that output). xent
@@ -22,8 +22,8 @@ stored buffer and which skips the pass for ``loss.backward()``'s factor 1): a co
 eager's time. Eager calls go through the same operators, so the whole test grid runs them.
 
 What the operators do not do, the callers keep out: gradients of probability targets and class weights come from
-the reference, recomputed in an eager backward (:func:`xent.kernels.chunked.reference_gradients`); a compiled call
-that needs them is given the reference implementation instead (:func:`xent.kernels.dispatch.choose`).
+the reference, recomputed in an eager backward (``xent.kernels.chunked.reference_gradients``); a compiled call
+that needs them is given the reference implementation instead (``xent.kernels.dispatch.choose``).
 """
 
 from __future__ import annotations
