@@ -262,3 +262,39 @@ def test_a_compiled_linear_head_with_a_target_that_requires_grad_takes_the_refer
     actual = _run(torch.compile(loss, fullgraph=True, backend="aot_eager"), args, {}, lambda result: [result])
     for got, want in zip(actual[0] + actual[1], expected[0] + expected[1], strict=True):
         assert_close(got, want, torch.float64)
+
+
+MODULES = [
+    (lambda: xent.nn.CrossEntropyLoss(label_smoothing=0.1), _family(None, 256)),
+    (lambda: xent.nn.FocalLoss(gamma=1.5), _family(None, 256)),
+    (lambda: xent.nn.LDAMLoss(class_counts=_counts()), _family(None, 256)),
+    (lambda: xent.nn.LinearCrossEntropyLoss(z_loss=1e-3), _head_call()),
+    (lambda: xent.nn.LinearLoss(xent.focal_loss, gamma=1.5), _head_call()),
+    (lambda: xent.nn.SigmoidFocalLoss(), _binary_logits),
+    (lambda: xent.nn.DistillationLoss(temperature=2.0), _distill_logits),
+]
+
+
+@pytest.mark.parametrize(
+    ("construct", "make"),
+    MODULES,
+    ids=[
+        "CrossEntropyLoss",
+        "FocalLoss",
+        "LDAMLoss",
+        "LinearCrossEntropyLoss",
+        "LinearLoss",
+        "SigmoidFocalLoss",
+        "DistillationLoss",
+    ],
+)
+def test_modules_compile_whole_and_equal_eager(construct, make):
+    """The xent.nn modules hold their options and call the functionals: compiled whole, eager's values and
+    gradients."""
+    torch._dynamo.reset()
+    module = construct()
+    args, kwargs = make()
+    expected = _run(module, args, kwargs, lambda result: [result])
+    actual = _run(torch.compile(module, fullgraph=True, backend="aot_eager"), args, kwargs, lambda result: [result])
+    for got, want in zip(actual[0] + actual[1], expected[0] + expected[1], strict=True):
+        assert_close(got, want, torch.float64)

@@ -21,6 +21,7 @@ pytest.importorskip("transformers")
 
 import xent.hf
 from tests.distributed.spawn import run_ranks
+from tests.integrations.sharded_steps import assert_same, step
 from tests.integrations.tiny_models import VOCAB, tiny_model
 
 DP, TP = 2, 2
@@ -34,19 +35,6 @@ def _batch(seed):
     return {"input_ids": input_ids, "labels": labels}
 
 
-def _step(model, batch):
-    from torch.distributed.tensor import DTensor
-
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    grads = {
-        name: parameter.grad.full_tensor() if isinstance(parameter.grad, DTensor) else parameter.grad
-        for name, parameter in model.named_parameters()
-    }
-    return loss.detach(), grads
-
-
 def _two_d(model, mesh):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate
@@ -57,14 +45,6 @@ def _two_d(model, mesh):
         fully_shard(layer, mesh=mesh["dp"])
     fully_shard(model, mesh=mesh["dp"])
     return model
-
-
-def _assert_same(got, expected, message):
-    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6, msg=message)
-    assert got[1].keys() == expected[1].keys()
-    for name, grad in expected[1].items():
-        scale = grad.abs().max().item()
-        torch.testing.assert_close(got[1][name], grad, rtol=1e-4, atol=1e-5 * scale, msg=f"{message} {name}")
 
 
 def _worker(rank, world, store_path, failures):
@@ -88,16 +68,16 @@ def _worker(rank, world, store_path, failures):
         for name in ("llama", "gemma2"):  # gemma2: the head's soft cap, read from the forward
             single = tiny_model(name, seed=0, tie_word_embeddings=False)  # a TP head alone would untie a tied one
             # the unsharded model: the mean over the groups' batches of its loss gradients
-            steps = [_step(single, batch) for batch in batches]
-            expected_grads = {key: sum(step[1][key] for step in steps) / DP for key in steps[0][1]}
+            steps = [step(single, batch) for batch in batches]
+            expected_grads = {key: sum(one[1][key] for one in steps) / DP for key in steps[0][1]}
             unpatched = _two_d(copy.deepcopy(single), mesh)
             patched = _two_d(xent.hf.patch(copy.deepcopy(single), chunk_size=4), mesh)
             calls.clear()
-            got = _step(patched, batches[group])
+            got = step(patched, batches[group])
             rows = -(-VOCAB // TP) if mesh["tp"].get_local_rank() == 0 else VOCAB - -(-VOCAB // TP)
             assert calls == [(rows, single.config.hidden_size)]  # this rank's rows of the head, once
-            _assert_same(got, (steps[group][0], expected_grads), f"{name} against the unsharded model")
-            _assert_same(got, _step(unpatched, batches[group]), f"{name} against the 2-D model unpatched")
+            assert_same(got, (steps[group][0], expected_grads), f"{name} against the unsharded model")
+            assert_same(got, step(unpatched, batches[group]), f"{name} against the 2-D model unpatched")
         dist.barrier()  # no rank leaves while another is still in a collective
     except BaseException:
         failures.put(f"rank {rank}:\n{traceback.format_exc()}")

@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 import xent
 import xent.hf
 from tests.distributed.spawn import run_ranks
+from tests.integrations.sharded_steps import assert_same, step
 from tests.integrations.tiny_models import VOCAB, tiny_model
 
 
@@ -28,27 +29,6 @@ def _batch():
     attention_mask[0, :2] = 0
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def _step(model, batch, **kwargs):
-    """The loss and every parameter's gradient (a sharded one gathered)."""
-    from torch.distributed.tensor import DTensor
-
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch, **kwargs).loss
-    loss.backward()
-    grads = {}
-    for name, parameter in model.named_parameters():
-        grads[name] = parameter.grad.full_tensor() if isinstance(parameter.grad, DTensor) else parameter.grad
-    return loss.detach(), grads
-
-
-def _assert_same(got, expected, message):
-    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6, msg=message)
-    assert got[1].keys() == expected[1].keys()
-    for name, grad in expected[1].items():
-        scale = grad.abs().max().item()
-        torch.testing.assert_close(got[1][name], grad, rtol=1e-4, atol=1e-5 * scale, msg=f"{message} {name}")
 
 
 def _worker(rank, world, store_path, failures):
@@ -66,16 +46,16 @@ def _worker(rank, world, store_path, failures):
             single = tiny_model(name, seed=0, tie_word_embeddings=False)
             model = copy.deepcopy(single)
             parallelize_module(model, mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
-            expected = _step(single, batch)  # one process, the whole head
-            gathered = _step(model, batch)  # tensor-parallel, unpatched: the logits gathered
+            expected = step(single, batch)  # one process, the whole head
+            gathered = step(model, batch)  # tensor-parallel, unpatched: the logits gathered
             xent.hf.patch(model, chunk_size=4)
-            got = _step(model, batch)  # patched: vocab-parallel, never gathered
-            _assert_same(got, expected, f"{name} against the unsharded model")
-            _assert_same(got, gathered, f"{name} against the tensor-parallel model unpatched")
+            got = step(model, batch)  # patched: vocab-parallel, never gathered
+            assert_same(got, expected, f"{name} against the unsharded model")
+            assert_same(got, gathered, f"{name} against the tensor-parallel model unpatched")
             # gradient accumulation as transformers.Trainer passes it
-            _assert_same(
-                _step(model, batch, num_items_in_batch=torch.tensor(40)),
-                _step(single, batch, num_items_in_batch=torch.tensor(40)),
+            assert_same(
+                step(model, batch, num_items_in_batch=torch.tensor(40)),
+                step(single, batch, num_items_in_batch=torch.tensor(40)),
                 f"{name} num_items_in_batch",
             )
             # the direct API with the DTensor weight: refused by name, not PyTorch's mixed-tensor error
@@ -92,7 +72,7 @@ def _worker(rank, world, store_path, failures):
             xent.hf.unpatch(model)
             xent.hf.patch(model, impl="chunked")
             with pytest.raises(TypeError, match="impl cannot be given for a tensor-parallel head"):
-                _step(model, batch)
+                step(model, batch)
         dist.barrier()  # no rank leaves while another is still in a collective (gloo aborts the latter otherwise)
     except BaseException:
         failures.put(f"rank {rank}:\n{traceback.format_exc()}")
