@@ -5,9 +5,10 @@ they force a device-to-host synchronisation, which stalls the launch queue, so b
 tensors. Shape, dtype and option checks cost nothing and are always on.
 
 Under ``torch.compile`` the checks that read values are not traced (a host read is a graph break): the fused
-kernels' custom operators run the class-index check at run time instead, with the same message; on the reference
-path an index outside the classes stops in the compiled code's bounds check (a ``RuntimeError``); the range of
-probability targets and the sign of class weights are checked eagerly only.
+kernels' custom operators check the class indices they read at run time instead (the targets of a loss or of
+log-probabilities, a distillation's hard labels), with the same message; on the reference path an index outside the
+classes stops in the compiled code's bounds check (a ``RuntimeError``); the range of probability targets and the
+sign of class weights are checked eagerly only.
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ def test_linear_row_loss_and_its_backward_pass_opcheck(name, reduction):
 @pytest.mark.parametrize("statistics", [[True, False, False, False], [False] * 4, [True] * 4])
 def test_linear_log_probs_and_its_backward_pass_opcheck(statistics):
     head = (_leaf(M, D), _leaf(C, D), _leaf(C), _classes(M, C))
-    torch.library.opcheck(ops.linear_log_probs, (*head, 0.5, 4.0, -100, 5, statistics))
+    torch.library.opcheck(ops.linear_log_probs, (*head, 0.5, 4.0, -100, 5, statistics, False))
     plain = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in head)
     lse = torch.randn(M, dtype=torch.float64)
     entropy = torch.rand(M, dtype=torch.float64) if statistics[0] else None
@@ -110,7 +110,7 @@ def _distill_args(teacher, reduction, with_entropy):
     spec = ("jsd", 0.5, 2.0, 1.0, None, 1.0, None, "renormalize", False)
     factor = torch.tensor(0.1, dtype=torch.float64)
     return (*head, *teacher_tensors, kept, factor, *hard, *spec, reduction, "chunked", 5, with_entropy,
-            [True, True, False])  # fmt: skip
+            [True, True, False], False)  # fmt: skip
 
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
@@ -197,3 +197,91 @@ def test_a_compiled_fused_loss_scales_its_stored_gradients_by_any_grad_output(re
         actual = torch.autograd.grad((compiled(*inputs, target, reduction=reduction) * factor).sum(), inputs)
         for got, want in zip(actual, expected, strict=True):
             torch.testing.assert_close(got, want)
+
+
+def test_a_transposed_head_weight_gets_contiguous_gradients_from_the_fake_too():
+    """The gradient buffers are new and contiguous whatever the weight's strides; the fake implementations say so
+    (Inductor asserts the real strides against them)."""
+    weight = torch.randn(D, C, dtype=torch.float64).t().requires_grad_()
+    head = (_leaf(M, D), weight, None, _classes(M, C))
+    args = (*head, *ops.row_arguments(RowLoss()), "mean", "chunked", 5, torch.float64, [True, True, False], False,
+            False)  # fmt: skip
+    torch.library.opcheck(ops.linear_row_loss, args)
+    compiled = torch.compile(xent.linear_cross_entropy, fullgraph=True)
+    x, target = torch.randn(M, D, requires_grad=True), _classes(M, C)
+    w = torch.randn(D, C).t().requires_grad_()
+    expected = torch.autograd.grad(xent.linear_cross_entropy(x, w, target), (x, w))
+    for got, want in zip(torch.autograd.grad(compiled(x, w, target), (x, w)), expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_an_unregistered_target_term_is_refused_not_rebuilt_as_another():
+    class Doubled(TargetTerm):  # keeps cross-entropy's name: would come back as cross-entropy
+        def value(self, u, smoothing, num_classes):
+            return -2 * u
+
+    with pytest.raises(TypeError, match=r"target term Doubled \(name 'cross_entropy'\) is not in .*TERMS"):
+        ops.row_arguments(RowLoss(term=Doubled()))
+
+
+def test_a_direct_caller_keeps_the_gradient_output_of_an_operator():
+    """The operator's own backward scales out of place: the gradient output a caller holds is not changed."""
+    args = _row_args(RowLoss(), "sum")
+    loss, grad = ops.row_loss(*args)
+    kept = grad.clone()
+    (3 * loss).backward()
+    assert torch.equal(grad, kept) and not grad.requires_grad
+    torch.testing.assert_close(args[0].grad, 3 * kept)
+
+
+def test_saved_tensor_hooks_do_not_see_the_stored_gradients():
+    """Eagerly the gradients formed in the forward stay on the node, as the kernels always kept them: activation
+    offloading (torch.autograd.graph.save_on_cpu and other saved-tensor hooks) does not copy them."""
+    logits = torch.randn(256, 256, requires_grad=True)
+    hidden, weight = torch.randn(64, 16, requires_grad=True), torch.randn(1024, 16, requires_grad=True)
+    packed = []
+
+    def pack(tensor):
+        packed.append(tensor.shape)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        xent.cross_entropy(logits, torch.randint(0, 256, (256,))).backward()
+        xent.linear_cross_entropy(hidden, weight, torch.randint(0, 1024, (64,))).backward()
+    assert all(shape not in packed for shape in (logits.shape, weight.shape, hidden.shape))
+
+
+def test_a_compiled_call_checks_the_indices_every_operator_reads():
+    x, weight = torch.randn(16, 8, requires_grad=True), torch.randn(64, 8, requires_grad=True)
+    target = torch.randint(0, 64, (16,))
+    target[3] = 70
+    teacher = {"teacher_input": torch.randn(16, 8), "teacher_linear_weight": torch.randn(64, 8)}
+    calls = {
+        "linear_log_probs": lambda x, w, t: xent.linear_log_probs(x, w, t)[0],
+        "linear_token_outputs": lambda x, w, t: xent.linear_token_outputs(x, w, t).log_probs,
+        "linear_distillation_loss": lambda x, w, t: xent.linear_distillation_loss(x, w, **teacher, target=t),
+    }
+    for call in calls.values():
+        torch._dynamo.reset()
+        with pytest.raises(ValueError, match="target holds class index 70"):
+            torch.compile(call, fullgraph=True, backend="aot_eager")(x, weight, target)
+        with pytest.raises(ValueError, match="target holds class index 70"):
+            call(x, weight, target)
+
+
+def test_an_explicit_fused_impl_that_would_recompute_the_reference_is_refused_under_compile():
+    """Whole-graph compilation stops at the refusal (Dynamo wraps the ValueError, its message kept); without
+    fullgraph the call falls back to eager, whose backward recomputes the reference."""
+    logits = torch.randn(16, 8, requires_grad=True)
+    probabilities = torch.softmax(torch.randn(16, 8), 1).requires_grad_()
+
+    def loss(logits, target):
+        return xent.cross_entropy(logits, target, impl="chunked")
+
+    with pytest.raises(Exception, match=r"impl='chunked' under torch.compile cannot differentiate a target"):
+        torch.compile(loss, fullgraph=True, backend="aot_eager")(logits, probabilities)
+    torch._dynamo.reset()
+    expected = torch.autograd.grad(loss(logits, probabilities), (logits, probabilities))
+    compiled = torch.compile(loss, backend="aot_eager")(logits, probabilities)
+    for got, want in zip(torch.autograd.grad(compiled, (logits, probabilities)), expected, strict=True):
+        torch.testing.assert_close(got, want)

@@ -18,7 +18,9 @@ An index-target softmax loss of the family is, for a row of logits :math:`x` wit
              + \frac{\varepsilon}{C} (W p - w) + 2 \zeta\, w_y \operatorname{lse}\, p \Bigr]
 
 and ``reduction="mean"`` divides by :math:`\sum_n r_n w_{y_n}` over kept targets. Adding a loss of this shape means
-writing its :class:`TargetTerm` (ψ and ψ′) and choosing its transform — the kernels need nothing else.
+writing its :class:`TargetTerm` (ψ and ψ′, a name of its own and its ``PARAMETERS``), adding it to :data:`TERMS` (the
+fused kernels' custom operators rebuild a term from its name and numbers) and choosing its transform — the kernels
+need nothing else.
 """
 
 from __future__ import annotations

@@ -104,18 +104,26 @@ def choose(
             f"impl={impl!r} does not differentiate {', '.join(undifferentiated)}, which requires grad; "
             "use impl='reference' (or detach it)"
         )
+    fused_grads = torch.is_grad_enabled() and any(
+        tensor is not None and tensor.requires_grad for tensor in (target, options.weight)
+    )
+    if impl not in (None, "reference") and fused_grads and torch.compiler.is_compiling():
+        raise ValueError(
+            f"impl={impl!r} under torch.compile cannot differentiate a target or class weight that requires grad "
+            "(its backward recomputes the reference, which a traced backward cannot); leave impl=None or pass "
+            "impl='reference'"
+        )
     if impl is not None:
         return impl
     if undifferentiated:
         return "reference"
     fused = fused_impl(input.device)
-    extra_grads = torch.is_grad_enabled() and any(
-        tensor is not None and tensor.requires_grad for tensor in (target, options.weight)
-    )
-    if operation == "linear" or inplace_backward:
+    if inplace_backward:
+        return fused
+    if operation == "linear":
         # compiled, the fused backward cannot recompute the reference for a target's or a class weight's gradient
-        return "reference" if extra_grads and torch.compiler.is_compiling() else fused
-    return fused if not extra_grads and input.numel() >= CHUNKED_MIN_ELEMENTS else "reference"
+        return "reference" if fused_grads and torch.compiler.is_compiling() else fused
+    return fused if not fused_grads and input.numel() >= CHUNKED_MIN_ELEMENTS else "reference"
 
 
 def _logits_reference(

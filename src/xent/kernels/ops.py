@@ -36,7 +36,7 @@ from torch import Tensor
 from xent._config import value_checks_deferred
 from xent.core.reduce import accumulation_dtype, safe_divide
 from xent.core.reference import reference_linear_loss, reference_loss
-from xent.core.rowloss import RowLoss, make_term, mean_denominator
+from xent.core.rowloss import TERMS, RowLoss, make_term, mean_denominator
 from xent.core.values import check_class_indices
 from xent.kernels import chunked, distill, logprobs
 from xent.kernels import linear as chunked_linear
@@ -47,7 +47,14 @@ OPTION_TENSORS = ("weight", "alpha", "token_weight", "class_offset", "target_mar
 
 def row_arguments(options: RowLoss) -> tuple[Any, ...]:
     """A description as the operators take it: its five tensors, then ignore_index, label_smoothing, z_loss,
-    softcap, logit_scale, the term's name and its parameters."""
+    softcap, logit_scale, the term's name and its parameters. The term crosses as its name, so it must be one of
+    :data:`xent.core.rowloss.TERMS` — an unregistered one would come back as another."""
+    term = options.term
+    if TERMS.get(term.name) is not type(term):
+        raise TypeError(
+            f"the target term {type(term).__name__} (name {term.name!r}) is not in xent.core.rowloss.TERMS: give it "
+            "a name of its own and its PARAMETERS, and add it there, for the fused kernels to rebuild it"
+        )
     return (
         *(getattr(options, name) for name in OPTION_TENSORS),
         options.ignore_index,
@@ -121,23 +128,50 @@ def _(grad: Tensor, factor: Tensor) -> None:
     return None
 
 
+def _traced(tensor: Tensor) -> bool:
+    """Whether a tensor is being traced: by Dynamo (which shows a plain tensor type) or by AOTAutograd (a
+    functional or fake tensor)."""
+    return torch.compiler.is_compiling() or type(tensor) is not torch.Tensor
+
+
 def _scaled(ctx: Any, grad: Tensor, factor: Tensor) -> Tensor:
-    """``grad · factor`` for a backward: in place on a real tensor (eager), unless it is kept for another backward
-    (``ctx.retain``), after which the node refuses a second backward. While traced, in place only when the gradient
-    never left its node (``ctx.owned``); otherwise out of place, since a traced backward must not change a value
-    the forward returned."""
-    if ctx.retain:
+    """``grad · factor`` for a backward. In place when the gradient never left its node (``ctx.owned``: xent's
+    own calls) and is not kept for another backward (``ctx.retain``) — eagerly, or traced through the operator
+    :func:`scale_` — after which the node refuses a second backward; out of place otherwise (a caller of the
+    operator may hold the gradient output)."""
+    if ctx.retain or not getattr(ctx, "owned", False):
         return grad * factor.to(grad.dtype)
-    # traced by Dynamo (which shows a plain tensor type) or by AOTAutograd (a functional tensor)
-    traced = torch.compiler.is_compiling() or type(grad) is not torch.Tensor
-    if not traced:
-        chunked.scale_(grad, factor)
-        ctx.scaled = True
-    elif getattr(ctx, "owned", False):
+    if _traced(grad):
         scale_(grad, factor)
     else:
-        return grad * factor.to(grad.dtype)
+        chunked.scale_(grad, factor)
+    ctx.scaled = True
     return grad
+
+
+def _keep_gradients(ctx: Any, gradients: tuple[Tensor, ...], others: tuple[Tensor | None, ...] = ()) -> None:
+    """Keep the gradients the forward formed for the backward, and ``others``. Eagerly they stay on ``ctx`` as
+    they are, as the eager kernels always kept them: saved-tensor hooks (activation offloading to the host, say)
+    leave them alone. Traced, they are saved, the only way a graph hands tensors to its backward."""
+    ctx.gradients_saved = any(_traced(gradient) for gradient in gradients)
+    ctx.num_gradients = len(gradients)
+    if ctx.gradients_saved:
+        ctx.save_for_backward(*gradients, *others)
+    else:
+        ctx.gradients = gradients
+        ctx.save_for_backward(*others)
+
+
+def _kept_gradients(ctx: Any) -> tuple[tuple[Tensor, ...], tuple[Any, ...]]:
+    """``(gradients, others)`` as :func:`_keep_gradients` kept them. Eagerly, a node that scales its gradients in
+    place (xent's own, not kept for another backward) lets go of them here."""
+    saved = ctx.saved_tensors
+    if ctx.gradients_saved:
+        return saved[: ctx.num_gradients], saved[ctx.num_gradients :]
+    gradients = ctx.gradients
+    if ctx.owned and not ctx.retain:
+        ctx.gradients = None
+    return gradients, saved
 
 
 def _refuse_second_backward(ctx: Any) -> None:
@@ -208,12 +242,14 @@ def _(logits: Tensor, target: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
     return loss, torch.empty_like(logits, memory_format=torch.contiguous_format) if needs_grad else _empty(logits)
 
 
-def _row_loss_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-    ctx.reduction, ctx.retain = inputs[-5], inputs[-2]
+def _row_loss_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor], owned: bool = False) -> None:
+    ctx.reduction, ctx.retain, ctx.owned = inputs[-5], inputs[-2], owned
     ctx.scalars = inputs[7:-5]  # ignore_index … term_parameters
     ctx.extra = any(ctx.needs_input_grad[1:3])  # the target's or the class weight's gradient, from the reference
-    ctx.save_for_backward(output[1], *(inputs[:7] if ctx.extra else ()))
-    ctx.set_materialize_grads(False)  # the gradient is an internal output: no zeros of its shape in backward
+    _keep_gradients(ctx, output[1:], inputs[:7] if ctx.extra else ())
+    ctx.set_materialize_grads(False)  # no zeros of the gradient's shape for its (absent) grad_output
+    if not owned:
+        ctx.mark_non_differentiable(output[1])  # the gradient is an output of the operator, not differentiated
 
 
 def _row_loss_backward(ctx: Any, grad_output: Tensor | None, _: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -221,7 +257,7 @@ def _row_loss_backward(ctx: Any, grad_output: Tensor | None, _: Tensor | None) -
         return (None,) * 19
     chunked.refuse_second_order()
     _refuse_second_backward(ctx)
-    grad, *saved = ctx.saved_tensors
+    (grad,), saved = _kept_gradients(ctx)
     grad_target = grad_weight = None
     if ctx.extra:
         logits, target, weight, *option_tensors = saved
@@ -252,8 +288,7 @@ class _RowLossOwningItsGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, *inputs: Any) -> Tensor:
         loss, grad = row_loss(*inputs)
-        _row_loss_setup(ctx, inputs, (loss, grad))
-        ctx.owned = True
+        _row_loss_setup(ctx, inputs, (loss, grad), owned=True)
         return cast(Tensor, loss)
 
     @staticmethod
@@ -349,8 +384,9 @@ def _fake_linear_grads(
     needs_input, needs_weight, needs_bias = needs
     return (
         torch.empty_like(input) if needs_input else _empty(input),
-        torch.empty_like(linear_weight) if needs_weight else _empty(input),
-        torch.empty_like(linear_bias) if needs_bias and linear_bias is not None else _empty(input),
+        # new buffers, contiguous whatever the strides of the weight (a transposed one, say)
+        linear_weight.new_empty(linear_weight.shape) if needs_weight else _empty(input),
+        linear_bias.new_empty(linear_bias.shape) if needs_bias and linear_bias is not None else _empty(input),
     )
 
 
@@ -407,13 +443,16 @@ def _(grad_output: Tensor, input: Tensor, linear_weight: Tensor, linear_bias: Te
     return _fake_linear_grads(input, linear_weight, linear_bias, args[-1])
 
 
-def _linear_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+def _linear_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...], owned: bool = False) -> None:
     ctx.scalars = inputs[9:16]  # ignore_index … term_parameters
     ctx.reduction, ctx.run, ctx.retain = inputs[16], inputs[17:20], inputs[21]  # run: impl, chunk_size, dtype
+    ctx.owned = owned
     ctx.extra = any(ctx.needs_input_grad[3:5])  # the target's or the class weight's gradient, from the reference
     tensors = inputs[:9] if ctx.reduction == "none" or ctx.extra else ()  # input, W, b, target, the description's
-    ctx.save_for_backward(*output[1:], *tensors)
-    ctx.set_materialize_grads(False)  # the gradients are internal outputs: no zeros of their shapes in backward
+    _keep_gradients(ctx, output[1:4], tensors)
+    ctx.set_materialize_grads(False)  # no zeros of the gradients' shapes for their (absent) grad_outputs
+    if not owned:
+        ctx.mark_non_differentiable(*output[1:4])  # outputs of the operator, not differentiated
 
 
 def _linear_backward(ctx: Any, grad_output: Tensor | None, *_: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -421,9 +460,7 @@ def _linear_backward(ctx: Any, grad_output: Tensor | None, *_: Tensor | None) ->
         return (None,) * 23
     chunked.refuse_second_order()
     _refuse_second_backward(ctx)
-    saved = ctx.saved_tensors
-    grads: tuple[Tensor, ...] = saved[:3]
-    tensors = saved[3:]
+    grads, tensors = _kept_gradients(ctx)
     grad_target = grad_weight = None
     if ctx.extra:
         input, linear_weight, linear_bias, target, weight, *option_tensors = tensors
@@ -456,8 +493,7 @@ class _LinearRowLossOwningItsGradients(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, *inputs: Any) -> Tensor:
         output = linear_row_loss(*inputs)
-        _linear_setup(ctx, inputs, output)
-        ctx.owned = True
+        _linear_setup(ctx, inputs, output, owned=True)
         return cast(Tensor, output[0])
 
     @staticmethod
@@ -507,10 +543,13 @@ def linear_log_probs(
     ignore_index: int,
     chunk_size: int,
     statistics: list[bool],
+    check_target: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Each token's ``log p_y`` and the statistics flagged in ``statistics`` (in :data:`~xent.kernels.logprobs.
     STATISTICS` order; empty when not), then two internal outputs for the backward: the log-sum-exps and a copy of
-    the entropy (the caller may change its outputs in place)."""
+    the entropy (the caller may change its outputs in place). ``check_target``: as for :func:`row_loss`."""
+    if check_target:
+        check_class_indices(target, linear_weight.shape[0], ignore_index)
     names = frozenset(name for name, wanted in zip(logprobs.STATISTICS, statistics, strict=True) if wanted)
     rows, lse = logprobs.linear_log_probs_forward(
         input, linear_weight, linear_bias, target, logprobs.HeadTransform(scale, softcap), ignore_index, chunk_size,
@@ -523,7 +562,7 @@ def linear_log_probs(
 
 @linear_log_probs.register_fake
 def _(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, *args: Any) -> Any:
-    statistics = args[-1]
+    statistics = args[-2]
     dtype = accumulation_dtype(input.dtype)
     rows = input.new_empty(input.shape[0], dtype=dtype)
 
@@ -580,7 +619,7 @@ def _log_probs_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ..
 def _log_probs_backward(ctx: Any, grad_log_probs: Tensor | None, grad_entropy: Tensor | None, *_: Any) -> Any:
     if torch.is_grad_enabled():
         raise RuntimeError(logprobs.SECOND_ORDER_MESSAGE)
-    none = (None,) * 9
+    none = (None,) * 10
     needs = [bool(need) for need in ctx.needs_input_grad[:3]]
     if not ctx.has_entropy:
         grad_entropy = None
@@ -618,7 +657,7 @@ def fused_linear_log_probs(
     wanted = [name in statistics for name in logprobs.STATISTICS]
     results = linear_log_probs(
         input.contiguous(), linear_weight, linear_bias, target, transform.scale, transform.softcap, ignore_index,
-        chunk_size, wanted,
+        chunk_size, wanted, _check(target),
     )  # fmt: skip
     outputs = (value if want else None for value, want in zip(results[1:5], wanted, strict=True))
     return logprobs.RowOutputs(results[0], *outputs)
@@ -688,13 +727,17 @@ def linear_distillation(
     chunk_size: int,
     with_entropy: bool,
     needs: list[bool],
+    check_target: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The distillation loss of the student head ``input @ linear_weight.T + linear_bias`` against a teacher given
     by its head (``teacher_input``, ``teacher_weight``, ``teacher_bias``) or its top-k (``teacher_indices``,
     ``teacher_categories``, ``teacher_valid``), each kept token's loss times ``factor`` (the
-    :class:`~xent.kernels.distill.DistillSpec` is the ten numbers after ``hard_weight``): summed (``"sum"``) with
+    :class:`~xent.kernels.distill.DistillSpec` is the nine arguments after ``hard_weight``): summed (``"sum"``) with
     the student's gradients flagged in ``needs``, or per token (``"none"``, gradients in the backward); and the
-    student's entropy per token when ``with_entropy`` (empty otherwise)."""
+    student's entropy per token when ``with_entropy`` (empty otherwise). ``check_target``: as for :func:`row_loss`,
+    of the hard labels (the kept tokens' targets)."""
+    if check_target and hard_target is not None:
+        check_class_indices(hard_target, linear_weight.shape[0], -100)  # ignored tokens hold 0 there
     spec = (divergence, beta, temperature, logit_scale, softcap, teacher_logit_scale, teacher_softcap, tail,
             finite_logits)  # fmt: skip
     teacher = (teacher_input, teacher_weight, teacher_bias, teacher_indices, teacher_categories, teacher_valid)
@@ -716,7 +759,7 @@ def linear_distillation(
 
 @linear_distillation.register_fake
 def _(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, *args: Any) -> Any:
-    reduction, with_entropy, needs = args[19], args[22], args[23]
+    reduction, with_entropy, needs = args[19], args[22], args[23]  # check_target last
     dtype = accumulation_dtype(input.dtype)
     loss = input.new_empty(_reduced_shape(input.shape[0], reduction), dtype=dtype)
     entropy = input.new_empty(input.shape[0], dtype=dtype) if with_entropy else _empty(input)
@@ -770,33 +813,48 @@ def _(grad_output: Tensor, input: Tensor, linear_weight: Tensor, linear_bias: Te
     return _fake_linear_grads(input, linear_weight, linear_bias, args[-1])
 
 
-def _distill_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+def _distill_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...], owned: bool = False) -> None:
     ctx.set_materialize_grads(False)  # the entropy and the gradients are outputs nobody differentiates
-    ctx.mark_non_differentiable(output[1])
-    ctx.reduction, ctx.retain = inputs[22], False
+    ctx.mark_non_differentiable(*(output[1:2] if owned else output[1:]))  # owned: the gradients are no outputs
+    ctx.reduction, ctx.retain, ctx.owned = inputs[22], False, owned
     ctx.scalars = (*inputs[13:22], *inputs[23:25])  # the spec's nine, impl, chunk_size
     tensors = inputs[:13] if ctx.reduction == "none" else ()
-    ctx.save_for_backward(*output[2:], *tensors)
+    _keep_gradients(ctx, output[2:5], tensors)
 
 
 def _distill_backward(ctx: Any, grad_output: Tensor | None, *_: Tensor | None) -> tuple[Tensor | None, ...]:
-    none = (None,) * 27
+    none = (None,) * 28
     if grad_output is None:
         return none
     chunked.refuse_second_order()
     _refuse_second_backward(ctx)
-    saved = ctx.saved_tensors
+    stored, tensors = _kept_gradients(ctx)
     needs = [bool(need) for need in ctx.needs_input_grad[:3]]
     if ctx.reduction == "none":
-        grads = linear_distillation_backward(grad_output, *saved[3:], *ctx.scalars, needs)
+        grads = linear_distillation_backward(grad_output, *tensors, *ctx.scalars, needs)
     else:
         grads = tuple(
-            _scaled(ctx, grad, grad_output) if need else grad for grad, need in zip(saved[:3], needs, strict=True)
+            _scaled(ctx, grad, grad_output) if need else grad for grad, need in zip(stored, needs, strict=True)
         )
     return *(grad if need else None for grad, need in zip(grads, needs, strict=True)), *none[3:]
 
 
 linear_distillation.register_autograd(_distill_backward, setup_context=_distill_setup)
+
+
+class _LinearDistillationOwningItsGradients(torch.autograd.Function):
+    """:func:`linear_distillation` as xent calls it, its gradient outputs never leaving the node (the loss and the
+    entropy do): see :class:`_RowLossOwningItsGradient`."""
+
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> tuple[Tensor, Tensor]:
+        output = linear_distillation(*inputs)
+        _distill_setup(ctx, inputs, output, owned=True)
+        return output[0], output[1]
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor | None, _: Tensor | None) -> tuple[Tensor | None, ...]:
+        return _distill_backward(ctx, grad_output)
 
 
 def fused_linear_distillation(
@@ -824,10 +882,11 @@ def fused_linear_distillation(
         teacher_tensors = (teacher.input, teacher.weight, teacher.bias, None, None, None)
     else:
         teacher_tensors = (None, None, None, teacher.indices, teacher.categories, teacher.valid)
-    loss, entropy, *_ = linear_distillation(
+    loss, entropy = _LinearDistillationOwningItsGradients.apply(  # type: ignore[no-untyped-call]  # takes *inputs
         input.contiguous(), linear_weight, linear_bias, *teacher_tensors, kept, factor,
         None if hard is None else hard.target, None if hard is None else hard.weight,
         spec.divergence, spec.beta, spec.temperature, spec.logit_scale, spec.softcap, spec.teacher_logit_scale,
         spec.teacher_softcap, spec.tail, spec.finite_logits, reduction, impl, chunk_size, with_entropy, needs,
+        hard is not None and value_checks_deferred(hard.target),
     )  # fmt: skip
     return loss, entropy if with_entropy else None
