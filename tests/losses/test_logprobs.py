@@ -63,6 +63,8 @@ def test_errors_name_the_argument(change, error, message):
     [
         (("log_probs", "entropies"), ValueError, "outputs has 'entropies'; expected names among 'log_probs'"),
         ("entropy", TypeError, "outputs must be a collection of output names, not the string 'entropy'"),
+        (None, TypeError, "outputs must be a collection of output names, got None"),  # found by the fuzz layer
+        ([1], ValueError, "outputs has 1; expected names among"),
     ],
 )
 def test_token_outputs_errors_name_the_argument(outputs, error, message):

@@ -164,9 +164,12 @@ def check_outputs(outputs: Iterable[str]) -> frozenset[str]:
     """The statistics asked for besides the log-probabilities (always computed), from ``outputs``' names."""
     if isinstance(outputs, str):
         raise TypeError(f"outputs must be a collection of output names, not the string {outputs!r}")
-    names = list(outputs)
+    try:
+        names = list(outputs)
+    except TypeError:
+        raise TypeError(f"outputs must be a collection of output names, got {checks.shown(outputs)}") from None
     for name in names:
-        if name not in TOKEN_OUTPUTS:
+        if not isinstance(name, str) or name not in TOKEN_OUTPUTS:
             raise ValueError(f"outputs has {name!r}; expected names among {', '.join(map(repr, TOKEN_OUTPUTS))}")
     return frozenset(names) - {"log_probs"}
 
