@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 # the interpreter evaluates both sides of every tl.where in NumPy: the side a -inf column discards warns
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 from xent.kernels.distill import DistillSpec, HardLabels  # noqa: E402
+from xent.kernels.distill import top_k_rows_ as cpu_top_k_rows_  # noqa: E402
 from xent.kernels.triton.divergence import dense_rows_, top_k_rows_  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -155,6 +156,27 @@ def test_float64_rows_are_float64(divergence, beta, tail):
     assert_close(loss.cpu(), want_loss)
     assert_close(x.cpu(), want_grad)
     assert_close(entropy.double().cpu(), want_entropy, torch.float32)  # written into the float32 buffer given
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_a_row_never_reads_the_next_rows_support(tail):
+    """k = 5 ids are loaded K_BLOCK = 8 wide and the last block of columns overhangs V: the support run of that block
+    once took the padding positions too, reading the next row's sorted ids (or, for the last row, memory past the
+    tensor: a loss that changed from run to run). Row 1's support lies in row 0's last block, where it would be
+    taken for row 0's: row 0 must not see it. Compared with the chunked kernel's float64 rows."""
+    generator = torch.Generator().manual_seed(3)
+    student = torch.randn(2, VOCAB, generator=generator, dtype=torch.float64)
+    teacher = torch.randn(2, VOCAB, generator=generator, dtype=torch.float64)
+    indices = torch.tensor([[1, 2, 3, 4, 5], [36, 35, 34, 33, 32]])  # row 1's in the last block [32, 48)
+    log_probs = torch.log_softmax(teacher, 1).gather(1, indices)
+    valid = torch.ones(2, K, dtype=torch.bool)
+    spec = DistillSpec("forward_kl", 0.5, 1.0, tail=tail)
+    categories = teacher_categories(log_probs, valid, tail, 1.0)
+    scale = torch.ones(2, dtype=torch.float64)
+    expected = cpu_top_k_rows_(student.clone(), indices, categories, valid, spec, scale, False, None)
+    got = top_k_rows_(student.to(DEVICE), indices.to(DEVICE), categories.to(DEVICE), valid.to(DEVICE), spec,
+                      scale.to(DEVICE), False, None)  # fmt: skip
+    assert_close(got.cpu(), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -250,11 +250,13 @@ def dense_rows_kernel(
 
 
 @triton.jit
-def _in_support(sorted_row, sorted_ids, offs, start, BLOCK: tl.constexpr):
+def _in_support(sorted_row, sorted_ids, offs, start, num_classes, BLOCK: tl.constexpr):
     # which columns of the block [start, start + BLOCK) are support ids: the ids are sorted (padding = V, last), so
-    # the block's ones are the run sorted_row[first:last]
+    # the block's ones are the run sorted_row[first:last]. The end is bounded by V too: the last block may overhang
+    # V, and the padding entries (V, and V again past k in the K_BLOCK-wide load) must not count — reading
+    # sorted_row at them read past the row (the next row's ids, or past the tensor for the last row)
     first = tl.sum((sorted_ids < start).to(tl.int32), 0)
-    last = tl.sum((sorted_ids < start + BLOCK).to(tl.int32), 0)
+    last = tl.sum((sorted_ids < tl.minimum(start + BLOCK, num_classes)).to(tl.int32), 0)
     hit = offs < 0
     for position in range(first, last):
         hit = hit | (offs == tl.load(sorted_row + position))
@@ -329,7 +331,9 @@ def top_k_rows_kernel(
         capped, _ = _capped(x_row, offs, mask, softcap, HAS_SOFTCAP, ACC)
         if HAS_HARD:
             u_top, u_total = _online_lse(u_top, u_total, capped * logit_scale)
-        z = tl.where(_in_support(sorted_row, sorted_ids, offs, start, BLOCK), float("-inf"), capped * s_over_t)
+        z = tl.where(
+            _in_support(sorted_row, sorted_ids, offs, start, num_classes, BLOCK), float("-inf"), capped * s_over_t
+        )
         if HAS_ENTROPY:
             new_top = tl.maximum(top, tl.max(z, 0))
             safe = tl.where(new_top == float("-inf"), 0.0, new_top)
@@ -390,7 +394,7 @@ def top_k_rows_kernel(
             grad = tl.where(scale == 0.0, 0.0, grad)  # a dropped row (grad_scale 0) gets 0, even from inf or NaN
             # the support's columns are left to the scatter below (their values were read before this pass): no
             # address is written twice, so the warps need no barrier
-            support = _in_support(sorted_row, sorted_ids, offs, start, BLOCK)
+            support = _in_support(sorted_row, sorted_ids, offs, start, num_classes, BLOCK)
             tl.store(x_row + offs, grad.to(x_ptr.dtype.element_ty), mask=mask & ~support)
         grad = temperature * support_gradient
         if HAS_HARD:
