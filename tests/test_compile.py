@@ -298,3 +298,56 @@ def test_modules_compile_whole_and_equal_eager(construct, make):
     actual = _run(torch.compile(module, fullgraph=True, backend="aot_eager"), args, kwargs, lambda result: [result])
     for got, want in zip(actual[0] + actual[1], expected[0] + expected[1], strict=True):
         assert_close(got, want, torch.float64)
+
+
+# --- the fused paths over the parity grid: options × reductions × dtypes × which inputs require grad ---------------
+
+_FULL = {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 3.0}
+GRID = [
+    ("cross_entropy", xent.cross_entropy, False, _FULL),
+    ("focal_loss", xent.focal_loss, False, {"gamma": 1.5}),
+    ("linear_cross_entropy", xent.linear_cross_entropy, True, _FULL),
+    ("linear_loss(focal_loss)", lambda *a, **k: xent.linear_loss(xent.focal_loss, *a, **k), True, {"gamma": 1.5}),
+]
+
+
+@pytest.mark.parametrize("weight_requires_grad", [False, True], ids=["input", "input+weight"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(("name", "function", "head", "options"), GRID, ids=[row[0] for row in GRID])
+def test_compiled_fused_losses_equal_eager_over_the_grid(name, function, head, options, reduction, dtype,
+                                                         weight_requires_grad):  # fmt: skip
+    """Compiled, the fused kernels' operators give eager's loss and every gradient, with a class weight (that
+    requires grad too: the reference's way, compiled) and ignored targets, for every reduction and dtype; a
+    non-unit grad_output reaches the stored gradients."""
+    torch._dynamo.reset()
+    rows, classes = (64, 1024) if head else (256, 256)
+    weight = (torch.rand(classes, dtype=dtype) + 0.5).requires_grad_(weight_requires_grad)
+    inputs = [_head(rows, 16, classes)["input"].to(dtype)] if head else [_tensor(rows, classes, dtype=dtype)]
+    if head:
+        inputs.append((_tensor(classes, 16) / 4).to(dtype))
+    inputs = [tensor.detach().requires_grad_() for tensor in inputs]
+    target = _classes(rows, classes)
+    leaves = [*inputs, weight] if weight_requires_grad else inputs
+
+    def loss(*tensors):
+        return function(*tensors, target, weight=weight, reduction=reduction, **options)
+
+    def run(call):
+        values = call(*inputs)
+        factor = torch.linspace(0.5, 2.0, values.numel(), dtype=dtype).reshape(values.shape)
+        return values.detach(), torch.autograd.grad((values * factor).sum(), leaves)
+
+    expected = run(loss)
+    actual = run(torch.compile(loss, fullgraph=True, backend="aot_eager"))
+    for got, want in zip((actual[0], *actual[1]), (expected[0], *expected[1]), strict=True):
+        assert_close(got, want, dtype)
+
+
+def test_second_order_through_a_compiled_fused_loss_is_refused():
+    """AOTAutograd refuses a double backward of a compiled graph: a second derivative is never silently missing."""
+    logits = torch.randn(256, 256, dtype=torch.float64, requires_grad=True)
+    compiled = torch.compile(xent.cross_entropy, fullgraph=True, backend="aot_eager")
+    (grad,) = torch.autograd.grad(compiled(logits, _classes(256, 256)), logits, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not currently support double backward"):
+        grad.sum().backward()
