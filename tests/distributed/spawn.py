@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import sys
 import time
+import traceback
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -52,3 +55,20 @@ def run_ranks(worker, args: tuple, world: int, deadline_s: float = DEADLINE_S) -
         while not failures.empty():
             messages.append(failures.get())
         pytest.fail("\n".join(messages) or "a rank failed")
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, store_path: str, failures) -> Iterator[None]:
+    """A rank's body inside a gloo process group over a file store: the group started, the traceback of a failure
+    put in ``failures`` (what :func:`run_ranks` reports) and raised, the group destroyed however the body ends. The
+    body ends with a barrier where ranks must not leave while another is still in a collective."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        yield
+    except BaseException:
+        failures.put(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()

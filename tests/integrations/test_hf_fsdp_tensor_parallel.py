@@ -11,7 +11,6 @@ the model, not the batch), so the gathered gradients are the mean over the two b
 from __future__ import annotations
 
 import copy
-import traceback
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ import torch.distributed as dist
 pytest.importorskip("transformers")
 
 import xent.hf
-from tests.distributed.spawn import run_ranks
+from tests.distributed.spawn import gloo_group, run_ranks
 from tests.integrations.sharded_steps import assert_same, step
 from tests.integrations.tiny_models import VOCAB, tiny_model
 
@@ -48,8 +47,7 @@ def _two_d(model, mesh):
 
 
 def _worker(rank, world, store_path, failures):
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, store_path, failures):
         from torch.distributed.device_mesh import init_device_mesh
 
         from xent.integrations import causal_lm_loss
@@ -79,11 +77,6 @@ def _worker(rank, world, store_path, failures):
             assert_same(got, (steps[group][0], expected_grads), f"{name} against the unsharded model")
             assert_same(got, step(unpatched, batches[group]), f"{name} against the 2-D model unpatched")
         dist.barrier()  # no rank leaves while another is still in a collective
-    except BaseException:
-        failures.put(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_by_tensor_parallel_equals_the_unsharded_model(tmp_path):

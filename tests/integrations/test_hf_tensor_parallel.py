@@ -7,7 +7,6 @@ weight by name."""
 from __future__ import annotations
 
 import copy
-import traceback
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ pytest.importorskip("transformers")
 
 import xent
 import xent.hf
-from tests.distributed.spawn import run_ranks
+from tests.distributed.spawn import gloo_group, run_ranks
 from tests.integrations.sharded_steps import assert_same, step
 from tests.integrations.tiny_models import VOCAB, tiny_model
 
@@ -32,8 +31,7 @@ def _batch():
 
 
 def _worker(rank, world, store_path, failures):
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, store_path, failures):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Replicate
         from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
@@ -74,11 +72,6 @@ def _worker(rank, world, store_path, failures):
             with pytest.raises(TypeError, match="impl cannot be given for a tensor-parallel head"):
                 step(model, batch)
         dist.barrier()  # no rank leaves while another is still in a collective (gloo aborts the latter otherwise)
-    except BaseException:
-        failures.put(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 def test_tensor_parallel_head_equals_the_unsharded_model(tmp_path):
