@@ -320,22 +320,19 @@ def reference_gradients(
 @dataclasses.dataclass(frozen=True)
 class ChunkedCall:
     """What a :class:`ChunkedRowLoss` call runs, beside the tensors autograd differentiates: the description,
-    the reduction, the row kernel, and whether the gradient goes into the logits' storage."""
+    the reduction and the row kernel."""
 
     options: RowLoss
     reduction: str
     kernel: RowKernel
-    inplace_backward: bool = False
 
 
 class ChunkedRowLoss(torch.autograd.Function):
     """Cross-entropy on canonical logits with the gradient formed in the forward pass (see the module docstring)
-    by a row kernel: :func:`loss_and_grad_` on any device, or the Triton kernel on GPUs. ``weight`` is
-    ``call.options.weight``, passed apart so that autograd sees it.
-
-    This Function runs ``inplace_backward=True`` only — the gradient written over the logits' own storage, which a
-    custom operator may not do to its input; every other fused call runs the operator ``xent::row_loss``
-    (:mod:`xent.kernels.ops`), which ``torch.compile`` sees."""
+    by a row kernel, :func:`loss_and_grad_` on any device or the Triton kernel on GPUs, and written over the
+    logits' own storage (``inplace_backward=True``), which a custom operator may not do to its input: every other
+    fused call runs the operator ``xent::row_loss`` (:mod:`xent.kernels.ops`), which ``torch.compile`` sees.
+    ``weight`` is ``call.options.weight``, passed apart so that autograd sees it."""
 
     @staticmethod
     def forward(
@@ -346,13 +343,11 @@ class ChunkedRowLoss(torch.autograd.Function):
         scale = torch.ones((), dtype=dtype, device=logits.device)
         if reduction == "mean":
             scale = safe_divide(scale, mean_denominator(target, options, dtype))
-        grad = None
-        if ctx.needs_input_grad[0]:
-            grad = logits if call.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
+        grad = logits if ctx.needs_input_grad[0] else None
         losses = call.kernel(logits, grad, target, options, scale.expand(logits.shape[0]))
         ctx.call = call
-        ctx.grad = grad  # kept on ctx, not saved: with inplace_backward it is the logits, changed on purpose
-        if any(ctx.needs_input_grad[1:3]):  # inplace_backward was refused for this case up front
+        ctx.grad = grad  # kept on ctx, not saved: it is the logits, changed on purpose
+        if any(ctx.needs_input_grad[1:3]):  # refused up front by `inplace_row_loss`
             ctx.save_for_backward(logits, target, weight)
         if reduction == "none":
             return losses
@@ -403,22 +398,14 @@ def scale_(grad: torch.Tensor, factor: torch.Tensor) -> None:
         grad.mul_(factor.to(grad.dtype))
 
 
-def chunked_row_loss(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    options: RowLoss,
-    reduction: str,
-    *,
-    inplace_backward: bool = False,
-    kernel: RowKernel | None = None,
+def inplace_row_loss(
+    logits: torch.Tensor, target: torch.Tensor, options: RowLoss, reduction: str, *, kernel: RowKernel | None = None
 ) -> torch.Tensor:
-    """Cross-entropy of canonical logits ``(M, C)`` by :class:`ChunkedRowLoss`, already reduced; ``kernel``
-    defaults to :func:`loss_and_grad_`. Backward scales the stored gradient in place and returns it — no second
-    logits-sized buffer — so the graph can be backpropagated once."""
-    if (
-        inplace_backward
-        and torch.is_grad_enabled()
-        and any(tensor is not None and tensor.requires_grad for tensor in (target, options.weight))
+    """Cross-entropy of canonical logits ``(M, C)`` by :class:`ChunkedRowLoss`, already reduced, the gradient
+    written over the logits; ``kernel`` defaults to :func:`loss_and_grad_`. Backward scales the stored gradient in
+    place and returns it — no logits-sized buffer at all — so the graph can be backpropagated once."""
+    if torch.is_grad_enabled() and any(
+        tensor is not None and tensor.requires_grad for tensor in (target, options.weight)
     ):
         raise ValueError(
             "inplace_backward=True overwrites the logits, which the gradient of a target or weight that requires "
@@ -432,6 +419,6 @@ def chunked_row_loss(
             logits,
             target,
             options.weight,
-            ChunkedCall(options, reduction, kernel or loss_and_grad_, inplace_backward),
+            ChunkedCall(options, reduction, kernel or loss_and_grad_),
         ),
     )

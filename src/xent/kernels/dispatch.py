@@ -138,7 +138,7 @@ def _logits_fused(impl: Impl) -> Callable[..., torch.Tensor]:
     ) -> torch.Tensor:
         kernel = _triton_kernel(logits.device) if impl == "triton" else None
         if inplace_backward:  # the gradient in the logits' storage: an eager-only autograd Function (see choose)
-            return chunked.chunked_row_loss(logits, target, options, reduction, inplace_backward=True, kernel=kernel)
+            return chunked.inplace_row_loss(logits, target, options, reduction, kernel=kernel)
         return ops.fused_row_loss(logits, target, options, reduction, impl)
 
     return run

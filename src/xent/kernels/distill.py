@@ -30,7 +30,7 @@ import torch
 
 from xent.core import divergence as math_
 from xent.core.reduce import accumulation_dtype
-from xent.kernels import chunked
+from xent.kernels import buffers, chunked
 from xent.kernels.linear import ChunkLoss
 from xent.kernels.threads import for_each_block
 
@@ -346,7 +346,7 @@ def distillation_chunk_loss(
         kernels: ``(dense, top_k)`` row kernels (:func:`dense_rows_`, :func:`top_k_rows_` or their Triton twins).
     """
     dense_kernel, top_k_kernel = kernels
-    buffers: list[torch.Tensor] = []
+    teacher_chunk: list[torch.Tensor] = []
 
     def chunk_loss(logits: torch.Tensor, rows: slice, grad_scale: torch.Tensor, needs_grad: bool) -> torch.Tensor:
         row_kept = kept[rows]
@@ -358,9 +358,10 @@ def distillation_chunk_loss(
             with torch.no_grad():  # an ignored token's hidden state is read as zeros, as fused_pass does the student's
                 hidden = teacher.input[rows]
                 hidden = torch.where(row_kept.unsqueeze(1), hidden, torch.zeros((), dtype=hidden.dtype))
-                if not buffers or buffers[0].shape[0] < hidden.shape[0]:  # one teacher chunk, reused
-                    buffers[:] = [hidden.new_empty(hidden.shape[0], teacher.weight.shape[0])]
-                teacher_logits = buffers[0][: hidden.shape[0]]
+                if not teacher_chunk or teacher_chunk[0].shape[0] < hidden.shape[0]:  # one teacher chunk, reused
+                    shape = (hidden.shape[0], teacher.weight.shape[0])
+                    teacher_chunk[:] = [buffers.empty(shape, hidden.dtype, hidden.device)]
+                teacher_logits = teacher_chunk[0][: hidden.shape[0]]
                 if teacher.bias is None:
                     torch.mm(hidden, teacher.weight.t(), out=teacher_logits)
                 else:

@@ -33,7 +33,7 @@ import torch
 
 from xent.core.reduce import accumulation_dtype
 from xent.core.rowloss import RowLoss
-from xent.kernels import chunked
+from xent.kernels import buffers, chunked
 
 # Bytes of one float32 logits chunk (c × V) on the CPU, where the chunk is the only memory beyond the inputs and
 # their gradients, and larger chunks change little once every GEMM is big enough to run at full rate.
@@ -128,7 +128,7 @@ def fused_pass(
         if kept is not None:
             x = torch.where(kept[rows].unsqueeze(1), x, torch.zeros((), dtype=x.dtype, device=x.device))
         if logits_buffer is None or logits_buffer.shape[0] < x.shape[0]:
-            logits_buffer = input.new_empty(x.shape[0], linear_weight.shape[0])
+            logits_buffer = buffers.empty((x.shape[0], linear_weight.shape[0]), input.dtype, input.device)
         logits = logits_buffer[: x.shape[0]]  # (c, V)
         if linear_bias is None:
             torch.mm(x, linear_weight.t(), out=logits)

@@ -38,7 +38,7 @@ from xent.core.reduce import accumulation_dtype, safe_divide
 from xent.core.reference import reference_linear_loss, reference_loss
 from xent.core.rowloss import TERMS, RowLoss, make_term, mean_denominator
 from xent.core.values import check_class_indices
-from xent.kernels import chunked, distill, logprobs
+from xent.kernels import buffers, chunked, distill, logprobs
 from xent.kernels import linear as chunked_linear
 
 # RowLoss's tensors, in the operators' order after the target
@@ -229,7 +229,7 @@ def row_loss(
         logit_scale, term, term_parameters,
     )  # fmt: skip
     scale = _scale(accumulation_dtype(logits.dtype), logits.device, target, options, reduction)
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if needs_grad else None
+    grad = buffers.empty(tuple(logits.shape), logits.dtype, logits.device) if needs_grad else None
     losses = _row_kernel(impl, logits.device)(logits, grad, target, options, scale.expand(logits.shape[0]))
     loss = losses if reduction == "none" else losses.sum() * scale
     return loss, _empty(logits) if grad is None else grad
