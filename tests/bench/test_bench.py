@@ -41,8 +41,8 @@ def test_a_family_loss_is_measured_beside_its_materialised_reference():
 
 
 def test_peak_memory_is_measured_per_process():
-    """The eager implementation keeps a log-softmax and a gradient (N × V each) alive; the floor allocates one, and
-    so does xent — the gradient buffer it keeps between steps (resident before each measured step) is counted."""
+    """The eager implementation keeps a log-softmax and a gradient (N × V each) alive; the floor writes one, and so
+    does xent — the buffer both keep between steps (resident before each measured step) is counted."""
     problem = Problem("ce", n=4096, d=0, v=4096)  # 64 MiB of logits: above glibc's largest mmap threshold
     by_name = {m.name: m for m in run_bench(problem, ["xent", "torch-eager", "floor"], repeat=3)}
     logits_bytes = 4096 * 4096 * 4

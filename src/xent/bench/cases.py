@@ -4,9 +4,11 @@ Each implementation is prepared on a :class:`~xent.bench.Problem` and then stepp
 *floor* is not a loss: it is the least work any implementation must do — for linear cross-entropy the three GEMMs
 (logits, d(input), d(weight)); for cross-entropy on given logits one pass that reads two logits-sized tensors and
 writes a third, the traffic of "read the logits twice, write the gradient once"; for distilling one head into another
-four (the teacher's logits too, none for a top-k teacher). A *baseline* is not an implementation either: another
-loss on the same inputs, the yardstick of the table's "× baseline" column (linear-distill's is the student head's
-linear cross-entropy).
+four (the teacher's logits too, none for a top-k teacher). A floor's logits-sized output comes from the buffers
+xent's CPU kernels keep between steps (:mod:`xent.kernels.buffers`), as theirs do: the least work does not include
+the operating system faulting a new buffer in, page by page, at every step. A *baseline* is not an implementation
+either: another loss on the same inputs, the yardstick of the table's "× baseline" column (linear-distill's is the
+student head's linear cross-entropy).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from xent.bench.problem import (
     lm_config,
     loss_options,
 )
+from xent.kernels import buffers
 from xent.kernels.dispatch import Impl
 
 
@@ -118,8 +121,8 @@ def _ce_floor(problem: Problem) -> Prepared:
     other = logits.clone()
     out: list[torch.Tensor] = []
 
-    def step() -> None:
-        out.append(torch.add(logits, other))  # read two logits-sized tensors, write a new one
+    def step() -> None:  # read two logits-sized tensors, write a third: into a kept buffer, as xent's kernels do
+        out.append(torch.add(logits, other, out=buffers.empty(tuple(logits.shape), logits.dtype, logits.device)))
 
     return Prepared(step, out.clear)
 
@@ -158,12 +161,18 @@ def _torch_chunked_linear(hidden: torch.Tensor, weight: torch.Tensor, target: to
     return F.linear_cross_entropy(hidden, weight, target, options=torch.nn.LinearCrossEntropyOptions())
 
 
+def _logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A floor's ``hidden @ weight.t()``, into a buffer kept between steps as xent's chunks of logits are."""
+    logits = buffers.empty((hidden.shape[0], weight.shape[0]), hidden.dtype, hidden.device)
+    return torch.mm(hidden, weight.t(), out=logits)
+
+
 def _linear_floor(problem: Problem) -> Prepared:
     hidden, weight, _ = _inputs(problem)
     out: list[torch.Tensor] = []
 
     def step() -> None:
-        logits = hidden @ weight.t()  # (N, V)
+        logits = _logits(hidden, weight)  # (N, V)
         out.extend((logits @ weight, logits.t() @ hidden))  # d(input), d(weight)
 
     return Prepared(step, out.clear)
@@ -310,9 +319,9 @@ def _distill_floor(problem: Problem) -> Prepared:
     out: list[torch.Tensor] = []
 
     def step() -> None:
-        logits = hidden @ weight.t()  # (N, V)
+        logits = _logits(hidden, weight)  # (N, V)
         if problem.top_k is None:  # the teacher's logits; a top-k teacher comes as k numbers per token
-            out.append(teacher_hidden @ teacher_weight.t())
+            out.append(_logits(teacher_hidden, teacher_weight))
         out.extend((logits @ weight, logits.t() @ hidden))  # d(input), d(weight)
 
     return Prepared(step, out.clear)
