@@ -50,7 +50,7 @@ def _storage(tensor):
 
 def _kept():
     """The storages the cache keeps (alive while kept: equal pointers are the same storage)."""
-    return {storage.data_ptr() for storage in buffers._kept.values()}
+    return {storage.data_ptr() for storage in buffers._kept}
 
 
 def test_a_free_buffer_is_written_again_and_every_gradient_is_exact(cache):
@@ -105,25 +105,69 @@ def test_a_scaled_gradient_through_a_model(cache):
 
 
 def test_only_a_buffer_that_fits_is_handed_out_and_at_most_two_are_kept(cache):
-    rows_bytes = 300 * 4  # one row of the gradient
+    row = 300 * 4  # bytes of one row of the gradient
     big = _step(*_problem(rows=64))
-    big_storage = _storage(big.grad)
     del big
-    small = _step(*_problem(rows=16))  # a quarter: taking the kept buffer would hold 4× the memory asked for
+    small = _step(*_problem(rows=16))  # a quarter: the kept 64 rows would hold 4× the memory asked for
+    assert xent.cached_bytes() == 0  # the shapes changed: the free big buffer was let go, the small one is in use
     small_storage = _storage(small.grad)
-    assert small_storage != big_storage
-    assert xent.cached_bytes() == 64 * rows_bytes  # the small one is in use, and kept beside the big one
     del small
-    assert xent.cached_bytes() == (64 + 16) * rows_bytes
-    other = _step(*_problem(rows=70))  # fits neither: a new one, in place of the least recently used (the big one)
+    assert xent.cached_bytes() == 16 * row
+    other = _step(*_problem(rows=70))  # fits no kept buffer: a new one, the free small one let go
+    other_storage = _storage(other.grad)
     del other
-    assert xent.cached_bytes() == (16 + 70) * rows_bytes
-    fits = _step(*_problem(rows=12))  # 12 ≤ 16 ≤ 24: the smallest that fits
-    assert _storage(fits.grad) == small_storage
+    assert xent.cached_bytes() == 70 * row
+    fits = _step(*_problem(rows=40))  # 40 ≤ 70 ≤ 80: handed out
+    assert _storage(fits.grad) == other_storage != small_storage
+    alive = [fits, _step(*_problem(rows=40)), _step(*_problem(rows=40))]  # three in use at once: two are kept
     del fits
+    assert len(buffers._kept) == 2 and xent.cached_bytes() == 0
+    alive.clear()
+    assert xent.cached_bytes() == 70 * row + 40 * row
     for rows in (100, 3, 70, 9, 50):
         _step(*_problem(rows=rows))
-        assert xent.cached_bytes() <= (100 + 70) * rows_bytes  # never more than two buffers
+        assert xent.cached_bytes() <= 2 * rows * row  # what the last call asked for, at most twice over
+
+
+def test_a_storage_object_held_or_shared_is_not_handed_out(cache):
+    """A caller may hold a gradient's storage object (``untyped_storage()``, the very object the cache keeps) or
+    move it to shared memory: neither is written over."""
+    first = _step(*_problem(seed=0))
+    storage, values = first.grad.untyped_storage(), first.grad.clone()
+    del first
+    second = _step(*_problem(seed=1))
+    assert _storage(second.grad) != storage.data_ptr()
+    torch.testing.assert_close(torch.empty(0).set_(storage, 0, values.shape), values, rtol=0, atol=0)
+    shared = second.grad.share_memory_()
+    del second, shared
+    assert xent.cached_bytes() == 0
+    third = _step(*_problem(seed=2))
+    assert not third.grad.is_shared()
+
+
+def _child(connection):
+    gradient = connection.recv()
+    expected = gradient.clone()
+    connection.send("received")
+    connection.recv()  # the parent has taken its next buffer and written it
+    connection.send(torch.equal(gradient, expected))
+
+
+def test_a_gradient_sent_to_another_process_is_not_written_over(cache):
+    context = torch.multiprocessing.get_context("fork")
+    parent, child = context.Pipe()
+    process = context.Process(target=_child, args=(child,))
+    process.start()
+    try:
+        leaf = _step(*_problem(seed=0))
+        parent.send(leaf.grad)  # through shared memory: the child maps the same pages
+        assert parent.recv() == "received"
+        del leaf
+        _step(*_problem(seed=1)).grad.fill_(7.0)
+        parent.send("look")
+        assert parent.recv() is True
+    finally:
+        process.join(timeout=30)
 
 
 def test_linear_heads_take_their_chunks_from_it(cache):

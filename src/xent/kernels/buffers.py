@@ -11,26 +11,32 @@ against 58 ms for the kernel itself.
 So on the CPU the kernels take those buffers from here::
 
     request (shape, dtype) of at least MIN_BYTES
-      a kept storage is free (nothing but this cache holds it) and fits (request ≤ it ≤ twice the request)
-        → a new tensor on it: no page is faulted in again
-      else → a new buffer, kept in place of a free one (the least recently used) while fewer than SLOTS are kept
+      a kept storage is free and fits (request ≤ it ≤ twice the request)
+        → a new tensor on the smallest such storage: no page is faulted in again
+      else (the shapes changed) → the free kept storages are let go, and a new buffer is kept beside those in use
+        (at most SLOTS kept)
 
-"Free" is the storage's reference count: a gradient still held anywhere — a leaf's ``.grad`` that accumulates, a
-tensor kept by the caller, a view of either — keeps its storage counted, and the next call gets a new buffer. The
-tensor handed out is a plain tensor on that storage (not a view), so autograd moves a gradient into a leaf's
-``.grad`` without a copy, as it does a new one.
+"Free" means nothing but this cache holds the storage: no tensor on it (its C++ reference count — a gradient still
+held anywhere, a leaf's ``.grad`` that accumulates, a view, a tensor kept by the caller), no Python reference to the
+storage object itself (``tensor.untyped_storage()`` returns the object the cache holds), and not moved to shared
+memory (sent to another process by ``torch.multiprocessing``). A storage in use is never handed out, so nothing a
+caller holds is written over. The tensor handed out is a plain tensor on that storage (not a view), so autograd moves
+a gradient into a leaf's ``.grad`` without a copy, as it does a new one.
 
-The price is the one the CUDA allocator asks: between calls the process keeps these buffers resident
-(:func:`cached_bytes`, at most :data:`SLOTS` of them). Within a training step nothing changes — the buffers are alive
-at the step's peak either way. :func:`empty_cache` gives them back; :func:`set_buffer_cache` (or
-``XENT_BUFFER_CACHE=0`` in the environment) turns the cache off. ``xent bench`` counts kept buffers in the peak
-memory it reports.
+The price is the one the CUDA allocator asks: between calls the process keeps up to :data:`SLOTS` buffers resident
+(:func:`cached_bytes`) — the last gradient of a cross-entropy on logits; a linear head's chunk of logits; both, for
+a step that runs both; a distillation's two chunks — each at most twice what the call that made it asked for. In a
+training step whose shapes repeat nothing else changes, since those buffers are alive at the step's peak either way.
+A tensor on a kept storage may sit on up to twice its own size, as a view does: ``torch.save`` writes that storage
+whole (save a ``.clone()`` to write just the tensor). :func:`empty_cache` gives the buffers back;
+:func:`set_buffer_cache` (or ``XENT_BUFFER_CACHE=0`` in the environment) turns the cache off. ``xent bench`` counts
+kept buffers in the peak memory it reports.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
+import sys
 import threading
 
 import torch
@@ -42,9 +48,35 @@ MIN_BYTES = 16 << 20
 SLOTS = 2
 
 _enabled = os.environ.get("XENT_BUFFER_CACHE", "1") != "0"
-_kept: dict[int, torch.UntypedStorage] = {}  # last use (a counter) → storage
-_clock = itertools.count()
+_kept: list[torch.UntypedStorage] = []
 _lock = threading.Lock()
+
+
+def _python_references(index: int) -> int:
+    storage = _kept[index]
+    return sys.getrefcount(storage)
+
+
+# The Python references to a kept storage object when nobody else holds it: the list's, and those of the lookup
+# itself (measured once, so that no interpreter's way of counting its own references is assumed).
+_kept.append(torch.UntypedStorage(0))
+_CACHE_REFERENCES = _python_references(0)
+_kept.clear()
+
+
+def _is_free(index: int) -> bool:
+    if _python_references(index) > _CACHE_REFERENCES:  # first, while this frame holds no reference of its own
+        return False  # someone holds the storage object
+    storage = _kept[index]
+    return torch._C._storage_Use_Count(storage._cdata) == 1 and not storage.is_shared()  # no tensor on it
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # a lock held by a thread of the parent at the fork would never be released here
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def set_buffer_cache(enabled: bool) -> None:
@@ -52,8 +84,8 @@ def set_buffer_cache(enabled: bool) -> None:
     environment sets ``XENT_BUFFER_CACHE=0``) or allocate them anew at every call (``False``, which also frees what
     is kept). On the CPU a buffer of 16 MB or more comes from the operating system page by page at every call:
     keeping the gradient of cross-entropy on 4,096 × 16,384 logits saves about half of the step's time, and holds
-    one logits-sized buffer between calls. CUDA tensors never use it (PyTorch's caching allocator does this there).
-    """
+    that buffer between calls (at most two buffers, see :mod:`xent.kernels.buffers`). CUDA tensors never use it
+    (PyTorch's caching allocator does this there)."""
     global _enabled
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be True or False, got {enabled!r}")
@@ -63,45 +95,45 @@ def set_buffer_cache(enabled: bool) -> None:
 
 
 def empty_cache() -> int:
-    """Let go of the kept CPU buffers (one still in use stays alive with its holder); returns the bytes kept. Like
-    ``torch.cuda.empty_cache()``, for the memory xent keeps."""
+    """Let go of the kept CPU buffers; returns the bytes freed (a buffer still in use stays alive with its holder
+    and is not counted). Like ``torch.cuda.empty_cache()``, for the memory xent keeps."""
     with _lock:
-        kept = sum(storage.nbytes() for storage in _kept.values())
+        freed = sum(_kept[index].nbytes() for index in range(len(_kept)) if _is_free(index))
         _kept.clear()
-    return kept
+    return freed
 
 
 def cached_bytes() -> int:
     """Bytes of the kept buffers that nothing but the cache holds now: resident memory xent keeps between calls."""
     with _lock:
-        return sum(storage.nbytes() for storage in _kept.values() if _is_free(storage))
+        return sum(_kept[index].nbytes() for index in range(len(_kept)) if _is_free(index))
 
 
-def _is_free(storage: torch.UntypedStorage) -> bool:
-    return torch._C._storage_Use_Count(storage._cdata) == 1  # the cache's own reference only
+def _contiguous_strides(shape: tuple[int, ...]) -> list[int]:
+    strides = [1] * len(shape)
+    for dim in range(len(shape) - 2, -1, -1):
+        strides[dim] = strides[dim + 1] * max(shape[dim + 1], 1)
+    return strides
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised contiguous tensor, for a buffer the kernel writes whole: on the CPU from a kept storage that
     is free and fits (see the module docstring), else new."""
-    strides: list[int] = []
     nbytes = dtype.itemsize
-    for size in reversed(shape):
-        strides.insert(0, nbytes // dtype.itemsize)
+    for size in shape:
         nbytes *= size
     if not _enabled or device.type != "cpu" or nbytes < MIN_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
     with _lock:
-        free = {use: storage for use, storage in _kept.items() if _is_free(storage)}
-        fits = [use for use, storage in free.items() if nbytes <= storage.nbytes() <= 2 * nbytes]
+        free = [index for index in range(len(_kept)) if _is_free(index)]
+        fits = [index for index in free if nbytes <= _kept[index].nbytes() <= 2 * nbytes]
         if fits:
-            use = min(fits, key=lambda use: free[use].nbytes())
-            storage = _kept.pop(use)
-            _kept[next(_clock)] = storage
-            return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)
+            storage = _kept[min(fits, key=lambda index: _kept[index].nbytes())]
+            tensor = torch.empty(0, dtype=dtype, device=device)
+            return tensor.set_(storage, 0, shape, _contiguous_strides(shape))
+        # The shapes changed: what is free fits no more. Keep what is in use (until it is free) and the new buffer.
+        _kept[:] = [_kept[index] for index in range(len(_kept)) if index not in free and not _kept[index].is_shared()]
         fresh = torch.empty(shape, dtype=dtype, device=device)
-        if len(_kept) >= SLOTS and free:
-            del _kept[min(free)]  # the least recently used free one
         if len(_kept) < SLOTS:
-            _kept[next(_clock)] = fresh.untyped_storage()
+            _kept.append(fresh.untyped_storage())
         return fresh
