@@ -13,19 +13,30 @@ from collections.abc import Callable
 from typing import Any, Literal, get_args
 
 import torch
+import torch.nn.functional as F
 
 from xent.core.reference import reference_linear_loss, reference_loss
-from xent.core.rowloss import RowLoss
+from xent.core.rowloss import RowLoss, TargetTerm
 from xent.kernels import chunked, ops
 from xent.kernels.triton import triton_installed
 
 Impl = Literal["reference", "chunked", "triton"]
 IMPLS: tuple[Impl, ...] = get_args(Impl)
+# What the automatic choice may run: an implementation, or PyTorch's own cross-entropy (see `pytorch_computes`).
+Chosen = Literal["reference", "chunked", "triton", "pytorch"]
 Operation = Literal["logits", "linear"]
 
 # Below this many logits the reference is as fast and keeps double backward; above it the fused kernel wins on time
 # and memory (0.96× the reference's time at 51k logits, 0.60× at 256k, 0.2× from 1M, on the CPU).
 CHUNKED_MIN_ELEMENTS = 1 << 16
+# Up to this many logits a plain cross-entropy on the CPU is PyTorch's own where that is exactly xent's: there a call
+# is mostly per-operation overhead, F.cross_entropy is two operations forward and two backward where the general
+# definition is a dozen and the fused kernel's custom operator a few hundred microseconds of dispatch. On the 2-core
+# CI machine, forward + backward against F.cross_entropy (medians of 550 interleaved calls): the reference 6.7× on
+# 16 × 1024 logits (295 against 44 µs); the fused kernel 6.1× there, 4.9× on 64 × 1024, 2.0× on 256 × 1024 and 0.66×
+# on 480 × 1024, where PyTorch's three logits-sized buffers no longer stay in cache; this path 2.3×, 2.1× and 1.4×
+# (xent's argument and value checks, ~0.1 ms).
+PYTORCH_MAX_ELEMENTS = 1 << 18
 
 
 def check_impl(impl: object) -> Impl | None:
@@ -77,6 +88,39 @@ def _requiring_grad(options: RowLoss) -> list[str]:
     return [name for name in UNDIFFERENTIATED if (value := getattr(options, name)) is not None and value.requires_grad]
 
 
+def pytorch_computes(logits: torch.Tensor, target: torch.Tensor, options: RowLoss, reduction: str) -> bool:
+    """Whether ``F.cross_entropy`` gives exactly xent's loss and gradients for canonical ``logits (M, C)`` and class
+    indices ``target (M,)`` on the CPU: plain cross-entropy (class weights, label smoothing and ``ignore_index`` at
+    most), float32 or float64, a class weight that is not differentiated (PyTorch refuses to), and none of the cases
+    where xent deliberately differs (docs: differences) — every target ignored, a non-finite ignored row, a weighted
+    mean over zero weight. Those last read the target and ignored rows on the host: free on the CPU, and never done
+    while compiling."""
+    weight = options.weight
+    if (
+        logits.device.type != "cpu"
+        or logits.dtype not in (torch.float32, torch.float64)
+        or target.is_floating_point()
+        or torch.compiler.is_compiling()
+        or type(options.term) is not TargetTerm
+        or options.z_loss
+        or options.softcap is not None
+        or options.logit_scale != 1.0
+        or any(value is not None for value in (options.alpha, options.token_weight, options.class_offset))
+        or options.target_margin is not None
+        or (weight is not None and (weight.dtype != logits.dtype or (weight.requires_grad and torch.is_grad_enabled())))
+    ):
+        return False
+    ignored = target == options.ignore_index
+    kept = int(target.numel() - ignored.sum())
+    if kept == 0:  # nothing to average: xent's 0, PyTorch's NaN
+        return False
+    if kept < target.numel() and not bool(logits[ignored].isfinite().all()):  # a NaN row: absent for xent only
+        return False
+    if weight is not None and reduction == "mean":  # a zero denominator: xent's 0, PyTorch's NaN
+        return bool(weight[target[~ignored]].sum() > 0)
+    return True
+
+
 def choose(
     operation: Operation,
     impl: object,
@@ -85,14 +129,17 @@ def choose(
     options: RowLoss,
     *,
     inplace_backward: bool = False,
-) -> Impl:
+    reduction: str = "mean",
+) -> Chosen:
     """The implementation that runs a description: ``impl`` checked against what each one supports, or the
-    automatic choice — fused for a linear head, fused for logits from :data:`CHUNKED_MIN_ELEMENTS` (in evaluation too:
-    the reference's materialised log-softmax is slower, 2.5–3× PyTorch's time on a busy 2-core machine,
-    ``benchmarks/contention.py``), the reference below and whenever a tensor the fused kernels do not differentiate
-    requires grad (a target or class weight too, for logits — the fused kernels would recompute the reference for
-    them in backward — and for a linear head under ``torch.compile``, whose traced backward cannot).
-    ``input``: the logits, or the linear head's input."""
+    automatic choice — fused for a linear head; for logits PyTorch's own cross-entropy up to
+    :data:`PYTORCH_MAX_ELEMENTS` where it is exactly xent's (:func:`pytorch_computes`), else fused from
+    :data:`CHUNKED_MIN_ELEMENTS` (in evaluation too: the reference's materialised log-softmax is slower, 2.5–3×
+    PyTorch's time on a busy 2-core machine, ``benchmarks/contention.py``) and the reference below; and the
+    reference whenever a tensor the fused kernels do not differentiate requires grad (a target or class weight too,
+    for logits — the fused kernels would recompute the reference for them in backward — and for a linear head under
+    ``torch.compile``, whose traced backward cannot).
+    ``input``: the logits, or the linear head's input; ``reduction``: the call's, for :func:`pytorch_computes`."""
     impl = check_impl(impl)
     if impl == "reference" and inplace_backward:
         raise ValueError(
@@ -123,6 +170,8 @@ def choose(
     if operation == "linear":
         # compiled, the fused backward cannot recompute the reference for a target's or a class weight's gradient
         return "reference" if fused_grads and torch.compiler.is_compiling() else fused
+    if input.numel() <= PYTORCH_MAX_ELEMENTS and pytorch_computes(input, target, options, reduction):
+        return "pytorch"
     return fused if not fused_grads and input.numel() >= CHUNKED_MIN_ELEMENTS else "reference"
 
 
@@ -130,6 +179,15 @@ def _logits_reference(
     logits: torch.Tensor, target: torch.Tensor, options: RowLoss, reduction: str, **_: Any
 ) -> torch.Tensor:
     return reference_loss(logits, target, options, reduction)
+
+
+def _logits_pytorch(
+    logits: torch.Tensor, target: torch.Tensor, options: RowLoss, reduction: str, **_: Any
+) -> torch.Tensor:
+    return F.cross_entropy(
+        logits, target.long(), weight=options.weight, ignore_index=options.ignore_index, reduction=reduction,
+        label_smoothing=options.label_smoothing,
+    )  # fmt: skip
 
 
 def _logits_fused(impl: Impl) -> Callable[..., torch.Tensor]:
@@ -179,8 +237,9 @@ def _linear_fused(impl: Impl) -> Callable[..., torch.Tensor]:
 
 
 # (operation, implementation) → the function that runs it on canonical tensors.
-IMPLEMENTATIONS: dict[tuple[Operation, Impl], Callable[..., torch.Tensor]] = {
+IMPLEMENTATIONS: dict[tuple[Operation, Chosen], Callable[..., torch.Tensor]] = {
     ("logits", "reference"): _logits_reference,
+    ("logits", "pytorch"): _logits_pytorch,
     ("logits", "chunked"): _logits_fused("chunked"),
     ("logits", "triton"): _logits_fused("triton"),
     ("linear", "reference"): _linear_reference,
@@ -199,7 +258,7 @@ def dispatch_logits_loss(
     inplace_backward: bool = False,
 ) -> torch.Tensor:
     """The reduced loss of canonical logits, described by ``options``, by the chosen implementation."""
-    chosen = choose("logits", impl, logits, target, options, inplace_backward=inplace_backward)
+    chosen = choose("logits", impl, logits, target, options, inplace_backward=inplace_backward, reduction=reduction)
     return IMPLEMENTATIONS["logits", chosen](logits, target, options, reduction, inplace_backward=inplace_backward)
 
 

@@ -179,7 +179,7 @@ def fused_index_loss(
         description, ignore_index=ignore_index, token_weight=check_token_weight(token_weight, batch_shape)
     )
     options = checked_options(options, weight, flat_target, logits.shape[-1])
-    chosen = dispatch.choose("logits", impl, logits, flat_target, options)
+    chosen = dispatch.choose("logits", impl, logits, flat_target, options, reduction=reduction)
     if chosen == "reference":
         with values_checked():  # the loss's own definition, of public losses: their value checks ran above
             return readable()
@@ -267,9 +267,12 @@ def cross_entropy(
         token_weight: per-element weights :math:`r_n` with the target's batch shape: each element's loss is
             multiplied by :math:`r_n`, and ``"mean"`` divides by :math:`\sum_n r_n w_{y_n}` (as class weights do) —
             token-weighted fine-tuning. Not differentiated by the fused kernels (``impl="reference"`` does).
-        impl: ``None`` picks the fastest implementation for the device and problem; ``"reference"`` forces the
-            plain PyTorch math of this module, ``"chunked"`` the memory-lean kernel that forms the gradient during
-            the forward pass (``xent.kernels.chunked``); ``"triton"`` the GPU kernel where available.
+        impl: ``None`` picks the fastest implementation for the device and problem — on the CPU, for up to
+            262,144 logits with no option beyond ``weight``, ``ignore_index`` and ``label_smoothing``,
+            :func:`torch.nn.functional.cross_entropy` itself wherever it gives exactly this loss; ``"reference"``
+            forces the plain PyTorch math of this module, ``"chunked"`` the memory-lean kernel that forms the
+            gradient during the forward pass (``xent.kernels.chunked``); ``"triton"`` the GPU kernel where
+            available.
         inplace_backward: write the gradient into the logits' own storage (chunked and Triton kernels), saving a
             logits-sized buffer; the logits are overwritten, so use it only when nothing else needs them.
 
