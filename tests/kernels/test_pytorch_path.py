@@ -1,6 +1,7 @@
-"""The automatic choice's PyTorch path (xent.kernels.dispatch.pytorch_computes): a small plain cross-entropy on the
-CPU runs F.cross_entropy itself, only where that is exactly xent's loss — and every case where xent deliberately
-differs (docs: differences) or PyTorch cannot differentiate takes xent's own definition. Both sides are checked
+"""The automatic choice's PyTorch path (xent.kernels.dispatch.plain_cross_entropy, pytorch_agrees): a small plain
+cross-entropy on the CPU runs F.cross_entropy itself, only where that is exactly xent's loss — and every case where
+xent deliberately differs (docs: differences) or PyTorch cannot differentiate takes xent's own definition, never the
+fused kernel (so that second-order gradients never depend on a batch's values). Both sides are checked
 against xent's reference (impl="reference") on the grid of options × reductions × dtypes × ignore patterns × which
 tensors require grad, first and second order."""
 
@@ -80,6 +81,39 @@ def test_the_automatic_choice_equals_the_reference(dtype, ignore, weights, smoot
     if expected_path:  # and it is PyTorch's own, bit for bit
         direct = F.cross_entropy(logits, target, weight=weight, reduction=reduction, label_smoothing=smoothing)
         torch.testing.assert_close(loss.detach(), direct, rtol=0, atol=0)
+
+
+def test_an_infinite_class_weight_takes_the_reference():
+    """PyTorch's label-smoothing term multiplies an ignored row by the weights before masking it: 0 · inf in its
+    gradient. xent's ignored row stays absent."""
+    logits = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    target, weight = torch.tensor([0, -100, 0, -100]), torch.tensor([1.0, 2.0, math.inf], dtype=torch.float64)
+    assert _chosen(logits, target, weight=weight, label_smoothing=0.1) == "reference"
+    xent.cross_entropy(logits, target, weight=weight, label_smoothing=0.1).backward()
+    assert torch.equal(logits.grad[[1, 3]], torch.zeros(2, 3, dtype=torch.float64))
+
+
+def test_second_order_does_not_depend_on_the_batch():
+    """Between 65,536 and 262,144 logits a plain call takes PyTorch's path or, where PyTorch differs, xent's
+    definition — never the fused kernel, which cannot be differentiated twice."""
+    logits = torch.randn(256, 512, dtype=torch.float64, requires_grad=True)
+    for target in (torch.randint(512, (256,)), torch.full((256,), -100)):
+        (gradient,) = torch.autograd.grad(xent.cross_entropy(logits, target), logits, create_graph=True)
+        (second,) = torch.autograd.grad((gradient * gradient).sum(), logits)
+        assert second.isfinite().all()
+
+
+def test_per_sample_gradients_under_vmap():
+    """A torch.func transform reads no value on the host: such calls keep xent's definition (with value checks off,
+    as vmap needs)."""
+    logits, target = _problem(torch.float64, "some")
+    per_sample = torch.func.vmap(torch.func.grad(lambda x, t: xent.cross_entropy(x, t)))
+    with xent.value_checks(False):
+        got = per_sample(logits, target)
+    for row in range(logits.shape[0]):
+        leaf = logits[row].clone().requires_grad_()
+        xent.cross_entropy(leaf, target[row], impl="reference").backward()
+        torch.testing.assert_close(got[row], leaf.grad)
 
 
 def test_a_class_weight_that_requires_grad_takes_the_reference():

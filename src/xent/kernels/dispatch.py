@@ -22,7 +22,7 @@ from xent.kernels.triton import triton_installed
 
 Impl = Literal["reference", "chunked", "triton"]
 IMPLS: tuple[Impl, ...] = get_args(Impl)
-# What the automatic choice may run: an implementation, or PyTorch's own cross-entropy (see `pytorch_computes`).
+# What the automatic choice may run: an implementation, or PyTorch's own cross-entropy (see `pytorch_agrees`).
 Chosen = Literal["reference", "chunked", "triton", "pytorch"]
 Operation = Literal["logits", "linear"]
 
@@ -88,19 +88,20 @@ def _requiring_grad(options: RowLoss) -> list[str]:
     return [name for name in UNDIFFERENTIATED if (value := getattr(options, name)) is not None and value.requires_grad]
 
 
-def pytorch_computes(logits: torch.Tensor, target: torch.Tensor, options: RowLoss, reduction: str) -> bool:
-    """Whether ``F.cross_entropy`` gives exactly xent's loss and gradients for canonical ``logits (M, C)`` and class
-    indices ``target (M,)`` on the CPU: plain cross-entropy (class weights, label smoothing and ``ignore_index`` at
-    most), float32 or float64, a class weight that is not differentiated (PyTorch refuses to), and none of the cases
-    where xent deliberately differs (docs: differences) — every target ignored, a non-finite ignored row, a weighted
-    mean over zero weight. Those last read the target and ignored rows on the host: free on the CPU, and never done
-    while compiling."""
+def plain_cross_entropy(logits: torch.Tensor, target: torch.Tensor, options: RowLoss) -> bool:
+    """Whether a call is a plain cross-entropy on the CPU, of a kind ``F.cross_entropy`` computes: class indices,
+    class weights, label smoothing and ``ignore_index`` at most, float32 or float64, a class weight that is not
+    differentiated (PyTorch refuses to) — and a call that may read values on the host: not while ``torch.compile``,
+    ``torch.jit.trace`` or a ``torch.func`` transform (vmap, grad) traces it. Whether PyTorch's result is exactly
+    xent's then depends on the values (:func:`pytorch_agrees`)."""
     weight = options.weight
-    if (
+    return not (
         logits.device.type != "cpu"
         or logits.dtype not in (torch.float32, torch.float64)
         or target.is_floating_point()
         or torch.compiler.is_compiling()
+        or torch._C._get_tracing_state() is not None  # torch.jit.trace
+        or torch._C._functorch.peek_interpreter_stack() is not None
         or type(options.term) is not TargetTerm
         or options.z_loss
         or options.softcap is not None
@@ -108,7 +109,16 @@ def pytorch_computes(logits: torch.Tensor, target: torch.Tensor, options: RowLos
         or any(value is not None for value in (options.alpha, options.token_weight, options.class_offset))
         or options.target_margin is not None
         or (weight is not None and (weight.dtype != logits.dtype or (weight.requires_grad and torch.is_grad_enabled())))
-    ):
+    )
+
+
+def pytorch_agrees(logits: torch.Tensor, target: torch.Tensor, options: RowLoss, reduction: str) -> bool:
+    """For a :func:`plain_cross_entropy` call: whether ``F.cross_entropy`` gives exactly xent's loss and gradients on
+    these values — none of the cases where xent deliberately differs (docs: differences): every target ignored, a
+    non-finite ignored row, a weighted mean over zero weight, a non-finite class weight (PyTorch's gradient of an
+    ignored row is then 0 · inf). Host reads of the target, the ignored rows and the weight: free on the CPU."""
+    weight = options.weight
+    if weight is not None and not bool(weight.isfinite().all()):
         return False
     ignored = target == options.ignore_index
     kept = int(target.numel() - ignored.sum())
@@ -132,14 +142,15 @@ def choose(
     reduction: str = "mean",
 ) -> Chosen:
     """The implementation that runs a description: ``impl`` checked against what each one supports, or the
-    automatic choice — fused for a linear head; for logits PyTorch's own cross-entropy up to
-    :data:`PYTORCH_MAX_ELEMENTS` where it is exactly xent's (:func:`pytorch_computes`), else fused from
+    automatic choice — fused for a linear head; for a plain cross-entropy on the CPU of up to
+    :data:`PYTORCH_MAX_ELEMENTS` logits PyTorch's own where it is exactly xent's (:func:`plain_cross_entropy`,
+    :func:`pytorch_agrees`) and the reference elsewhere; for other logits fused from
     :data:`CHUNKED_MIN_ELEMENTS` (in evaluation too: the reference's materialised log-softmax is slower, 2.5–3×
     PyTorch's time on a busy 2-core machine, ``benchmarks/contention.py``) and the reference below; and the
     reference whenever a tensor the fused kernels do not differentiate requires grad (a target or class weight too,
     for logits — the fused kernels would recompute the reference for them in backward — and for a linear head under
     ``torch.compile``, whose traced backward cannot).
-    ``input``: the logits, or the linear head's input; ``reduction``: the call's, for :func:`pytorch_computes`."""
+    ``input``: the logits, or the linear head's input; ``reduction``: the call's, for :func:`pytorch_agrees`."""
     impl = check_impl(impl)
     if impl == "reference" and inplace_backward:
         raise ValueError(
@@ -170,8 +181,10 @@ def choose(
     if operation == "linear":
         # compiled, the fused backward cannot recompute the reference for a target's or a class weight's gradient
         return "reference" if fused_grads and torch.compiler.is_compiling() else fused
-    if input.numel() <= PYTORCH_MAX_ELEMENTS and pytorch_computes(input, target, options, reduction):
-        return "pytorch"
+    if operation == "logits" and input.numel() <= PYTORCH_MAX_ELEMENTS and plain_cross_entropy(input, target, options):
+        # PyTorch's own, else xent's definition — never the fused kernel here, so that whether a second-order
+        # gradient works does not depend on the values of a batch
+        return "pytorch" if pytorch_agrees(input, target, options, reduction) else "reference"
     return fused if not fused_grads and input.numel() >= CHUNKED_MIN_ELEMENTS else "reference"
 
 
