@@ -120,10 +120,10 @@ def test_inplace_backward_refuses_a_target_that_requires_grad(impl):
 def test_automatic_choice_is_the_reference_when_a_target_requires_grad():
     from tests.kernels.test_dispatch import automatic
 
-    logits = torch.randn(512, 256, requires_grad=True)
+    logits = torch.randn(1024, 512, requires_grad=True)  # above PyTorch's own path (tests/kernels/test_pytorch_path.py)
     assert automatic(logits) == "chunked"
-    assert automatic(logits, weight=torch.ones(256, requires_grad=True)) == "reference"
-    probabilities = torch.softmax(torch.randn(512, 256), 1).requires_grad_()
+    assert automatic(logits, weight=torch.ones(512, requires_grad=True)) == "reference"
+    probabilities = torch.softmax(torch.randn(1024, 512), 1).requires_grad_()
     assert automatic(logits, target=probabilities) == "reference"
 
 
@@ -234,8 +234,8 @@ def test_reference_gradgradcheck_with_every_option():
 def test_fused_kernels_refuse_second_order_and_name_the_reference(impl, kind):
     if impl == "triton":
         pytest.importorskip("triton")
-    # ≥ 65,536 logits: the automatic choice (impl=None) is the fused kernel for a training step.
-    rows = 256 if impl is None else 6  # small shapes under the Triton interpreter
+    # > 262,144 logits: the automatic choice (impl=None) is the fused kernel for a training step, plain or not.
+    rows = 1024 if impl is None else 6  # small shapes under the Triton interpreter
     features = torch.randn(rows, 16)
     model_weight = torch.randn(rows, 16)
     target = torch.randint(rows, (rows,)) if kind == "indices" else torch.softmax(torch.randn(rows, rows), 1)
