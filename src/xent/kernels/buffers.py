@@ -23,13 +23,13 @@ memory (sent to another process by ``torch.multiprocessing``). A storage in use 
 caller holds is written over. The tensor handed out is a plain tensor on that storage (not a view), so autograd moves
 a gradient into a leaf's ``.grad`` without a copy, as it does a new one.
 
-The price is the one the CUDA allocator asks: between calls the process keeps up to :data:`SLOTS` buffers resident
-(:func:`cached_bytes`) — the last gradient of a cross-entropy on logits; a linear head's chunk of logits; both, for
+The price is the one the CUDA allocator asks: between calls the process keeps up to ``SLOTS`` buffers resident
+(:func:`xent.cached_bytes`) — the last gradient of a cross-entropy on logits; a linear head's chunk of logits; both, for
 a step that runs both; a distillation's two chunks — each at most twice what the call that made it asked for. In a
 training step whose shapes repeat nothing else changes, since those buffers are alive at the step's peak either way.
 A tensor on a kept storage may sit on up to twice its own size, as a view does: ``torch.save`` writes that storage
-whole (save a ``.clone()`` to write just the tensor). :func:`empty_cache` gives the buffers back;
-:func:`set_buffer_cache` (or ``XENT_BUFFER_CACHE=0`` in the environment) turns the cache off. ``xent bench`` counts
+whole (save a ``.clone()`` to write just the tensor). :func:`xent.empty_cache` gives the buffers back;
+:func:`xent.set_buffer_cache` (or ``XENT_BUFFER_CACHE=0`` in the environment) turns the cache off. ``xent bench`` counts
 kept buffers in the peak memory it reports.
 """
 
