@@ -35,3 +35,15 @@ def assert_as_accurate_as_the_reference(actual, expected, exact, requires) -> No
         reference_error = (reference_value.double() - truth).abs().max().item()
         tolerance = max(2e-5 * truth.abs().max().item() + 2e-6, 1.5 * reference_error)
         assert (got.double() - truth).abs().max().item() <= tolerance
+
+
+@pytest.fixture(autouse=True)
+def _kept_buffers_for_every_size(monkeypatch):
+    """The fused kernels' kept CPU buffers (xent.kernels.buffers) serve every size in the tests, so that every
+    kernel test also runs on buffers that held another call's values — a stale or shared buffer must fail the
+    parity grid, not pass it for want of sizes above 16 MB."""
+    from xent.kernels import buffers
+
+    monkeypatch.setattr(buffers, "MIN_BYTES", 0)
+    yield
+    buffers.empty_cache()

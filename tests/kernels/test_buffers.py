@@ -1,6 +1,6 @@
 """The CPU gradient buffer kept between calls (xent.kernels.buffers): handed out again only when nothing else holds
 it, never while a gradient on it is alive, and every gradient equal to PyTorch's whatever buffer it is written into.
-The size threshold is lowered so that small problems use the cache."""
+The size threshold is lowered so that small problems use the cache (for the whole suite: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,8 @@ from xent.kernels import buffers
 
 
 @pytest.fixture
-def cache(monkeypatch):
-    """The cache on, for every size, and empty before and after the test."""
-    monkeypatch.setattr(buffers, "MIN_BYTES", 0)
+def cache():
+    """The cache on (for every size, as tests/conftest.py sets it), and empty before and after the test."""
     xent.set_buffer_cache(True)
     xent.empty_cache()
     yield
@@ -194,6 +193,7 @@ def test_linear_heads_take_their_chunks_from_it(cache):
 
 
 def test_small_gradients_and_other_devices_are_not_kept(monkeypatch):
+    monkeypatch.setattr(buffers, "MIN_BYTES", 16 << 20)  # the library's threshold (tests/conftest.py lowers it)
     xent.empty_cache()
     _step(*_problem())  # 77 KB, far below MIN_BYTES: glibc's heap serves it
     assert xent.cached_bytes() == 0

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from xent.core.reference import reference_linear_loss, reference_loss
-from xent.core.rowloss import RowLoss, TargetTerm
+from xent.core.rowloss import RowLoss, TargetTerm, mean_denominator
 from xent.kernels import chunked, ops
 from xent.kernels.triton import triton_installed
 
@@ -117,18 +117,15 @@ def pytorch_agrees(logits: torch.Tensor, target: torch.Tensor, options: RowLoss,
     these values — none of the cases where xent deliberately differs (docs: differences): every target ignored, a
     non-finite ignored row, a weighted mean over zero weight, a non-finite class weight (PyTorch's gradient of an
     ignored row is then 0 · inf). Host reads of the target, the ignored rows and the weight: free on the CPU."""
-    weight = options.weight
-    if weight is not None and not bool(weight.isfinite().all()):
+    if options.weight is not None and not bool(options.weight.isfinite().all()):
         return False
     ignored = target == options.ignore_index
-    kept = int(target.numel() - ignored.sum())
-    if kept == 0:  # nothing to average: xent's 0, PyTorch's NaN
+    if bool(ignored.all()):  # nothing kept (or no target at all): xent's 0, PyTorch's NaN
         return False
-    if kept < target.numel() and not bool(logits[ignored].isfinite().all()):  # a NaN row: absent for xent only
+    if bool(ignored.any()) and not bool(logits[ignored].isfinite().all()):  # a NaN row: absent for xent only
         return False
-    if weight is not None and reduction == "mean":  # a zero denominator: xent's 0, PyTorch's NaN
-        return bool(weight[target[~ignored]].sum() > 0)
-    return True
+    # a weighted mean over zero weight: xent's 0, PyTorch's NaN
+    return options.weight is None or reduction != "mean" or bool(mean_denominator(target, options, logits.dtype) > 0)
 
 
 def choose(
@@ -181,7 +178,7 @@ def choose(
     if operation == "linear":
         # compiled, the fused backward cannot recompute the reference for a target's or a class weight's gradient
         return "reference" if fused_grads and torch.compiler.is_compiling() else fused
-    if operation == "logits" and input.numel() <= PYTORCH_MAX_ELEMENTS and plain_cross_entropy(input, target, options):
+    if input.numel() <= PYTORCH_MAX_ELEMENTS and plain_cross_entropy(input, target, options):
         # PyTorch's own, else xent's definition — never the fused kernel here, so that whether a second-order
         # gradient works does not depend on the values of a batch
         return "pytorch" if pytorch_agrees(input, target, options, reduction) else "reference"
